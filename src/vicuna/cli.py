@@ -1,0 +1,99 @@
+"""The `vicuna` command: one entry point, a thin shim per area.
+
+Each area module exposes ``add_commands(subparsers)`` and registers its own
+subcommands; each command's handler is a function ``(args) -> int | None``.
+Areas are imported lazily so ``vicuna templates list`` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import VicunaError
+
+# area name -> module with add_commands(subparsers)
+AREAS = {
+    "templates": "vicuna.templates_cli",
+    "chat": "vicuna.serve.chat",
+    "data": "vicuna.data.cli",
+    "train": "vicuna.train.cli",
+    "weights": "vicuna.weights",
+    "serve": "vicuna.serve.cli",
+    "arena": "vicuna.serve.arena_cli",
+    "eval": "vicuna.eval.cli",
+    "recipe": "vicuna.recipe",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep hand-written examples in descriptions and show defaults."""
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vicuna",
+        description="Train, serve and evaluate Vicuna-style chat assistants.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vicuna {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="area", metavar="COMMAND")
+    # Import only the area being run (plus all of them for top-level --help).
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for area, module in AREAS.items():
+        if wanted in AREAS and area != wanted:
+            sub.add_parser(area, help=argparse.SUPPRESS)
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == module or module.startswith(e.name + ".")):
+                continue  # area not built in this checkout
+            raise
+        mod.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        # `vicuna data` with no verb: show that area's help
+        (getattr(args, "area_parser", None) or parser).print_help()
+        return 2 if args.area else 0
+    try:
+        return int(args.func(args) or 0)
+    except VicunaError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def area_parser(sub, name: str, help: str, description: str | None = None):
+    """Create `vicuna NAME` with its own verbs; returns the verbs' subparsers."""
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    p.set_defaults(area_parser=p)
+    return p.add_subparsers(dest="verb", metavar="VERB")
+
+
+def command(sub, name: str, func, help: str, description: str | None = None):
+    """Create one command with the shared formatter; returns its parser."""
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    p.set_defaults(func=func)
+    return p

@@ -1,0 +1,496 @@
+"""Conversation templates: the one place where messages become prompt text.
+
+Everything that turns a chat into tokens goes through here — data splitting,
+training masks, serving, evaluation — so a prompt seen in training is byte for
+byte the prompt seen in serving.
+
+A template is data (one row in ``TEMPLATES``), not a class per model.  It renders
+
+* a *generation prompt* that ends with the assistant prefix, and
+* a *training rendering*: the same text plus the character spans of every
+  assistant output (including the token that closes the turn), from which
+  :func:`tokenize_conversation` builds labels using the token offsets of **one**
+  tokenization of the whole text, so masks are right by construction for any
+  fast tokenizer.
+
+Format strings may use ``{bos}``, ``{eos}``, ``{system}`` and ``{content}``.
+Rendered text contains the BOS token where the model expects one, so it must be
+tokenized with ``add_special_tokens=False`` (see :func:`encode`) — the same
+convention as Hugging Face chat templates.
+
+This module must not import torch: the data tools use it without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+ROLES = ("system", "user", "assistant")
+_MARKER = "{#- vicuna template: %s -#}"
+_MARKER_RE = re.compile(r"\{#- vicuna template: (\S+) -#\}")
+
+
+class TemplateError(ValueError):
+    """A conversation cannot be rendered (bad roles, unknown template, ...)."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat prompt format. See the module docstring for the placeholders."""
+
+    name: str
+    description: str
+    system: str = ""  # default system message ("" means none)
+    prefix: str = "{bos}"  # once, at the very start
+    system_fmt: str = "{system}"  # emitted once when a system message is set
+    user_fmt: str = "{content}"
+    # When set and a system message exists, the first user turn carries the
+    # system message inside it (Llama 2, Mistral) and system_fmt is not used.
+    first_user_fmt: str | None = None
+    assistant_prefix: str = ""  # ends the generation prompt
+    assistant_lead: str = ""  # between the prefix and the content (not trained)
+    assistant_end: str = "{eos}"  # closes an assistant turn (trained)
+    assistant_sep: str = ""  # after the end (not trained)
+    stop_strs: tuple[str, ...] = ()  # extra text stops, for models trained elsewhere
+    stop_tokens: tuple[str, ...] = ()  # end-of-turn tokens besides EOS
+    name_pattern: str = ""  # regex matched against a model's name or type
+
+    # ------------------------------------------------------------------ render
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> str:
+        """The prompt text for ``messages`` (OpenAI-style role/content dicts)."""
+        return self._render(messages, add_generation_prompt, bos_token, eos_token)[0]
+
+    def render_for_training(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """Text of a whole conversation and the ``[start, end)`` character spans
+        the model learns to produce: each assistant content plus its closing token."""
+        if not messages or _role(messages[-1]) != "assistant":
+            raise TemplateError("a training conversation must end with an assistant message")
+        return self._render(messages, False, bos_token, eos_token)
+
+    def _render(self, messages, add_generation_prompt, bos_token, eos_token):
+        system, turns = split_system(messages, self.system)
+        fill = {"bos": bos_token or "", "eos": eos_token or "", "system": system}
+        if "{eos}" in self.assistant_end and not eos_token:
+            raise TemplateError(
+                f"template {self.name!r} ends assistant turns with the EOS token, "
+                "but the tokenizer has none; set eos_token in the tokenizer config"
+            )
+        out: list[str] = [_fill(self.prefix, fill)]
+        use_first = bool(system) and self.first_user_fmt is not None
+        if system and not use_first:
+            out.append(_fill(self.system_fmt, fill))
+        spans: list[tuple[int, int]] = []
+        for i, msg in enumerate(turns):
+            content = msg["content"]
+            if msg["role"] == "user":
+                fmt = self.first_user_fmt if (use_first and i == 0) else self.user_fmt
+                out.append(_fill(fmt, fill, content))
+            else:
+                out.append(_fill(self.assistant_prefix + self.assistant_lead, fill))
+                start = sum(map(len, out))
+                out.append(content + _fill(self.assistant_end, fill))
+                spans.append((start, start + len(out[-1])))
+                out.append(_fill(self.assistant_sep, fill))
+        if add_generation_prompt:
+            if turns and turns[-1]["role"] == "assistant":
+                raise TemplateError("the last message is from the assistant; nothing to answer")
+            out.append(_fill(self.assistant_prefix, fill))
+        return "".join(out), spans
+
+    # ------------------------------------------------------------------- stops
+    def stop_token_strings(self, eos_token: str | None) -> list[str]:
+        """Special-token strings that end an assistant turn."""
+        toks = [eos_token] if eos_token else []
+        return toks + [t for t in self.stop_tokens if t not in toks]
+
+    # ------------------------------------------------------------------ export
+    def to_jinja(self) -> str:
+        """This template as a Hugging Face ``chat_template`` (Jinja).
+
+        ``tokenizer.apply_chat_template`` with it gives byte-identical text to
+        :meth:`render`; the leading marker lets :func:`resolve_template` map a
+        saved tokenizer back to this row of the table.
+        """
+
+        def lit(fmt: str) -> str:
+            parts = re.split(r"(\{bos\}|\{eos\}|\{system\}|\{content\})", fmt)
+            exprs = {
+                "{bos}": "{{ bos_token or '' }}",
+                "{eos}": "{{ eos_token or '' }}",
+                "{system}": "{{ system }}",
+                "{content}": "{{ message['content'] }}",
+            }
+            return "".join(exprs.get(p) or ("{{ " + json.dumps(p) + " }}" if p else "") for p in parts)
+
+        first = self.first_user_fmt
+        user = (
+            "{%- if loop.first and system -%}" + lit(first) + "{%- else -%}" + lit(self.user_fmt) + "{%- endif -%}"
+            if first is not None
+            else lit(self.user_fmt)
+        )
+        return (
+            _MARKER % self.name
+            + "{%- if messages and messages[0]['role'] == 'system' -%}"
+            + "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+            + "{%- else -%}{%- set system = " + json.dumps(self.system) + " -%}{%- set turns = messages -%}{%- endif -%}"
+            + lit(self.prefix)
+            + ("{%- if system -%}" + lit(self.system_fmt) + "{%- endif -%}" if first is None else "")
+            + "{%- for message in turns -%}"
+            + "{%- if message['role'] == 'user' -%}" + user
+            + "{%- elif message['role'] == 'assistant' -%}"
+            + lit(self.assistant_prefix + self.assistant_lead + "{content}" + self.assistant_end + self.assistant_sep)
+            + "{%- else -%}{{ raise_exception('roles must alternate user/assistant after an optional system message') }}"
+            + "{%- endif -%}{%- endfor -%}"
+            + "{%- if add_generation_prompt -%}" + lit(self.assistant_prefix) + "{%- endif -%}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "default_system": self.system,
+            "stop_strs": list(self.stop_strs),
+            "stop_tokens": ["<eos>", *self.stop_tokens],
+            "example": self.render(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                 {"role": "user", "content": "Who are you?"}],
+                bos_token="<s>", eos_token="</s>",
+            ),
+        }
+
+
+def _fill(fmt: str, values: dict[str, str], content: str = "") -> str:
+    # str.format would choke on braces in user content; substitute our four names only.
+    return re.sub(
+        r"\{(bos|eos|system|content)\}",
+        lambda m: content if m.group(1) == "content" else values[m.group(1)],
+        fmt,
+    )
+
+
+def _role(msg: dict[str, Any]) -> str:
+    return msg.get("role", "") if isinstance(msg, dict) else ""
+
+
+def message_text(content: Any) -> str:
+    """Message content as plain text: OpenAI/Gradio may send a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(part, str):
+                texts.append(part)
+            else:
+                raise TemplateError("only text content parts are supported")
+        return "".join(texts)
+    if content is None:
+        return ""
+    raise TemplateError(f"message content must be a string or a list of text parts, not {type(content).__name__}")
+
+
+def split_system(messages: Sequence[dict[str, Any]], default_system: str = "") -> tuple[str, list[dict[str, str]]]:
+    """Validate roles and return (system message, alternating user/assistant turns).
+
+    A leading system message replaces the template's default system prompt.
+    """
+    system = default_system
+    turns: list[dict[str, str]] = []
+    for i, msg in enumerate(messages):
+        role = _role(msg)
+        if role not in ROLES:
+            raise TemplateError(f"message {i}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+        content = message_text(msg.get("content"))
+        if role == "system":
+            if i != 0:
+                raise TemplateError(f"message {i}: a system message is only allowed first")
+            system = content
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise TemplateError(f"message {i}: expected a {expected} message, got {role}; roles must alternate")
+        turns.append({"role": role, "content": content})
+    if not turns:
+        raise TemplateError("the conversation has no user message")
+    return system, turns
+
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in [
+        Template(
+            name="vicuna_v0",
+            description="Vicuna v0 : '### Human: .. ### Assistant: ..'",
+            system=VICUNA_SYSTEM.replace("user", "human"),
+            system_fmt="{system}\n",
+            user_fmt="### Human: {content}\n",
+            assistant_prefix="### Assistant:",
+            assistant_lead=" ",
+            assistant_sep="\n",
+            stop_strs=("###",),
+            name_pattern=r"vicuna.*v0|delta-v0",
+        ),
+        Template(
+            name="vicuna_v1.1",
+            description="Vicuna v1.1+ : 'SYSTEM USER: .. ASSISTANT: ..</s>' (also v1.3, v1.5)",
+            system=VICUNA_SYSTEM,
+            system_fmt="{system} ",
+            user_fmt="USER: {content} ",
+            assistant_prefix="ASSISTANT:",
+            assistant_lead=" ",
+            name_pattern=r"vicuna|demo-model|longchat",
+        ),
+        Template(
+            name="llama-2",
+            description="Llama 2 chat : '<s>[INST] <<SYS>>..<</SYS>> .. [/INST] .. </s>'",
+            prefix="",
+            user_fmt="{bos}[INST] {content} [/INST]",
+            first_user_fmt="{bos}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
+            assistant_lead=" ",
+            assistant_end=" {eos}",
+            name_pattern=r"llama-?2.*chat",
+        ),
+        Template(
+            name="llama-3",
+            description="Llama 3 instruct : header ids and <|eot_id|>",
+            system_fmt="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+            user_fmt="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+            assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+            assistant_end="<|eot_id|>",
+            stop_tokens=("<|eot_id|>",),
+            name_pattern=r"llama-?3",
+        ),
+        Template(
+            name="chatml",
+            description="ChatML : <|im_start|>role\\n..<|im_end|> (Qwen, OpenHermes, Yi)",
+            prefix="",
+            system_fmt="<|im_start|>system\n{system}<|im_end|>\n",
+            user_fmt="<|im_start|>user\n{content}<|im_end|>\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            assistant_end="<|im_end|>",
+            assistant_sep="\n",
+            stop_tokens=("<|im_end|>",),
+            name_pattern=r"qwen|chatml|hermes|yi-.*chat",
+        ),
+        Template(
+            name="mistral",
+            description="Mistral instruct v0.1/v0.2 : '<s>[INST] .. [/INST] ..</s>'",
+            user_fmt="[INST] {content} [/INST]",
+            first_user_fmt="[INST] {system}\n\n{content} [/INST]",
+            assistant_lead=" ",
+            name_pattern=r"mistral|mixtral",
+        ),
+        Template(
+            name="alpaca",
+            description="Alpaca : '### Instruction: .. ### Response: ..'",
+            system="Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+            system_fmt="{system}\n\n",
+            user_fmt="### Instruction:\n{content}\n\n",
+            assistant_prefix="### Response:\n",
+            assistant_sep="\n\n",
+            stop_strs=("###",),
+            name_pattern=r"alpaca",
+        ),
+        Template(
+            name="zephyr",
+            description="Zephyr : <|system|> <|user|> <|assistant|> blocks closed by </s>",
+            prefix="",
+            system_fmt="<|system|>\n{system}{eos}\n",
+            user_fmt="<|user|>\n{content}{eos}\n",
+            assistant_prefix="<|assistant|>\n",
+            assistant_sep="\n",
+            name_pattern=r"zephyr",
+        ),
+    ]
+}
+
+
+def get_template(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise TemplateError(f"unknown conversation template {name!r}; available: {', '.join(TEMPLATES)}") from None
+
+
+def template_special_tokens() -> list[str]:
+    """Every special-token string any template uses (for building test tokenizers)."""
+    found: list[str] = []
+    for t in TEMPLATES.values():
+        text = "".join([t.system_fmt, t.user_fmt, t.assistant_prefix, t.assistant_end, *t.stop_tokens])
+        for tok in re.findall(r"<\|[a-z_]+\|>", text):
+            if tok not in found:
+                found.append(tok)
+    return found
+
+
+# ----------------------------------------------------------------------------
+# Templates that came with a tokenizer and are not ours
+
+
+@dataclass(frozen=True)
+class JinjaTemplate:
+    """A model's own ``chat_template`` that does not match a registered one.
+
+    Generation prompts come from ``tokenizer.apply_chat_template``; training
+    needs a registered template (we cannot know which spans are the assistant's).
+    """
+
+    source: str
+    name: str = "tokenizer chat_template"
+    stop_strs: tuple[str, ...] = ()
+    stop_tokens: tuple[str, ...] = ()
+    system: str = ""
+
+    def render(self, messages, *, add_generation_prompt=True, bos_token=None, eos_token=None, tokenizer=None) -> str:
+        if tokenizer is None:
+            raise TemplateError("rendering a tokenizer's own chat_template needs the tokenizer")
+        system, turns = split_system(messages, "")
+        msgs = ([{"role": "system", "content": system}] if system else []) + turns
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def render_for_training(self, messages, **_):
+        raise TemplateError(
+            "this model's tokenizer has its own chat_template; pass --conv-template NAME "
+            "so training knows which tokens are the assistant's"
+        )
+
+    def stop_token_strings(self, eos_token):
+        return [eos_token] if eos_token else []
+
+
+def resolve_template(name: str | None = None, tokenizer: Any = None, model_name: str = "", model_type: str = ""):
+    """Pick the template: explicit name > tokenizer chat_template > model name match.
+
+    Never silently falls back to a default: an unknown model is an error that
+    lists the choices (unknown models rambling under a wrong prompt was a
+    long-standing complaint about FastChat).
+    """
+    if name:
+        return get_template(name)
+    source = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(source, dict):  # multiple named templates: use the default one
+        source = source.get("default")
+    if isinstance(source, str) and source.strip():
+        m = _MARKER_RE.search(source)
+        if m and m.group(1) in TEMPLATES:
+            return TEMPLATES[m.group(1)]
+        return JinjaTemplate(source=source)
+    haystack = f"{model_name} {model_type}".lower()
+    # table order is match order: specific rows (vicuna_v0) come before general ones (vicuna_v1.1)
+    for t in TEMPLATES.values():
+        if t.name_pattern and re.search(t.name_pattern, haystack):
+            return t
+    raise TemplateError(
+        f"cannot tell which conversation template {model_name or 'this model'!r} uses: its tokenizer has no "
+        f"chat_template and the name matches none. Pass --conv-template, one of: {', '.join(TEMPLATES)}"
+    )
+
+
+# ----------------------------------------------------------------------------
+# Tokenization (duck-typed tokenizer; no torch)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of rendered template text (which already holds BOS where needed)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt(template, messages, tokenizer) -> str:
+    """Generation prompt for ``messages`` with this tokenizer's BOS/EOS strings."""
+    kwargs = {"tokenizer": tokenizer} if isinstance(template, JinjaTemplate) else {}
+    return template.render(
+        messages, add_generation_prompt=True, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, **kwargs
+    )
+
+
+def stop_token_ids(template, tokenizer) -> list[int]:
+    """Ids that end generation: EOS plus the template's end-of-turn tokens present in the vocab."""
+    ids: list[int] = []
+    for tok in template.stop_token_strings(tokenizer.eos_token):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def tokenize_conversation(
+    tokenizer: Any, template: Template, messages: Sequence[dict[str, Any]], max_length: int | None = None
+) -> TokenizedConversation:
+    """``input_ids`` and ``labels`` for one conversation, masks from token offsets.
+
+    One tokenization of the whole rendered text; a token is trained when its
+    character span overlaps an assistant span (content + end-of-turn token).
+    Nothing is re-tokenized piecewise, so there is no "tokenization mismatch".
+    """
+    text, spans = template.render_for_training(messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    j = 0
+    for k, (s, e) in enumerate(enc["offset_mapping"]):
+        if e <= s:
+            continue
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        if j < len(spans) and s < spans[j][1] and e > spans[j][0]:
+            labels[k] = ids[k]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return TokenizedConversation(ids, labels, truncated)
+
+
+def assistant_label_texts(tokenizer: Any, tc: TokenizedConversation) -> list[str]:
+    """Decode each contiguous run of trained tokens (for tests and `--debug`)."""
+    runs: list[list[int]] = []
+    prev = False
+    for lab in tc.labels:
+        on = lab != IGNORE_INDEX
+        if on and not prev:
+            runs.append([])
+        if on:
+            runs[-1].append(lab)
+        prev = on
+    return [tokenizer.decode(r, skip_special_tokens=False) for r in runs]
+
+
+def list_templates() -> Iterable[Template]:
+    return TEMPLATES.values()

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny tokenizers and models built offline in seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "Hello! How can I help you today? I am a helpful assistant.",
+    "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris.",
+    "Write a Python function that adds two numbers: def add(a, b): return a + b",
+    "USER: ASSISTANT: ### Human: ### Assistant: ### Instruction: ### Response: [INST] [/INST]",
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "你好，世界！我是一个聊天助手。 こんにちは 😀 🎉 café naïve",
+    "1 2 3 4 5 6 7 8 9 10 numbers, punctuation; quotes \"like\" 'this' (and) [that] {too}",
+] * 20
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 300, check: bool = False, **kw):
+    """Run `python -m vicuna ARGS` as a user would; returns CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vicuna", *map(str, args)], input=input, capture_output=True, text=True,
+        timeout=timeout, env=cli_env(), **kw,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vicuna {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    from vicuna.tiny import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(CORPUS, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer():
+    from vicuna.tiny import train_sentencepiece_tokenizer
+
+    return train_sentencepiece_tokenizer(CORPUS, vocab_size=512)
+
+
+@pytest.fixture(params=["bpe", "sentencepiece"])
+def any_tokenizer(request, bpe_tokenizer, sp_tokenizer):
+    return bpe_tokenizer if request.param == "bpe" else sp_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
+    """A saved random tiny LLaMA (byte-level BPE, vicuna_v1.1 chat template)."""
+    from vicuna.tiny import make_tiny_llama, save_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    return save_model(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def sp_model_dir(tmp_path_factory, sp_tokenizer):
+    """A saved random tiny LLaMA with a SentencePiece tokenizer (like real Vicuna)."""
+    from vicuna.tiny import make_tiny_llama, save_model
+
+    path = tmp_path_factory.mktemp("tiny-llama-sp")
+    return save_model(make_tiny_llama(sp_tokenizer, seed=1), sp_tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
