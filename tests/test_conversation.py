@@ -163,7 +163,7 @@ def test_resolution_order(bpe_tokenizer):
     assert resolve_template(None, tok, "meta-llama/Llama-2-7b-chat-hf").name == "llama-2"
     assert resolve_template(None, tok, "Meta-Llama-3-8B-Instruct").name == "llama-3"
     assert resolve_template(None, tok, "Qwen2.5-0.5B-Instruct").name == "chatml"
-    with pytest.raises(TemplateError, match="Pass --conv-template, one of: vicuna_v1.1"):
+    with pytest.raises(TemplateError, match="Pass --conv-template, one of: vicuna_v0, vicuna_v1.1"):
         resolve_template(None, tok, "my-mystery-model")
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     try:
@@ -188,4 +188,4 @@ def test_cli_list_show_render(tmp_path):
     bad = run_cli("templates", "render", "vicuna_v1.1", input='[{"role": "bot"}]')
     assert bad.returncode == 2 and "unknown role" in bad.stderr
     nope = run_cli("templates", "show", "nope")
-    assert nope.returncode == 2 and "available: vicuna_v1.1" in nope.stderr
+    assert nope.returncode == 2 and "available: vicuna_v0, vicuna_v1.1" in nope.stderr
