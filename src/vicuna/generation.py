@@ -1,0 +1,325 @@
+"""The generation core: sampling, stop handling, incremental detokenization.
+
+:class:`Sequence` holds everything per request that is not the model: the
+sampling parameters and RNG, the output ids, the text emitted so far, and why
+it finished. :func:`generate_stream` drives one request with a KV cache; the
+serving engine drives many ``Sequence`` objects in one batch with the same
+code, so a request behaves identically alone and batched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence as Seq
+
+from .errors import VicunaError
+
+
+class GenerationError(VicunaError):
+    """Bad generation request; ``param`` names the offending parameter."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextLengthError(GenerationError):
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_length: int):
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the prompt, {max_new_tokens} for the "
+            f"completion). Shorten the prompt or lower max_tokens.",
+            param="messages", code="context_length_exceeded",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.requested = prompt_tokens + max_new_tokens
+        self.context_length = context_length
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings; ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # HF-style, over prompt and output
+    presence_penalty: float = 0.0  # OpenAI-style, over output
+    frequency_penalty: float = 0.0
+    max_new_tokens: int = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: chosen token plus the top k
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in self.stop if s)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        checks = [
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (self.max_new_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", "must be in [0, 20]"),
+        ]
+        for ok, param, why in checks:
+            if not ok:
+                raise GenerationError(f"{param} {why}, got {getattr(self, param, None)!r}", param=param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+
+def fit_max_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int, default: int = 512) -> int:
+    """Bound the completion by the context; an explicit request that cannot fit is an error.
+
+    Like OpenAI and vLLM: an explicit ``max_tokens`` beyond what is left is a
+    400; an implicit default shrinks to what is left.
+    """
+    left = context_length - prompt_tokens
+    if max_new_tokens is None:
+        if left < 1:
+            raise ContextLengthError(prompt_tokens, 1, context_length)
+        return min(default, left)
+    if max_new_tokens > left:
+        raise ContextLengthError(prompt_tokens, max_new_tokens, context_length)
+    return max_new_tokens
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of ids into text deltas, never half a character.
+
+    Decodes a short window (the previous token and the new ones) so tokenizers
+    that drop a leading space when decoding a lone token (SentencePiece) still
+    get spaces right; a window that ends in U+FFFD is an incomplete UTF-8
+    sequence split over byte tokens and is held until the next token completes it.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (at the end of generation)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, holding back any partial match.
+
+    Text that could be the start of a stop string is not emitted until the
+    next delta proves it is not, so a stop string split over tokens never leaks.
+    """
+
+    def __init__(self, stops: Seq[str]):
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.buffer += text
+        if not self.stops:
+            out, self.buffer = self.buffer, ""
+            return out, False
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.buffer[: min(hits)]
+            self.buffer = ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buffer)), 0, -1):
+                if self.buffer.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.buffer) - hold
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+class Sequence:
+    """One request's decoding state, shared by single-request and batched generation."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams):
+        import torch
+
+        self.tokenizer = tokenizer
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.output_ids: list[int] = []
+        self.text = ""  # emitted text
+        self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopStringMatcher(params.stop)
+        self._stop_ids = set(params.stop_token_ids)
+        self._generator = None
+        if params.seed is not None:
+            self._generator = torch.Generator().manual_seed(int(params.seed))
+        self._counts: dict[int, int] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def sample(self, logits) -> int:
+        """Choose the next token from 1-D ``logits`` with this request's settings."""
+        import torch
+
+        p = self.params
+        logits = logits.float()
+        raw = logits
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(self.prompt_ids) | set(self._counts)), dtype=torch.long, device=logits.device)
+            if seen.numel():
+                vals = logits[seen]
+                logits = logits.clone()
+                logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self._counts:
+            ids = torch.tensor(list(self._counts), dtype=torch.long, device=logits.device)
+            counts = torch.tensor(list(self._counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.clone()
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        if p.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            logits = logits / p.temperature
+            if p.top_k:
+                kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
+                keep[0] = True
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+            gen = self._generator
+            if gen is not None and gen.device != probs.device:
+                probs = probs.cpu()
+            token = int(torch.multinomial(probs, 1, generator=gen))
+        if p.logprobs is not None:
+            lp = torch.log_softmax(raw, dim=-1)
+            top = torch.topk(lp, p.logprobs) if p.logprobs else None
+            self.logprobs.append(TokenLogprob(
+                token=self.tokenizer.convert_ids_to_tokens(token), logprob=float(lp[token]),
+                top=[(self.tokenizer.convert_ids_to_tokens(int(i)), float(v)) for v, i in zip(*top)] if top else [],
+            ))
+        return token
+
+    def append(self, token_id: int) -> str:
+        """Record a sampled token; returns the text it releases (may be '')."""
+        if self.finished:
+            return ""
+        if token_id in self._stop_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            return self._emit(self._drain())
+        self.output_ids.append(token_id)
+        self._counts[token_id] = self._counts.get(token_id, 0) + 1
+        delta, hit = self._stops.feed(self._detok.push(token_id))
+        if hit:
+            self.finish_reason = "stop"
+            return self._emit(delta)
+        if len(self.output_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+            return self._emit(delta + self._drain())
+        return self._emit(delta)
+
+    def finish(self, reason: str) -> str:
+        """End early (cancelled, context full); returns held-back text."""
+        if self.finished:
+            return ""
+        self.finish_reason = reason
+        return self._emit(self._drain())
+
+    def _drain(self) -> str:
+        """Release held-back text at the end; it may still complete a stop string."""
+        out, hit = self._stops.feed(self._detok.flush())
+        return out if hit else out + self._stops.flush()
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def generate_stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
+                    context_length: int | None = None) -> Iterator[StreamEvent]:
+    """Stream one completion with a KV cache. Closing the iterator stops generation."""
+    import torch
+
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty", param="prompt")
+    if context_length is not None and len(prompt_ids) + params.max_new_tokens > context_length:
+        raise ContextLengthError(len(prompt_ids), params.max_new_tokens, context_length)
+    seq = Sequence(tokenizer, prompt_ids, params)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        # logits_to_keep=1: only the last position's logits are needed (saves a vocab-sized matmul per token)
+        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
+        while True:
+            token = seq.sample(out.logits[0, -1])
+            text = seq.append(token)
+            if seq.finished:
+                yield StreamEvent(text, seq.finish_reason, len(prompt_ids), len(seq.output_ids))
+                return
+            if text:
+                yield StreamEvent(text, None, len(prompt_ids), len(seq.output_ids))
+            out = model(input_ids=torch.tensor([[token]], device=device), cache=out.cache, use_cache=True)
+
+
+def generate(model, tokenizer, prompt_ids: list[int], params: SamplingParams, context_length: int | None = None):
+    """Non-streaming convenience: (text, finish_reason, completion_tokens)."""
+    text, last = [], None
+    for ev in generate_stream(model, tokenizer, prompt_ids, params, context_length):
+        text.append(ev.text)
+        last = ev
+    return "".join(text), last.finish_reason, last.completion_tokens

@@ -1,0 +1,262 @@
+"""Model loading: path + device + dtype + adapters -> model, tokenizer, template.
+
+The one place that turns a user's ``--model-path`` into something that can
+generate. It checks the things that make chat models misbehave silently —
+a tokenizer larger than the embedding (the classic 32001 vs 32000 after
+applying Vicuna deltas), no EOS token (the model never stops), unknown prompt
+format — and says how to fix them before any generation starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .conversation import JinjaTemplate, Template, TemplateError, resolve_template, stop_token_ids
+from .errors import VicunaError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelLoadError(VicunaError):
+    """The model cannot be loaded as asked; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    template: Template | JinjaTemplate
+    name: str
+    path: str
+    device: str
+    context_length: int
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def demo_model_path() -> Path:
+    """The tiny chat model shipped in the package (built by `make demo-model`)."""
+    return Path(__file__).resolve().parent / "assets" / "demo-model"
+
+
+def default_model_path(announce: bool = True) -> str:
+    """Model path used when the user gives none: the bundled demo model."""
+    path = demo_model_path()
+    if not (path / "config.json").exists():
+        raise ModelLoadError(
+            "no --model-path given and the bundled demo model is missing; run `make demo-model` "
+            "or pass --model-path DIR"
+        )
+    if announce:
+        import sys
+
+        print(f"Using the bundled demo model ({path}); pass --model-path for a real one.", file=sys.stderr)
+    return str(path)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise ModelLoadError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("--device mps was asked for but Apple MPS is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device == "mps" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not os.path.exists(path)
+
+
+def check_model_dir(path: Path) -> None:
+    """Fail early, with the file's name, on the usual broken-directory cases."""
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is a file; pass the model directory")
+    if not (path / "config.json").exists():
+        if (path / "adapter_config.json").exists():
+            raise ModelLoadError(f"{path} is a LoRA adapter; pass its base with --model-path BASE --lora {path}")
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        raise ModelLoadError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).exists():
+            try:
+                shards = set(json.loads((path / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError) as e:
+                raise ModelLoadError(f"{path / index} is not a valid weight index: {e}") from None
+            missing = sorted(s for s in shards if not (path / s).exists())
+            if missing:
+                raise ModelLoadError(f"{path / index} lists shard(s) that are missing: {', '.join(missing)}")
+
+
+def check_tokenizer(tokenizer, model, where: str) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} rows "
+            f"(the classic 32001 vs 32000 mismatch after adding a pad token or applying delta weights). "
+            f"Use the tokenizer that came with these weights, or repair the directory with "
+            f"`vicuna weights fix-tokens {where}`."
+        )
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(
+            f"{where}: the tokenizer has no EOS token, so generation would never stop. Set eos_token in "
+            f"tokenizer_config.json or run `vicuna weights fix-tokens {where}`."
+        )
+
+
+def context_length_of(config) -> int:
+    for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def load_model(
+    model_path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    num_gpus: int = 1,
+    max_gpu_memory: str | None = None,
+    load_8bit: bool = False,
+    lora: str | os.PathLike | None = None,
+    conv_template: str | None = None,
+    model_name: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a local model directory (or a hub id when a network exists)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = str(model_path)
+    if not _looks_like_hub_id(path):
+        check_model_dir(Path(path).expanduser())
+        path = str(Path(path).expanduser())
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if load_8bit:
+        if device != "cuda":
+            raise ModelLoadError("--load-8bit needs a CUDA GPU (bitsandbytes); on CPU use --dtype bfloat16 instead")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("--load-8bit needs bitsandbytes: pip install -e '.[gpu]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = "auto"
+    if num_gpus > 1:
+        if device != "cuda":
+            raise ModelLoadError("--num-gpus > 1 needs CUDA GPUs")
+        available = torch.cuda.device_count()
+        if num_gpus > available:
+            raise ModelLoadError(f"--num-gpus {num_gpus} asked for but only {available} GPU(s) are visible")
+        kwargs["device_map"] = "balanced" if not max_gpu_memory else "auto"
+        if max_gpu_memory:
+            kwargs["max_memory"] = {i: max_gpu_memory for i in range(num_gpus)}
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the config/tokenizer of {path}: {e}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot read the weights of {path} (corrupt or incomplete?): {first}") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    if lora:
+        model = _load_lora(model, str(lora))
+    model.eval()
+    check_tokenizer(tokenizer, model, path)
+    name = model_name or Path(path.rstrip("/")).name
+    try:
+        template = resolve_template(conv_template, tokenizer, model_name=name + " " + path, model_type=config.model_type)
+    except TemplateError as e:
+        raise ModelLoadError(str(e)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, template=template, name=name, path=path, device=device,
+        context_length=context_length_of(config), stop_token_ids=stop_token_ids(template, tokenizer),
+    )
+    log.debug("loaded %s (%s, %s, template %s)", name, device, torch_dtype, template.name)
+    return loaded
+
+
+def _load_lora(model, adapter: str):
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ModelLoadError(f"--lora {adapter}: no adapter_config.json there; pass a PEFT adapter directory")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError("--lora needs peft: pip install peft") from None
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"cannot apply the LoRA adapter {adapter} to this base model: {e}") from None
+
+
+def add_model_args(parser, *, model_required: bool = False) -> None:
+    """The model-loading flags shared by chat, serve and eval."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model-path", required=model_required, default=None,
+                   help="Hugging Face model directory (default: the bundled demo model)")
+    g.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to load on top of --model-path")
+    g.add_argument("--model-name", default=None, help="name to show/serve the model as (default: directory name)")
+    g.add_argument("--conv-template", default=None,
+                   help="conversation template (see `vicuna templates list`); default: the tokenizer's "
+                   "chat_template, then a match on the model name")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="where to run the model")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights dtype; auto = bfloat16/float16 on GPU, float32 on CPU")
+    g.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
+    g.add_argument("--max-gpu-memory", default=None, help="per-GPU memory cap with --num-gpus, e.g. 20GiB")
+    g.add_argument("--load-8bit", action="store_true", help="8-bit weights with bitsandbytes (CUDA only)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
+
+
+def load_from_args(args) -> LoadedModel:
+    path = args.model_path or default_model_path()
+    return load_model(
+        path, device=args.device, dtype=args.dtype, num_gpus=args.num_gpus, max_gpu_memory=args.max_gpu_memory,
+        load_8bit=args.load_8bit, lora=args.lora, conv_template=args.conv_template, model_name=args.model_name,
+        trust_remote_code=args.trust_remote_code,
+    )
