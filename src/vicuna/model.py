@@ -164,6 +164,10 @@ def load_model(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if not log.isEnabledFor(logging.DEBUG):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a chat or a server log
     path = str(model_path)
     if not _looks_like_hub_id(path):
         check_model_dir(Path(path).expanduser())
@@ -195,9 +199,11 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load the config/tokenizer of {path}: {e}") from None
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot read the weights of {path} (corrupt or incomplete?): {first}") from None
     if "device_map" not in kwargs:

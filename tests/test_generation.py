@@ -1,0 +1,133 @@
+"""Generation core: stops never leak, UTF-8 safe streaming, sampling settings."""
+
+import pytest
+import torch
+
+from vicuna.conversation import encode, render_prompt
+from vicuna.generation import (
+    ContextLengthError, GenerationError, IncrementalDetokenizer, SamplingParams, Sequence, StopStringMatcher,
+    fit_max_new_tokens, generate, generate_stream,
+)
+from vicuna.model import load_model
+
+
+def test_stop_string_split_across_deltas_never_leaks():
+    m = StopStringMatcher(["</end>", "###"])
+    emitted = []
+    for piece in ["Hello <", "/e", "nd", "> more"]:
+        out, hit = m.feed(piece)
+        emitted.append(out)
+        if hit:
+            break
+    assert "".join(emitted) == "Hello " and hit
+    assert all("<" not in e for e in emitted)
+
+
+def test_partial_stop_prefix_is_released_when_it_is_not_a_stop():
+    m = StopStringMatcher(["###"])
+    assert m.feed("a #") == ("a ", False)
+    assert m.feed("# b") == ("## b", False)  # "## b" cannot start "###" any more: released
+    m = StopStringMatcher(["###"])
+    assert m.feed("a ##") == ("a ", False)
+    assert m.feed("x") == ("##x", False)
+    assert m.flush() == ""
+
+
+@pytest.mark.parametrize("text", ["你好，世界", "emoji 😀🎉 mixed 漢字", "café naïve 🦙"])
+def test_incremental_detokenization_never_emits_half_a_character(any_tokenizer, text):
+    tok = any_tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+    assert "".join(deltas).strip() == text
+
+
+def scripted_run(tokenizer, text, params):
+    """Feed the tokens of `text` through a Sequence as if a model produced them."""
+    seq = Sequence(tokenizer, [1], params)
+    deltas = []
+    for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        deltas.append(seq.append(i))
+        if seq.finished:
+            break
+    if not seq.finished:
+        deltas.append(seq.finish("abort"))
+    return seq, deltas
+
+
+def test_sequence_stop_string_and_eos(bpe_tokenizer):
+    tok = bpe_tokenizer
+    seq, deltas = scripted_run(tok, "Hello there ### Human: next", SamplingParams(stop=("###",)))
+    assert seq.text == "Hello there " and seq.finish_reason == "stop"
+    assert all("#" not in d for d in deltas)
+    seq, _ = scripted_run(tok, "Hello</s> never", SamplingParams(stop_token_ids=(tok.eos_token_id,)))
+    assert seq.text == "Hello" and seq.finish_reason == "stop"
+    seq, _ = scripted_run(tok, "one two three four five six", SamplingParams(max_new_tokens=3))
+    assert seq.finish_reason == "length" and len(seq.output_ids) == 3
+    seq, _ = scripted_run(tok, "Hello</s> more", SamplingParams(stop_token_ids=(tok.eos_token_id,), ignore_eos=True))
+    assert seq.finish_reason == "abort" and "more" in seq.text
+
+
+def test_sampling_rules(bpe_tokenizer):
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    seq = Sequence(bpe_tokenizer, [0], SamplingParams(temperature=0))
+    assert seq.sample(logits) == 1
+    seq = Sequence(bpe_tokenizer, [0], SamplingParams(temperature=0, frequency_penalty=1.0))
+    seq.append(1)
+    assert seq.sample(logits) == 2  # the repeated token is penalised
+    seq = Sequence(bpe_tokenizer, [1], SamplingParams(temperature=0, repetition_penalty=2.0))
+    assert seq.sample(logits) == 2  # token 1 is in the prompt
+    # top_k=1 behaves like greedy whatever the temperature; top_p tiny likewise
+    for params in (SamplingParams(temperature=5, top_k=1, seed=0), SamplingParams(temperature=5, top_p=0.01, seed=0)):
+        assert {Sequence(bpe_tokenizer, [0], params.with_(seed=s)).sample(logits) for s in range(20)} == {1}
+    draws = {Sequence(bpe_tokenizer, [0], SamplingParams(temperature=5, seed=s)).sample(logits) for s in range(50)}
+    assert len(draws) > 2
+    seq = Sequence(bpe_tokenizer, [0], SamplingParams(temperature=0, logprobs=2))
+    seq.sample(logits)
+    assert seq.logprobs[0].logprob == pytest.approx(float(torch.log_softmax(logits, -1)[1]))
+    assert len(seq.logprobs[0].top) == 2
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_new_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"top_k": -2}, "top_k"), ({"logprobs": 50}, "top_logprobs"),
+])
+def test_bad_sampling_params_name_the_param(kwargs, param):
+    with pytest.raises(GenerationError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_context_fitting():
+    assert fit_max_new_tokens(100, None, 512, default=1000) == 412
+    assert fit_max_new_tokens(100, 50, 512) == 50
+    with pytest.raises(ContextLengthError, match="maximum context length is 512 tokens.*requested 612 tokens"):
+        fit_max_new_tokens(100, 512, 512)
+    with pytest.raises(ContextLengthError):
+        fit_max_new_tokens(600, None, 512)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def test_generate_stream_on_a_real_model(lm):
+    ids = encode(lm.tokenizer, render_prompt(lm.template, [{"role": "user", "content": "Hello"}], lm.tokenizer))
+    greedy = SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=tuple(lm.stop_token_ids))
+    events = list(generate_stream(lm.model, lm.tokenizer, ids, greedy))
+    assert events[-1].finish_reason in ("stop", "length") and events[-1].prompt_tokens == len(ids)
+    text = "".join(e.text for e in events)
+    assert text == generate(lm.model, lm.tokenizer, ids, greedy)[0]  # deterministic
+    # the streamed ids equal transformers' own greedy generate
+    ref = lm.model.generate(torch.tensor([ids]), max_new_tokens=events[-1].completion_tokens, do_sample=False,
+                            eos_token_id=lm.stop_token_ids, pad_token_id=lm.tokenizer.pad_token_id)
+    assert lm.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True) == text
+    sampled = greedy.with_(temperature=1.0, seed=7)
+    assert generate(lm.model, lm.tokenizer, ids, sampled) == generate(lm.model, lm.tokenizer, ids, sampled)
+    others = {generate(lm.model, lm.tokenizer, ids, sampled.with_(seed=s))[0] for s in range(4)}
+    assert len(others) > 1
+    with pytest.raises(ContextLengthError):
+        next(generate_stream(lm.model, lm.tokenizer, ids, greedy.with_(max_new_tokens=600), context_length=512))

@@ -1,0 +1,114 @@
+"""Model loading: the happy path, LoRA, and a clear error for each broken directory."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from vicuna.model import ModelLoadError, load_model
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+def test_load_tiny_model(tiny_model_dir):
+    lm = load_model(tiny_model_dir)
+    assert lm.template.name == "vicuna_v1.1"  # from the chat_template saved with the tokenizer
+    assert lm.stop_token_ids == [lm.tokenizer.eos_token_id]
+    assert lm.device == "cpu" and lm.context_length == 512 and lm.model.dtype == torch.float32
+    assert lm.name == tiny_model_dir.name and lm.num_parameters > 0
+    assert load_model(tiny_model_dir, conv_template="chatml", dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+def test_sentencepiece_model_loads(sp_model_dir):
+    lm = load_model(sp_model_dir)
+    assert type(lm.tokenizer).__name__ == "LlamaTokenizer" and lm.template.name == "vicuna_v1.1"
+
+
+def test_unknown_model_without_template_is_an_error(model_copy):
+    cfg = json.loads((model_copy / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (model_copy / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="cannot tell which conversation template.*--conv-template"):
+        load_model(model_copy)
+    assert load_model(model_copy, conv_template="alpaca").template.name == "alpaca"
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing", "does not exist"),
+    ("no_config", "no config.json"),
+    ("no_weights", "no weights in"),
+    ("missing_shard", "missing: model-00002-of-00002.safetensors"),
+    ("truncated", "cannot read the weights"),
+    ("vocab", "tokenizer has 513 tokens but the model's embedding has only 512 rows"),
+    ("no_eos", "no EOS token"),
+])
+def test_broken_directories_give_specific_errors(model_copy, breakage, message):
+    path = model_copy
+    if breakage == "missing":
+        path = model_copy / "nope"
+    elif breakage == "no_config":
+        (model_copy / "config.json").unlink()
+    elif breakage == "no_weights":
+        (model_copy / "model.safetensors").unlink()
+    elif breakage == "missing_shard":
+        (model_copy / "model.safetensors").unlink()
+        index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}
+        (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+        (model_copy / "model-00001-of-00002.safetensors").write_bytes(b"")
+    elif breakage == "truncated":
+        data = (model_copy / "model.safetensors").read_bytes()
+        (model_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif breakage == "vocab":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_copy)
+        tok.add_special_tokens({"additional_special_tokens": ["<extra_pad>"]})
+        tok.save_pretrained(model_copy)
+    elif breakage == "no_eos":
+        cfg = json.loads((model_copy / "tokenizer_config.json").read_text())
+        cfg["eos_token"] = None
+        (model_copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_device_and_quantisation_errors(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="--load-8bit needs a CUDA GPU"):
+        load_model(tiny_model_dir, load_8bit=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA GPU is visible"):
+            load_model(tiny_model_dir, device="cuda")
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_model(tiny_model_dir, dtype="float8")
+
+
+def test_lora_adapter_is_loaded_on_its_base(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B starts at zero; make the adapter matter
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 20]])
+    expected = peft_model(ids).logits
+    lm = load_model(tiny_model_dir, lora=tmp_path / "adapter")
+    plain = load_model(tiny_model_dir)
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(plain.model(ids).logits, expected, atol=1e-3)
+    with pytest.raises(ModelLoadError, match="no adapter_config.json"):
+        load_model(tiny_model_dir, lora=tmp_path)
+    with pytest.raises(ModelLoadError, match="is a LoRA adapter; pass its base"):
+        load_model(tmp_path / "adapter")
