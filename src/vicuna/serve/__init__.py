@@ -1,0 +1,1 @@
+"""Serving: engine, model workers, controller, OpenAI-compatible API (see docs/serving.md)."""
