@@ -113,6 +113,7 @@ class GenerateRequest:
     repetition_penalty: float = 1.0
     top_k: int = 0
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
