@@ -1,0 +1,43 @@
+"""`vicuna train`: flags (or a YAML recipe plus flags) -> :func:`vicuna.train.trainer.train`."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Supervised fine-tuning on multi-turn conversations (loss on assistant outputs only).
+
+Inputs:  --model-path BASE (a Hugging Face model dir) and --data-path DATA (.json list or
+         .jsonl; ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
+         or {"messages": [{"role", "content"}]}); or --config RECIPE.yaml, whose settings
+         are the same names as the flags (flags given on the command line override it).
+Output:  --output-dir OUT becomes a Hugging Face model dir (or a LoRA adapter with --lora)
+         with the chat template embedded, generation_config.json eos ids set to the
+         template's stop tokens and vicuna.json (template name, data and run summary);
+         plus OUT/train_log.jsonl, OUT/loss.png and OUT/checkpoint-N/ (resumable).
+Default: packing up to --max-length per row, cosine schedule, resume from the newest
+         checkpoint in OUT. SIGTERM saves a checkpoint and exits with code 143.
+
+Examples:
+  vicuna train --model-path ./llama-7b --data-path sharegpt.json --output-dir out/vicuna-7b
+  vicuna train --config recipes/tiny-cpu.yaml --output-dir out/tiny --max-steps 50
+  torchrun --nproc_per_node 8 -m vicuna.train --config recipes/vicuna-7b.yaml \\
+      --model-path ./llama-7b --data-path sharegpt.json --output-dir out/vicuna-7b
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import config_from_args
+    from .trainer import train
+
+    train(config_from_args(args))
+    return 0
+
+
+def add_commands(sub) -> None:
+    from ..cli import command
+    from .config import add_arguments
+
+    p = command(sub, "train", run, help="fine-tune a model on conversations (SFT, LoRA, FSDP)",
+                description=DESCRIPTION)
+    add_arguments(p)

@@ -1,0 +1,326 @@
+"""Training data: read conversations, tokenize with exact masks, pack, collate.
+
+Masks come from :func:`vicuna.conversation.tokenize_conversation` (token
+offsets of one tokenization of the whole rendered conversation), so there is
+no "tokenization mismatch" class of bug to guard against here.
+
+Batches are lists of *rows*; a row is a list of sample indices.  Packing puts
+several samples in a row (best-fit decreasing) with ``position_ids`` restarting
+per sample and no attention mask: transformers then keeps the samples apart
+(block-diagonal causal attention; flash-attention varlen on CUDA).  Targets are
+shifted *per sample* here, so no token is ever trained to predict the first
+token of the next sample, whatever the model's loss function does.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..conversation import IGNORE_INDEX, TemplateError, tokenize_conversation
+from . import TrainInputError
+
+log = logging.getLogger(__name__)
+
+# ShareGPT "from" values seen in the wild -> OpenAI roles
+ROLE_MAP = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+    "assistant": "assistant", "model": "assistant",
+    "system": "system",
+}
+PACKING, DYNAMIC, MAX_LENGTH = "packing", "dynamic", "max_length"
+BATCHING_MODES = (PACKING, DYNAMIC, MAX_LENGTH)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_records(path: str | Path) -> list[Any]:
+    """Records of a JSON list (``.json``) or JSON Lines (``.jsonl``) file.
+
+    A minimal reader (the data area's streaming reader did not exist when this
+    was written); training needs every record in memory for packing anyway.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TrainInputError(f"--data-path {path}: no such file")
+    if path.is_dir():
+        raise TrainInputError(f"--data-path {path}: is a directory; pass a .json or .jsonl file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TrainInputError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one record") from None
+        return records
+    try:
+        data = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as e:
+        hint = " (JSON Lines? name the file .jsonl)" if "Extra data" in e.msg else ""
+        raise TrainInputError(f"{path}: not valid JSON at line {e.lineno}: {e.msg}{hint}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise TrainInputError(
+            f"{path}: expected a JSON list of conversations "
+            '([{"id": ..., "conversations": [{"from": "human", "value": ...}, ...]}, ...]), '
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
+def record_to_messages(rec: Any) -> list[dict[str, str]]:
+    """OpenAI-style messages from a ShareGPT or ``{"messages": [...]}`` record.
+
+    A leading assistant turn and a trailing user turn (both common in scraped
+    ShareGPT) are dropped, as they carry nothing to learn; anything else odd
+    raises ``ValueError`` with the reason, and the record is skipped.
+    """
+    if not isinstance(rec, dict):
+        raise ValueError("record is not an object")
+    if "conversations" in rec:
+        turns = rec["conversations"]
+        if not isinstance(turns, list):
+            raise ValueError("'conversations' is not a list")
+        msgs = []
+        for t in turns:
+            if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+                raise ValueError("a turn lacks a string 'value'")
+            role = ROLE_MAP.get(str(t.get("from", "")).lower())
+            if role is None:
+                raise ValueError(f"unknown speaker {t.get('from')!r}")
+            msgs.append({"role": role, "content": t["value"]})
+    elif "messages" in rec:
+        turns = rec["messages"]
+        if not isinstance(turns, list):
+            raise ValueError("'messages' is not a list")
+        msgs = []
+        for t in turns:
+            if not isinstance(t, dict) or not isinstance(t.get("content"), str):
+                raise ValueError("a message lacks a string 'content'")
+            msgs.append({"role": str(t.get("role", "")), "content": t["content"]})
+    else:
+        raise ValueError("no 'conversations' or 'messages' key")
+    start = 1 if msgs and msgs[0]["role"] == "system" else 0
+    if len(msgs) > start and msgs[start]["role"] == "assistant":
+        del msgs[start]
+    if msgs and msgs[-1]["role"] == "user":
+        msgs.pop()
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError("no assistant reply")
+    return msgs
+
+
+@dataclass
+class DataStats:
+    """What happened to every record; logged, and saved beside the model."""
+
+    records: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    truncated: int = 0
+    dropped_long: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common(5))
+        return (
+            f"{self.kept}/{self.records} conversations kept ({self.tokens} tokens, {self.trained_tokens} trained); "
+            f"{self.truncated} truncated, {self.dropped_long} too long and dropped, {skipped} skipped"
+            + (f" ({reasons})" if reasons else "")
+        )
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["skipped"] = dict(self.skipped)
+        return d
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # unshifted, IGNORE_INDEX outside assistant outputs
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def load_conversations(path: str | Path, stats: DataStats | None = None) -> list[list[dict[str, str]]]:
+    """Messages of every usable record; bad records are counted in ``stats``."""
+    stats = stats if stats is not None else DataStats()
+    records = read_records(path)
+    stats.records = len(records)
+    if not records:
+        raise TrainInputError(f"{path}: the file holds no records")
+    convs = []
+    for rec in records:
+        try:
+            convs.append(record_to_messages(rec))
+        except ValueError as e:
+            stats.skipped[str(e)] += 1
+    if not convs:
+        if stats.skipped.get("no 'conversations' or 'messages' key") == stats.records or all(
+            not isinstance(r, dict) for r in records
+        ):
+            raise TrainInputError(
+                f"{path}: wrong format: no record has a 'conversations' (ShareGPT) or 'messages' (OpenAI) list"
+            )
+        raise TrainInputError(f"{path}: no usable conversation ({stats.summary()})")
+    return convs
+
+
+def tokenize_dataset(
+    convs: Iterable[Sequence[dict[str, str]]],
+    tokenizer: Any,
+    template: Any,
+    max_length: int,
+    *,
+    drop_long: bool = False,
+    stats: DataStats | None = None,
+    source: str = "the data",
+) -> list[Sample]:
+    """Tokenize every conversation; long ones are truncated at the end (or dropped)."""
+    stats = stats if stats is not None else DataStats()
+    samples = []
+    for msgs in convs:
+        try:
+            tc = tokenize_conversation(tokenizer, template, msgs, max_length=None)
+        except TemplateError as e:
+            stats.skipped[f"template: {e}"] += 1
+            continue
+        if len(tc.input_ids) > max_length:
+            if drop_long:
+                stats.dropped_long += 1
+                continue
+            stats.truncated += 1
+            tc.input_ids, tc.labels = tc.input_ids[:max_length], tc.labels[:max_length]
+        # the first token predicts nothing within its sample: never train it
+        trained = sum(1 for x in tc.labels[1:] if x != IGNORE_INDEX)
+        if trained == 0:
+            stats.skipped["no assistant token left after truncation"] += 1
+            continue
+        samples.append(Sample(tc.input_ids, tc.labels))
+        stats.tokens += len(tc.input_ids)
+        stats.trained_tokens += trained
+    stats.kept = len(samples)
+    if not samples:
+        raise TrainInputError(f"{source}: nothing left to train on after filtering ({stats.summary()})")
+    return samples
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: rows of sample indices, each summing to <= capacity.
+
+    Longest first, each into the fullest row it still fits.  Typically leaves
+    well under 5% padding on long-tailed chat lengths.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, row id)
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"sample {i} has {n} tokens > capacity {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            rem, r = free.pop(k)
+        else:
+            rows.append([])
+            rem, r = capacity, len(rows) - 1
+        rows[r].append(i)
+        if rem - n > 0:
+            bisect.insort(free, (rem - n, r))
+    return rows
+
+
+def plan_epoch(
+    samples: Sequence[Sample], mode: str, micro_batch_size: int, epoch: int, seed: int,
+    packed_rows: list[list[int]] | None = None, group_size: int = 64,
+) -> list[list[list[int]]]:
+    """The epoch's micro-batches (lists of rows of sample indices), deterministic in (seed, epoch).
+
+    The order depends only on (seed, epoch), so a resumed run sees the exact
+    batches the interrupted one would have.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if mode == PACKING:
+        if packed_rows is None:
+            raise ValueError("packing needs packed_rows (from pack_best_fit)")
+        rows = list(packed_rows)
+        rng.shuffle(rows)
+        return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    idx = list(range(len(samples)))
+    rng.shuffle(idx)
+    if mode == DYNAMIC:
+        # length-grouped: sort within mega-batches so each micro-batch has similar lengths
+        mega = micro_batch_size * group_size
+        grouped = []
+        for i in range(0, len(idx), mega):
+            grouped += sorted(idx[i:i + mega], key=lambda j: -len(samples[j]))
+        mbs = [[[j] for j in grouped[i:i + micro_batch_size]] for i in range(0, len(grouped), micro_batch_size)]
+        rng.shuffle(mbs)
+        return mbs
+    if mode == MAX_LENGTH:
+        return [[[j] for j in idx[i:i + micro_batch_size]] for i in range(0, len(idx), micro_batch_size)]
+    raise ValueError(f"unknown batching mode {mode!r}")
+
+
+def collate(samples: Sequence[Sample], micro_batch: Sequence[Sequence[int]], pad_id: int, *,
+            pad_to: int | None = None, packed: bool = True) -> dict[str, Any]:
+    """Tensors for one micro-batch.
+
+    Returns ``input_ids``, ``position_ids``, ``targets`` (already shifted per
+    sample; IGNORE_INDEX where nothing is trained), ``attention_mask`` (only when
+    not packed), and counts ``real_tokens`` / ``target_tokens`` / ``computed_tokens``.
+    """
+    import torch
+
+    rows_ids, rows_pos, rows_tgt = [], [], []
+    for row in micro_batch:
+        ids, pos, tgt = [], [], []
+        for j in row:
+            s = samples[j]
+            ids += s.input_ids
+            pos += range(len(s))
+            tgt += s.labels[1:] + [IGNORE_INDEX]
+        rows_ids.append(ids)
+        rows_pos.append(pos)
+        rows_tgt.append(tgt)
+    width = max(map(len, rows_ids))
+    if pad_to is not None:
+        width = max(width, pad_to)
+    real = sum(map(len, rows_ids))
+    mask = []
+    for ids, pos, tgt in zip(rows_ids, rows_pos, rows_tgt):
+        n = width - len(ids)
+        mask.append([1] * len(ids) + [0] * n)
+        ids += [pad_id] * n
+        pos += range(n)  # padding forms its own "sample" at the end of the row; nothing attends to it
+        tgt += [IGNORE_INDEX] * n
+    batch = {
+        "input_ids": torch.tensor(rows_ids, dtype=torch.long),
+        "position_ids": torch.tensor(rows_pos, dtype=torch.long),
+        "targets": torch.tensor(rows_tgt, dtype=torch.long),
+        "real_tokens": real,
+        "computed_tokens": width * len(rows_ids),
+    }
+    batch["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())
+    if not packed:
+        batch["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+    return batch

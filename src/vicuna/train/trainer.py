@@ -1,0 +1,780 @@
+"""The training loop: a plain PyTorch loop over a transformers model.
+
+Why not ``transformers.Trainer``: what this recipe needs most is exactly what
+is awkward to bend it into — per-sample-shifted targets for padding-free
+packing, loss normalised by the label tokens of the whole optimizer step
+across micro-batches *and* ranks, FSDP2 that also runs on CPU/gloo (so it is
+tested here), a checkpoint that is one atomic directory rename, and a SIGTERM
+save that all ranks agree on.  Each is a few lines in a loop you can read top
+to bottom; the model, optimizer schedule, PEFT and FSDP are still the
+well-kept library pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..conversation import IGNORE_INDEX, TemplateError, resolve_template, stop_token_ids
+from . import TrainError, TrainInputError
+from .config import TrainConfig, parse_rope_scaling
+from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
+
+log = logging.getLogger("vicuna.train")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LOG_FILE, PLOT_FILE, MODEL_META = "train_log.jsonl", "loss.png", "vicuna.json"
+
+
+class Preempted(TrainError):
+    """SIGTERM arrived; a checkpoint was saved. Rerunning the command resumes."""
+
+    exit_code = 143
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local, device)
+
+
+def _all_reduce(x, d: Dist, op="sum"):
+    import torch.distributed as dist
+
+    if d.on:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return x
+
+
+def _barrier(d: Dist) -> None:
+    import torch.distributed as dist
+
+    if d.on:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- output dir
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a complete one was renamed into place)."""
+    found = []
+    if out.is_dir():
+        for p in out.iterdir():
+            m = CHECKPOINT_RE.match(p.name)
+            if m and (p / "trainer_state.json").exists():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def check_output_dir(cfg: TrainConfig) -> Path | None:
+    """Refuse to clobber a finished model; return the checkpoint to resume from, if any."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainInputError(f"--output-dir {out}: exists and is not a directory")
+    if (out / MODEL_META).exists() and not cfg.force:
+        raise TrainInputError(
+            f"--output-dir {out} already holds a trained model; pass --force to train into it again, "
+            "or choose another directory"
+        )
+    ckpts = list_checkpoints(out)
+    if cfg.resume == "auto":
+        return ckpts[-1][1] if ckpts else None
+    if cfg.resume == "never":
+        if ckpts and not cfg.force:
+            raise TrainInputError(
+                f"--output-dir {out} has checkpoints ({ckpts[-1][1].name}); use --resume auto to continue, "
+                "or --resume never --force to start over (deletes them)"
+            )
+        return None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").exists():
+        raise TrainInputError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_tokenizer(cfg: TrainConfig, convs) -> Any:
+    init = cfg.model_init or {}
+    if init.get("from_tokenizer"):
+        path = init["from_tokenizer"]
+    elif init.get("train_tokenizer"):
+        from ..tiny import train_bpe_tokenizer, train_sentencepiece_tokenizer
+
+        spec = dict(init["train_tokenizer"])
+        kind, vocab = spec.get("kind", "bpe"), int(spec.get("vocab_size", 1024))
+        texts = [m["content"] for c in convs for m in c]
+        if kind == "bpe":
+            return train_bpe_tokenizer(texts, vocab_size=vocab)
+        if kind == "sentencepiece":
+            return train_sentencepiece_tokenizer(texts, vocab_size=vocab)
+        raise TrainInputError(f"model_init.train_tokenizer.kind {kind!r}: use bpe or sentencepiece")
+    elif cfg.model_init:
+        raise TrainInputError("model_init needs from_tokenizer: DIR or train_tokenizer: {kind, vocab_size}")
+    else:
+        path = cfg.model_path
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"cannot load a tokenizer from {path}: {e}") from None
+
+
+def model_position_limit(cfg: TrainConfig) -> tuple[Any, int | None]:
+    """The base model's config (cheap: no weights) and its position limit."""
+    if cfg.model_init:
+        return None, int(cfg.model_init.get("max_position_embeddings", 512))
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model_path)
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"--model-path {cfg.model_path}: not a loadable model ({e})") from None
+    return config, getattr(config, "max_position_embeddings", None)
+
+
+def apply_rope_scaling(config, cfg: TrainConfig, limit: int | None) -> None:
+    if limit is None or cfg.max_length <= limit:
+        return
+    if not cfg.rope_scaling:
+        raise TrainInputError(
+            f"--max-length {cfg.max_length} is beyond the model's {limit} positions; lower it, or extend the "
+            f"context with RoPE scaling, e.g. --rope-scaling linear:{math.ceil(cfg.max_length / limit)}"
+        )
+    kind, factor = parse_rope_scaling(cfg.rope_scaling)
+    factor = factor or math.ceil(cfg.max_length / limit)
+    if factor * limit < cfg.max_length:
+        raise TrainInputError(f"--rope-scaling {cfg.rope_scaling}: {limit} x {factor} positions < --max-length")
+    if config is not None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        params.update(rope_type=kind, factor=float(factor))
+        if kind == "yarn":
+            params.setdefault("original_max_position_embeddings", limit)
+        config.rope_parameters = params
+        config.max_position_embeddings = int(limit * factor)
+
+
+def pick_attention(cfg: TrainConfig, device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def pick_dtype(cfg: TrainConfig, device):
+    import torch
+
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def build_model(cfg: TrainConfig, config, tokenizer, d: Dist):
+    """fp32 master weights (or 4-bit base for QLoRA); mixed precision is applied in the loop."""
+    import torch
+
+    attn = pick_attention(cfg, d.device)
+    if cfg.model_init:
+        from ..tiny import make_tiny_llama
+
+        keys = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings")
+        unknown = set(cfg.model_init) - set(keys) - {"from_tokenizer", "train_tokenizer"}
+        if unknown:
+            raise TrainInputError(f"model_init: unknown keys {sorted(unknown)}; known: {', '.join(keys)}")
+        model = make_tiny_llama(tokenizer, seed=cfg.seed, **{k: int(v) for k, v in cfg.model_init.items() if k in keys})
+        model.config._attn_implementation = attn
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kw: dict[str, Any] = {"config": config, "attn_implementation": attn, "dtype": torch.float32}
+        if cfg.qlora:
+            if d.device.type != "cuda":
+                raise TrainInputError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); use --lora on CPU")
+            from transformers import BitsAndBytesConfig
+
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=pick_dtype(cfg, d.device) or torch.float32,
+            )
+            kw["device_map"] = {"": d.device}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model_path, **kw)
+        except (OSError, ValueError) as e:
+            raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
+    model.config.use_cache = False
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.qlora:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+        try:
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target,
+                task_type="CAUSAL_LM",
+            ))
+        except ValueError as e:
+            raise TrainInputError(f"--lora-target {cfg.lora_target}: {e}") from None
+    if not cfg.qlora:
+        model.to(d.device)
+    return model
+
+
+def wrap_distributed(model, cfg: TrainConfig, d: Dist, dtype):
+    """FSDP2 (one unit per decoder layer, then the root) or DDP under torchrun."""
+    if not d.on:
+        return model
+    import torch
+
+    if cfg.fsdp == "none":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if dtype == torch.float16:
+        raise TrainInputError("--precision fp16 is not supported with FSDP; use bf16")
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    kw: dict[str, Any] = {"mesh": mesh}
+    if dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    if cfg.fsdp_cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    layer_cls = tuple({type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")})
+    for m in model.modules():
+        if layer_cls and isinstance(m, layer_cls):
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "peft_config") else model
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding params + attention (PaLM appendix B)."""
+    cfg = unwrap(model).config
+    params = sum(p.numel() for n, p in unwrap(model).named_parameters() if "embed" not in n)
+    if hasattr(model, "peft_config"):  # frozen weights still cost forward + input-grad backward
+        params = params * 4 / 6 + sum(p.numel() for p in model.parameters() if p.requires_grad) * 2 / 6
+    layers, hidden = getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0)
+    return 6 * params + 12 * layers * hidden * seq_len
+
+
+# bf16 dense peak TFLOP/s of common training GPUs (vendor data sheets)
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
+               "4090": 165.0, "3090": 71.0, "V100": 125.0, "A6000": 155.0}
+
+
+def peak_flops(cfg: TrainConfig, device) -> float:
+    import torch
+
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12
+        return 100e12
+    # rough CPU figure: threads x 2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units)
+    return torch.get_num_threads() * 2.5e9 * 32
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _full_state(model, optimizer, cfg: TrainConfig):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.lora)
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, d: Dist,
+                    state: dict) -> Path | None:
+    """All ranks gather; rank 0 writes into a temp dir and renames it into place (atomic)."""
+    import torch
+    import torch.distributed as dist
+
+    msd, osd = _full_state(model, optimizer, cfg)
+    rngs = [None] * d.world
+    if d.on:
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    final = out / f"checkpoint-{step}"
+    if d.main and not final.exists():
+        tmp = out / f".checkpoint-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(msd, tmp / "model.pt")
+        torch.save(osd, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rngs, tmp / "rng.pt")
+        _write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": d.world})
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(out)
+        for _, old in list_checkpoints(out)[:-max(cfg.save_total_limit, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", final)
+    _barrier(d)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig, d: Dist) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    msd = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+    osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.lora,
+                            strict=not cfg.lora)
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rngs = torch.load(path / "rng.pt", weights_only=False)
+    if state.get("world_size") == d.world:
+        _set_rng_state(rngs[d.rank])
+    else:
+        log.warning("checkpoint was written by %s processes, now %d: RNG not restored, global batch differs",
+                    state.get("world_size"), d.world)
+    return state
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- final model
+
+
+def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: Dist, stats: DataStats,
+                   summary: dict) -> None:
+    """A Hugging Face model (or LoRA adapter) dir with the chat template embedded.
+
+    Written into a temp dir, then moved file by file; ``vicuna.json`` last, so
+    its presence means the model is complete.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=cfg.lora))
+    if d.main:
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        inner = unwrap(model)
+        inner.save_pretrained(tmp, state_dict=sd)
+        tokenizer.chat_template = template.to_jinja()
+        tokenizer.save_pretrained(tmp)
+        stops = stop_token_ids(template, tokenizer)
+        base = inner.get_base_model() if cfg.lora else inner
+        gen = base.generation_config
+        gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else gen.eos_token_id)
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
+        gen.save_pretrained(tmp)
+        meta = {"conv_template": template.name, "base_model": cfg.model_path, "lora": cfg.lora,
+                "stop_token_ids": stops, "data": stats.to_dict(), "train": summary, "config": asdict(cfg)}
+        _write_json(tmp / MODEL_META, meta)
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_META):
+            os.replace(p, out / p.name)
+        tmp.rmdir()
+        log.info("saved the %s to %s (template %s)", "LoRA adapter" if cfg.lora else "model", out, template.name)
+    _barrier(d)
+
+
+def plot_loss(out: Path) -> None:
+    rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per trained token)")
+    ax.set_title(out.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / (PLOT_FILE + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / PLOT_FILE)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def accumulate_gradients(model, batches, d: Dist, *, fsdp: bool = False, autocast=None, scaler=None):
+    """Forward/backward every micro-batch of one optimizer step on this rank.
+
+    The loss is the sum of per-token losses over the trained tokens of the
+    *whole step* (all micro-batches on all ranks), so accumulation and data
+    parallelism give the gradient of one big batch.  Returns the summed
+    (unnormalised) loss of all ranks and the step's global counts
+    ``[target, real, computed]`` tokens.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    counts = torch.tensor([sum(b["target_tokens"] for b in batches), sum(b["real_tokens"] for b in batches),
+                           sum(b["computed_tokens"] for b in batches)], dtype=torch.float64, device=d.device)
+    counts = _all_reduce(counts, d)
+    scale = d.world / max(counts[0].item(), 1.0)  # DDP/FSDP average ranks' gradients, hence x world
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        if fsdp:
+            model.set_requires_gradient_sync(last)
+        sync = model.no_sync() if d.on and not fsdp and not last else contextlib.nullcontext()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                kw = {"input_ids": b["input_ids"].to(d.device), "position_ids": b["position_ids"].to(d.device)}
+                if "attention_mask" in b:
+                    kw["attention_mask"] = b["attention_mask"].to(d.device)
+                logits = model(**kw, use_cache=False).logits
+            ce = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].to(d.device).flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            scaled = ce * scale
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += ce.detach().double()
+    return _all_reduce(loss_sum, d), counts
+
+
+class _Reporter:
+    """train_log.jsonl (+ optional tensorboard/wandb) on rank 0."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, start_step: int, main: bool):
+        self.main, self.path, self.backend = main, out / LOG_FILE, None
+        if not main:
+            return
+        if self.path.exists():  # drop rows past the resumed step: they will be redone
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln)["step"] <= start_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, self.path)
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.backend = SummaryWriter(str(out / "runs"))
+        elif cfg.report_to == "wandb":
+            import wandb
+
+            self.backend = wandb.init(project=os.environ.get("WANDB_PROJECT", "vicuna"), config=asdict(cfg),
+                                      resume="allow")
+
+    def log(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.backend is not None:
+            if hasattr(self.backend, "add_scalar"):
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        self.backend.add_scalar(f"train/{k}", v, row["step"])
+                self.backend.flush()
+            else:
+                self.backend.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.backend is not None:
+            (getattr(self.backend, "close", None) or self.backend.finish)()
+
+
+def _check_report_backend(cfg: TrainConfig) -> None:
+    mod = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.report_to)
+    if mod:
+        try:
+            __import__(mod)
+        except ImportError:
+            raise TrainInputError(f"--report-to {cfg.report_to} needs the {mod} package: pip install {mod}") from None
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a training job; returns the output directory."""
+    import torch
+
+    d = init_distributed()
+    try:
+        return _train(cfg, d, torch)
+    finally:
+        if d.on:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
+    out = Path(cfg.output_dir)
+    resume_from = check_output_dir(cfg)
+    _check_report_backend(cfg)
+    if not d.main:
+        logging.getLogger("vicuna").setLevel(logging.WARNING)
+    if not (d.main and sys.stderr.isatty()):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    # ---- data, before any weights are loaded: bad input fails in seconds
+    stats = DataStats()
+    convs = load_conversations(cfg.data_path, stats)
+    base_config, limit = model_position_limit(cfg)
+    apply_rope_scaling(base_config, cfg, limit)
+    tokenizer = load_tokenizer(cfg, convs)
+    try:
+        template = resolve_template(cfg.conv_template, tokenizer=tokenizer, model_name=str(cfg.model_path or ""))
+    except TemplateError as e:
+        raise TrainInputError(str(e)) from None
+    samples = tokenize_dataset(convs, tokenizer, template, cfg.max_length, drop_long=cfg.drop_long, stats=stats,
+                               source=str(cfg.data_path))
+    del convs
+    log.info("data: %s; template %s", stats.summary(), template.name)
+    rows = pack_best_fit([len(s) for s in samples], cfg.max_length) if cfg.packing else None
+    per_step = cfg.gradient_accumulation_steps * d.world
+    n_micro = len(plan_epoch(samples, cfg.batching, cfg.per_device_batch_size, 0, cfg.seed, rows))
+    steps_per_epoch = n_micro // per_step
+    if steps_per_epoch == 0:
+        raise TrainInputError(
+            f"the data makes {n_micro} micro-batches, fewer than one optimizer step needs "
+            f"({cfg.gradient_accumulation_steps} accumulation x {d.world} processes); lower "
+            "--gradient-accumulation-steps or --per-device-batch-size"
+        )
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
+    if n_micro % per_step:
+        log.info("each epoch leaves out %d of %d micro-batches (a different part each epoch)",
+                 n_micro % per_step, n_micro)
+
+    # ---- model
+    dtype = pick_dtype(cfg, d.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, base_config, tokenizer, d)
+    fpt = flops_per_token(model, cfg.max_length)
+    peak = peak_flops(cfg, d.device) * d.world
+    model = wrap_distributed(model, cfg, d, dtype)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total)
+    fsdp = d.on and cfg.fsdp != "none"
+    autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype is not None and not fsdp
+                else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(d.device.type) if dtype == torch.float16 else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    start = 0
+    if resume_from is not None:
+        st = load_checkpoint(resume_from, model, optimizer, scheduler, cfg, d)
+        start = int(st["step"])
+        log.info("resumed from %s (step %d of %d)", resume_from, start, total)
+    elif cfg.resume == "never" and d.main:
+        for _, p in list_checkpoints(out):
+            shutil.rmtree(p)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for p in out.glob(".checkpoint-*.tmp"):  # a crash mid-save left these: never complete
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier(d)
+    reporter = _Reporter(out, cfg, start, d.main)
+
+    stop = {"flag": False}
+    prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+    model.train()
+    plans: dict[int, list] = {}
+    state = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "data": stats.to_dict()}
+    progress = None
+    if d.main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr,
+                        disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    window = {"t": time.perf_counter(), "real": 0, "computed": 0}
+    loss = float("nan")
+    first_loss = None
+    for step in range(start, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: plan_epoch(samples, cfg.batching, cfg.per_device_batch_size, epoch, cfg.seed, rows)}
+        mine = plans[epoch][k * per_step:(k + 1) * per_step][d.rank * cfg.gradient_accumulation_steps:]
+        mine = mine[:cfg.gradient_accumulation_steps]
+        pad_to = cfg.max_length if cfg.batching == "max_length" else None
+        batches = [collate(samples, mb, pad_id, pad_to=pad_to, packed=cfg.packing) for mb in mine]
+        loss_sum, counts = accumulate_gradients(model, batches, d, fsdp=fsdp, autocast=autocast, scaler=scaler)
+        n_tgt = counts[0].item()
+        if scaler:
+            scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = (loss_sum / max(n_tgt, 1.0)).item()
+        first_loss = loss if first_loss is None else first_loss
+        window["real"] += counts[1].item()
+        window["computed"] += counts[2].item()
+        done = step + 1
+        if cfg.throttle:
+            time.sleep(cfg.throttle)
+        if done % cfg.logging_steps == 0 or done == total:
+            el = max(time.perf_counter() - window["t"], 1e-9)
+            tps = window["real"] / el
+            row = {"step": done, "epoch": round(step / steps_per_epoch + 1e-9, 4), "loss": round(loss, 6),
+                   "lr": lr, "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tps, 1),
+                   "real_token_share": round(window["real"] / max(window["computed"], 1), 4),
+                   "mfu": round(window["computed"] / el * fpt / peak, 6)}
+            reporter.log(row)
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+            if not (progress and not progress.disable):
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", done, total, loss, lr,
+                         float(grad_norm), tps)
+            window = {"t": time.perf_counter(), "real": 0, "computed": 0}
+        if progress is not None:
+            progress.update(1)
+        flag = _all_reduce(torch.tensor([1.0 if stop["flag"] else 0.0], device=d.device), d, op="max")
+        preempted = bool(flag.item()) and done < total
+        if (cfg.save_steps and done % cfg.save_steps == 0 and done < total) or preempted:
+            save_checkpoint(out, done, model, optimizer, scheduler, cfg, d, state)
+            if d.main:
+                plot_loss(out)
+        if preempted:
+            reporter.close()
+            raise Preempted(f"stopped by SIGTERM after step {done}/{total}; checkpoint saved in {out}. "
+                            "Run the same command again to resume.")
+    signal.signal(signal.SIGTERM, prev_handler)
+    if progress is not None:
+        progress.close()
+    reporter.close()
+    summary = {"steps": total, "final_loss": loss, "first_loss": first_loss, "world_size": d.world}
+    save_model_dir(out, model, tokenizer, template, cfg, d, stats, summary)
+    if d.main:
+        plot_loss(out)
+    return out
