@@ -1,0 +1,264 @@
+"""Files of the evaluation: questions, answers, references, judgment logs.
+
+Outputs are append-only JSONL logs while a job runs (a killed run leaves a valid prefix,
+so the next run resumes from it) and are rewritten atomically, deduplicated and in
+question order, when the job finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError, VicunaError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_QUESTIONS = "builtin"
+
+
+class EvalError(VicunaError):
+    """The evaluation work failed (exit code 1)."""
+
+
+class EvalUsageError(UsageError):
+    """Bad evaluation input or options (exit code 2)."""
+
+
+# ---------------------------------------------------------------- generic JSON / JSONL
+
+
+def iter_jsonl(path: Path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record). A torn last line (killed writer) may be skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise EvalUsageError(f"cannot read {path}: {e.strerror or e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if tolerate_torn_tail and n == len(lines):
+                log.warning("%s: ignoring the torn last line %d (an interrupted run?)", path, n)
+                return
+            raise EvalUsageError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove this line") from None
+        if not isinstance(rec, dict):
+            raise EvalUsageError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        yield n, rec
+
+
+def read_records(path: Path) -> list[dict]:
+    """Read a .jsonl file (one object per line) or a .json file (a list of objects)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise EvalUsageError(f"cannot read {path}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise EvalUsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise EvalUsageError(f"{path}: expected a JSON list of objects")
+        return data
+    return [rec for _, rec in iter_jsonl(path)]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_records(path: Path, records: Iterable[dict]) -> None:
+    """Atomically write records as JSONL, or as a JSON list when the name ends in .json."""
+    records = list(records)
+    if Path(path).suffix == ".json":
+        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(path, text)
+
+
+class AppendLog:
+    """An append-only JSONL file: each finished record is flushed at once (resumability)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A torn last line from a killed run would glue onto the next record: end it first.
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write("\n")
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def prepare_output(path: Path, force: bool) -> None:
+    """``--force`` starts over; otherwise an existing output is resumed."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".json"):
+        raise EvalUsageError(f"output {path} must end in .jsonl")
+    if path.suffix == ".json":
+        raise EvalUsageError(f"output {path}: use .jsonl (records are appended as they finish, for resuming)")
+    if force and path.exists():
+        path.unlink()
+
+
+def read_log(path: Path) -> list[dict]:
+    """Records of an append log (missing file -> none; torn tail tolerated)."""
+    if not Path(path).exists():
+        return []
+    # Lines in the middle that are torn (an old crash, then a resume) are skipped too.
+    out = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping a torn line (an interrupted run?)", path, line_no)
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------- questions
+
+
+@dataclass
+class Question:
+    question_id: Any
+    category: str
+    turns: list[str]
+    reference: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def builtin_questions_path() -> Path:
+    return Path(str(resources.files("vicuna.eval") / "questions" / "default.jsonl"))
+
+
+def load_questions(path: str | Path | None) -> list[Question]:
+    """MT-bench form ``{question_id, category, turns, reference?}`` or old ``{question_id, text, category}``."""
+    if path is None or str(path) == BUILTIN_QUESTIONS:
+        path = builtin_questions_path()
+    path = Path(path)
+    questions: list[Question] = []
+    seen: set = set()
+    for n, rec in enumerate(read_records(path), 1):
+        where = f"{path}: question {n}"
+        qid = rec.get("question_id")
+        if qid is None:
+            raise EvalUsageError(f"{where}: missing 'question_id'")
+        where = f"{path}: question {qid!r}"
+        if qid in seen:
+            raise EvalUsageError(f"{where}: duplicate question_id")
+        seen.add(qid)
+        if "turns" in rec:
+            turns = rec["turns"]
+        elif "text" in rec:
+            turns = [rec["text"]]
+        else:
+            raise EvalUsageError(f"{where}: needs 'turns' (a list of user messages) or 'text'")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise EvalUsageError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
+        ref = rec.get("reference")
+        if isinstance(ref, str):
+            ref = [ref]
+        if ref is not None and not (isinstance(ref, list) and all(isinstance(r, str) for r in ref)):
+            raise EvalUsageError(f"{where}: 'reference' must be a list of strings (one per turn)")
+        extra = {k: v for k, v in rec.items() if k not in ("question_id", "category", "turns", "text", "reference")}
+        questions.append(Question(qid, str(rec.get("category") or "general"), turns, ref or None, extra))
+    if not questions:
+        raise EvalUsageError(f"{path}: no questions")
+    return questions
+
+
+# ---------------------------------------------------------------- answers
+
+
+def answer_turns(rec: dict) -> list[str] | None:
+    """The answer turns of an answer record (MT-bench ``choices`` or blog ``text``)."""
+    if rec.get("status", "ok") != "ok":
+        return None
+    if "choices" in rec:
+        try:
+            turns = rec["choices"][0]["turns"]
+        except (LookupError, TypeError):
+            return None
+    elif "text" in rec:
+        turns = [rec["text"]]
+    elif "turns" in rec:
+        turns = rec["turns"]
+    else:
+        return None
+    return turns if isinstance(turns, list) and all(isinstance(t, str) for t in turns) else None
+
+
+def find_answer_file(answers_dir: Path, model: str) -> Path:
+    """``DIR/MODEL.jsonl`` (what ``eval answer`` writes) or ``DIR/answer_MODEL.jsonl`` (older tables)."""
+    for name in (f"{model}.jsonl", f"answer_{model}.jsonl", f"{model}.json"):
+        p = Path(answers_dir) / name
+        if p.exists():
+            return p
+    raise EvalUsageError(f"no answers for model {model!r} in {answers_dir}: expected {model}.jsonl "
+                         f"(run `vicuna eval answer --model-id {model} -o {Path(answers_dir) / (model + '.jsonl')}`)")
+
+
+def load_answers(path: Path) -> dict[Any, list[str]]:
+    """question_id -> answer turns; failed answers are left out (their judgments are skipped)."""
+    out: dict[Any, list[str]] = {}
+    for rec in read_records(path):
+        turns = answer_turns(rec)
+        if turns is not None and "question_id" in rec:
+            out[rec["question_id"]] = turns
+    return out
+
+
+def load_references(path: Path) -> dict[Any, list[str]]:
+    """question_id -> reference turns, from an answer file (``choices``) or question file (``reference``)."""
+    out: dict[Any, list[str]] = {}
+    for rec in read_records(path):
+        if "question_id" not in rec:
+            continue
+        ref = rec.get("reference")
+        turns = ([ref] if isinstance(ref, str) else ref) if ref is not None else answer_turns(rec)
+        if turns:
+            out[rec["question_id"]] = turns
+    return out

@@ -1,0 +1,379 @@
+"""`eval report`: turn judgment records into scores, win rates, ratings and charts.
+
+Definitions (what the numbers mean, so they can be checked by hand):
+
+* A *comparison* is one question turn judged for one pair of models. With position swap
+  it is made of two judgments (each model once in position 1). It is *complete* when all
+  its judgments parsed; incomplete ones are counted, never scored.
+* Winner of a comparison: the winner both orders agree on; if they disagree, a tie.
+  ``pairwise-score`` scores are the mean of the two orders. In ``single`` mode, two models
+  graded on the same turn form a comparison (higher score wins; no swap involved).
+* Relative score of M vs the baseline B: sum of M's scores / sum of B's scores over their
+  complete comparisons ("X% of ChatGPT").
+* Win rate = wins / comparisons; adjusted win rate = (wins + ties / 2) / comparisons.
+* Judge consistency = share of complete swapped comparisons whose two orders agree.
+* Ratings: Bradley-Terry on the Elo scale from all complete comparisons, with bootstrap
+  95% intervals (``vicuna.ratings``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .. import ratings as rt
+from .io import EvalUsageError, atomic_write_text, read_log
+
+log = logging.getLogger(__name__)
+
+REPORT_FILES = ("report.md", "results.json", "relative_scores.png", "categories.png")
+
+
+def load_judgments(path: Path) -> list[dict]:
+    """Judgment records, one per judgment_id (a final status beats an error, later beats earlier)."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalUsageError(f"judgments file {path} does not exist (run `vicuna eval judge` first)")
+    best: dict[str, dict] = {}
+    for n, rec in enumerate(read_log(path), 1):
+        for key in ("judgment_id", "mode", "question_id", "turn", "model_a", "status"):
+            if key not in rec:
+                raise EvalUsageError(f"{path}: record {n} lacks {key!r}; is this a `vicuna eval judge` output?")
+        k = rec["judgment_id"]
+        if k not in best or rec["status"] != "error" or best[k]["status"] == "error":
+            best[k] = rec
+    if not best:
+        raise EvalUsageError(f"{path}: no judgments")
+    return list(best.values())
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def _comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, int]]:
+    """Combine judgments into comparisons; returns (complete comparisons, counters)."""
+    stats = {"complete": 0, "incomplete": 0, "swapped": 0, "consistent": 0}
+    comps: list[dict] = []
+    if mode == "single":
+        by_turn: dict[tuple, dict[str, dict]] = defaultdict(dict)
+        for r in records:
+            by_turn[(r["question_id"], r["turn"])][r["model_a"]] = r
+        for (qid, turn), per_model in by_turn.items():
+            ok = {m: r for m, r in per_model.items() if r["status"] == "ok"}
+            names = list(ok)
+            for i in range(len(names)):
+                for j in range(i + 1, len(names)):
+                    a, b = names[i], names[j]
+                    sa, sb = ok[a]["result"]["score"], ok[b]["result"]["score"]
+                    comps.append({"question_id": qid, "turn": turn, "category": ok[a]["category"], "model_a": a,
+                                  "model_b": b, "score_a": sa, "score_b": sb,
+                                  "winner": "model_a" if sa > sb else "model_b" if sb > sa else "tie"})
+        stats["complete"] = len(comps)
+        return comps, stats
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["question_id"], r["turn"], r["model_a"], r["model_b"])].append(r)
+    for (qid, turn, a, b), recs in groups.items():
+        if any(r["status"] != "ok" for r in recs):
+            stats["incomplete"] += 1
+            continue
+        stats["complete"] += 1
+        winners = [r["result"]["winner"] for r in recs]
+        agree = len(set(winners)) == 1
+        if len(recs) > 1:
+            stats["swapped"] += 1
+            stats["consistent"] += agree
+        comp = {"question_id": qid, "turn": turn, "category": recs[0]["category"], "model_a": a, "model_b": b,
+                "winner": winners[0] if agree else "tie"}
+        if mode == "pairwise-score":
+            comp["score_a"] = sum(r["result"]["score_a"] for r in recs) / len(recs)
+            comp["score_b"] = sum(r["result"]["score_b"] for r in recs) / len(recs)
+        comps.append(comp)
+    return comps, stats
+
+
+def _flip(c: dict) -> dict:
+    w = {"model_a": "model_b", "model_b": "model_a"}.get(c["winner"], c["winner"])
+    out = {**c, "model_a": c["model_b"], "model_b": c["model_a"], "winner": w}
+    if "score_a" in c:
+        out["score_a"], out["score_b"] = c["score_b"], c["score_a"]
+    return out
+
+
+def _pair_stats(comps: Iterable[dict]) -> dict[str, Any]:
+    comps = list(comps)
+    n = len(comps)
+    wins = sum(c["winner"] == "model_a" for c in comps)
+    losses = sum(c["winner"] == "model_b" for c in comps)
+    ties = n - wins - losses
+    out: dict[str, Any] = {"comparisons": n, "wins": wins, "ties": ties, "losses": losses,
+                           "win_rate": wins / n if n else None, "win_rate_adjusted": (wins + ties / 2) / n if n else None}
+    if comps and "score_a" in comps[0]:
+        total_a = sum(c["score_a"] for c in comps)
+        total_b = sum(c["score_b"] for c in comps)
+        out.update(total_score=total_a, baseline_total=total_b, relative_score=total_a / total_b if total_b else None)
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+
+def compute_report(records: list[dict], *, baseline: str | None = None, bootstrap_rounds: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+    modes = {r["mode"] for r in records}
+    if len(modes) != 1:
+        raise EvalUsageError(f"judgments mix modes {sorted(modes)}; report one mode at a time")
+    mode = modes.pop()
+    models = sorted({r["model_a"] for r in records} | {r["model_b"] for r in records if r.get("model_b")})
+    if baseline is None and mode != "single":
+        # `eval judge --baseline B` (or two models) puts the same model in model_b everywhere.
+        bs = {r["model_b"] for r in records}
+        baseline = bs.pop() if len(bs) == 1 else None
+    if baseline is not None and baseline not in models:
+        raise EvalUsageError(f"--baseline {baseline!r} is not among the judged models ({', '.join(models)})")
+
+    comps, cstats = _comparisons(records, mode)
+    # Orient every comparison that involves the baseline as (model, baseline).
+    comps = [_flip(c) if baseline and c["model_a"] == baseline else c for c in comps]
+
+    judgments = {s: sum(r["status"] == s for r in records) for s in ("ok", "unparsed", "error")}
+    judgments["total"] = len(records)
+    judge = {
+        **cstats,
+        "consistency_rate": cstats["consistent"] / cstats["swapped"] if cstats["swapped"] else None,
+    }
+
+    battles = [(c["model_a"], c["model_b"], c["winner"]) for c in comps]
+    intervals = rt.bootstrap_bradley_terry(battles, rounds=bootstrap_rounds, seed=seed) if battles else {}
+
+    per_model: dict[str, dict[str, Any]] = {}
+    for m in models:
+        involved = [r for r in records if m in (r["model_a"], r.get("model_b"))]
+        row: dict[str, Any] = {
+            "judgments": len(involved),
+            "unparsed": sum(r["status"] == "unparsed" for r in involved),
+            "errors": sum(r["status"] == "error" for r in involved),
+        }
+        if m in intervals:
+            iv = intervals[m]
+            row.update(rating=iv.rating, rating_lower=iv.lower, rating_upper=iv.upper)
+        if baseline and m != baseline:
+            row.update(_pair_stats(c for c in comps if c["model_a"] == m and c["model_b"] == baseline))
+        elif not baseline and mode != "single":  # against all opponents
+            row.update(_pair_stats([c for c in comps if c["model_a"] == m]
+                                   + [_flip(c) for c in comps if c["model_b"] == m]))
+        row.update(_turn_scores(records, comps, mode, m))
+        per_model[m] = row
+
+    pairs = []
+    for a, b in sorted({(c["model_a"], c["model_b"]) for c in comps}):
+        pairs.append({"model": a, "opponent": b, **_pair_stats(c for c in comps if (c["model_a"], c["model_b"]) == (a, b))})
+
+    categories: dict[str, dict[str, Any]] = {}
+    for cat in sorted({r["category"] for r in records}):
+        cat_records = [r for r in records if r["category"] == cat]
+        cat_comps = [c for c in comps if c["category"] == cat]
+        rows = {}
+        for m in models:
+            row = {}
+            if baseline and m != baseline:
+                row.update(_pair_stats(c for c in cat_comps if c["model_a"] == m and c["model_b"] == baseline))
+            elif not baseline and mode != "single":
+                row.update(_pair_stats([c for c in cat_comps if c["model_a"] == m]
+                                       + [_flip(c) for c in cat_comps if c["model_b"] == m]))
+            row.update(_turn_scores(cat_records, cat_comps, mode, m))
+            rows[m] = row
+        categories[cat] = rows
+
+    return {
+        "mode": mode,
+        "baseline": baseline,
+        "judge_models": sorted({r.get("judge_model") for r in records if r.get("judge_model")}),
+        "prompt_versions": sorted({r.get("prompt_version") for r in records if r.get("prompt_version")}),
+        "judgments": judgments,
+        "judge": judge,
+        "models": dict(sorted(per_model.items(), key=lambda kv: -(kv[1].get("rating") or float("-inf")))),
+        "pairs": pairs,
+        "categories": categories,
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _turn_scores(records: list[dict], comps: list[dict], mode: str, model: str) -> dict[str, Any]:
+    """Average score per turn (MT-bench style) and overall, where the mode has scores."""
+    by_turn: dict[int, list[float]] = defaultdict(list)
+    if mode == "single":
+        for r in records:
+            if r["model_a"] == model and r["status"] == "ok":
+                by_turn[r["turn"]].append(r["result"]["score"])
+    elif mode == "pairwise-score":
+        for c in comps:
+            if c["model_a"] == model:
+                by_turn[c["turn"]].append(c["score_a"])
+            elif c["model_b"] == model:
+                by_turn[c["turn"]].append(c["score_b"])
+    else:
+        return {}
+    out: dict[str, Any] = {"avg_score": _mean([s for v in by_turn.values() for s in v]),
+                           "avg_score_turn": {str(t): _mean(v) for t, v in sorted(by_turn.items())}}
+    if mode == "single":
+        out["score_sum"] = sum(s for v in by_turn.values() for s in v)
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _fmt(x, pct: bool = False, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if pct:
+        return f"{100 * x:.1f}%"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    mode, baseline = res["mode"], res["baseline"]
+    j, judge = res["judgments"], res["judge"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- mode: `{mode}`; judge: {', '.join(res['judge_models']) or '–'}; prompts: {', '.join(res['prompt_versions']) or '–'}",
+        f"- baseline: {baseline or '–'}",
+        f"- judgments: {j['total']} (ok {j['ok']}, **unparsed {j['unparsed']}**, **failed {j['error']}**)",
+        f"- comparisons: {judge['complete']} complete, {judge['incomplete']} incomplete (not scored)",
+    ]
+    if mode != "single":
+        lines.append(f"- judge position consistency: {_fmt(judge['consistency_rate'], pct=True)} "
+                     f"({judge['consistent']} of {judge['swapped']} swapped comparisons agree)")
+    lines += ["", "## Models", ""]
+    scored = mode != "pairwise"
+    head = ["model", "rating (95% CI)"]
+    if baseline:
+        head += (["total", "baseline total", f"% of {baseline}"] if scored else []) + ["W/T/L", "win rate", "adj. win rate"]
+    if scored:
+        head += ["avg score", "avg turn 1", "avg turn 2"]
+    head += ["unparsed", "failed"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, row in res["models"].items():
+        cells = [m, f"{_fmt(row.get('rating'), digits=0)} ({_fmt(row.get('rating_lower'), digits=0)}, "
+                    f"{_fmt(row.get('rating_upper'), digits=0)})" if "rating" in row else "–"]
+        if baseline:
+            if m == baseline:
+                cells += (["–", "–", "(baseline)"] if scored else []) + ["–", "–", "–"]
+            else:
+                if scored:
+                    cells += [_fmt(row.get("total_score")), _fmt(row.get("baseline_total")),
+                              _fmt(row.get("relative_score"), pct=True)]
+                cells += [f"{row.get('wins', 0)}/{row.get('ties', 0)}/{row.get('losses', 0)}",
+                          _fmt(row.get("win_rate"), pct=True), _fmt(row.get("win_rate_adjusted"), pct=True)]
+        if scored:
+            turns = row.get("avg_score_turn", {})
+            cells += [_fmt(row.get("avg_score")), _fmt(turns.get("1")), _fmt(turns.get("2"))]
+        cells += [str(row["unparsed"]), str(row["errors"])]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", "## Pairs", "", "| model | opponent | comparisons | W/T/L | adj. win rate | total | opponent total | relative |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in res["pairs"]:
+        lines.append(f"| {p['model']} | {p['opponent']} | {p['comparisons']} | {p['wins']}/{p['ties']}/{p['losses']} | "
+                     f"{_fmt(p['win_rate_adjusted'], pct=True)} | {_fmt(p.get('total_score'))} | "
+                     f"{_fmt(p.get('baseline_total'))} | {_fmt(p.get('relative_score'), pct=True)} |")
+
+    lines += ["", "## Categories", ""]
+    metric, label = _category_metric(res)
+    names = [m for m in res["models"] if not (baseline and m == baseline and metric != "avg_score")]
+    lines += [f"{label}.", "", "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for cat, rows in res["categories"].items():
+        pct = metric != "avg_score"
+        lines.append(f"| {cat} | " + " | ".join(_fmt(rows[m].get(metric), pct=pct) for m in names) + " |")
+    lines += ["", "Charts: `relative_scores.png`, `categories.png`. Definitions: see `vicuna eval report --help`.", ""]
+    return "\n".join(lines)
+
+
+def _category_metric(res: dict[str, Any]) -> tuple[str, str]:
+    if res["baseline"] and res["mode"] != "pairwise":
+        return "relative_score", f"Relative score vs {res['baseline']} (sum of scores / baseline's sum)"
+    if res["mode"] == "single":
+        return "avg_score", "Average score (1-10)"
+    return "win_rate_adjusted", "Adjusted win rate (wins + ties/2)" + (f" vs {res['baseline']}" if res["baseline"] else "")
+
+
+def write_charts(res: dict[str, Any], out_dir: Path) -> list[str]:
+    """Bar chart of the headline metric per model, grouped bars per category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metric, label = _category_metric(res)
+    baseline = res["baseline"]
+    names = [m for m in res["models"] if not (baseline and m == baseline and metric != "avg_score")]
+    written = []
+    values = [res["models"][m].get(metric) for m in names]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.5))
+    scale = 1 if metric == "avg_score" else 100
+    bars = ax.bar(names, [(v or 0) * scale for v in values], color="#4C72B0")
+    for bar, v in zip(bars, values):
+        if v is not None:
+            ax.annotate(f"{v * scale:.1f}" + ("" if metric == "avg_score" else "%"),
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    if metric == "relative_score":
+        ax.axhline(100, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylabel(label if len(label) < 40 else label.split(" (")[0])
+    ax.set_title(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(_tmp(out_dir / "relative_scores.png"), format="png", dpi=120)
+    plt.close(fig)
+    _commit(out_dir / "relative_scores.png")
+    written.append("relative_scores.png")
+
+    cats = list(res["categories"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cats) * max(1, len(names)) / 2 + 3), 4))
+    width = 0.8 / max(1, len(names))
+    x = np.arange(len(cats))
+    for i, m in enumerate(names):
+        vals = [(res["categories"][c][m].get(metric) or 0) * scale for c in cats]
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=m)
+    ax.set_xticks(x, cats, rotation=30, ha="right")
+    ax.set_title(label + " per category", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(_tmp(out_dir / "categories.png"), format="png", dpi=120)
+    plt.close(fig)
+    _commit(out_dir / "categories.png")
+    written.append("categories.png")
+    return written
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _commit(path: Path) -> None:
+    _tmp(path).replace(path)
+
+
+def write_report(judgments: Path, out_dir: Path, *, baseline: str | None = None, force: bool = False,
+                 bootstrap_rounds: int = 1000, charts: bool = True) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    existing = [f for f in REPORT_FILES if (out_dir / f).exists()]
+    if existing and not force:
+        raise EvalUsageError(f"{out_dir} already holds a report ({', '.join(existing)}); use --force to replace it")
+    res = compute_report(load_judgments(judgments), baseline=baseline, bootstrap_rounds=bootstrap_rounds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "report.md", render_markdown(res))
+    if charts:
+        write_charts(res, out_dir)
+    return res
