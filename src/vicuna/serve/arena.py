@@ -1,0 +1,507 @@
+"""Arena storage: conversations, votes and feedback in one SQLite file, and the leaderboard.
+
+Why SQLite: one file that a user can copy, query and back up, transactions for free, and
+WAL mode lets the leaderboard read while chat sessions write. Each thread gets its own
+connection (sqlite3 connections must not be shared across threads); writers wait on the
+database lock (``busy_timeout``) instead of failing under concurrent sessions.
+
+Privacy: client IPs are never stored. ``hash_ip`` keys an HMAC with a secret salt kept
+*outside* the database (``<db>.salt``, or ``VICUNA_ARENA_SALT``), so a shared database
+cannot be reversed by hashing all 2**32 IPv4 addresses.
+
+The maths (Bradley-Terry, bootstrap, online Elo) lives in ``vicuna.ratings``; this module
+only turns stored votes into battles and summarises them for the CLI and the web UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError, VicunaError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MODES = ("chat", "battle", "side_by_side")
+WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
+FEEDBACK_KINDS = ("upvote", "downvote", "flag", "retract")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- One row per conversation with one model; rewritten as it grows (upsert by id).
+CREATE TABLE IF NOT EXISTS conversations (
+    id       TEXT PRIMARY KEY,
+    mode     TEXT NOT NULL CHECK (mode IN ('chat', 'battle', 'side_by_side')),
+    model    TEXT NOT NULL,
+    messages TEXT NOT NULL,               -- JSON list of {"role", "content"}
+    params   TEXT NOT NULL DEFAULT '{}',  -- JSON sampling parameters
+    finish   TEXT,                        -- 'stop', 'cancelled' or 'error' (last answer)
+    error    TEXT,                        -- what failed, as shown to the user
+    ip_hash  TEXT,
+    created  REAL NOT NULL,
+    updated  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_created ON conversations (created);
+-- One vote per pair of conversations (a battle or a named side-by-side round).
+CREATE TABLE IF NOT EXISTS votes (
+    id          INTEGER PRIMARY KEY,
+    created     REAL NOT NULL,
+    mode        TEXT NOT NULL CHECK (mode IN ('battle', 'side_by_side')),
+    anonymous   INTEGER NOT NULL CHECK (anonymous IN (0, 1)),
+    model_a     TEXT NOT NULL,
+    model_b     TEXT NOT NULL,
+    conv_a      TEXT NOT NULL REFERENCES conversations (id),
+    conv_b      TEXT NOT NULL REFERENCES conversations (id),
+    winner      TEXT NOT NULL CHECK (winner IN ('model_a', 'model_b', 'tie', 'tie (bothbad)')),
+    void        INTEGER NOT NULL DEFAULT 0 CHECK (void IN (0, 1)),
+    void_reason TEXT,
+    ip_hash     TEXT,
+    UNIQUE (conv_a, conv_b)
+);
+CREATE INDEX IF NOT EXISTS votes_created ON votes (created);
+-- Thumbs up/down and flags on single answers.
+CREATE TABLE IF NOT EXISTS feedback (
+    id            INTEGER PRIMARY KEY,
+    created       REAL NOT NULL,
+    conv_id       TEXT NOT NULL REFERENCES conversations (id),
+    model         TEXT NOT NULL,
+    message_index INTEGER NOT NULL,
+    kind          TEXT NOT NULL CHECK (kind IN ('upvote', 'downvote', 'flag', 'retract')),
+    note          TEXT,
+    ip_hash       TEXT
+);
+"""
+
+
+class ArenaError(VicunaError):
+    """The arena database cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class Battle:
+    model_a: str
+    model_b: str
+    winner: str
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return (self.model_a, self.model_b, self.winner)
+
+
+class ArenaStore:
+    """The arena database. Safe to use from many threads at once (one connection each)."""
+
+    def __init__(self, path: str | os.PathLike, *, salt: str | None = None, create: bool = True):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise ArenaError(f"no arena database at {self.path}; pass --db with the file `vicuna serve --web` wrote")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._salt = salt
+        conn = self._conn()
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ArenaError(
+                    f"{self.path} has arena schema version {version}; this vicuna knows up to {SCHEMA_VERSION} "
+                    "(upgrade vicuna)"
+                )
+            if create and version < SCHEMA_VERSION:
+                conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            elif version == 0:
+                raise ArenaError(f"{self.path} is not an arena database (no arena tables in it)")
+        except sqlite3.DatabaseError as e:
+            raise ArenaError(f"cannot open arena database {self.path}: {e}") from None
+
+    # -- connections -------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                # autocommit (isolation_level=None): each statement is its own transaction,
+                # multi-statement writes use explicit BEGIN IMMEDIATE.
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA busy_timeout = 30000")
+            except sqlite3.Error as e:
+                raise ArenaError(f"cannot open arena database {self.path}: {e}") from None
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> ArenaStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- privacy -----------------------------------------------------------------------
+
+    def _secret(self) -> bytes:
+        """The HMAC key for IPs: explicit, from the environment, or a 0600 file beside the db."""
+        if self._salt is None:
+            self._salt = os.environ.get("VICUNA_ARENA_SALT") or self._salt_file()
+        return self._salt.encode()
+
+    def _salt_file(self) -> str:
+        path = self.path.with_name(self.path.name + ".salt")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        salt = secrets.token_hex(32)
+        with os.fdopen(fd, "w") as f:
+            f.write(salt + "\n")
+        return salt
+
+    def hash_ip(self, ip: str | None) -> str | None:
+        """A stable pseudonym for a client IP (same salt, same IP -> same hash)."""
+        if not ip:
+            return None
+        return hmac.new(self._secret(), ip.encode(), hashlib.sha256).hexdigest()[:32]
+
+    # -- writes ------------------------------------------------------------------------
+
+    def save_conversation(
+        self,
+        conv_id: str,
+        *,
+        mode: str,
+        model: str,
+        messages: Sequence[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+        finish: str | None = None,
+        error: str | None = None,
+        ip_hash: str | None = None,
+    ) -> None:
+        """Insert or update one conversation (the whole message list each time)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        now = time.time()
+        self._conn().execute(
+            """INSERT INTO conversations (id, mode, model, messages, params, finish, error, ip_hash, created, updated)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (id) DO UPDATE SET messages = excluded.messages, params = excluded.params,
+                   finish = excluded.finish, error = excluded.error, updated = excluded.updated""",
+            (conv_id, mode, model, json.dumps(list(messages), ensure_ascii=False), json.dumps(params or {}),
+             finish, error, ip_hash, now, now),
+        )
+
+    def add_vote(
+        self,
+        *,
+        mode: str,
+        model_a: str,
+        model_b: str,
+        conv_a: str,
+        conv_b: str,
+        winner: str,
+        anonymous: bool,
+        void_reason: str | None = None,
+        ip_hash: str | None = None,
+    ) -> int:
+        """Store a vote; a vote with ``void_reason`` is kept but left out of the leaderboard."""
+        if winner not in WINNERS:
+            raise ValueError(f"winner must be one of {WINNERS}, not {winner!r}")
+        try:
+            cur = self._conn().execute(
+                """INSERT INTO votes (created, mode, anonymous, model_a, model_b, conv_a, conv_b, winner,
+                                      void, void_reason, ip_hash)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (time.time(), mode, int(anonymous), model_a, model_b, conv_a, conv_b, winner,
+                 int(void_reason is not None), void_reason, ip_hash),
+            )
+        except sqlite3.IntegrityError as e:
+            if "UNIQUE" in str(e):
+                raise ArenaError("this round already has a vote; start a new round to vote again") from None
+            raise ArenaError(f"vote not stored: {e} (both conversations must be saved first)") from None
+        return int(cur.lastrowid)
+
+    def add_feedback(
+        self,
+        *,
+        conv_id: str,
+        model: str,
+        message_index: int,
+        kind: str,
+        note: str | None = None,
+        ip_hash: str | None = None,
+    ) -> int:
+        if kind not in FEEDBACK_KINDS:
+            raise ValueError(f"feedback kind must be one of {FEEDBACK_KINDS}, not {kind!r}")
+        try:
+            cur = self._conn().execute(
+                """INSERT INTO feedback (created, conv_id, model, message_index, kind, note, ip_hash)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (time.time(), conv_id, model, message_index, kind, note, ip_hash),
+            )
+        except sqlite3.IntegrityError as e:
+            raise ArenaError(f"feedback not stored: {e} (unknown conversation {conv_id!r})") from None
+        return int(cur.lastrowid)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def battles(self, *, include_named: bool = False, include_void: bool = False) -> list[Battle]:
+        """Votes as rating battles, oldest first (anonymous, non-void ones by default)."""
+        where = []
+        if not include_named:
+            where.append("anonymous = 1")
+        if not include_void:
+            where.append("void = 0")
+        sql = "SELECT model_a, model_b, winner FROM votes"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._conn().execute(sql + " ORDER BY created, id").fetchall()
+        return [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        c = self._conn()
+        out = {t: c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("conversations", "votes", "feedback")}
+        out["void_votes"] = c.execute("SELECT COUNT(*) FROM votes WHERE void = 1").fetchone()[0]
+        return out
+
+    def conversation(self, conv_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT * FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+        return _conversation_dict(row) if row else None
+
+    def iter_conversations(self) -> Iterator[dict[str, Any]]:
+        for row in self._conn().execute("SELECT * FROM conversations ORDER BY created, id"):
+            yield _conversation_dict(row)
+
+    def iter_votes(self) -> Iterator[dict[str, Any]]:
+        """Votes with both conversations inlined (the export format)."""
+        sql = """SELECT v.*, ca.messages AS messages_a, ca.params AS params_a,
+                        cb.messages AS messages_b, cb.params AS params_b
+                 FROM votes v JOIN conversations ca ON ca.id = v.conv_a JOIN conversations cb ON cb.id = v.conv_b
+                 ORDER BY v.created, v.id"""
+        for r in self._conn().execute(sql):
+            yield {
+                "id": r["id"],
+                "tstamp": r["created"],
+                "mode": r["mode"],
+                "anony": bool(r["anonymous"]),
+                "model_a": r["model_a"],
+                "model_b": r["model_b"],
+                "winner": r["winner"],
+                "void": bool(r["void"]),
+                "void_reason": r["void_reason"],
+                "judge": r["ip_hash"],
+                "turn": sum(1 for m in json.loads(r["messages_a"]) if m.get("role") == "user"),
+                "conversation_a": json.loads(r["messages_a"]),
+                "conversation_b": json.loads(r["messages_b"]),
+                "params_a": json.loads(r["params_a"]),
+                "params_b": json.loads(r["params_b"]),
+            }
+
+    def iter_feedback(self) -> Iterator[dict[str, Any]]:
+        for r in self._conn().execute("SELECT * FROM feedback ORDER BY created, id"):
+            d = dict(r)
+            d["tstamp"] = d.pop("created")
+            yield d
+
+
+def _conversation_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["messages"] = json.loads(d["messages"])
+    d["params"] = json.loads(d["params"])
+    return d
+
+
+# -- identity leaks ------------------------------------------------------------------------
+
+
+def identity_leak(answers: dict[str, Iterable[str]], names: Iterable[str]) -> str | None:
+    """Why a battle vote must be void, or None: an answer names a model of the arena.
+
+    ``answers`` maps a side ("model A") to its answer texts. A name matches as a whole word,
+    case-insensitively, also by its last path part ("lmsys/vicuna-7b" -> "vicuna-7b"), so a
+    model saying "I am Vicuna-7B" gives itself away. Very short names (< 3 characters) are
+    skipped: they would void votes on ordinary words.
+    """
+    variants = set()
+    for name in names:
+        for v in (name, name.rstrip("/").rsplit("/", 1)[-1]):
+            if len(v) >= 3:
+                variants.add(v)
+    patterns = [(v, re.compile(rf"(?<!\w){re.escape(v)}(?!\w)", re.IGNORECASE)) for v in sorted(variants)]
+    for side, texts in answers.items():
+        for text in texts:
+            for v, pattern in patterns:
+                if pattern.search(text):
+                    return f"the answer of {side} mentions the model name {v!r}"
+    return None
+
+
+# -- leaderboard ---------------------------------------------------------------------------
+
+
+@dataclass
+class LeaderboardRow:
+    model: str
+    rating: float
+    lower: float
+    upper: float
+    votes: int
+    wins: float  # ties count as half a win
+    online_elo: float | None = None
+
+    @property
+    def win_rate(self) -> float:
+        return self.wins / self.votes if self.votes else 0.0
+
+
+@dataclass
+class Leaderboard:
+    rows: list[LeaderboardRow]
+    win_rate: dict[str, dict[str, float | None]]  # observed P(row beats column), ties = 1/2
+    battles: int
+    rounds: int
+    confidence: float = 0.95
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "battles": self.battles,
+            "bootstrap_rounds": self.rounds,
+            "confidence": self.confidence,
+            "ratings": [
+                {"rank": i + 1, "model": r.model, "rating": r.rating, "lower": r.lower, "upper": r.upper,
+                 "votes": r.votes, "win_rate": r.win_rate, **({"online_elo": r.online_elo} if r.online_elo is not None else {})}
+                for i, r in enumerate(self.rows)
+            ],
+            "win_rate": self.win_rate,
+        }
+
+
+def compute_leaderboard(
+    battles: Iterable[Battle | tuple[str, str, str]],
+    *,
+    rounds: int = 1000,
+    confidence: float = 0.95,
+    seed: int | None = 0,
+    online: bool = False,
+) -> Leaderboard:
+    """Bradley-Terry ratings with bootstrap intervals, vote counts and the win-rate matrix."""
+    from .. import ratings  # numpy: imported only when a leaderboard is asked for
+
+    if rounds < 1:
+        raise UsageError(f"bootstrap rounds must be >= 1, got {rounds}")
+    tuples = [b.as_tuple() if isinstance(b, Battle) else tuple(b) for b in battles]
+    if not tuples:
+        return Leaderboard([], {}, 0, rounds, confidence, ["no votes yet"])
+    intervals = ratings.bootstrap_bradley_terry(tuples, rounds=rounds, confidence=confidence, seed=seed)
+    elo = ratings.online_elo(tuples) if online else {}
+    votes: dict[str, int] = {}
+    wins: dict[str, float] = {}
+    pair_games: dict[tuple[str, str], int] = {}
+    pair_wins: dict[tuple[str, str], float] = {}
+    for a, b, w in tuples:
+        score_a = 1.0 if w == "model_a" else 0.0 if w == "model_b" else 0.5
+        for x, y, s in ((a, b, score_a), (b, a, 1.0 - score_a)):
+            votes[x] = votes.get(x, 0) + 1
+            wins[x] = wins.get(x, 0.0) + s
+            pair_games[x, y] = pair_games.get((x, y), 0) + 1
+            pair_wins[x, y] = pair_wins.get((x, y), 0.0) + s
+    rows = [
+        LeaderboardRow(m, iv.rating, iv.lower, iv.upper, votes[m], wins[m], elo.get(m)) for m, iv in intervals.items()
+    ]
+    order = [r.model for r in rows]
+    matrix = {
+        a: {b: (pair_wins[a, b] / pair_games[a, b] if (a, b) in pair_games else None) for b in order if b != a}
+        for a in order
+    }
+    notes = []
+    if len(tuples) < 50:
+        notes.append(f"only {len(tuples)} vote{'s' if len(tuples) != 1 else ''}: intervals are wide")
+    return Leaderboard(rows, matrix, len(tuples), rounds, confidence, notes)
+
+
+def leaderboard_markdown(lb: Leaderboard) -> str:
+    """The ratings table as Markdown (used by the web UI and `vicuna arena leaderboard`)."""
+    if not lb.rows:
+        return "_No votes yet: play a few arena battles first._"
+    pct = int(round(lb.confidence * 100))
+    online = any(r.online_elo is not None for r in lb.rows)
+    head = ["Rank", "Model", "Rating", f"{pct}% CI", "Votes", "Win rate"] + (["Online Elo"] if online else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(lb.rows, 1):
+        cells = [str(i), r.model, f"{r.rating:.0f}", f"{r.lower:.0f} – {r.upper:.0f} (+{r.upper - r.rating:.0f}/-{r.rating - r.lower:.0f})",
+                 str(r.votes), f"{r.win_rate:.0%}"]
+        if online:
+            cells.append(f"{r.online_elo:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"{lb.battles} vote{'s' if lb.battles != 1 else ''}; Bradley–Terry maximum likelihood on the Elo scale, {pct}% intervals from "
+        f"{lb.rounds} bootstrap rounds; ties count as half a win." + ("".join(f" Note: {n}." for n in lb.notes))
+    )
+    return "\n".join(lines)
+
+
+def win_rate_markdown(lb: Leaderboard) -> str:
+    """Observed win rate of the row model against the column model (ties = 1/2)."""
+    if not lb.rows:
+        return ""
+    names = [r.model for r in lb.rows]
+    lines = ["| row beats column | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for a in names:
+        cells = ["—" if a == b else ("·" if lb.win_rate[a][b] is None else f"{lb.win_rate[a][b]:.0%}") for b in names]
+        lines.append(f"| **{a}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def leaderboard_figure(lb: Leaderboard):
+    """A matplotlib figure: ratings with their confidence intervals, best at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 1.4 + 0.4 * max(1, len(lb.rows))), layout="constrained")
+    ax = fig.add_subplot()
+    if not lb.rows:
+        ax.text(0.5, 0.5, "no votes yet", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    rows = lb.rows[::-1]
+    y = range(len(rows))
+    x = [r.rating for r in rows]
+    err = [[r.rating - r.lower for r in rows], [r.upper - r.rating for r in rows]]
+    ax.errorbar(x, y, xerr=err, fmt="o", capsize=4, color="tab:blue", label="Bradley–Terry")
+    if any(r.online_elo is not None for r in rows):
+        ax.plot([r.online_elo for r in rows], y, "x", color="tab:orange", label="online Elo")
+        ax.legend(loc="lower right")
+    ax.set_yticks(list(y), [r.model for r in rows])
+    ax.set_xlabel(f"rating ({int(round(lb.confidence * 100))}% bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
