@@ -1,0 +1,370 @@
+"""The OpenAI-compatible REST API, built on any :class:`~vicuna.serve.client.ModelClient`.
+
+``create_app(LocalClient(...))`` serves models in this process;
+``create_app(ControllerClient(url))`` serves the models of a controller's
+workers — the same routes, the same error handling. The web UI mounts itself
+into the returned app (define routes first, then ``gr.mount_gradio_app``).
+
+Errors always have OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}``; anything raised before the first byte of a stream becomes a proper
+HTTP status, anything after it a ``data: {"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from . import protocol as P
+from .client import ModelClient
+from .core import Delta, GenerateRequest, InvalidRequest, ServeError
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def error_response(err: ServeError) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else None
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _Guard:
+    """ASGI middleware: body size limit, API keys on /v1, request counts by status.
+
+    Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through
+    untouched and a client disconnect still reaches the route.
+    """
+
+    def __init__(self, app, *, max_body_bytes: int, api_keys: list[str] | None, metrics: Metrics):
+        self.app = app
+        self.max_body = max_body_bytes
+        self.keys = [k for k in (api_keys or []) if k]
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other"
+        status_seen: list[int] = []
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status_seen.append(message["status"])
+            await send(message)
+
+        async def reply(err: ServeError):
+            await error_response(err)(scope, receive, send_counted)
+
+        try:
+            if self.keys and path.startswith("/v1/") and not self._authorized(scope):
+                return await reply(ServeError(
+                    "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY' (one of --api-keys).",
+                    status=401, code="invalid_api_key"))
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                return await reply(self._too_large(int(length)))
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:  # chunked bodies without Content-Length
+                        raise HTTPException(413, self._too_large(received).message)
+                return message
+
+            await self.app(scope, limited_receive, send_counted)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status_seen[0] if status_seen else 499)).inc()
+
+    def _authorized(self, scope) -> bool:
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        return any(secrets.compare_digest(token, k) for k in self.keys)
+
+    def _too_large(self, size: int) -> ServeError:
+        return ServeError(f"request body of {size} bytes exceeds the limit of {self.max_body} bytes",
+                          status=413, code="request_too_large")
+
+
+def _validation_param(loc: tuple) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("str", "list[str]", "list[dict[str,any]]", "int", "float", "bool") or "[" in str(p):
+            break  # pydantic's union branch names, not a field
+        else:
+            out += ("." if out else "") + str(p)
+    return out or None
+
+
+def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 8, engines: dict | None = None,
+               title: str = "vicuna OpenAI-compatible API") -> FastAPI:
+    """The API app. ``engines`` (default: a LocalClient's) feed the engine gauges in /metrics."""
+    if engines is None:
+        engines = getattr(client, "engines", None)
+    metrics = Metrics((lambda: engines) if engines is not None else None)
+    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    app.state.client = client
+    app.state.metrics = metrics
+    app.add_middleware(_Guard, max_body_bytes=max_body_bytes, api_keys=api_keys, metrics=metrics)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError):
+        if err.status >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.url.path, err.status, err.message)
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return error_response(InvalidRequest(
+                f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"))
+        if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+            return error_response(InvalidRequest("the request body must be a JSON object"))
+        param = _validation_param(tuple(first.get("loc", ())))
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "missing":
+            msg = f"missing required parameter {param!r}"
+        elif param:
+            msg = f"invalid value for {param!r}: {msg}"
+        return error_response(InvalidRequest(msg, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return error_response(ServeError(str(exc.detail), status=exc.status_code, code=code))
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(ServeError(f"internal server error: {type(exc).__name__}", status=500))
+
+    def check_n(n: int) -> int:
+        if not 1 <= n <= max_n:
+            raise InvalidRequest(f"n must be between 1 and {max_n}, got {n}", param="n")
+        return n
+
+    async def open_streams(model: str, requests: list[GenerateRequest]):
+        """Start every choice and wait for its first delta, so validation, unknown model,
+        context length and back-pressure errors become HTTP statuses before any byte is sent."""
+        streams = [client.generate(model, r) for r in requests]
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+            if isinstance(errors[0], StopAsyncIteration):
+                raise ServeError("the model produced no output", status=500)
+            raise errors[0]
+        return streams, firsts
+
+    async def merged(model: str, streams, firsts, started: float) -> AsyncIterator[tuple[int, Delta]]:
+        """Interleave the choices' deltas as they come; cancelling this cancels every choice."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream, first: Delta):
+            try:
+                await queue.put((i, first))
+                if not first.finish_reason:
+                    async for d in stream:
+                        await queue.put((i, d))
+                        if d.finish_reason:
+                            break
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put((i, e))
+            finally:
+                await stream.aclose()
+
+        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+        pending, first_text = len(tasks), True
+        try:
+            while pending:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if first_text and item.text:
+                    metrics.ttft.labels(model).observe(time.perf_counter() - started)
+                    first_text = False
+                if item.finish_reason:
+                    pending -= 1
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+    async def error_event(err: Exception) -> str:
+        if not isinstance(err, ServeError):
+            log.exception("stream failed", exc_info=err)
+            err = ServeError(f"internal server error: {type(err).__name__}", status=500)
+        return _sse(err.to_dict())
+
+    def account(model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        metrics.prompt_tokens.labels(model).inc(prompt_tokens)
+        metrics.completion_tokens.labels(model).inc(completion_tokens)
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health():
+        try:
+            models = await client.list_models()
+        except ServeError as e:
+            return JSONResponse({"status": "unavailable", "error": e.message}, status_code=503)
+        return {"status": "ok", "models": models}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return P.model_list(await client.list_models())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest):
+        started = time.perf_counter()
+        base = body.to_generate()
+        n = check_n(body.n)
+        reqs = [_choice_request(base, i) for i in range(n)]
+        streams, firsts = await open_streams(body.model, reqs)
+        rid, model = P.new_id("chatcmpl"), body.model
+        prompt_tokens = firsts[0].prompt_tokens
+        if not body.stream:
+            texts, reasons, lps, done = [[] for _ in range(n)], [None] * n, [None] * n, [0] * n
+            if base.logprobs is not None:
+                lps = [[] for _ in range(n)]
+            async for i, d in merged(model, streams, firsts, started):
+                texts[i].append(d.text)
+                if d.logprobs:
+                    lps[i].extend(d.logprobs)
+                if d.finish_reason:
+                    reasons[i], done[i] = d.finish_reason, d.completion_tokens
+            account(model, prompt_tokens, sum(done))
+            return P.chat_completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, lps)],
+                                     prompt_tokens, sum(done))
+
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events():
+            created = P.now()
+            yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(i, role=True) for i in range(n)],
+                                    with_usage=with_usage))
+            done = [0] * n
+            try:
+                async for i, d in merged(model, streams, firsts, started):
+                    if d.text or d.logprobs:
+                        yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
+                            i, Delta(d.text, None, logprobs=d.logprobs))], with_usage=with_usage))
+                    if d.finish_reason:
+                        done[i] = d.completion_tokens
+                        yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
+                            i, Delta("", d.finish_reason))], with_usage=with_usage))
+            except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+                yield await error_event(e)
+                yield "data: [DONE]\n\n"
+                return
+            account(model, prompt_tokens, sum(done))
+            if with_usage:
+                yield _sse(P.chat_chunk(rid, model, created, [], P.usage(prompt_tokens, sum(done)), True))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest):
+        started = time.perf_counter()
+        prompts = body.prompts()
+        n = check_n(body.n)
+        if len(prompts) * n > max_n * 4:
+            raise InvalidRequest(f"at most {max_n * 4} completions per request (prompts x n)", param="prompt")
+        reqs = [_choice_request(body.to_generate(p), j) for p in prompts for j in range(n)]
+        streams, firsts = await open_streams(body.model, reqs)
+        rid, model, k = P.new_id("cmpl"), body.model, len(reqs)
+        prompt_tokens = sum(firsts[i * n].prompt_tokens for i in range(len(prompts)))
+        echo = [prompts[i // n] if body.echo else "" for i in range(k)]
+        if not body.stream:
+            texts, reasons, lps, done = [[e] for e in echo], [None] * k, [[] for _ in range(k)], [0] * k
+            async for i, d in merged(model, streams, firsts, started):
+                texts[i].append(d.text)
+                lps[i].extend(d.logprobs or [])
+                if d.finish_reason:
+                    reasons[i], done[i] = d.finish_reason, d.completion_tokens
+            account(model, prompt_tokens, sum(done))
+            logprobs = [P.completion_logprobs(lp) if body.logprobs is not None else None for lp in lps]
+            return P.completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, logprobs)],
+                                prompt_tokens, sum(done))
+
+        with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events():
+            created = P.now()
+
+            def chunk(i, text, reason=None, lps=None):
+                return _sse(P.completion_chunk(rid, model, created, [{
+                    "index": i, "text": text, "finish_reason": reason,
+                    "logprobs": P.completion_logprobs(lps) if lps is not None else None}], with_usage=with_usage))
+
+            for i in range(k):
+                if echo[i]:
+                    yield chunk(i, echo[i])
+            done = [0] * k
+            try:
+                async for i, d in merged(model, streams, firsts, started):
+                    if d.text or d.logprobs or d.finish_reason:
+                        yield chunk(i, d.text, d.finish_reason, d.logprobs if body.logprobs is not None else None)
+                    if d.finish_reason:
+                        done[i] = d.completion_tokens
+            except Exception as e:  # noqa: BLE001
+                yield await error_event(e)
+                yield "data: [DONE]\n\n"
+                return
+            account(model, prompt_tokens, sum(done))
+            if with_usage:
+                yield _sse(P.completion_chunk(rid, model, created, [], P.usage(prompt_tokens, sum(done)), True))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: P.EmbeddingRequest):
+        texts = body.texts()
+        result = await client.embed(body.model, texts)
+        metrics.prompt_tokens.labels(body.model).inc(result.prompt_tokens)
+        return P.embedding_response(body.model, result.vectors, body.encoding_format, result.prompt_tokens)
+
+    return app
+
+
+def _choice_request(base: GenerateRequest, i: int) -> GenerateRequest:
+    """Choice ``i`` of ``n``: a distinct but reproducible seed when one is given."""
+    if i == 0:
+        return base
+    d = base.to_dict()
+    if d["seed"] is not None:
+        d["seed"] = d["seed"] + i
+    return GenerateRequest.from_dict(d)

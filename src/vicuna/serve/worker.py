@@ -1,0 +1,234 @@
+"""A model worker: one engine behind HTTP, registered with a controller.
+
+Generation streams as newline-delimited JSON :class:`~vicuna.serve.core.Delta`
+objects; errors found before the first delta get a real HTTP status (so the
+front end can retry elsewhere or answer 4xx), errors after it a final
+``{"error": {...}}`` line. A client that goes away aborts its sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from .core import GenerateRequest, InvalidRequest, ModelNotFound, ServeError
+from .metrics import Metrics
+from .openai_api import error_response
+
+log = logging.getLogger(__name__)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class GenerateBody(_Body):
+    model: str | None = None
+    request: dict[str, Any]
+
+
+class CountBody(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+class EmbedBody(_Body):
+    model: str | None = None
+    input: list[str]
+
+
+class Heartbeater:
+    """Registers with the controller, then reports the queue length every ``interval`` seconds."""
+
+    def __init__(self, controller: str, address: str, engine, *, secret: str | None = None, interval: float = 5.0):
+        import httpx
+
+        self.controller, self.address, self.engine, self.interval = controller.rstrip("/"), address, engine, interval
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+        self.http = httpx.Client(headers=headers, timeout=5.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="heartbeat")
+        self.registered = threading.Event()
+
+    def start(self) -> "Heartbeater":
+        self._thread.start()
+        return self
+
+    def stop(self, deregister: bool = True) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+        if deregister:
+            try:
+                self.http.post(self.controller + "/remove_worker", json={"worker_address": self.address})
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self.http.close()
+
+    def _register(self) -> None:
+        r = self.http.post(self.controller + "/register_worker", json={
+            "worker_address": self.address, "models": [self.engine.name],
+            "queue_length": self.engine.queue_length, "info": self.engine.info()})
+        if r.status_code == 401:
+            log.error("the controller refused our secret; set the same --secret / VICUNA_SERVE_SECRET everywhere")
+        r.raise_for_status()
+        self.registered.set()
+        log.info("registered %s with %s", self.address, self.controller)
+
+    def _loop(self) -> None:
+        import httpx
+
+        while not self._stop.is_set():
+            try:
+                if not self.registered.is_set():
+                    self._register()
+                else:
+                    r = self.http.post(self.controller + "/receive_heartbeat", json={
+                        "worker_address": self.address, "queue_length": self.engine.queue_length})
+                    r.raise_for_status()
+                    if not r.json().get("exist", False):
+                        self.registered.clear()
+                        continue
+            except httpx.HTTPError as e:
+                log.warning("controller %s unreachable (%s); retrying", self.controller, e)
+            self._stop.wait(self.interval if self.registered.is_set() else min(self.interval, 1.0))
+
+
+def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
+    app = FastAPI(title=f"vicuna worker ({engine.name})", docs_url=None, redoc_url=None)
+    metrics = Metrics(lambda: {engine.name: engine})
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if secret and request.url.path not in ("/health", "/metrics"):
+            header = request.headers.get("authorization", "")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token, secret):
+                return error_response(ServeError("missing or wrong worker secret", status=401,
+                                                 code="invalid_secret"))
+        return await call_next(request)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(InvalidRequest(f"invalid worker request: {exc.errors()[:1]}"))
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != engine.name:
+            raise ModelNotFound.for_model(model, [engine.name])
+
+    @app.post("/worker_generate_stream")
+    async def generate_stream(body: GenerateBody):
+        check_model(body.model)
+        try:
+            request = GenerateRequest.from_dict(body.request)
+        except TypeError as e:
+            raise InvalidRequest(f"invalid generate request: {e}") from None
+        stream = engine.generate(request)
+        try:
+            first = await stream.__anext__()  # validation / overload errors become statuses
+        except BaseException:
+            await stream.aclose()
+            raise
+
+        async def lines():
+            try:
+                yield json.dumps(first.to_dict()) + "\n"
+                if first.finish_reason:
+                    return
+                async for delta in stream:
+                    yield json.dumps(delta.to_dict()) + "\n"
+            except ServeError as e:
+                body_ = e.to_dict()
+                body_["error"]["status"] = e.status
+                yield json.dumps(body_) + "\n"
+            finally:
+                await stream.aclose()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.post("/count_token")
+    async def count_token(body: CountBody):
+        check_model(body.model)
+        if body.messages is not None:
+            ids, _ = engine.prepare(GenerateRequest(messages=body.messages, max_tokens=1))
+            return {"count": len(ids), "error_code": 0}
+        return {"count": engine.count_tokens(body.prompt or ""), "error_code": 0}
+
+    @app.post("/worker_get_conv_template")
+    @app.get("/worker_get_conv_template")
+    async def conv_template():
+        t = engine.template
+        describe = getattr(t, "describe", None)
+        return {"conv": describe() if describe else {"name": getattr(t, "name", "jinja")}}
+
+    @app.post("/model_details")
+    @app.get("/model_details")
+    async def model_details():
+        return engine.info()
+
+    @app.post("/worker_get_embeddings")
+    async def embeddings(body: EmbedBody):
+        check_model(body.model)
+        vectors, tokens = await engine.embed(body.input)
+        return {"embeddings": vectors, "token_num": tokens}
+
+    @app.post("/worker_get_status")
+    @app.get("/worker_get_status")
+    async def status():
+        s = engine.stats()
+        return {"model_names": [engine.name], "queue_length": engine.queue_length, "waiting": s.waiting,
+                "running": s.running, "tokens_per_second": s.tokens_per_second, "speed": 1}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    return app
+
+
+def run_worker(args, secret: str | None = None) -> int:
+    """`vicuna serve worker`: load, start the engine, register, serve until stopped."""
+    from .cli import load_engines
+    from .server import run_server
+
+    engines = load_engines(args_for_one(args))
+    engine = next(iter(engines.values()))
+    address = (args.worker_address or f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}")
+    app = create_worker_app(engine, secret=secret)
+    beat = Heartbeater(args.controller, address.rstrip("/"), engine, secret=secret,
+                       interval=args.heartbeat_interval).start()
+    print(f"worker for {engine.name} on {address}, controller {args.controller}", flush=True)
+    try:
+        run_server(app, args.host, args.port)
+    finally:
+        beat.stop()
+        engine.stop()
+    return 0
+
+
+def args_for_one(args):
+    """The worker's single --model-path/--model-name as the one-element lists load_engines takes."""
+    import copy
+
+    one = copy.copy(args)
+    one.model_path = [args.model_path] if args.model_path else None
+    one.model_name = [args.model_name] if args.model_name else None
+    return one
+
