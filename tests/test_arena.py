@@ -1,0 +1,208 @@
+"""Arena storage (real SQLite files), leaderboard from stored votes, and `vicuna arena` on the command line."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from conftest import ROOT, cli_env, run_cli
+
+from vicuna.serve.arena import ArenaError, ArenaStore, Battle, compute_leaderboard, identity_leak
+
+TRUTH = {"strong": 1150.0, "middle": 1000.0, "weak": 850.0}  # mean 1000
+
+
+def add_battle(store: ArenaStore, n: int, a: str, b: str, winner: str, *, anonymous=True, void=None, ip=None):
+    ids = [f"{n}-a", f"{n}-b"]
+    for cid, model in zip(ids, (a, b)):
+        store.save_conversation(cid, mode="battle" if anonymous else "side_by_side", model=model,
+                                messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": model}])
+    return store.add_vote(mode="battle" if anonymous else "side_by_side", model_a=a, model_b=b, conv_a=ids[0],
+                          conv_b=ids[1], winner=winner, anonymous=anonymous, void_reason=void,
+                          ip_hash=store.hash_ip(ip))
+
+
+def synthetic_votes(store: ArenaStore, n: int, seed: int, tie_rate: float = 0.3) -> None:
+    """Votes drawn from the Bradley-Terry model with TRUTH ratings; a tie keeps a's expected score at p."""
+    rng = np.random.default_rng(seed)
+    names = list(TRUTH)
+    for k in range(n):
+        i, j = rng.choice(len(names), size=2, replace=False)
+        a, b = names[i], names[j]
+        p = 1 / (1 + 10 ** ((TRUTH[b] - TRUTH[a]) / 400))
+        p_tie = tie_rate * 2 * min(p, 1 - p)
+        u = rng.random()
+        winner = ("model_a" if u < p - p_tie / 2 else
+                  ("tie" if rng.random() < 0.5 else "tie (bothbad)") if u < p + p_tie / 2 else "model_b")
+        add_battle(store, k, a, b, winner, ip=f"10.0.0.{k % 7}")
+
+
+def test_schema_roundtrip_and_constraints(tmp_path):
+    store = ArenaStore(tmp_path / "a.db")
+    msgs = [{"role": "user", "content": "Hi 😀"}, {"role": "assistant", "content": "Hello"}]
+    store.save_conversation("c1", mode="chat", model="m", messages=msgs[:1], params={"temperature": 0.5})
+    store.save_conversation("c1", mode="chat", model="m", messages=msgs, params={"temperature": 0.5}, finish="stop")
+    conv = store.conversation("c1")
+    assert conv["messages"] == msgs and conv["params"] == {"temperature": 0.5} and conv["finish"] == "stop"
+    assert conv["updated"] >= conv["created"]
+    store.add_feedback(conv_id="c1", model="m", message_index=1, kind="flag", note="Incorrect")
+    assert [f["note"] for f in store.iter_feedback()] == ["Incorrect"]
+    with pytest.raises(ArenaError, match="unknown conversation"):
+        store.add_feedback(conv_id="nope", model="m", message_index=1, kind="upvote")
+    with pytest.raises(ValueError, match="winner"):
+        store.add_vote(mode="battle", model_a="a", model_b="b", conv_a="c1", conv_b="c1", winner="a", anonymous=True)
+    add_battle(store, 1, "x", "y", "tie")
+    with pytest.raises(ArenaError, match="already has a vote"):
+        store.add_vote(mode="battle", model_a="x", model_b="y", conv_a="1-a", conv_b="1-b", winner="model_a",
+                       anonymous=True)
+    store.close()
+    # Reopened read-only by the CLI path; the schema version is checked.
+    again = ArenaStore(tmp_path / "a.db", create=False)
+    assert again.counts() == {"conversations": 3, "votes": 1, "feedback": 1, "void_votes": 0}
+    again.close()
+    with pytest.raises(ArenaError, match="no arena database"):
+        ArenaStore(tmp_path / "missing.db", create=False)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(ArenaError, match="not an arena database"):
+        ArenaStore(other, create=False)
+
+
+def test_ip_is_stored_only_as_salted_hash(tmp_path, monkeypatch):
+    monkeypatch.delenv("VICUNA_ARENA_SALT", raising=False)
+    db = tmp_path / "a.db"
+    store = ArenaStore(db)
+    ip = "203.0.113.77"
+    h = store.hash_ip(ip)
+    add_battle(store, 1, "x", "y", "model_a", ip=ip)
+    store.close()
+    assert (tmp_path / "a.db.salt").stat().st_mode & 0o777 == 0o600
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("a.db*") if not p.name.endswith(".salt"))
+    assert ip.encode() not in raw and h.encode() in raw
+    assert ArenaStore(db).hash_ip(ip) == h  # same salt file -> same pseudonym across restarts
+    assert ArenaStore(tmp_path / "b.db").hash_ip(ip) != h  # another salt -> unlinkable
+    assert ArenaStore(db, salt="explicit").hash_ip(ip) != h
+    assert ArenaStore(db).hash_ip(None) is None
+
+
+def test_concurrent_writers_threads_and_processes(tmp_path):
+    """8 threads and a second process write at once; nothing is lost, nothing fails."""
+    db = tmp_path / "a.db"
+    store = ArenaStore(db)
+    child_code = (
+        "import sys; from vicuna.serve.arena import ArenaStore\n"
+        "s = ArenaStore(sys.argv[1])\n"
+        "for i in range(100):\n"
+        "    s.save_conversation(f'p{i}', mode='chat', model='proc', messages=[{'role': 'user', 'content': str(i)}])\n"
+        "    s.add_feedback(conv_id=f'p{i}', model='proc', message_index=0, kind='upvote')\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", child_code, str(db)], env=cli_env(), cwd=ROOT)
+    errors = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(25):
+                add_battle(store, t * 1000 + i, f"m{t}", f"n{t}", "model_a", ip=f"1.2.3.{t}")
+                store.battles()  # readers run alongside writers (WAL)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert child.wait(timeout=120) == 0
+    assert not errors, errors
+    assert store.counts() == {"conversations": 8 * 25 * 2 + 100, "votes": 200, "feedback": 100, "void_votes": 0}
+    assert store._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_identity_leak():
+    names = ["lmsys/vicuna-7b", "tiny-b", "ab"]
+    assert identity_leak({"model A": ["I am Vicuna-7B, made by LMSYS."]}, names) == \
+        "the answer of model A mentions the model name 'vicuna-7b'"
+    assert "model B" in identity_leak({"model A": ["fine"], "model B": ["Hi, tiny-b here"]}, names)
+    assert identity_leak({"model A": ["tiny-bee and vicuna-7bx are words", "abc"]}, names) is None  # whole words only
+    assert identity_leak({"model A": ["ab"]}, names) is None  # too short to be a reliable tell
+
+
+def test_leaderboard_from_stored_votes_recovers_truth(tmp_path):
+    store = ArenaStore(tmp_path / "a.db")
+    synthetic_votes(store, 1500, seed=5)
+    # Votes that must not count: void (identity leak) and named side-by-side ones, all for "weak".
+    for k in range(40):
+        add_battle(store, 10_000 + k, "weak", "strong", "model_a", void="the answer of model A mentions 'weak'")
+        add_battle(store, 20_000 + k, "weak", "strong", "model_a", anonymous=False)
+    battles = store.battles()
+    assert len(battles) == 1500
+    lb = compute_leaderboard(battles, rounds=200, seed=1, online=True)
+    assert [r.model for r in lb.rows] == list(TRUTH)
+    for r in lb.rows:
+        assert r.lower < r.rating < r.upper
+        assert r.lower <= TRUTH[r.model] <= r.upper, r
+        assert r.online_elo is not None
+    assert sum(r.votes for r in lb.rows) == 2 * 1500
+    assert lb.win_rate["strong"]["weak"] > 0.75 and lb.win_rate["weak"]["strong"] == pytest.approx(
+        1 - lb.win_rate["strong"]["weak"])
+    # The excluded votes are all wins of "weak": counting them moves it up.
+    with_named = compute_leaderboard(store.battles(include_named=True), rounds=10)
+    assert {r.model: r.rating for r in with_named.rows}["weak"] > {r.model: r.rating for r in lb.rows}["weak"]
+
+
+def test_ties_count_half_a_win():
+    lb = compute_leaderboard([Battle("a", "b", "tie"), Battle("a", "b", "tie (bothbad)"), ("b", "a", "model_a")],
+                             rounds=20)
+    rows = {r.model: r for r in lb.rows}
+    assert rows["a"].wins == 1.0 and rows["b"].wins == 2.0 and rows["a"].votes == 3
+    assert lb.win_rate["b"]["a"] == pytest.approx(2 / 3)
+    assert compute_leaderboard([], rounds=5).rows == []
+
+
+def test_cli_export_and_leaderboard(tmp_path):
+    db = tmp_path / "arena.db"
+    store = ArenaStore(db)
+    synthetic_votes(store, 120, seed=2)
+    add_battle(store, 999, "strong", "weak", "model_b", void="leak")
+    store.save_conversation("chat1", mode="chat", model="middle", messages=[{"role": "user", "content": "x"}])
+    store.close()
+
+    out = tmp_path / "battles.jsonl"
+    run_cli("arena", "export", "--db", db, "-o", out, check=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 121 and sum(r["void"] for r in rows) == 1
+    first = rows[0]
+    assert first["anony"] is True and first["winner"] in ("model_a", "model_b", "tie", "tie (bothbad)")
+    assert first["conversation_a"][1] == {"role": "assistant", "content": first["model_a"]}
+    assert len(first["judge"]) == 32  # the salted hash, not an IP
+
+    again = run_cli("arena", "export", "--db", db, "-o", out)
+    assert again.returncode == 2 and "--force" in again.stderr
+    conv = tmp_path / "conv.json"
+    run_cli("arena", "export", "--db", db, "--table", "conversations", "-o", conv, check=True)
+    assert len(json.loads(conv.read_text())) == 2 * 121 + 1
+    stdout = run_cli("arena", "export", "--db", db, "--table", "feedback", "--format", "jsonl", check=True)
+    assert stdout.stdout == ""
+    bad = run_cli("arena", "export", "--db", db, "-o", tmp_path / "x.csv")
+    assert bad.returncode == 2 and "--format" in bad.stderr
+
+    lb_json, lb_png = tmp_path / "lb.json", tmp_path / "lb.png"
+    proc = run_cli("arena", "leaderboard", "--db", db, "--bootstrap", "100", "--online-elo", "--json", lb_json,
+                   "--plot", lb_png, check=True)
+    assert "| 1 | strong |" in proc.stdout and "Online Elo" in proc.stdout and "1 void" in proc.stdout
+    data = json.loads(lb_json.read_text())
+    assert data["battles"] == 120 and data["bootstrap_rounds"] == 100
+    assert [r["model"] for r in data["ratings"]][0] == "strong"
+    assert lb_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    missing = run_cli("arena", "leaderboard", "--db", tmp_path / "none.db")
+    assert missing.returncode == 1 and "no arena database" in missing.stderr
+    zero = run_cli("arena", "leaderboard", "--db", db, "--bootstrap", "0")
+    assert zero.returncode == 2 and "--bootstrap" in zero.stderr
+    helptext = run_cli("arena", "leaderboard", "--help", check=True).stdout
+    assert "example" in helptext and "--bootstrap" in helptext
