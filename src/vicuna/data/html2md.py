@@ -22,6 +22,7 @@ import re
 from selectolax.lexbor import LexborHTMLParser
 
 _WS = re.compile(r"[ \t\n\r\f]+")
+_SPACES = re.compile(r"  +")
 _BACKTICKS = re.compile(r"`+")
 _LANG_CLASS = re.compile(r"(?:^|\s)(?:language|lang)-([^\s]+)")
 _LANG_NAME = re.compile(r"[\w+#.\-]{1,30}")
@@ -124,6 +125,8 @@ def _flush(inline: list[str], blocks: list[str]) -> None:
 
 def _tidy_inline(text: str) -> str:
     """Collapse HTML whitespace; keep the line breaks that came from <br>."""
+    if "  " in text:
+        text = _SPACES.sub(" ", text)
     if "\n" not in text:
         return text.strip()
     return "\n".join(ln.strip() for ln in text.split("\n")).strip()
