@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from ..cli import area_parser, command
-from .client import DEFAULT_API_KEY_ENV, Endpoint
 from .io import BUILTIN_QUESTIONS, EvalUsageError, load_questions, load_references
 from .parse import MODES, parse_judgment
 
 log = logging.getLogger(__name__)
 
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"  # kept here, not imported: `openai` takes ~1 s to import
 _QUESTIONS_HELP = ("question file (.jsonl/.json): {question_id, category, turns[, reference]} or the older "
                    "{question_id, text, category}; 'builtin' = the bundled 20-question set")
 
@@ -181,7 +181,9 @@ def _common_run_args(p) -> None:
     p.add_argument("--force", action="store_true", help="start over, replacing the output (default: resume it)")
 
 
-def _endpoint(args, prefix: str, model: str) -> Endpoint:
+def _endpoint(args, prefix: str, model: str):
+    from .client import Endpoint
+
     get = lambda name: getattr(args, prefix + name)  # noqa: E731
     if get("retries") < 0 or get("timeout") <= 0 or get("backoff") < 0:
         raise EvalUsageError("--retries and --backoff must be >= 0 and --timeout > 0")

@@ -18,7 +18,7 @@ import openai
 
 log = logging.getLogger(__name__)
 
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"  # also in eval/cli.py
 
 
 @dataclass
