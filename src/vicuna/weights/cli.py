@@ -1,0 +1,202 @@
+"""`vicuna weights make-delta|apply-delta|merge-lora|convert|fix-tokens|verify`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+from ..cli import area_parser, command
+
+SHARD_HELP = ("largest output shard, e.g. 2GB, 500MB, 400MiB; 'auto' = the input's largest shard, "
+              "at most 5GB (memory with --low-mem stays near this)")
+
+
+def add_commands(sub) -> None:
+    verbs = area_parser(
+        sub, "weights", "delta weights, LoRA merge, dtype conversion, special-token repair, verification",
+        description="Tools for model folders (Hugging Face layout). Outputs are sharded safetensors with an index, "
+        "written to a temporary folder next to the target and renamed into place at the end; an existing "
+        "non-empty target is replaced only with --force.",
+    )
+
+    p = command(
+        verbs, "make-delta", _make_delta, "write delta = target - base (to publish a fine-tune as a delta)",
+        description="Write delta weights DELTA = TARGET - BASE, with the target's config and tokenizer.\n\n"
+        "A target with a larger vocabulary keeps its extra embedding/lm_head rows as they are. Every tensor\n"
+        "is checked to come back bit for bit under apply-delta; values that would not are counted and reported.\n\n"
+        "example:\n  vicuna weights make-delta --base llama-7b --target vicuna-7b --delta vicuna-7b-delta",
+    )
+    p.add_argument("--base", required=True, help="base model folder (or one .safetensors/.bin file)")
+    p.add_argument("--target", required=True, help="fine-tuned model folder")
+    p.add_argument("--delta", required=True, help="output folder for the delta")
+    _common(p)
+
+    p = command(
+        verbs, "apply-delta", _apply_delta, "write target = base + delta (e.g. the original Vicuna weights)",
+        description="Write TARGET = BASE + DELTA, with the delta's config and tokenizer.\n\n"
+        "Inputs may be safetensors or old pytorch_model*.bin checkpoints, sharded or not. Without --low-mem both\n"
+        "checkpoints are read into memory (about 2x the model size); with --low-mem tensors are read one at a\n"
+        "time and written shard by shard, so peak memory stays near one output shard (see --max-shard-size).\n\n"
+        "example:\n  vicuna weights apply-delta --base llama-7b --delta lmsys/vicuna-7b-delta-v1.1 \\\n"
+        "      --target vicuna-7b --low-mem",
+    )
+    p.add_argument("--base", required=True, help="base model folder (e.g. LLaMA in Hugging Face format)")
+    p.add_argument("--delta", required=True, help="delta folder (made by make-delta or downloaded)")
+    p.add_argument("--target", required=True, help="output folder")
+    _common(p)
+
+    p = command(
+        verbs, "merge-lora", _merge_lora, "merge a LoRA adapter into its base: a full model",
+        description="Merge a PEFT LoRA adapter into its base model and save the full model with the tokenizer\n"
+        "(the adapter's own tokenizer when it saved one, with the embeddings resized for added tokens).\n"
+        "Holds the whole base model in memory.\n\n"
+        "example:\n  vicuna weights merge-lora --base llama-7b --lora out/lora --target vicuna-7b-merged",
+    )
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--lora", required=True, help="adapter folder (adapter_config.json + adapter weights)")
+    p.add_argument("--target", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype to load the base and save in (default: the base's own)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    p = command(
+        verbs, "convert", _convert, "change the dtype of the weights (also .bin -> safetensors)",
+        description="Write a copy of IN with floating-point weights in DTYPE (integer tensors unchanged), as\n"
+        "sharded safetensors, one tensor at a time; config.json records the new dtype. Refuses float16 when\n"
+        "a tensor has values beyond its range (they would become inf).\n\n"
+        "example:\n  vicuna weights convert --dtype float16 vicuna-7b-fp32 vicuna-7b-fp16",
+    )
+    p.add_argument("input", metavar="IN", help="model folder or weights file")
+    p.add_argument("output", metavar="OUT", help="output folder")
+    p.add_argument("--dtype", required=True, choices=["float32", "float16", "bfloat16"], help="dtype to write")
+    p.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    p = command(
+        verbs, "fix-tokens", _fix_tokens, "check and repair BOS/EOS/UNK/PAD ids and the chat template",
+        description="Make the special tokens of MODEL consistent, in place:\n"
+        "  - blank or unknown BOS/EOS/UNK strings in the tokenizer (filled from config.json ids or <s>/</s>/<unk>)\n"
+        "  - config.json bos/eos/pad ids and vocab_size (= embedding rows)\n"
+        "  - generation_config.json eos_token_id = the template's stop ids (EOS + end-of-turn tokens)\n"
+        "  - the tokenizer's chat_template = the conversation template's (from --conv-template, the existing\n"
+        "    chat_template or the model's name)\n"
+        "  - a tokenizer with more tokens than embedding rows is reported (not repairable here)\n"
+        "Prints each change. With --check nothing is written and the exit code is 1 if anything is wrong.\n\n"
+        "examples:\n  vicuna weights fix-tokens vicuna-7b --check\n"
+        "  vicuna weights fix-tokens vicuna-7b --conv-template vicuna_v1.1",
+    )
+    p.add_argument("model", metavar="MODEL", help="model folder (changed in place unless --check)")
+    p.add_argument("--conv-template", default=None, help="template name (see `vicuna templates list`)")
+    p.add_argument("--check", action="store_true", help="only report; exit 1 when something is wrong")
+
+    p = command(
+        verbs, "verify", _verify, "check shards and checksums, run one forward pass",
+        description="Check that every shard of MODEL is present, complete and matches its index; print the\n"
+        "parameter count, dtypes, each shard's size and sha256, and the result of one forward pass on a\n"
+        "templated prompt (fails on NaN/inf logits).\n\n"
+        "example:\n  vicuna weights verify vicuna-7b --json > vicuna-7b.verify.json",
+    )
+    p.add_argument("model", metavar="MODEL", help="model folder")
+    p.add_argument("--no-forward", action="store_true", help="skip loading the model and the forward pass")
+    p.add_argument("--no-checksum", action="store_true", help="skip the sha256 of each shard")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _common(p) -> None:
+    p.add_argument("--low-mem", action="store_true",
+                   help="stream tensor by tensor (peak memory near one shard) instead of loading both checkpoints")
+    p.add_argument("--max-shard-size", default="auto", help=SHARD_HELP)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _print_delta(verb: str, r) -> None:
+    print(f"{verb}: wrote {r.tensors} tensors ({r.values:,} values) in {len(r.files)} shard(s) to {r.target}")
+    for name, (old, new) in r.extra_rows.items():
+        print(f"  {name}: {new - old} extra rows beyond the base's {old} (stored as they are)")
+
+
+def _make_delta(args) -> int:
+    from .delta import make_delta
+
+    r = make_delta(args.base, args.target, args.delta, low_mem=args.low_mem, max_shard_size=args.max_shard_size,
+                   force=args.force)
+    _print_delta("make-delta", r)
+    if r.inexact_values:
+        print(f"round trip: {r.inexact_values:,} values will not come back bit for bit under apply-delta "
+              f"(max error {r.max_error:.3g}); target and base differ by more than 2x there")
+    else:
+        print("round trip: apply-delta will reproduce the target bit for bit")
+    return 0
+
+
+def _apply_delta(args) -> int:
+    from .delta import apply_delta
+
+    r = apply_delta(args.base, args.delta, args.target, low_mem=args.low_mem, max_shard_size=args.max_shard_size,
+                    force=args.force)
+    _print_delta("apply-delta", r)
+    return 0
+
+
+def _merge_lora(args) -> int:
+    from .lora import merge_lora
+
+    r = merge_lora(args.base, args.lora, args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   force=args.force)
+    extra = f"; embeddings resized to {r.resized_to}" if r.resized_to else ""
+    print(f"merge-lora: wrote {r.parameters:,} parameters to {r.target} (tokenizer from {r.tokenizer_from}{extra})")
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import convert
+
+    r = convert(args.input, args.output, args.dtype, max_shard_size=args.max_shard_size, force=args.force)
+    print(f"convert: {r.converted} of {r.tensors} tensors to {args.dtype}, {len(r.files)} shard(s) in {r.target}")
+    return 0
+
+
+def _fix_tokens(args) -> int:
+    from .tokens import fix_tokens
+
+    r = fix_tokens(args.model, args.conv_template, check_only=args.check)
+    head = "wrong" if args.check else "fixed"
+    for c in r.changes:
+        print(f"{head}: {c}")
+    for p in r.problems:
+        print(f"cannot fix: {p}")
+    if r.ok:
+        print(f"ok: special tokens, stop ids and chat template ({r.template}) are consistent")
+    elif not args.check and r.changes:
+        print(f"wrote: {', '.join(r.written)}")
+    return 1 if (r.problems or (args.check and r.changes)) else 0
+
+
+def _verify(args) -> int:
+    from .verify import verify
+
+    r = verify(args.model, forward=not args.no_forward, checksums=not args.no_checksum)
+    if args.json:
+        json.dump(asdict(r), sys.stdout, indent=2)
+        print()
+        return 0
+    dt = ", ".join(f"{k} {v / r.parameters:.0%}" for k, v in r.dtypes.items()) if r.parameters else "-"
+    print(f"model:      {r.path} ({r.format})")
+    print(f"parameters: {r.parameters:,} ({dt})")
+    if r.embedding_rows is not None:
+        tok = f", tokenizer {r.tokenizer_size} tokens" if r.tokenizer_size is not None else ""
+        print(f"embedding:  {r.embedding_rows} rows{tok}")
+    print(f"shards:     {len(r.shards)}")
+    for s in r.shards:
+        print(f"  {s.file}  {_gb(s.bytes)}  {s.tensors} tensors  sha256 {s.sha256 or '-'}")
+    if r.forward:
+        f = r.forward
+        print(f"forward:    ok — {f['prompt_tokens']} tokens ({f['prompt']}) -> logits {f['logits_shape']}, "
+              f"{f['model_dtype']}, next token {f['next_token']!r}")
+    return 0
