@@ -11,7 +11,7 @@ from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
-SECRET_ENV = "VICUNA_SERVE_SECRET"
+SECRET_ENV = "VICUNA_SECRET"  # shared with `vicuna serve web`
 
 SINGLE_DESCRIPTION = """\
 Serve one or more models with an OpenAI-compatible API from this process.
@@ -36,9 +36,12 @@ def _secret(args) -> str | None:
 def _add_model_args(p, *, multiple: bool) -> None:
     from ..model import add_model_args
 
-    p.conflict_handler = "resolve"  # re-declare --model-path/--model-name as repeatable below
     add_model_args(p)
     if multiple:
+        # Re-declare --model-path/--model-name as repeatable (one process, several models). argparse has no
+        # public way to change an existing option; "resolve" replaces it. (A `multiple=` switch in
+        # vicuna.model.add_model_args would make this unnecessary.)
+        p.conflict_handler = p._optionals.conflict_handler = "resolve"
         p.add_argument("--model-path", action="append", default=None, metavar="PATH",
                        help="Hugging Face model directory; repeat to serve several models "
                        "(default: the bundled demo model)")
@@ -201,7 +204,7 @@ Keep the registry of live workers (a worker missing heartbeats for
 the worker with the shortest queue.
 
 Example:
-  VICUNA_SERVE_SECRET=s3cret vicuna serve controller --host 0.0.0.0 --port 21001
+  VICUNA_SECRET=s3cret vicuna serve controller --host 0.0.0.0 --port 21001
 """)
     _add_http_args(p, 21001)
     p.add_argument("--heartbeat-expiry", type=float, default=15.0,
@@ -227,3 +230,5 @@ Example:
         web = None
     if web is not None and hasattr(web, "add_web_command"):
         web.add_web_command(verbs)
+    if web is not None and hasattr(web, "add_web_arguments"):
+        web.add_web_arguments(top, web_flag=False)  # --arena-db and the UI's limits, next to --web

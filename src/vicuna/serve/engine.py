@@ -132,7 +132,61 @@ class _SlotCache:
         return bool(self.k)
 
 
-class HFEngine:
+class EngineBase:
+    """What every backend shares: turning a request into prompt ids and validated sampling settings.
+
+    Subclasses set ``name``, ``tokenizer``, ``template``, ``max_model_len``,
+    ``stop_token_ids`` and ``config``, and implement ``generate``, ``embed``,
+    ``stats``, ``info``, ``start`` and ``stop``.
+    """
+
+    name: str
+    tokenizer: Any
+    template: Any
+    max_model_len: int
+    stop_token_ids: list[int]
+    config: EngineConfig
+
+    def prepare(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """Render, tokenize and validate; every failure is a 400 naming the parameter."""
+        tok = self.tokenizer
+        if request.messages is not None:
+            if not isinstance(request.messages, list) or not request.messages:
+                raise InvalidRequest("messages must be a non-empty list of {role, content} objects",
+                                     param="messages")
+            try:
+                ids = encode(tok, render_prompt(self.template, request.messages, tok))
+            except (TemplateError, KeyError, TypeError, AttributeError) as e:
+                raise InvalidRequest(f"invalid messages: {e}", param="messages") from None
+            where = "messages"
+        else:
+            if not isinstance(request.prompt, str) or not request.prompt:
+                raise InvalidRequest("prompt must be a non-empty string", param="prompt")
+            ids = list(tok(request.prompt)["input_ids"])  # a raw prompt gets the tokenizer's BOS, like vLLM
+            where = "prompt"
+        if not ids:
+            raise InvalidRequest(f"the {where} encodes to no tokens", param=where)
+        try:
+            max_new = fit_max_new_tokens(len(ids), request.max_tokens, self.max_model_len,
+                                         default=self.config.default_max_tokens)
+            params = SamplingParams(
+                temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty, max_new_tokens=max_new, seed=request.seed,
+                stop=tuple(request.stop or ()), stop_token_ids=tuple(self.stop_token_ids),
+                ignore_eos=request.ignore_eos, logprobs=request.logprobs,
+            )
+        except ContextLengthError as e:
+            raise ContextLengthExceeded(str(e), param=where) from None
+        except GenerationError as e:
+            raise InvalidRequest(str(e), param=e.param) from None
+        return ids, params
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+
+class HFEngine(EngineBase):
     """Continuous-batching engine over a :class:`vicuna.model.LoadedModel`."""
 
     backend = "hf"
@@ -143,6 +197,7 @@ class HFEngine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.template = loaded.template
+        self.stop_token_ids = list(loaded.stop_token_ids)
         self.config = config or EngineConfig()
         self.max_model_len = min(self.config.max_model_len or loaded.context_length, loaded.context_length)
         self._inbox: collections.deque[_Request] = collections.deque()
@@ -175,41 +230,6 @@ class HFEngine:
         self._thread = None
 
     # ------------------------------------------------------------------ requests
-    def prepare(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
-        """Render, tokenize and validate; every failure is a 400 naming the parameter."""
-        tok = self.tokenizer
-        if request.messages is not None:
-            if not isinstance(request.messages, list) or not request.messages:
-                raise InvalidRequest("messages must be a non-empty list of {role, content} objects",
-                                     param="messages")
-            try:
-                ids = encode(tok, render_prompt(self.template, request.messages, tok))
-            except (TemplateError, KeyError, TypeError, AttributeError) as e:
-                raise InvalidRequest(f"invalid messages: {e}", param="messages") from None
-            where = "messages"
-        else:
-            if not isinstance(request.prompt, str) or not request.prompt:
-                raise InvalidRequest("prompt must be a non-empty string", param="prompt")
-            ids = list(tok(request.prompt)["input_ids"])  # a raw prompt gets the tokenizer's BOS, like vLLM
-            where = "prompt"
-        if not ids:
-            raise InvalidRequest(f"the {where} encodes to no tokens", param=where)
-        try:
-            max_new = fit_max_new_tokens(len(ids), request.max_tokens, self.max_model_len,
-                                         default=self.config.default_max_tokens)
-            params = SamplingParams(
-                temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty, max_new_tokens=max_new, seed=request.seed,
-                stop=tuple(request.stop or ()), stop_token_ids=tuple(self.loaded.stop_token_ids),
-                ignore_eos=request.ignore_eos, logprobs=request.logprobs,
-            )
-        except ContextLengthError as e:
-            raise ContextLengthExceeded(str(e), param=where) from None
-        except GenerationError as e:
-            raise InvalidRequest(str(e), param=e.param) from None
-        return ids, params
-
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         """Stream deltas for one request. Closing the iterator aborts it in the engine."""
         prompt_ids, params = self.prepare(request)
@@ -274,9 +294,6 @@ class HFEngine:
             vec = torch.nn.functional.normalize(hidden.float().mean(dim=0), dim=-1)
             out.append(vec.cpu().tolist())
         return out
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
 
     def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()

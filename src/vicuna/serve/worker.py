@@ -78,7 +78,7 @@ class Heartbeater:
             "worker_address": self.address, "models": [self.engine.name],
             "queue_length": self.engine.queue_length, "info": self.engine.info()})
         if r.status_code == 401:
-            log.error("the controller refused our secret; set the same --secret / VICUNA_SERVE_SECRET everywhere")
+            log.error("the controller refused our secret; set the same --secret / VICUNA_SECRET everywhere")
         r.raise_for_status()
         self.registered.set()
         log.info("registered %s with %s", self.address, self.controller)
@@ -189,7 +189,8 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
     async def status():
         s = engine.stats()
         return {"model_names": [engine.name], "queue_length": engine.queue_length, "waiting": s.waiting,
-                "running": s.running, "tokens_per_second": s.tokens_per_second, "speed": 1}
+                "running": s.running, "requests_finished": s.requests_finished,
+                "requests_aborted": s.requests_aborted, "tokens_per_second": s.tokens_per_second, "speed": 1}
 
     @app.get("/health")
     async def health():
@@ -208,6 +209,7 @@ def run_worker(args, secret: str | None = None) -> int:
     from .cli import load_engines
     from .server import run_server
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per heartbeat
     engines = load_engines(args_for_one(args))
     engine = next(iter(engines.values()))
     address = (args.worker_address or f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}")
