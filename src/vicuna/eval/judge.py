@@ -155,7 +155,7 @@ def build_jobs(questions: list[Question], answers: dict[str, dict], mode: str, *
         for turn in range(1, len(q.turns) + 1):
             ref = None
             if ref_turns and q.category in reference_categories and len(ref_turns) >= turn:
-                ref = ref_turns[turn - 1]
+                ref = ref_turns[turn - 1].strip() or None  # MT-bench has "" for some second turns
             for a, b in units:
                 if any(len(answers[m].get(q.question_id) or []) < turn for m in (a, b) if m):
                     missing += len(orders)
