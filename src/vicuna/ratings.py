@@ -152,8 +152,9 @@ def bootstrap_bradley_terry(
 ) -> dict[str, RatingInterval]:
     """Point ratings (fit on all battles) with percentile bootstrap intervals; best first.
 
-    Each round resamples the battles with replacement (a multinomial draw of battle
-    counts, which is the same distribution and much cheaper) and refits.
+    Each round resamples the battles with replacement and refits. Battles are first grouped
+    into distinct (a, b, outcome) cells, so a round is one multinomial draw over at most
+    3k^2 cells instead of touching every battle.
     """
     if not 0 < confidence < 1:
         raise ValueError("confidence must be between 0 and 1")
@@ -166,11 +167,14 @@ def bootstrap_bradley_terry(
         return {}
     k, n = len(models), len(sa)
     point = _to_elo(_fit_log_strengths(_win_matrix(k, ia, ib, sa), prior), scale, base, init_rating)
+    # Identical battles form one cell; resampling n battles = a multinomial draw over cells.
+    cells, counts = np.unique(np.stack([ia, ib, sa * 2]), axis=1, return_counts=True)
+    ca, cb, cs = cells[0].astype(np.int64), cells[1].astype(np.int64), cells[2] / 2
     rng = np.random.default_rng(seed)
     samples = np.empty((rounds, k))
     for r in range(rounds):
-        counts = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
-        theta = _fit_log_strengths(_win_matrix(k, ia, ib, sa, counts), prior)
+        weights = rng.multinomial(n, counts / n).astype(float)
+        theta = _fit_log_strengths(_win_matrix(k, ca, cb, cs, weights), prior)
         samples[r] = _to_elo(theta, scale, base, init_rating)
     alpha = (1.0 - confidence) / 2.0
     lower = np.quantile(samples, alpha, axis=0)

@@ -339,12 +339,15 @@ def write_charts(res: dict[str, Any], out_dir: Path) -> list[str]:
     written.append("relative_scores.png")
 
     cats = list(res["categories"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cats) * max(1, len(names)) / 2 + 3), 4))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.35 * len(cats) * max(1, len(names)) + 3)), 4))
     width = 0.8 / max(1, len(names))
     x = np.arange(len(cats))
     for i, m in enumerate(names):
         vals = [(res["categories"][c][m].get(metric) or 0) * scale for c in cats]
         ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=m)
+    if metric == "relative_score":
+        ax.axhline(100, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylabel("%" if scale == 100 else "score")
     ax.set_xticks(x, cats, rotation=30, ha="right")
     ax.set_title(label + " per category", fontsize=9)
     ax.legend(fontsize=8)
