@@ -152,7 +152,7 @@ class Checkpoint:
                 except (OSError, ValueError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{index} is not a valid index file ({e}); re-download it") from None
                 self._weight_map = wm
-                files: list[Path] = []
+                files: set[Path] = set()
                 for name, fname in wm.items():
                     f = p / fname
                     if f not in files:
@@ -161,7 +161,7 @@ class Checkpoint:
                                 f"{self.label} checkpoint is incomplete: shard {f} (listed in {index_name} for "
                                 f"tensor {name!r}) is missing; download it again"
                             )
-                        files.append(f)
+                        files.add(f)
                 return sorted(files), index
         for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
             found = sorted(f for f in p.glob(pattern) if f.is_file())
@@ -183,7 +183,9 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {f}: {e}; the file may be truncated — re-download it") from None
         if not isinstance(sd, dict):
             raise CheckpointError(f"{f} does not hold a state dict (found {type(sd).__name__})")
-        return sd.get("state_dict", sd) if "state_dict" in sd and isinstance(sd["state_dict"], dict) else sd
+        if isinstance(sd.get("state_dict"), dict):  # some training scripts wrap the weights
+            sd = sd["state_dict"]
+        return sd
 
     def _bin_infos(self, f: Path) -> dict[str, TensorInfo]:
         sd = self._load_bin(f)
