@@ -316,3 +316,30 @@ def test_leaderboard_view(store):
     assert fig.axes[0].get_yticklabels()[-1].get_text() == "alpha"
     with pytest.raises(WebError, match="between 1 and 100000"):
         app.leaderboard(0.4, False, False)
+
+
+class ContextClient(ScriptedClient):
+    """A model with a 10-token context: prompts cost 4 tokens, an explicit max_tokens beyond what is left is a 400."""
+
+    async def stream_chat(self, model, messages, **params):
+        prompt = 4 * sum(1 for m in messages if m["role"] == "user")
+        left = 10 - prompt
+        n = params.get("max_tokens")
+        self.calls.append((model, messages, params))
+        if left < 1 or (n is not None and n > left):
+            raise ContextLengthExceeded(f"maximum context length is 10 tokens; you requested {prompt + (n or 1)}")
+        for i in range(min(n or 512, left)):
+            yield f"t{i} "
+
+
+def test_max_tokens_slider_is_an_upper_bound(store):
+    client = ContextClient({"alpha": ""})
+    app = make_app(store, client)
+    outs = collect(app.chat_stream([{"role": "user", "content": "hi"}], None, "alpha", 0.7, 1, 3, IP))
+    assert outs[-1][0][-1]["content"] == "t0 t1 t2 " and len(client.calls) == 1  # fits: used as given
+    outs = collect(app.chat_stream([{"role": "user", "content": "hi"}], None, "alpha", 0.7, 1, 512, IP))
+    assert outs[-1][0][-1]["content"].split() == [f"t{i}" for i in range(6)]  # what is left of the context
+    assert [c[2]["max_tokens"] for c in client.calls[1:]] == [512, None]
+    long = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2 + [{"role": "user", "content": "c"}]
+    history, status, _ = collect(app.chat_stream(long, None, "alpha", 0.7, 1, 512, IP))[-1]
+    assert status.startswith("**Error — Context too long**") and "10 tokens" in status

@@ -195,6 +195,27 @@ class WebApp:
     def params(self, temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
         return {"temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(max_tokens)}
 
+    async def stream(self, model: str, messages: list[dict], params: dict[str, Any]) -> AsyncIterator[str]:
+        """The client's text stream, with *Max new tokens* as an upper bound rather than a demand.
+
+        The API answers an explicit ``max_tokens`` that does not fit in the context with a 400
+        (OpenAI semantics). A chat UI's slider means "at most", so on that error, before any
+        text, we ask again without ``max_tokens``: the engine then fills what is left of the
+        context, which is less than the slider (the first request did not fit). A prompt that
+        alone is too long still fails, with the engine's explanation.
+        """
+        started = False
+        try:
+            async for piece in self.client.stream_chat(model, messages, **params):
+                started = True
+                yield piece
+            return
+        except Exception as e:
+            if started or getattr(e, "code", None) != "context_length_exceeded" or params.get("max_tokens") is None:
+                raise
+        async for piece in self.client.stream_chat(model, messages, **{**params, "max_tokens": None}):
+            yield piece
+
     async def _save(self, conv_id: str, mode: str, model: str, history: Sequence[dict], params: dict, finish: str,
                     error: str | None, ip: str | None) -> None:
         try:
@@ -237,7 +258,7 @@ class WebApp:
         finish, error = "cancelled", None
         try:
             yield history, f"*{model} is answering…*", state
-            async for piece in self.client.stream_chat(model, messages, **params):
+            async for piece in self.stream(model, messages, params):
                 answer["content"] += piece
                 yield history, f"*{model} is answering…*", state
             finish = "stop"
@@ -320,7 +341,7 @@ class WebApp:
         label = (lambda i: f"model {sides[i]}") if state["mode"] == "battle" else (lambda i: models[i])
         hists = [list(hist_a), list(hist_b)]
         answers = [{"role": "assistant", "content": ""}, {"role": "assistant", "content": ""}]
-        streams = [self.client.stream_chat(models[i], _plain(hists[i]), **params) for i in range(2)]
+        streams = [self.stream(models[i], _plain(hists[i]), params) for i in range(2)]
         for i in range(2):
             hists[i].append(answers[i])
         errors: list[str | None] = [None, None]
@@ -405,11 +426,10 @@ class WebApp:
             client = getattr(request, "client", None)
             return getattr(client, "host", None)
 
-        def guarded(fn, *args):
-            try:
-                return fn(*args)
-            except WebError as e:
-                raise gr.Error(str(e), title=e.title) from None
+        def refused(e: WebError) -> str:
+            """Show a refusal where the user looks (the status line, plus a toast), not as a red "Error" overlay."""
+            gr.Warning(str(e), title=e.title)
+            return f"**{e.title}**: {e}"
 
         def sampling_controls():
             with gr.Accordion("Parameters", open=False):
@@ -450,7 +470,7 @@ class WebApp:
                     with gr.Row():
                         chat_box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                                               scale=6, elem_id="chat-input", max_length=s.max_input_chars * 2)
-                        chat_send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+                        chat_send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
                     with gr.Row():
                         chat_stop = gr.Button("Stop", elem_id="chat-stop")
                         chat_regen = gr.Button("Regenerate", elem_id="chat-regenerate")
@@ -458,31 +478,44 @@ class WebApp:
                     temperature, top_p, max_tokens = sampling_controls()
                     chat_state = gr.State(None)
 
-                    def chat_user(text, history, request: gr.Request):
-                        return guarded(self.chat_add_user, text, history or [], ip_of(request))
+                    async def chat_send(text, history, state, model, t, p, n, request: gr.Request):
+                        ip = ip_of(request)
+                        try:
+                            box, history = self.chat_add_user(text, history or [], ip)
+                        except WebError as e:
+                            yield gr.skip(), gr.skip(), refused(e), gr.skip()
+                            return
+                        yield box, history, "", state  # the prompt shows at once
+                        async for h, status, st in self.chat_stream(history, state, model, t, p, n, ip):
+                            yield gr.skip(), h, status, st
 
-                    def chat_regen_fn(history, request: gr.Request):
-                        return guarded(self.chat_regenerate, history or [], ip_of(request))
-
-                    async def chat_bot(history, state, model, t, p, n, request: gr.Request):
-                        async for out in self.chat_stream(history or [], state, model, t, p, n, ip_of(request)):
+                    async def chat_regen_fn(history, state, model, t, p, n, request: gr.Request):
+                        ip = ip_of(request)
+                        try:
+                            history = self.chat_regenerate(history or [], ip)
+                        except WebError as e:
+                            yield gr.skip(), refused(e), gr.skip()
+                            return
+                        async for out in self.chat_stream(history, state, model, t, p, n, ip):
                             yield out
 
-                    bot_io = dict(inputs=[chatbot, chat_state, chat_model, temperature, top_p, max_tokens],
-                                  outputs=[chatbot, chat_status, chat_state])
-                    runs = []
-                    for trigger in (chat_box.submit, chat_send.click):
-                        ev = trigger(chat_user, [chat_box, chatbot], [chat_box, chatbot], queue=False)
-                        runs.append(ev.success(chat_bot, **bot_io))
-                    runs.append(chat_regen.click(chat_regen_fn, [chatbot], [chatbot], queue=False).success(chat_bot, **bot_io))
+                    params_in = [chat_model, temperature, top_p, max_tokens]
+                    runs = [trigger(chat_send, [chat_box, chatbot, chat_state, *params_in],
+                                    [chat_box, chatbot, chat_status, chat_state], show_progress="hidden")
+                            for trigger in (chat_box.submit, chat_send_btn.click)]
+                    runs.append(chat_regen.click(chat_regen_fn, [chatbot, chat_state, *params_in],
+                                                 [chatbot, chat_status, chat_state], show_progress="hidden"))
                     chat_stop.click(lambda: "*Stopped.*", None, [chat_status], cancels=runs, queue=False)
                     chat_clear.click(lambda: ([], None, ""), None, [chatbot, chat_state, chat_status], cancels=runs,
                                      queue=False)
 
                     def on_like(state, data: gr.LikeData, request: gr.Request):
-                        return guarded(self.feedback, state, data.index, data.liked, ip_of(request))
+                        try:
+                            return self.feedback(state, data.index, data.liked, ip_of(request))
+                        except WebError as e:
+                            return refused(e)
 
-                    chatbot.like(on_like, [chat_state], [chat_status], queue=False)
+                    chatbot.like(on_like, [chat_state], [chat_status], show_progress="hidden")
 
                 # ---- Arena (battle) and Side-by-side (named) ---------------------------------
                 arena_outputs = {}
@@ -522,52 +555,51 @@ class WebApp:
                         state = gr.State(None)
                         buttons = list(vote_buttons.values())
 
-                        def make_handlers(anonymous=anonymous):
-                            async def user(text, ha, hb, st, ma, mb, request: gr.Request):
-                                try:
-                                    out = await self.arena_add_user(text, ha or [], hb or [], st, ma, mb,
-                                                                    anonymous=anonymous, ip=ip_of(request))
-                                except WebError as e:
-                                    raise gr.Error(str(e), title=e.title) from None
-                                hidden = out[3]["mode"] == "battle"
-                                names = out[3]["models"]
-                                labels = ("Model A", "Model B") if hidden else (f"A: {names[0]}", f"B: {names[1]}")
-                                return (out[0], gr.Chatbot(value=out[1], label=labels[0]),
-                                        gr.Chatbot(value=out[2], label=labels[1]), out[3], "",
-                                        *[gr.Button(interactive=False)] * len(buttons))
+                        def make_handlers(anonymous=anonymous, n_buttons=len(buttons)):
+                            def vote_buttons_update(enabled):
+                                return [gr.Button(interactive=enabled)] * n_buttons
 
-                            async def bot(ha, hb, st, t, p, n, request: gr.Request):
-                                async for a, b, msg, st2 in self.arena_stream(ha or [], hb or [], st, t, p, n,
-                                                                               ip_of(request)):
+                            async def send(text, ha, hb, st, ma, mb, t, p, n, request: gr.Request):
+                                ip = ip_of(request)
+                                try:
+                                    box, ha, hb, st = await self.arena_add_user(text, ha or [], hb or [], st, ma, mb,
+                                                                                anonymous=anonymous, ip=ip)
+                                except WebError as e:
+                                    yield (gr.skip(),) * 5 + (refused(e),) + (gr.skip(),) * n_buttons
+                                    return
+                                names = st["models"]
+                                labels = ("Model A", "Model B") if anonymous else (f"A: {names[0]}", f"B: {names[1]}")
+                                yield (box, gr.Chatbot(value=ha, label=labels[0]), gr.Chatbot(value=hb, label=labels[1]),
+                                       st, "", "", *vote_buttons_update(False))
+                                async for a, b, msg, st2 in self.arena_stream(ha, hb, st, t, p, n, ip):
                                     can_vote = bool(st2 and st2.get("answered") and not st2.get("voted"))
-                                    yield (a, b, msg, st2, *[gr.Button(interactive=can_vote)] * len(buttons))
+                                    yield (gr.skip(), a, b, st2, gr.skip(), msg, *vote_buttons_update(can_vote))
 
                             def voter(winner):
                                 async def do_vote(st, ha, hb, request: gr.Request):
                                     try:
                                         text, st2 = await self.vote(st, ha or [], hb or [], winner, ip_of(request))
                                     except WebError as e:
-                                        raise gr.Error(str(e), title=e.title) from None
-                                    return (text, "", st2, *[gr.Button(interactive=False)] * len(buttons))
+                                        return (gr.skip(), refused(e), gr.skip(), *[gr.skip()] * n_buttons)
+                                    return (text, "", st2, *vote_buttons_update(False))
 
                                 return do_vote
 
-                            return user, bot, voter
+                            return send, voter
 
-                        user_fn, bot_fn, voter = make_handlers()
-                        user_io = dict(inputs=[box, bot_a, bot_b, state, pick_a, pick_b],
-                                       outputs=[box, bot_a, bot_b, state, reveal, *buttons])
-                        bot_io = dict(inputs=[bot_a, bot_b, state, a_t, a_p, a_n],
-                                      outputs=[bot_a, bot_b, status, state, *buttons])
-                        runs = [trigger(user_fn, **user_io).success(bot_fn, **bot_io)
-                                for trigger in (box.submit, send.click)]
+                        send_fn, voter = make_handlers()
+                        send_io = dict(inputs=[box, bot_a, bot_b, state, pick_a, pick_b, a_t, a_p, a_n],
+                                       outputs=[box, bot_a, bot_b, state, reveal, status, *buttons],
+                                       show_progress="hidden")
+                        runs = [trigger(send_fn, **send_io) for trigger in (box.submit, send.click)]
                         stop.click(lambda: "*Stopped.*", None, [status], cancels=runs, queue=False)
                         new_round.click(
                             lambda: ([], [], None, "", "", *[gr.Button(interactive=False)] * len(buttons)), None,
                             [bot_a, bot_b, state, reveal, status, *buttons], cancels=runs, queue=False,
                         )
                         for w, btn in vote_buttons.items():
-                            btn.click(voter(w), [state, bot_a, bot_b], [reveal, status, state, *buttons])
+                            btn.click(voter(w), [state, bot_a, bot_b], [reveal, status, state, *buttons],
+                                      show_progress="hidden")
                         arena_outputs[key] = (pick_a, pick_b)
 
                 # ---- Leaderboard ------------------------------------------------------------
@@ -584,7 +616,10 @@ class WebApp:
                     lb_matrix = gr.Markdown("", elem_id="lb-matrix")
 
                     def lb_fn(r, inc, onl):
-                        return guarded(self.leaderboard, r, inc, onl)
+                        try:
+                            return self.leaderboard(r, inc, onl)
+                        except WebError as e:
+                            return refused(e), gr.skip(), gr.skip()
 
                     lb_io = dict(fn=lb_fn, inputs=[rounds, named, online], outputs=[lb_table, lb_matrix, lb_plot])
                     lb_refresh.click(**lb_io)

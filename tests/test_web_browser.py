@@ -1,0 +1,180 @@
+"""Acceptance: a real browser against `vicuna serve --web` serving two tiny models.
+
+Headless Debian Chromium driven by Playwright (``executable_path``, no browser download)
+opens the page on 127.0.0.1, chats and sees the answer stream in, plays one arena battle,
+votes, sees the names revealed, and the test finds that vote in the SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli_env
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+NAMES = ("llama-one", "llama-two")
+
+
+@pytest.fixture(scope="module")
+def second_model_dir(tmp_path_factory, bpe_tokenizer):
+    from vicuna.tiny import make_tiny_llama, save_model
+
+    path = tmp_path_factory.mktemp("tiny-llama-2")
+    return save_model(make_tiny_llama(bpe_tokenizer, seed=7), bpe_tokenizer, path)
+
+
+@pytest.fixture(scope="module")
+def web_server(tiny_model_dir, second_model_dir, tmp_path_factory):
+    """`vicuna serve --model-path A --model-path B --web` in a subprocess; yields (url, arena db path)."""
+    from vicuna.serve.server import free_port
+
+    tmp = tmp_path_factory.mktemp("web")
+    db = tmp / "arena.db"
+    port = free_port()
+    log = open(tmp / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vicuna", "serve", "--model-path", str(tiny_model_dir), "--model-path",
+         str(second_model_dir), "--model-name", NAMES[0], "--model-name", NAMES[1], "--default-max-tokens", "48",
+         "--web", "--arena-db", str(db), "--max-input-chars", "200", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200 and urllib.request.urlopen(url + "/", timeout=5).status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not come up in 180 s")
+            time.sleep(0.5)
+        yield url, db
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(web_server):
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is needed for the browser test: `make browser` "
+                    "(or apt-get install -y chromium); never `playwright install`")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(web_server[0] + "/")
+        yield page
+        browser.close()
+
+
+def db_rows(db: Path, sql: str) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+RECORD_STREAM = """root => {
+    window.__snapshots = [];
+    new MutationObserver(() => {
+        const bots = root.querySelectorAll('[data-testid="bot"]');
+        if (bots.length) window.__snapshots.push(bots[bots.length - 1].innerText.trim());
+    }).observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_chat_streams_an_answer(page, web_server, artifacts_dir):
+    _, db = web_server
+    page.wait_for_function("document.querySelector('#chat-model input')?.value?.startsWith('llama-')")
+    page.locator("#chat-bot").evaluate(RECORD_STREAM)
+    page.locator("#chat-input textarea").fill("Hello! What is the capital of France?")
+    page.locator("#chat-send").click()
+    page.wait_for_function(
+        "window.__snapshots.some(s => s.length) && !document.querySelector('#chat-status').innerText.includes('answering')"
+    )
+    snapshots = [s for s in page.evaluate("window.__snapshots") if s]
+    assert len(set(snapshots)) >= 2, f"the answer did not arrive in pieces: {snapshots}"
+    assert page.locator("#chat-bot [data-testid='user']").last.inner_text().strip() == \
+        "Hello! What is the capital of France?"
+    assert page.locator("#chat-status").inner_text().strip() == ""  # no error shown
+    (conv,) = db_rows(db, "SELECT * FROM conversations WHERE mode = 'chat'")
+    messages = json.loads(conv["messages"])
+    assert conv["model"] == NAMES[0] and conv["finish"] == "stop"
+    assert messages[0]["content"] == "Hello! What is the capital of France?" and messages[1]["content"].strip()
+    assert conv["ip_hash"] and "127.0.0.1" not in conv["ip_hash"]
+    page.screenshot(path=str(artifacts_dir / "web_chat.png"))
+
+    # Our own limits answer with a specific message, not a generic error.
+    page.locator("#chat-input textarea").fill("x" * 250)
+    page.locator("#chat-send").click()
+    page.wait_for_function("document.querySelector('#chat-status').innerText.includes('Message too long')")
+    assert "250 characters; the limit is 200" in page.locator("#chat-status").inner_text()
+    toast = page.locator("[data-testid='toast-body']").filter(has_text="the limit is 200")
+    toast.wait_for()
+    assert page.locator("#chat-input textarea").input_value() == "x" * 250  # kept for editing
+
+
+def test_arena_battle_vote_reveals_names_and_is_stored(page, web_server, artifacts_dir):
+    _, db = web_server
+    page.get_by_role("tab", name="Arena (battle)").click()
+    page.locator("#arena-input textarea").fill("Write one sentence about the sea.")
+    page.locator("#arena-send").click()
+    vote_a = page.locator("#arena-vote-a")
+    page.wait_for_function("!document.querySelector('#arena-vote-a').disabled")
+    panel = page.locator("#arena-a").locator("xpath=ancestor::*[@role='tabpanel'][1]")
+    before = panel.inner_text()
+    assert not any(name in before for name in NAMES), "a model name was shown before the vote"
+    for side in ("#arena-a", "#arena-b"):
+        assert page.locator(f"{side} [data-testid='bot']").last.inner_text().strip()
+    vote_a.click()
+    reveal = page.locator("#arena-reveal")
+    page.wait_for_function("document.querySelector('#arena-reveal').innerText.includes('Model A:')")
+    found = re.search(r"Model A: (\S+) · Model B: (\S+)", reveal.inner_text())
+    assert found, reveal.inner_text()
+    shown_a, shown_b = found.groups()
+    assert {shown_a, shown_b} == set(NAMES)
+    assert "A is better" in reveal.inner_text()
+    assert page.locator("#arena-vote-a").is_disabled()  # one vote per round
+    page.screenshot(path=str(artifacts_dir / "web_arena.png"))
+
+    (vote,) = db_rows(db, "SELECT * FROM votes")
+    assert (vote["model_a"], vote["model_b"], vote["winner"]) == (shown_a, shown_b, "model_a")
+    assert vote["anonymous"] == 1 and vote["mode"] == "battle" and vote["void"] == 0
+    convs = {r["id"]: r for r in db_rows(db, "SELECT * FROM conversations WHERE mode = 'battle'")}
+    assert convs[vote["conv_a"]]["model"] == shown_a and convs[vote["conv_b"]]["model"] == shown_b
+    assert json.loads(convs[vote["conv_a"]]["messages"])[0]["content"] == "Write one sentence about the sea."
+
+    # The leaderboard tab now ranks both models from that vote.
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.wait_for_function("document.querySelector('#lb-table').innerText.includes('llama-')")
+    table = page.locator("#lb-table").inner_text()
+    assert shown_a in table and shown_b in table and table.index(shown_a) < table.index(shown_b)
+    page.screenshot(path=str(artifacts_dir / "web_leaderboard.png"), full_page=True)
