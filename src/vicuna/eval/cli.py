@@ -13,6 +13,9 @@ from .parse import MODES, parse_judgment
 
 log = logging.getLogger(__name__)
 
+# The shared help formatter appends "(default: X)"; where the text already states the real
+# default, this empty format field (it renders as "") tells argparse not to.
+_OWN_DEFAULT = "%(default).0s"
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"  # kept here, not imported: `openai` takes ~1 s to import
 _QUESTIONS_HELP = ("question file (.jsonl/.json): {question_id, category, turns[, reference]} or the older "
                    "{question_id, text, category}; 'builtin' = the bundled 20-question set")
@@ -41,13 +44,13 @@ example:
     p.add_argument("--questions", default=BUILTIN_QUESTIONS, help=_QUESTIONS_HELP)
     p.add_argument("--model", required=True, help="model name sent to the API")
     p.add_argument("--model-id", help="name recorded in the answers and used by `eval judge --models` "
-                   "(default: --model with '/' replaced by '_')")
+                   "(default: --model with '/' replaced by '_')" + _OWN_DEFAULT)
     _endpoint_args(p, "")
-    p.add_argument("-o", "--output", help="answer file (.jsonl); default: answers/MODEL_ID.jsonl")
+    p.add_argument("-o", "--output", help="answer file (.jsonl) (default: answers/MODEL_ID.jsonl)" + _OWN_DEFAULT)
     p.add_argument("--temperature", action="append", metavar="CAT=T",
                    help="per-category temperature override, e.g. writing=0.9,math=0; default=T for other categories")
     p.add_argument("--max-tokens", type=int, default=1024, help="max new tokens per answer turn")
-    p.add_argument("--system", help="system prompt to send first (default: none, the server's template decides)")
+    p.add_argument("--system", help="system prompt to send first (default: none; the server's template decides)" + _OWN_DEFAULT)
     _common_run_args(p)
 
     p = command(verbs, "judge", _judge, "judge answers with an LLM judge (pairwise-score, pairwise or single)",
@@ -112,7 +115,7 @@ example:
   vicuna eval report --judgments judgments.jsonl --baseline gpt-3.5-turbo -o report/
 """)
     p.add_argument("--judgments", required=True, type=Path, help="output of `vicuna eval judge`")
-    p.add_argument("--baseline", help="model to compare with (default: the judge run's baseline, if any)")
+    p.add_argument("--baseline", help="model to compare with (default: the judge run's baseline, if any)" + _OWN_DEFAULT)
     p.add_argument("-o", "--output", type=Path, default=Path("report"), help="report folder")
     p.add_argument("--bootstrap-rounds", type=int, default=1000, help="bootstrap rounds for rating intervals")
     p.add_argument("--force", action="store_true", help="replace an existing report in the folder")
@@ -167,7 +170,7 @@ example config:
 
 def _endpoint_args(p, prefix: str) -> None:
     p.add_argument(f"--{prefix}api-base", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
-                   "(default: the openai client's, i.e. $OPENAI_BASE_URL or api.openai.com)")
+                   "(default: $OPENAI_BASE_URL, else api.openai.com)" + _OWN_DEFAULT)
     p.add_argument(f"--{prefix}api-key-env", default=DEFAULT_API_KEY_ENV,
                    help="environment variable holding the API key (unset: no key, fine for local servers)")
     p.add_argument(f"--{prefix}timeout", type=float, default=120.0, help="seconds before one request times out")
@@ -178,7 +181,7 @@ def _endpoint_args(p, prefix: str) -> None:
 
 def _common_run_args(p) -> None:
     p.add_argument("--parallel", type=int, default=4, help="concurrent requests")
-    p.add_argument("--force", action="store_true", help="start over, replacing the output (default: resume it)")
+    p.add_argument("--force", action="store_true", help="start over, replacing the output (default: resume it)" + _OWN_DEFAULT)
 
 
 def _endpoint(args, prefix: str, model: str):
