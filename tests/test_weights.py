@@ -276,7 +276,8 @@ def test_merge_lora_matches_peft_outputs(tiny_model_dir, tmp_path):
         want, out, before = ref(ids).logits, got(ids).logits, plain(ids).logits
     assert torch.allclose(out, want, atol=1e-5)
     assert not torch.allclose(out, before, atol=1e-3)  # the adapter changed something
-    proc = vicuna("weights", "merge-lora", "--base", tiny_model_dir, "--lora", tiny_model_dir, "--target", tmp_path / "x")
+    proc = vicuna("weights", "merge-lora", "--base", tiny_model_dir, "--lora", tiny_model_dir,
+                  "--target", tmp_path / "x")
     assert proc.returncode == 2 and "adapter_config.json" in proc.stderr
 
 

@@ -83,7 +83,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, 100 * 2**20):
                 raise CheckpointError(
-                    f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size}); re-download it"
+                    f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size}); "
+                    "re-download it"
                 )
             header = json.loads(f.read(n))
     except OSError as e:
@@ -123,7 +124,9 @@ class Checkpoint:
             infos = read_safetensors_header(f) if self.format == "safetensors" else self._bin_infos(f)
             for name, info in infos.items():
                 if name in self.tensors:
-                    raise CheckpointError(f"{self.label} checkpoint: tensor {name!r} is in both {self.tensors[name].file} and {f}")
+                    raise CheckpointError(
+                        f"{self.label} checkpoint: tensor {name!r} is in both {self.tensors[name].file} and {f}"
+                    )
                 self.tensors[name] = info
         if self._weight_map:
             for name, fname in self._weight_map.items():
@@ -246,7 +249,9 @@ class Checkpoint:
 
 def embedding_rows(ck: Checkpoint) -> tuple[str, int] | None:
     """(name, rows) of the input embedding, found by the usual names."""
-    for pat in (r"(^|\.)embed_tokens\.weight$", r"(^|\.)wte\.weight$", r"word_embeddings\.weight$", r"tok_embeddings\.weight$"):
+    patterns = (r"(^|\.)embed_tokens\.weight$", r"(^|\.)wte\.weight$", r"word_embeddings\.weight$",
+                r"tok_embeddings\.weight$")
+    for pat in patterns:
         for name, info in ck.tensors.items():
             if re.search(pat, name) and len(info.shape) == 2:
                 return name, info.shape[0]
