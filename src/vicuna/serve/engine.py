@@ -69,6 +69,7 @@ class EngineStats:
     ttft_count: int = 0  # time to first token, summed, for a mean
     ttft_sum: float = 0.0
     decode_steps: int = 0
+    cache_shifts: int = 0  # right shifts for long joiners + left compactions
 
 
 @dataclass
@@ -430,6 +431,8 @@ class HFEngine(EngineBase):
             c.length = max(0, t - s)
             return
         new_t = t - s
+        with self._lock:
+            self._stats.cache_shifts += 1
         for buf in (*c.k, *c.v):
             if s > 0:
                 buf[:b, :, :new_t] = buf[:b, :, s:t].clone()
