@@ -124,8 +124,22 @@ class Cleaner:
 
     def __init__(self, config: CleanConfig = CleanConfig()):
         self.config = config
-        words = [w for w in config.blocked_words if w]
-        self._blocked = re.compile("|".join(map(re.escape, words)), re.I) if words else None
+        self._words = tuple(dict.fromkeys(w.lower() for w in config.blocked_words if w))
+        # a handful of words: `in` on the lower-cased text beats an IGNORECASE regex; many: one regex
+        self._blocked = re.compile("|".join(map(re.escape, self._words))) if len(self._words) > 16 else None
+
+    def blocked_word(self, text: str) -> str | None:
+        """The first blocked word in ``text`` (case-insensitive), or None."""
+        if not self._words:
+            return None
+        low = text.lower()
+        if self._blocked is not None:
+            m = self._blocked.search(low)
+            return m.group(0) if m else None
+        for w in self._words:
+            if w in low:
+                return w
+        return None
 
     def clean(self, obj: Any, record: int) -> Outcome:
         sid = obj.get("id") if isinstance(obj, dict) else None
@@ -136,6 +150,11 @@ class Cleaner:
             return self._clean(sample)
         except BadSample as e:
             return Outcome(None, e.reason, e.detail, sid)
+        except RecursionError:
+            return Outcome(None, "clean_error", "HTML nested too deeply to convert", sid)
+        except Exception as e:  # one pathological sample must not end a run over a million  # noqa: BLE001
+            log.warning("sample %s (record %d): unexpected %s: %s", sid, record, type(e).__name__, e)
+            return Outcome(None, "clean_error", f"{type(e).__name__}: {e}", sid)
 
     def _clean(self, sample: dict) -> Outcome:
         turns = sample["conversations"]
@@ -159,16 +178,15 @@ class Cleaner:
             if converted:
                 changes.append("html_converted")
             where = f"turn {i} ({turn['from']})"
-            if _LONE_SURROGATE.search(value):
+            if not value.isascii() and _LONE_SURROGATE.search(value):
                 raise BadSample("invalid_unicode", f"{where} contains a lone surrogate (broken UTF-16)")
             if not value.strip(_ZERO_WIDTH).strip():
                 raise BadSample("empty_turn", f"{where} is empty")
             if is_gpt and value.lstrip("!").startswith(ERROR_REPLIES):
                 raise BadSample("error_page", f"{where} is a ChatGPT error message: {value[:60]!r}")
-            if self._blocked is not None:
-                m = self._blocked.search(value)
-                if m:
-                    raise BadSample("blocked_words", f"{where} contains {m.group(0)!r}")
+            word = self.blocked_word(value)
+            if word:
+                raise BadSample("blocked_words", f"{where} contains {word!r}")
             chars += len(value)
             out_turns.append({"from": turn["from"], "value": value})
         if chars < self.config.min_chars:
