@@ -706,18 +706,18 @@ def create_web_app(client: Any, store: ArenaStore, settings: WebSettings | None 
 
 def run_web(args) -> int:
     """`vicuna serve web`: the UI in front of a controller."""
-    import uvicorn
-
     from .client import ControllerClient
+    from .server import run_server
 
     settings = settings_from_args(args)
     store = ArenaStore(args.arena_db)
     client = ControllerClient(args.controller, secret=args.secret)
     app = create_web_app(client, store, settings)
-    log.info("web UI on http://%s:%d (controller %s, arena database %s)", args.host, args.port, args.controller,
-             store.path)
-    # One worker process: Gradio's queue and the rate limiter live in it; lifespan on starts the queue.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.debug else "warning", lifespan="on")
+    print(f"web UI on http://{args.host}:{args.port} (models from {args.controller}; arena database {store.path})",
+          flush=True)
+    # One worker process: Gradio's queue and the rate limiter live in it; run_server keeps lifespan on,
+    # which starts Gradio's queue.
+    run_server(app, args.host, args.port, "info" if args.debug else "warning")
     return 0
 
 
