@@ -1,0 +1,153 @@
+"""Controller + two real worker processes + the OpenAI API in front (`vicuna serve api` path).
+
+The controller and API run in-process (threads), the workers are
+`python -m vicuna serve worker` subprocesses so one can be SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import cli_env
+from vicuna.serve.client import ControllerClient
+from vicuna.serve.controller import create_controller_app
+from vicuna.serve.openai_api import create_app
+from vicuna.serve.server import ServerThread, free_port
+
+pytestmark = pytest.mark.slow
+
+SECRET = "cluster-secret"
+EXPIRY = 3.0
+HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    controller = ServerThread(create_controller_app(secret=SECRET, heartbeat_expiry=EXPIRY))
+    controller.start()
+    env = cli_env()
+    env["VICUNA_SECRET"] = SECRET
+    workers = []
+    for _ in range(2):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vicuna", "serve", "worker", "--model-path", str(tiny_model_dir),
+             "--model-name", "tiny", "--controller", controller.url, "--port", str(port), "--device", "cpu",
+             "--heartbeat-interval", "0.5"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        workers.append((proc, f"http://127.0.0.1:{port}"))
+    auth = {"Authorization": f"Bearer {SECRET}"}
+
+    def live():
+        return httpx.get(controller.url + "/workers", headers=auth).json()["workers"]
+
+    try:
+        for proc, _ in workers:
+            assert proc.poll() is None, proc.stderr.read()
+        wait_for(lambda: len(live()) == 2 or any(p.poll() is not None for p, _ in workers), 120, "two workers")
+        assert len(live()) == 2, [p.stderr.read() for p, _ in workers if p.poll() is not None]
+        api = ServerThread(create_app(ControllerClient(controller.url, secret=SECRET)))
+        api.start()
+        yield {"controller": controller.url, "api": api.url, "workers": workers, "auth": auth, "live": live}
+        api.stop()
+    finally:
+        for proc, _ in workers:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=30)
+        controller.stop()
+
+
+def test_secret_is_required(cluster):
+    r = httpx.post(cluster["controller"] + "/get_worker_address", json={"model": "tiny"})
+    assert r.status_code == 401
+    proc, address = cluster["workers"][0]
+    r = httpx.post(address + "/worker_generate_stream", json={"request": {"prompt": "hi"}},
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+
+
+def test_worker_endpoints(cluster):
+    _, address = cluster["workers"][0]
+    h = cluster["auth"]
+    assert httpx.post(address + "/count_token", json={"prompt": "Hello"}, headers=h).json()["count"] >= 1
+    assert httpx.post(address + "/worker_get_conv_template", headers=h).json()["conv"]["name"] == "vicuna_v1.1"
+    details = httpx.post(address + "/model_details", headers=h).json()
+    assert details["context_length"] == 512 and details["model"] == "tiny"
+    emb = httpx.post(address + "/worker_get_embeddings", json={"input": ["a", "b"]}, headers=h).json()
+    assert len(emb["embeddings"]) == 2 and emb["token_num"] >= 2
+    assert httpx.post(address + "/worker_get_status", headers=h).json()["model_names"] == ["tiny"]
+
+
+def test_two_workers_share_load_through_the_api(cluster):
+    import concurrent.futures
+
+    client = openai.OpenAI(base_url=cluster["api"] + "/v1", api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+    def ask(i):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Hi {i}"}],
+                                              max_tokens=16, temperature=0).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert all(isinstance(a, str) for a in answers)
+    served = [httpx.get(a + "/worker_get_status", headers=cluster["auth"]).json()["requests_finished"]
+              for _, a in cluster["workers"]]
+    assert sum(served) >= 16 and min(served) >= 3, served  # both took a share
+    emb = client.embeddings.create(model="tiny", input="hello")
+    assert len(emb.data[0].embedding) == 64
+
+
+def test_sigkill_worker_is_dropped_and_requests_go_to_the_other(cluster):
+    client = openai.OpenAI(base_url=cluster["api"] + "/v1", api_key="x", max_retries=0)
+    proc, dead = cluster["workers"][0]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    # before expiry the controller may still hand out the dead worker: the client retries on the other
+    for i in range(4):
+        assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4).choices
+    killed_at = time.monotonic()
+    wait_for(lambda: [w["address"] for w in cluster["live"]()] == [cluster["workers"][1][1]], EXPIRY + 5,
+             "the dead worker to be dropped")
+    assert time.monotonic() - killed_at <= EXPIRY + 5
+    for i in range(3):
+        assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4).choices
+
+
+def test_worker_dying_mid_stream_gives_an_error_event_not_a_hang(cluster):
+    client = openai.OpenAI(base_url=cluster["api"] + "/v1", api_key="x", max_retries=0, timeout=30)
+    proc, _ = cluster["workers"][1]
+    stream = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=400, stream=True,
+                                            extra_body={"ignore_eos": True})
+    got = 0
+    started = time.monotonic()
+    with pytest.raises(openai.APIError) as e:
+        for _ in stream:
+            got += 1
+            if got == 3:
+                os.kill(proc.pid, signal.SIGKILL)
+    assert "worker" in str(e.value) and time.monotonic() - started < 30
+    proc.wait(timeout=10)
+    # no worker left: a clear 503 with Retry-After, not a hang
+    wait_for(lambda: cluster["live"]() == [], EXPIRY + 5, "no live workers")
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    assert e.value.status_code in (404, 503)
