@@ -293,6 +293,25 @@ def test_killed_judge_run_resumes_without_repeating(tmp_path, answered):
     assert len(final) == 12 and len({r["judgment_id"] for r in final}) == 12
 
 
+def test_torn_log_line_from_a_crash_is_skipped_and_redone(tmp_path, answered):
+    from vicuna.eval.client import Endpoint
+    from vicuna.eval.io import load_questions
+    from vicuna.eval.judge import run_judge
+
+    with ScriptedServer(score_judge()) as s:
+        run_judge(load_questions(answered), tmp_path / "answers", ["alpha", "beta"], Endpoint(s.base_url, "judge-x"),
+                  tmp_path / "j.jsonl", mode="pairwise-score")
+    lines = (tmp_path / "j.jsonl").read_text().splitlines()
+    # Keep 3 finished records and half of the 4th, as a crash in mid-write would.
+    (tmp_path / "j.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
+    with ScriptedServer(score_judge()) as s:
+        counts = run_judge(load_questions(answered), tmp_path / "answers", ["alpha", "beta"],
+                           Endpoint(s.base_url, "judge-x"), tmp_path / "j.jsonl", mode="pairwise-score")
+        assert counts["skipped_done"] == 3 and counts["ok"] == 9 and len(s.requests) == 9
+    final = [json.loads(x) for x in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert [r["judgment_id"] for r in final] == [json.loads(x)["judgment_id"] for x in lines]
+
+
 def test_single_mode_and_run_config(tmp_path):
     qfile = write_questions(tmp_path / "q.jsonl")
 
@@ -352,5 +371,11 @@ def test_bad_inputs_are_named(tmp_path):
     proc = run_cli("eval", "judge", "--answers", tmp_path, "--models", "alpha", "--judge-model", "j",
                    "--prompts", "nope")
     assert proc.returncode == 2 and "unknown judge prompt set 'nope'" in proc.stderr
+    other = write_questions(tmp_path / "other.jsonl", [{"question_id": 99, "category": "x", "turns": ["?"]}])
+    (tmp_path / "alpha.jsonl").write_text(json.dumps({"question_id": 1, "choices": [{"turns": ["a"]}]}) + "\n")
+    (tmp_path / "beta.jsonl").write_text(json.dumps({"question_id": 1, "text": "b"}) + "\n")
+    proc = run_cli("eval", "judge", "--questions", other, "--answers", tmp_path, "--models", "alpha,beta",
+                   "--judge-model", "j", "--judge-api-base", "http://127.0.0.1:9/v1")
+    assert proc.returncode == 2 and "nothing to judge" in proc.stderr
     help_ = run_cli("eval", "judge", "--help", check=True).stdout
     assert "pairwise-score" in help_ and "example:" in help_

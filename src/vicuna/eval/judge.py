@@ -253,6 +253,10 @@ def run_judge(
     answers = {m: load_answers(find_answer_file(Path(answers_dir), m)) for m in models}
     jobs, missing = build_jobs(questions, answers, mode, baseline=baseline, swap=swap, references=references or {},
                                reference_categories=set(reference_categories))
+    if not jobs:
+        raise EvalUsageError(f"nothing to judge: no question in the question file has answers from "
+                             f"{'every model' if mode == 'single' else 'both models of a pair'} in {answers_dir} "
+                             "(do --questions and the answer files match? compare their question_id values)")
     if missing:
         log.warning("%d judgments skipped: an answer is missing or failed (see the answer files' 'status')", missing)
 
