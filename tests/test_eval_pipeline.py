@@ -313,7 +313,7 @@ def test_torn_log_line_from_a_crash_is_skipped_and_redone(tmp_path, answered):
 
 
 def test_single_mode_and_run_config(tmp_path):
-    qfile = write_questions(tmp_path / "q.jsonl")
+    write_questions(tmp_path / "q.jsonl")  # the config names it relative to itself
 
     def single_judge(body, n):
         p = prompt_parts(body)
