@@ -50,7 +50,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def no_leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    return [p.name for p in parent.iterdir() if any(m in p.name for m in (".tmp-", ".old-", ".partial"))]
 
 
 def finetune(src: Path, dst: Path, *, seed: int, scale: float = 0.01, extra_tokens=(), independent=False,
@@ -164,6 +164,50 @@ def test_apply_delta_reads_old_bin_checkpoints(base_dir, delta_dir, target_dir, 
     out = tmp_path / "from-bin"
     vicuna("weights", "apply-delta", "--base", old, "--delta", delta_dir, "--target", out, "--low-mem", check=True)
     want, got = read_weights(target_dir), read_weights(out)
+    assert all(bits_equal(want[k], got[k]) for k in want)
+
+
+def test_interrupted_apply_delta_resumes_from_finished_shards(base_dir, delta_dir, target_dir, tmp_path,
+                                                              monkeypatch):
+    from vicuna.weights.checkpoint import Checkpoint
+
+    real_get, calls = Checkpoint.get, []
+
+    def flaky_get(self, name):
+        calls.append(name)
+        if len(calls) == 25:
+            raise KeyboardInterrupt  # Ctrl+C in the middle of the run
+        return real_get(self, name)
+
+    def args(target, shard_size="100KB"):
+        return ["weights", "apply-delta", "--base", base_dir, "--delta", delta_dir, "--target", target, "--low-mem",
+                "--max-shard-size", shard_size]
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(Checkpoint, "get", flaky_get)
+    assert vicuna(*args(out)).returncode == 130
+    assert not out.exists()
+    partial = tmp_path / ".out.partial"
+    finished = {f.name: f.stat().st_ino for f in partial.glob("*.safetensors")}
+    assert finished and list(partial.glob("*.part"))  # some shards done, one cut short
+
+    monkeypatch.setattr(Checkpoint, "get", real_get)
+    proc = vicuna(*args(out), check=True)
+    assert "resumed:" in proc.stdout
+    for name, inode in finished.items():  # finished shards were kept, not rewritten
+        assert (out / name).stat().st_ino == inode
+    want, got = read_weights(target_dir), read_weights(out)
+    assert want.keys() == got.keys() and all(bits_equal(want[k], got[k]) for k in want)
+    assert no_leftovers(tmp_path) == [] and not list(out.glob(".*"))
+
+    # a leftover from other settings is not mixed in
+    monkeypatch.setattr(Checkpoint, "get", flaky_get)
+    calls.clear()
+    assert vicuna(*args(tmp_path / "out2", "150KB")).returncode == 130
+    monkeypatch.setattr(Checkpoint, "get", real_get)
+    proc = vicuna(*args(tmp_path / "out2", "200KB"), check=True)
+    assert "resumed:" not in proc.stdout
+    got = read_weights(tmp_path / "out2")
     assert all(bits_equal(want[k], got[k]) for k in want)
 
 

@@ -299,6 +299,10 @@ class ShardWriter:
     JSON header padded to 8 bytes, raw little-endian data in offset order) is
     the one safetensors documents; tests read the output back with safetensors
     and transformers.
+
+    A shard is written as ``NAME.part`` and renamed when its last tensor is in,
+    so a shard under its final name is complete: a rerun in the same folder
+    (see ``atomic_output_dir(resume=...)``) skips it — ask ``done(name)``.
     """
 
     def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int,
@@ -317,17 +321,25 @@ class ShardWriter:
         n = len(shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._shards = list(zip(names, shards))
-        self._order = [(i, info) for i, (_, infos) in enumerate(self._shards) for info in infos]
+        self._headers = [self._header(infos) for infos in shards]
+        self.files = [self.folder / name for name in names]
+        self.total_bytes = sum(info.nbytes for infos in shards for info in infos)
+        self._shard_of = {info.name: i for i, infos in enumerate(shards) for info in infos}
+        self._done = {i for i, f in enumerate(self.files) if self._complete(i)}
+        self._next = [(i, info) for i, infos in enumerate(shards) if i not in self._done for info in infos]
         self._pos = 0
         self._file = None
         self._file_idx = -1
-        self.total_bytes = sum(info.nbytes for _, info in self._order)
-        self.files = [self.folder / name for name in names]
 
-    def _open(self, idx: int) -> None:
-        if self._file:
-            self._file.close()
-        name, infos = self._shards[idx]
+    @property
+    def resumed_tensors(self) -> int:
+        return sum(len(self._shards[i][1]) for i in self._done)
+
+    def done(self, name: str) -> bool:
+        """True when ``name`` is in a shard finished by an earlier, interrupted run."""
+        return self._shard_of[name] in self._done
+
+    def _header(self, infos: list[TensorInfo]) -> bytes:
         header: dict = {"__metadata__": self.metadata}
         offset = 0
         for info in infos:
@@ -336,38 +348,50 @@ class ShardWriter:
             offset += info.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self._file = open(self.folder / name, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        return struct.pack("<Q", len(raw)) + raw
+
+    def _complete(self, idx: int) -> bool:
+        f = self.files[idx]
+        if not f.is_file():
+            return False
+        want = self._headers[idx]
+        size = len(want) + sum(info.nbytes for info in self._shards[idx][1])
+        with open(f, "rb") as fh:
+            return f.stat().st_size == size and fh.read(len(want)) == want
+
+    def _open(self, idx: int) -> None:
+        self._file = open(self.files[idx].with_name(self.files[idx].name + ".part"), "wb")
+        self._file.write(self._headers[idx])
         self._file_idx = idx
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self._pos >= len(self._order):
+        if self._pos >= len(self._next):
             raise RuntimeError(f"tensor {name!r} was not in the write plan")
-        idx, info = self._order[self._pos]
+        idx, info = self._next[self._pos]
         if (name, tuple(tensor.shape), tensor.dtype) != (info.name, info.shape, info.dtype):
             raise RuntimeError(  # a bug in the caller, not bad input: the plan came from the same headers
                 f"expected tensor {info.name!r} {list(info.shape)} {info.dtype}, "
                 f"got {name!r} {list(tensor.shape)} {tensor.dtype}"
             )
+        if sys.byteorder != "little" and tensor.element_size() > 1:
+            raise WeightsError("writing safetensors on a big-endian machine is not supported")
         if idx != self._file_idx:
             self._open(idx)
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        if sys.byteorder != "little" and tensor.element_size() > 1:
-            raise WeightsError("writing safetensors on a big-endian machine is not supported")
         self._file.write(memoryview(data.numpy()))
         self._pos += 1
-
-    def close(self) -> list[Path]:
-        """Finish the last shard; write the index when there are several."""
-        if self._pos != len(self._order):
-            missing = self._order[self._pos][1].name
-            raise RuntimeError(f"{len(self._order) - self._pos} planned tensors were not written (first: {missing!r})")
-        if self._file:
+        if self._pos == len(self._next) or self._next[self._pos][0] != idx:  # the shard's last tensor
             self._file.close()
             self._file = None
-        if not self._order:  # an empty checkpoint still gets its (empty) file
-            self._open(0)
-            self._file.close()
+            os.replace(self.files[idx].with_name(self.files[idx].name + ".part"), self.files[idx])
+
+    def close(self) -> list[Path]:
+        """Check every planned tensor was written; write the index when there are several shards."""
+        if self._pos != len(self._next):
+            missing = self._next[self._pos][1].name
+            raise RuntimeError(f"{len(self._next) - self._pos} planned tensors were not written (first: {missing!r})")
+        if not self._shards[0][1] and not self.files[0].exists():  # no tensors at all: still a valid file
+            self.files[0].write_bytes(self._headers[0])
         if len(self.files) > 1:
             weight_map = {info.name: name for name, infos in self._shards for info in infos}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -378,17 +402,27 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._file:  # on error: the caller's temp folder is removed; just release the handle
+        if self._file:  # on error: release the handle; the unfinished shard stays a .part file
             self._file.close()
             self._file = None
 
 
+def fingerprint(op: str, checkpoints: list[Checkpoint], **settings) -> dict:
+    """What must not change for an interrupted run to be resumed: inputs (size, mtime) and settings."""
+    files = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for ck in checkpoints for f in ck.files]
+    return json.loads(json.dumps({"op": op, "inputs": files, "settings": settings}, default=str))
+
+
 @contextmanager
-def atomic_output_dir(target: str | Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temp folder next to ``target``; rename it onto ``target`` only on success.
+def atomic_output_dir(target: str | Path, force: bool = False, inputs: tuple[Path, ...] = (),
+                      resume: dict | None = None) -> Iterator[Path]:
+    """Yield a work folder next to ``target``; rename it onto ``target`` only on success.
 
     An existing non-empty target is replaced only with ``force`` (and only after
-    the new one is complete); on any error the temp folder is removed.
+    the new one is complete). On an error the work folder is removed — except
+    when the run was interrupted (Ctrl+C, or killed) and ``resume`` is given: the
+    folder ``.NAME.partial`` then stays, and the same command with the same
+    inputs and settings (``resume``, see :func:`fingerprint`) continues in it.
     """
     target = Path(target).absolute()
     for src in inputs:
@@ -401,9 +435,27 @@ def atomic_output_dir(target: str | Path, force: bool = False, inputs: tuple[Pat
     if target.is_dir() and any(target.iterdir()) and not force:
         raise UsageError(f"{target} already exists and is not empty; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if resume is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    else:
+        tmp = target.parent / f".{target.name}.partial"
+        marker = tmp / ".resume.json"
+        if tmp.exists():
+            try:
+                same = json.loads(marker.read_text()) == resume
+            except (OSError, ValueError):
+                same = False
+            if same:
+                log.info("resuming the interrupted run in %s", tmp)
+            else:
+                log.info("removing %s: left by a run with other inputs or settings", tmp)
+                shutil.rmtree(tmp)
+        tmp.mkdir(exist_ok=True)
+        marker.write_text(json.dumps(resume))
     try:
         yield tmp
+        if resume is not None:
+            (tmp / ".resume.json").unlink()
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
@@ -416,6 +468,12 @@ def atomic_output_dir(target: str | Path, force: bool = False, inputs: tuple[Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except KeyboardInterrupt:
+        if resume is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log.warning("interrupted: finished shards are kept in %s; run the same command again to resume", tmp)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -117,6 +117,8 @@ def _gb(n: int) -> str:
 
 def _print_delta(verb: str, r) -> None:
     print(f"{verb}: wrote {r.tensors} tensors ({r.values:,} values) in {len(r.files)} shard(s) to {r.target}")
+    if r.resumed:
+        print(f"  resumed: {r.resumed} tensors were already written by the interrupted run")
     for name, (old, new) in r.extra_rows.items():
         print(f"  {name}: {new - old} extra rows beyond the base's {old} (stored as they are)")
 
@@ -127,6 +129,8 @@ def _make_delta(args) -> int:
     r = make_delta(args.base, args.target, args.delta, low_mem=args.low_mem, max_shard_size=args.max_shard_size,
                    force=args.force)
     _print_delta("make-delta", r)
+    if r.resumed:
+        print("round trip: checked only for the tensors written in this run")
     if r.inexact_values:
         print(f"round trip: {r.inexact_values:,} values will not come back bit for bit under apply-delta "
               f"(max error {r.max_error:.3g}); target and base differ by more than 2x there")

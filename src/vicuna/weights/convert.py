@@ -20,6 +20,7 @@ from .checkpoint import (
     ShardWriter,
     atomic_output_dir,
     copy_other_files,
+    fingerprint,
     progress,
     resolve_shard_size,
     set_config_dtype,
@@ -40,10 +41,14 @@ def convert(src, dst, dtype: str, *, max_shard_size: str = "auto", force: bool =
     want = DTYPES[dtype]
     ck = Checkpoint(src, "input")
     report = ConvertReport(Path(dst))
-    with atomic_output_dir(dst, force, inputs=(ck.path,)) as tmp:
+    shard_bytes = resolve_shard_size(max_shard_size, ck)
+    resume = fingerprint("convert", [ck], shard_bytes=shard_bytes, dtype=dtype)
+    with atomic_output_dir(dst, force, inputs=(ck.path,), resume=resume) as tmp:
         layout = [(n, i.shape, want if i.dtype.is_floating_point else i.dtype) for n, i in ck.tensors.items()]
-        with ShardWriter(tmp, layout, resolve_shard_size(max_shard_size, ck)) as writer:
-            for name in progress(ck.names(), len(ck.tensors), f"to {dtype}"):
+        with ShardWriter(tmp, layout, shard_bytes) as writer:
+            todo = [n for n in ck.names() if not writer.done(n)]
+            report.tensors = len(ck.tensors) - len(todo)
+            for name in progress(todo, len(todo), f"to {dtype}"):
                 t = ck.get(name)
                 if t.is_floating_point() and t.dtype != want:
                     if want == torch.float16:

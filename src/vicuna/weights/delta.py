@@ -25,6 +25,7 @@ from .checkpoint import (
     ShardWriter,
     atomic_output_dir,
     copy_other_files,
+    fingerprint,
     progress,
     resolve_shard_size,
 )
@@ -42,6 +43,7 @@ class DeltaReport:
     max_error: float = 0.0
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # base tensors with no counterpart
+    resumed: int = 0  # tensors already written by an interrupted run of the same command
 
 
 def _check_pair(name: str, base: Checkpoint, other: Checkpoint) -> bool:
@@ -91,14 +93,15 @@ def _combine(x: torch.Tensor, b: torch.Tensor, sign: int) -> torch.Tensor:
     return x
 
 
-def _stream(base: Checkpoint, other: Checkpoint, low_mem: bool):
+def _stream(base: Checkpoint, other: Checkpoint, low_mem: bool, skip):
     """Yield (name, base tensor, other tensor) — one at a time, or from two dicts held in full."""
+    names = [n for n in other.names() if not skip(n)]
     if low_mem:
-        for name in other.names():
+        for name in names:
             yield name, base.get(name), other.get(name)
         return
     bsd, osd = base.load_all(), other.load_all()
-    for name in other.names():
+    for name in names:
         yield name, bsd.pop(name), osd.pop(name)
 
 
@@ -109,9 +112,12 @@ def apply_delta(base_path, delta_path, target_path, *, low_mem: bool = False, ma
     report = DeltaReport(Path(target_path))
     names = _plan(base, delta, report)
     shard_bytes = resolve_shard_size(max_shard_size, delta)
-    with atomic_output_dir(target_path, force, inputs=(base.path, delta.path)) as tmp:
+    resume = fingerprint("apply-delta", [base, delta], shard_bytes=shard_bytes)
+    with atomic_output_dir(target_path, force, inputs=(base.path, delta.path), resume=resume) as tmp:
         with ShardWriter(tmp, _layout(delta, names), shard_bytes) as writer:
-            for name, b, d in progress(_stream(base, delta, low_mem), len(names), "apply-delta"):
+            report.resumed = writer.resumed_tensors
+            todo = len(names) - report.resumed
+            for name, b, d in progress(_stream(base, delta, low_mem, writer.done), todo, "apply-delta"):
                 writer.add(name, _combine(d, b, +1))
                 report.tensors += 1
                 report.values += d.numel()
@@ -129,9 +135,12 @@ def make_delta(base_path, target_path, delta_path, *, low_mem: bool = False, max
     report = DeltaReport(Path(delta_path))
     names = _plan(base, target, report)
     shard_bytes = resolve_shard_size(max_shard_size, target)
-    with atomic_output_dir(delta_path, force, inputs=(base.path, target.path)) as tmp:
+    resume = fingerprint("make-delta", [base, target], shard_bytes=shard_bytes)
+    with atomic_output_dir(delta_path, force, inputs=(base.path, target.path), resume=resume) as tmp:
         with ShardWriter(tmp, _layout(target, names), shard_bytes) as writer:
-            for name, b, t in progress(_stream(base, target, low_mem), len(names), "make-delta"):
+            report.resumed = writer.resumed_tensors
+            todo = len(names) - report.resumed
+            for name, b, t in progress(_stream(base, target, low_mem, writer.done), todo, "make-delta"):
                 d = _combine(t.clone(), b, -1)
                 if d.is_floating_point():
                     _count_round_trip(report, t, d, b)
