@@ -379,3 +379,34 @@ def test_bad_inputs_are_named(tmp_path):
     assert proc.returncode == 2 and "nothing to judge" in proc.stderr
     help_ = run_cli("eval", "judge", "--help", check=True).stdout
     assert "pairwise-score" in help_ and "example:" in help_
+
+
+def test_run_config_with_existing_answers_and_config_errors(tmp_path, answered):
+    from vicuna.eval.io import EvalUsageError
+    from vicuna.eval.judge import load_prompts
+    from vicuna.eval.pipeline import run_config
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "answers" / "beta.jsonl").rename(tmp_path / "mine" / "beta.jsonl")
+    with ScriptedServer(answering) as a, ScriptedServer(score_judge()) as j:
+        cfg = tmp_path / "eval.yaml"
+        cfg.write_text(f"questions: q.jsonl\noutput_dir: out\nmodels:\n"
+                       f"  - {{name: alpha, api_base: '{a.base_url}'}}\n  - {{name: beta, answers: mine/beta.jsonl}}\n"
+                       f"judge: {{model: judge-x, api_base: '{j.base_url}', baseline: beta}}\n"
+                       f"report: {{bootstrap_rounds: 10}}\n")
+        assert run_config(cfg) == 0
+        assert len(a.requests) == 6 and len(j.requests) == 12  # beta's answers were not regenerated
+    res = json.loads((tmp_path / "out/report/results.json").read_text())
+    assert res["models"]["alpha"]["total_score"] == 49 and res["models"]["alpha"]["baseline_total"] == 33
+
+    cfg.write_text("models: [{name: a, api_base: x}]\njudge: {model: j, temprature: 0}\n")
+    with pytest.raises(EvalUsageError, match=r"judge: unknown key\(s\) temprature"):
+        run_config(cfg)
+    cfg.write_text("models: [{name: a}]\njudge: {model: j}\n")
+    with pytest.raises(EvalUsageError, match="model 'a' needs 'api_base'"):
+        run_config(cfg)
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: mine\nversion: 2\nprompts:\n" + "".join(
+        f"  {m}: {{system: s, user: 'Q: {{question}} {{answr}}'}}\n" for m in ("pairwise-score", "pairwise", "single")))
+    with pytest.raises(EvalUsageError, match=r"prompts.pairwise-score .*bad placeholder 'answr'"):
+        load_prompts(str(bad))

@@ -107,11 +107,20 @@ def load_prompts(name_or_path: str = DEFAULT_PROMPTS) -> PromptSet:
         p = data["prompts"].get(mode)
         if not isinstance(p, dict) or not isinstance(p.get("system"), str) or not isinstance(p.get("user"), str):
             raise EvalUsageError(f"{where}: prompts.{mode} needs 'system' and 'user' strings")
-    return PromptSet(
+    ps = PromptSet(
         name=str(data["name"]), version=f"{data['name']}-v{data['version']}", sha=hashlib.sha256(raw).hexdigest()[:12],
         prompts=data["prompts"], reference_block=str(data.get("reference_block", "[Reference Answer]\n{reference}\n")),
         history_block=str(data.get("history_block", "{history}\n")),
     )
+    # Fail now, naming the template, rather than in a worker thread halfway through a run.
+    for mode in MODES:
+        try:
+            ps.render(mode, question="q", answers=["a", "b"], histories=[[("q0", "a0")], [("q0", "b0")]], reference="r")
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvalUsageError(f"{where}: prompts.{mode} (or a block it uses) has a bad placeholder {e}; "
+                                 "allowed: {question} {answer} {answer_1} {answer_2} {history} {history_1} "
+                                 "{history_2} {reference_block} {reference} {who}; write literal braces as {{ }}") from None
+    return ps
 
 
 # ---------------------------------------------------------------- jobs
