@@ -142,6 +142,20 @@ def test_line_breaks_entities_and_images():
     assert html_to_markdown(html) == "a < b && c > d\nnext line\n\n![chart](https://x/y.png)"
 
 
+def katex(tex: str) -> str:
+    return ('<span class="katex"><span class="katex-mathml"><math xmlns="http://www.w3.org/1998/Math/MathML">'
+            '<semantics><mrow><mi>x</mi></mrow><annotation encoding="application/x-tex">' + tex + '</annotation>'
+            '</semantics></math></span><span class="katex-html" aria-hidden="true"><span class="base">'
+            '<span class="mord">x</span></span></span></span>')
+
+
+def test_katex_math_back_to_tex():
+    html = WRAP.format('<p>Area is <span class="math math-inline">' + katex(r"\pi r^2") + "</span> here.</p>"
+                       '<div class="math math-display"><span class="katex-display">' + katex("E = mc^2")
+                       + "</span></div>")
+    assert html_to_markdown(html) == "Area is $\\pi r^2$ here.\n\n$$E = mc^2$$"
+
+
 def test_page_debris_removed_by_clean_value():
     html = "2 / 2" + WRAP.format("<p>Answer.</p>" + PYTHON)
     md, converted = clean_value(html, is_gpt=True)
@@ -155,6 +169,8 @@ def test_page_debris_removed_by_clean_value():
         "<p>why does <b>this</b> not render?</p>"
     # fractions are not counters
     assert clean_value("1 / 2 = 0.5", is_gpt=True)[0] == "1 / 2 = 0.5"
+    assert clean_value("3 / 4 cups of flour", is_gpt=False)[0] == "3 / 4 cups of flour"
+    assert clean_value("1 / 1", is_gpt=False)[0] == ""
 
 
 def test_looks_like_html_is_not_fooled_by_markdown_about_html():

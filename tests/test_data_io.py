@@ -129,7 +129,7 @@ def test_writer_is_atomic_and_refuses_to_overwrite(tmp_path):
         w.write({"bad": "\ud800 lone surrogate"})  # still valid JSON (escaped), not a crash
     lines = out.read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0]) == GOOD and json.loads(lines[1]) == {"bad": "\ud800 lone surrogate"}
-    with pytest.raises(DataError, match="also an input"):
+    with pytest.raises(DataError, match="also given as an input"):
         RecordWriter(out, force=True, inputs=[out])
     with pytest.raises(DataError, match="does not exist"):
         RecordWriter(tmp_path / "nope" / "x.json")

@@ -55,7 +55,9 @@ ERROR_REPLIES = (
 # as opposed to content decisions (blocked words, duplicates, ...).
 FORMAT_REASONS = frozenset({"malformed_record", "not_an_object", "missing_conversations", "bad_id", "bad_turn"})
 
-_COUNTER = re.compile(r"^\s*(?:\d+\s*/\s*\d+(?!\s*[-+*/=^%(.,]|\d)\s*)+")  # "2 / 2" regenerate counter
+# The page's "2 / 2" regenerate counter, glued to the text that follows ("2 / 2Write a ...",
+# "1 / 1<div ...") or alone; "3 / 4 cups" and "1 / 2 = 0.5" are content.
+_COUNTER = re.compile(r"^\s*\d{1,3} / \d{1,3}(?=[^\s\d/.,]|$)")
 _COPY_CHARS = re.compile(r"Copy ?\d+ chars? / \d+ words?")
 _COPY_CODE = re.compile(r"(```[^\s`]*)[ \t]*Copy code[ \t]*\n?")  # "```pythonCopy code..." (text captures)
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"

@@ -300,5 +300,6 @@ def _math(span) -> str:
         return span.text(deep=True)
     tex = ann.text(deep=True).strip()
     parent = span.parent
-    display = parent is not None and "katex-display" in (parent.attributes.get("class") or "")
+    display = "katex-display" in (span.attributes.get("class") or "") or (
+        parent is not None and "katex-display" in (parent.attributes.get("class") or ""))
     return f"$${tex}$$" if display else f"${tex}$"

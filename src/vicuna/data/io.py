@@ -271,11 +271,14 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Iterab
     """Fail early (before any work) if ``path`` exists without ``force`` or is an input."""
     out = Path(path)
     for inp in inputs:
+        same = Path(inp).resolve() == out.resolve()
         try:
-            if out.exists() and os.path.samefile(out, inp):
-                raise DataError(f"{out}: the output is also an input; inputs are never modified, choose another path")
+            same = same or (out.exists() and os.path.samefile(out, inp))
         except OSError:
             pass
+        if same:
+            raise DataError(f"{out} is also given as an input or another output; inputs are never modified, "
+                            "choose another path")
     if out.exists() and not force:
         raise DataError(f"{out} already exists; pass --force to overwrite it")
     if out.is_dir():

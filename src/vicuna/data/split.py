@@ -168,7 +168,10 @@ def split_file(inp: str, out: str, *, tokenizer_path: str, max_length: int = 204
     tok = load_tokenizer(tokenizer_path)
     template = load_template(conv_template, tok)
     splitter = Splitter(tok, template, max_length, long_pair)
-    floor = splitter.length([], [({"from": HUMAN, "value": "a"}, {"from": GPT, "value": "b"})])
+    try:
+        floor = splitter.length([], [({"from": HUMAN, "value": "a"}, {"from": GPT, "value": "b"})])
+    except TemplateError as e:
+        raise DataError(f"cannot render template {template.name!r} with this tokenizer: {e}") from None
     if floor > max_length:
         raise DataError(f"--max-length {max_length} is too small: template {template.name!r} alone (system prompt, "
                         f"role tags, BOS/EOS) takes {floor} tokens with this tokenizer")
