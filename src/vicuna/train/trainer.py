@@ -250,8 +250,8 @@ def build_model(cfg: TrainConfig, config, tokenizer, d: Dist):
             kw["device_map"] = {"": d.device}
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.model_path, **kw)
-        except (OSError, ValueError) as e:
-            raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
+        except Exception as e:  # corrupt weights raise library-specific errors; all mean the same here
+            raise TrainError(f"cannot load the model from {cfg.model_path}: {type(e).__name__}: {e}") from e
     model.config.use_cache = False
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -482,7 +482,8 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
         inner = unwrap(model)
         inner.save_pretrained(tmp, state_dict=sd)
         tokenizer.chat_template = template.to_jinja()
-        tokenizer.save_pretrained(tmp)
+        # in tokenizer_config.json itself, where every tool (vLLM, TGI, older transformers) looks
+        tokenizer.save_pretrained(tmp, save_jinja_files=False)
         stops = stop_token_ids(template, tokenizer)
         base = inner.get_base_model() if cfg.lora else inner
         gen = base.generation_config
