@@ -391,15 +391,29 @@ def test_fix_tokens_writes_the_chosen_chat_template(model_copy):
     assert vicuna("weights", "fix-tokens", model_copy, "--check").returncode == 0
 
 
-def test_fix_tokens_reports_tokenizer_larger_than_embedding(model_copy):
+def test_fix_tokens_reports_tokenizer_larger_than_embedding_and_resizes_on_request(model_copy):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_copy)
     tok.add_tokens(["<added_pad>"])
     tok.save_pretrained(model_copy)
+    before = read_weights(model_copy)
     proc = vicuna("weights", "fix-tokens", model_copy)
     assert proc.returncode == 1
     assert "513 tokens" in proc.stdout and "512 rows" in proc.stdout and "<added_pad>" in proc.stdout
+    assert read_weights(model_copy)["lm_head.weight"].shape[0] == 512  # weights untouched without the flag
+
+    vicuna("weights", "fix-tokens", model_copy, "--resize-embeddings", check=True)
+    after = read_weights(model_copy)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert after[name].shape == (513, 64)
+        assert torch.equal(after[name][:512], before[name])
+        assert torch.allclose(after[name][512], before[name].mean(0))
+    assert all(torch.equal(after[k], before[k]) for k in before if "embed" not in k and "lm_head" not in k)
+    assert json.loads((model_copy / "config.json").read_text())["vocab_size"] == 513
+    assert vicuna("weights", "fix-tokens", model_copy, "--check").returncode == 0
+    assert no_leftovers(model_copy.parent) == []
+    vicuna("weights", "verify", model_copy, "--no-checksum", check=True)  # loads and runs with 513 rows
 
 
 # ---------------------------------------------------------------------------- verify

@@ -82,7 +82,8 @@ def add_commands(sub) -> None:
         "  - generation_config.json eos_token_id = the template's stop ids (EOS + end-of-turn tokens)\n"
         "  - the tokenizer's chat_template = the conversation template's (from --conv-template, the existing\n"
         "    chat_template or the model's name)\n"
-        "  - a tokenizer with more tokens than embedding rows is reported (not repairable here)\n"
+        "  - a tokenizer with more tokens than embedding rows: reported; with --resize-embeddings the\n"
+        "    embedding (and an untied lm_head) get rows for the extra tokens (mean of the existing rows)\n"
         "Prints each change. With --check nothing is written and the exit code is 1 if anything is wrong.\n\n"
         "examples:\n  vicuna weights fix-tokens vicuna-7b --check\n"
         "  vicuna weights fix-tokens vicuna-7b --conv-template vicuna_v1.1",
@@ -90,6 +91,8 @@ def add_commands(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="model folder (changed in place unless --check)")
     p.add_argument("--conv-template", default=None, help="template name (see `vicuna templates list`)")
     p.add_argument("--check", action="store_true", help="only report; exit 1 when something is wrong")
+    p.add_argument("--resize-embeddings", action="store_true",
+                   help="rewrite the weights so every tokenizer token has an embedding row")
 
     p = command(
         verbs, "verify", _verify, "check shards and checksums, run one forward pass",
@@ -169,7 +172,7 @@ def _convert(args) -> int:
 def _fix_tokens(args) -> int:
     from .tokens import fix_tokens
 
-    r = fix_tokens(args.model, args.conv_template, check_only=args.check)
+    r = fix_tokens(args.model, args.conv_template, check_only=args.check, resize_embeddings=args.resize_embeddings)
     head = "wrong" if args.check else "fixed"
     for c in r.changes:
         print(f"{head}: {c}")

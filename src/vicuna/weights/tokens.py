@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from ..conversation import TEMPLATES, Template, TemplateError, resolve_template, stop_token_ids
 from ..errors import UsageError
 from . import CheckpointError
-from .checkpoint import Checkpoint, embedding_rows, write_json
+from .checkpoint import Checkpoint, ShardWriter, copy_other_files, embedding_rows, resolve_shard_size, write_json
 
 # When a tokenizer's token string is blank, these are tried after the config's id.
 CONVENTIONAL = {"bos": ("<s>",), "eos": ("</s>",), "unk": ("<unk>",)}
@@ -47,7 +48,8 @@ def _read_json(path: Path) -> dict | None:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def fix_tokens(model_dir, conv_template: str | None = None, check_only: bool = False) -> TokenReport:
+def fix_tokens(model_dir, conv_template: str | None = None, check_only: bool = False,
+               resize_embeddings: bool = False) -> TokenReport:
     """Find (and unless ``check_only``, repair) special-token inconsistencies in ``model_dir``."""
     from transformers import AutoTokenizer
 
@@ -103,17 +105,26 @@ def fix_tokens(model_dir, conv_template: str | None = None, check_only: bool = F
             tok_changed = True
 
     # 3. vocabulary vs embedding rows
-    emb = embedding_rows(Checkpoint(path))
+    ck = Checkpoint(path)
+    emb = embedding_rows(ck)
     ids = {role: getattr(tok, f"{role}_token_id") for role in ("bos", "eos", "pad")}
+    grow: list[str] = []
     if emb is not None:
         name, rows = emb
         if len(tok) > rows:
             extra = tok.convert_ids_to_tokens(list(range(rows, min(len(tok), rows + 3))))
-            r.problems.append(
-                f"the tokenizer has {len(tok)} tokens but {name} has {rows} rows: ids {rows}..{len(tok) - 1} "
-                f"(e.g. {', '.join(map(repr, extra))}) have no embedding. This tokenizer does not belong to "
-                "these weights (delta applied with another tokenizer?): use the tokenizer saved with the weights"
-            )
+            if resize_embeddings:
+                grow = _rows_to_grow(ck, name)
+                r.changes.append(f"weights: {', '.join(grow)} {rows} -> {len(tok)} rows for "
+                                 f"{', '.join(map(repr, extra))}{'...' if len(tok) - rows > 3 else ''} "
+                                 "(new rows = mean of the existing ones)")
+                rows = len(tok)
+            else:
+                r.problems.append(
+                    f"the tokenizer has {len(tok)} tokens but {name} has {rows} rows: ids {rows}..{len(tok) - 1} "
+                    f"(e.g. {', '.join(map(repr, extra))}) have no embedding. Use the tokenizer saved with these "
+                    "weights, or add --resize-embeddings to give the added tokens rows (they need training)"
+                )
         if config.get("vocab_size") != rows:
             r.changes.append(f"config.json: vocab_size {config.get('vocab_size')} -> {rows} (rows of {name})")
             config["vocab_size"] = rows
@@ -162,6 +173,9 @@ def fix_tokens(model_dir, conv_template: str | None = None, check_only: bool = F
 
     if check_only or not r.changes:
         return r
+    if grow:  # first: it replaces the folder, copying the other files as they are now
+        _grow_rows(ck, grow, len(tok))
+        r.written.append("weights")
     if tok_changed:
         r.written += _save_tokenizer(tok, path)
     if cfg_changed:
@@ -190,3 +204,38 @@ def _save_tokenizer(tok, path: Path) -> list[str]:
         return names
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rows_to_grow(ck: Checkpoint, emb_name: str) -> list[str]:
+    """The input embedding and an untied output layer of the same shape."""
+    shape = ck.tensors[emb_name].shape
+    out = [n for n, i in ck.tensors.items()
+           if n != emb_name and i.shape == shape and re.search(r"(^|\.)(lm_head|embed_out|output)\.weight$", n)]
+    return [emb_name, *out]
+
+
+def _grow_rows(ck: Checkpoint, names: list[str], rows: int) -> None:
+    """Rewrite the folder's weights with ``names`` grown to ``rows`` rows, then swap folders."""
+    path = ck.path
+    layout = [(n, (rows, *i.shape[1:]) if n in names else i.shape, i.dtype) for n, i in ck.tensors.items()]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with ShardWriter(tmp, layout, resolve_shard_size("auto", ck)) as writer:
+            for n in ck.names():
+                t = ck.get(n)
+                if n in names:
+                    grown = t.new_empty((rows, *t.shape[1:]))
+                    grown[: t.shape[0]] = t
+                    # the mean row keeps new tokens' logits ordinary until they are trained
+                    grown[t.shape[0]:] = t.float().mean(0).to(t.dtype)
+                    t = grown
+                writer.add(n, t)
+            writer.close()
+        copy_other_files(path, tmp)
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, old / "x")
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
