@@ -134,3 +134,19 @@ def test_writer_is_atomic_and_refuses_to_overwrite(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         RecordWriter(tmp_path / "nope" / "x.json")
     assert oct(os.stat(out).st_mode & 0o777) != "0o600"  # normal permissions, not mkstemp's
+
+
+def test_json_array_reader_memory_is_bounded(tmp_path, monkeypatch):
+    """The reader holds about one chunk plus one record, never the file."""
+    monkeypatch.setattr(dio, "CHUNK", 4096)
+    path = tmp_path / "big.json"
+    atomic_write_records(path, ({"id": str(i), "conversations": [], "pad": "y" * 300} for i in range(3000)))
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        reader = dio._ArrayReader(f, str(path))
+        peak, n = 0, 0
+        for _, obj in reader:
+            n += 1
+            peak = max(peak, len(reader.buf))
+    assert n == 3000 and size > 1_000_000
+    assert peak < 4 * 4096, peak

@@ -70,8 +70,8 @@ def add_commands(sub) -> None:
                     "first, code removed); codes are ISO 639-1 (en, zh, de, ...; 'unknown' when no letters).\n\n"
                     "example:\n  vicuna data filter clean.json -o en.json --keep-lang en --reduce-repetition\n"
                     "  vicuna data filter clean.json -o gpt4.json --model gpt4 --min-turns 4\n\n" + FORMAT_NOTE))
-    p.add_argument("input", metavar="IN")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("input", metavar="IN", help="input file (.json or .jsonl)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.json or .jsonl)")
     p.add_argument("--keep-lang", metavar="CODES", help="keep only these languages, e.g. en,zh")
     p.add_argument("--skip-lang", metavar="CODES", help="drop these languages, e.g. ko,ja")
     p.add_argument("--min-turns", type=int, default=0,
@@ -92,8 +92,8 @@ def add_commands(sub) -> None:
                     "leading gpt / trailing human turns. Nothing else is dropped.\n\n"
                     "example:\n  vicuna data split clean.json -o train.json --tokenizer ./my-model --max-length 2048 "
                     "--report split_report.json\n\n" + FORMAT_NOTE))
-    p.add_argument("input", metavar="IN")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("input", metavar="IN", help="input file (.json or .jsonl)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.json or .jsonl)")
     p.add_argument("--tokenizer", required=True, metavar="PATH",
                    help="tokenizer directory (loaded with transformers.AutoTokenizer)")
     p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per output sample")
@@ -109,7 +109,7 @@ def add_commands(sub) -> None:
                     "--tokenizer, token) length percentiles, language and model distributions.\n\n"
                     "example:\n  vicuna data stats train.json --tokenizer ./my-model --plot lengths.png "
                     "--json stats.json\n\n" + FORMAT_NOTE))
-    p.add_argument("input", metavar="IN")
+    p.add_argument("input", metavar="IN", help="input file (.json or .jsonl)")
     p.add_argument("--tokenizer", metavar="PATH", help="also count tokens (rendered with --conv-template)")
     p.add_argument("--conv-template", default="vicuna_v1.1", help="template used to count tokens ('auto': tokenizer's)")
     p.add_argument("--max-length", type=int, help="also count samples longer than this many tokens")
@@ -121,8 +121,8 @@ def add_commands(sub) -> None:
     p = command(verbs, "merge", _merge, "concatenate data files",
                 description="Concatenate files in order (formats may differ).\n\n"
                 "example:\n  vicuna data merge clean.json identity.json -o all.jsonl\n\n" + FORMAT_NOTE)
-    p.add_argument("inputs", nargs="+", metavar="IN")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="input files (.json or .jsonl), in order")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.json or .jsonl)")
     p.add_argument("--unique-ids", action="store_true", help="drop samples whose id was seen before")
     _common(p)
 
@@ -130,8 +130,8 @@ def add_commands(sub) -> None:
                 description="Uniform random sample without replacement (reservoir sampling, streaming), written in\n"
                 "input order; the same --seed gives the same sample.\n\n"
                 "example:\n  vicuna data sample clean.json -o small.json -n 1000 --seed 0\n\n" + FORMAT_NOTE)
-    p.add_argument("input", metavar="IN")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("input", metavar="IN", help="input file (.json or .jsonl)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.json or .jsonl)")
     p.add_argument("-n", type=int, required=True, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     _common(p)
@@ -141,7 +141,7 @@ def add_commands(sub) -> None:
                 "test file and the rest into the train file, both in input order. Outputs default to\n"
                 "IN_train.EXT and IN_test.EXT next to the input.\n\n"
                 "example:\n  vicuna data train-test clean.json --test-fraction 0.01 --seed 0\n\n" + FORMAT_NOTE)
-    p.add_argument("input", metavar="IN")
+    p.add_argument("input", metavar="IN", help="input file (.json or .jsonl)")
     p.add_argument("--test-fraction", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-out", metavar="FILE", help="train output (default: IN_train.EXT)")
@@ -158,7 +158,7 @@ def add_commands(sub) -> None:
                 "  vicuna data convert --from chatterbot -o chatterbot.json\n\n" + FORMAT_NOTE)
     p.add_argument("--from", dest="source", required=True, choices=("alpaca", "chatterbot"), help="input kind")
     p.add_argument("input", nargs="?", metavar="IN", help="input file (alpaca) or YAML directory (chatterbot)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.json or .jsonl)")
     _common(p)
 
     p = command(verbs, "identity", _identity, "generate identity Q&A conversations for your model",
@@ -167,7 +167,7 @@ def add_commands(sub) -> None:
                 "Merge them after `clean`: the default blocked words would drop the 'Are you ChatGPT?' denials.\n\n"
                 "example:\n  vicuna data identity -o identity.json --name Vicuna --org 'Large Model Systems "
                 "Organization (LMSYS)'\n\n" + FORMAT_NOTE)
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.json or .jsonl)")
     p.add_argument("--name", required=True, help="the model's name")
     p.add_argument("--org", required=True, help="the organisation that trained it")
     p.add_argument("--seed", type=int, default=0, help="seed for the choice of phrasings")

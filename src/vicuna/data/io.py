@@ -134,7 +134,7 @@ class _ArrayReader:
         self.raw_decode = json.JSONDecoder().raw_decode
         self.keys: frozenset | None = None  # keys of the first good object (for resync)
 
-    def fill(self, want: int = CHUNK) -> bool:
+    def fill(self, want: int = 0) -> bool:
         """Append at least ``want`` more bytes (decoded) to the buffer; False at EOF."""
         if self.eof:
             return False
@@ -210,7 +210,7 @@ class _ArrayReader:
                 obj, end = self.raw_decode(self.buf, start)
             except json.JSONDecodeError as e:
                 truncated = e.pos >= len(self.buf) - 8 or e.msg.startswith("Unterminated string")
-                if truncated and self.fill(len(self.buf)):
+                if truncated and self.fill(len(self.buf) - self.pos):
                     continue  # the record runs past the buffer: read more (doubling) and retry
                 err = RecordError(n, self.line_at(e.pos), f"malformed JSON: {e.msg}")
                 self.pos = max(e.pos, start + 1)
@@ -247,7 +247,7 @@ class _ArrayReader:
             try:
                 obj, _ = self.raw_decode(self.buf, brace)
             except json.JSONDecodeError as e:
-                if (e.pos >= len(self.buf) - 8 or e.msg.startswith("Unterminated string")) and self.fill(len(self.buf)):
+                if (e.pos >= len(self.buf) - 8 or e.msg.startswith("Unterminated string")) and self.fill(len(self.buf) - self.pos):
                     continue
                 self.pos = brace + 1
                 continue
