@@ -211,6 +211,24 @@ def test_interrupted_apply_delta_resumes_from_finished_shards(base_dir, delta_di
     assert all(bits_equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.parametrize("low_mem", [True, False], ids=["low-mem", "plain"])
+def test_apply_delta_with_tied_weights_in_bin_files_adds_once(tmp_path, low_mem):
+    """Old .bin files store tied embeddings/lm_head as one storage; in-place adds must not run twice."""
+    for name, seed in (("base", 0), ("delta", 1)):
+        (tmp_path / name).mkdir()
+        w = torch.randn(8, 4, generator=torch.Generator().manual_seed(seed))
+        torch.save({"embed.weight": w, "lm_head.weight": w, "norm.weight": torch.ones(4)},
+                   tmp_path / name / "pytorch_model.bin")
+    out = tmp_path / "out"
+    vicuna("weights", "apply-delta", "--base", tmp_path / "base", "--delta", tmp_path / "delta", "--target", out,
+           *(["--low-mem"] if low_mem else []), check=True)
+    base = torch.load(tmp_path / "base" / "pytorch_model.bin")
+    delta = torch.load(tmp_path / "delta" / "pytorch_model.bin")
+    got = read_weights(out)
+    for k in ("embed.weight", "lm_head.weight", "norm.weight"):
+        assert torch.equal(got[k], base[k] + delta[k]), k
+
+
 # ---------------------------------------------------------------------------- errors leave nothing behind
 
 

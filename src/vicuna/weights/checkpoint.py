@@ -228,7 +228,13 @@ class Checkpoint:
         out: dict[str, torch.Tensor] = {}
         for f in self.files:
             if self.format == "bin":
-                out.update({k: v for k, v in self._load_bin(f, mmap=False).items() if isinstance(v, torch.Tensor)})
+                seen: set[int] = set()
+                for k, v in self._load_bin(f, mmap=False).items():
+                    if isinstance(v, torch.Tensor):
+                        ptr = v.untyped_storage().data_ptr()
+                        # tied weights share storage in .bin files; callers modify tensors in place
+                        out[k] = v.clone() if ptr in seen else v
+                        seen.add(ptr)
             else:
                 from safetensors import SafetensorError
                 from safetensors.torch import load_file
