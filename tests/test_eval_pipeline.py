@@ -353,6 +353,8 @@ report:
     assert a["avg_score_turn"] == {"1": pytest.approx(32 / 4), "2": pytest.approx(17 / 2)}
     assert res["models"]["beta"]["avg_score"] == pytest.approx(33 / 6)
     assert (a["wins"], a["ties"], a["losses"]) == (5, 1, 0)
+    # The judge run's baseline is recorded, so a plain `eval report` finds it too.
+    assert compute_report(load_judgments(tmp_path / "out/judgments.jsonl"), bootstrap_rounds=5)["baseline"] == "beta"
 
 
 def test_bad_inputs_are_named(tmp_path):

@@ -69,7 +69,7 @@ question's own 'reference'). With --baseline each model is compared with the bas
 otherwise every pair is compared.
 
 Output: JSONL, one record per judge call: {judgment_id, question_id, category, turn, mode,
-model_a, model_b, order, positions, judge_model, prompt_version, prompt_sha,
+model_a, model_b, order, positions, baseline, judge_model, prompt_version, prompt_sha,
 reference_guided, status: ok|unparsed|error, raw, parsed, result, error, attempts, tstamp}.
 Unparsed outputs are kept and counted in reports. Resumable: re-running skips finished
 judgments (errors are retried); --force starts over.

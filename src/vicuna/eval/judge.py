@@ -199,7 +199,7 @@ def to_canonical(mode: str, job: Job, parsed: dict) -> dict | None:
 
 
 def judge_one(job: Job, mode: str, answers: dict, prompts: PromptSet, endpoint: Endpoint, *, client=None,
-              max_tokens: int = 2048) -> dict:
+              max_tokens: int = 2048, baseline: str | None = None) -> dict:
     current, hist = _histories(job, answers)
     messages = prompts.render(mode, question=job.question.turns[job.turn - 1], answers=current, histories=hist,
                               reference=job.reference)
@@ -213,6 +213,7 @@ def judge_one(job: Job, mode: str, answers: dict, prompts: PromptSet, endpoint: 
         "model_b": job.model_b,
         "order": job.order,
         "positions": job.positions,
+        "baseline": baseline,
         "judge_model": endpoint.model,
         "prompt_version": prompts.version,
         "prompt_sha": prompts.sha,
@@ -285,7 +286,8 @@ def run_judge(
     client = endpoint.client()
     counts = {"ok": 0, "unparsed": 0, "error": 0}
     with AppendLog(output) as out, ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = [pool.submit(judge_one, j, mode, answers, prompts, endpoint, client=client, max_tokens=max_tokens)
+        futures = [pool.submit(judge_one, j, mode, answers, prompts, endpoint, client=client, max_tokens=max_tokens,
+                               baseline=baseline)
                    for j in todo]
         bar = tqdm(total=len(todo), desc="judge", unit="call", file=sys.stderr, disable=not sys.stderr.isatty())
         try:

@@ -129,8 +129,11 @@ def compute_report(records: list[dict], *, baseline: str | None = None, bootstra
         raise EvalUsageError(f"judgments mix modes {sorted(modes)}; report one mode at a time")
     mode = modes.pop()
     models = sorted({r["model_a"] for r in records} | {r["model_b"] for r in records if r.get("model_b")})
+    if baseline is None:  # the judge run's --baseline, recorded in every judgment
+        recorded = {r.get("baseline") for r in records} - {None}
+        baseline = recorded.pop() if len(recorded) == 1 else None
     if baseline is None and mode != "single":
-        # `eval judge --baseline B` (or two models) puts the same model in model_b everywhere.
+        # Two models (or judgments made elsewhere with a baseline) put one model in model_b everywhere.
         bs = {r["model_b"] for r in records}
         baseline = bs.pop() if len(bs) == 1 else None
     if baseline is not None and baseline not in models:
@@ -296,6 +299,24 @@ def render_markdown(res: dict[str, Any]) -> str:
     for cat, rows in res["categories"].items():
         pct = metric != "avg_score"
         lines.append(f"| {cat} | " + " | ".join(_fmt(rows[m].get(metric), pct=pct) for m in names) + " |")
+    # Every per-category number, one row per (category, model).
+    head = ["category", "model", "comparisons", "W/T/L", "adj. win rate"]
+    if scored:
+        head += ["total", "opponent total", "relative", "avg score", "avg turn 1", "avg turn 2"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cat, rows in res["categories"].items():
+        for m, row in rows.items():
+            if "comparisons" not in row and "avg_score" not in row:
+                continue
+            cells = [cat, m, _fmt(row.get("comparisons")),
+                     f"{row['wins']}/{row['ties']}/{row['losses']}" if "wins" in row else "–",
+                     _fmt(row.get("win_rate_adjusted"), pct=True)]
+            if scored:
+                turns = row.get("avg_score_turn", {})
+                cells += [_fmt(row.get("total_score")), _fmt(row.get("baseline_total")),
+                          _fmt(row.get("relative_score"), pct=True), _fmt(row.get("avg_score")),
+                          _fmt(turns.get("1")), _fmt(turns.get("2"))]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Charts: `relative_scores.png`, `categories.png`. Definitions: see `vicuna eval report --help`.", ""]
     return "\n".join(lines)
 
