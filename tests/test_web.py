@@ -136,7 +136,7 @@ def test_chat_streams_and_stores(store):
     assert store.conversation(state["conv_id"])["model"] == "alpha"
 
 
-def test_stop_keeps_partial_answer_as_cancelled(store):
+def test_client_gone_keeps_partial_answer_as_cancelled(store):
     app = make_app(store, ScriptedClient({"alpha": "a b c d e f g h"}, delay=0.01))
 
     async def run():
@@ -146,12 +146,78 @@ def test_stop_keeps_partial_answer_as_cancelled(store):
             seen.append(out)
             if len(seen) == 3:
                 break
-        await agen.aclose()  # what Gradio's Stop does to the running generator
+        await agen.aclose()  # what Gradio does to the generator when the browser goes away
         return seen
 
     seen = asyncio.run(run())
     conv = store.conversation(seen[-1][2]["conv_id"])
     assert conv["finish"] == "cancelled" and conv["messages"][-1]["content"] == "a b"
+
+
+class StallingClient(ScriptedClient):
+    """Sends a few words, then stalls (a model stuck in a queue); records that its stream was closed."""
+
+    closed = 0
+
+    async def stream_chat(self, model, messages, **params):
+        try:
+            for word in ("one", " two"):
+                yield word
+            await asyncio.sleep(3600)
+        finally:
+            StallingClient.closed += 1
+
+
+def test_stop_button_ends_a_stalled_stream_and_keeps_the_text(store):
+    app = make_app(store, StallingClient({"alpha": "", "bravo": ""}))
+
+    async def run(reason):
+        outs = []
+        async def consume():
+            async for out in app.chat_stream([{"role": "user", "content": "go"}], None, "alpha", 0.7, 1, 16, IP,
+                                              stop_key="s1:chat"):
+                outs.append(copy.deepcopy(out))
+        task = asyncio.create_task(consume())
+        while not outs or outs[-1][0][-1]["content"] != "one two":
+            await asyncio.sleep(0.01)
+        assert app.request_stop("s1:chat", reason)
+        await asyncio.wait_for(task, 5)
+        return outs
+
+    outs = asyncio.run(run("stop"))
+    history, status, state = outs[-1]
+    assert status == "*Stopped.*" and history[-1]["content"] == "one two"
+    conv = store.conversation(state["conv_id"])
+    assert conv["finish"] == "stopped" and conv["messages"][-1]["content"] == "one two"
+    assert StallingClient.closed == 1  # the model's stream was closed: the engine frees the slot
+    assert not app.request_stop("s1:chat")  # nothing runs any more
+
+    outs = asyncio.run(run("clear"))
+    assert outs[-1][1] != "*Stopped.*"  # after Clear nothing more is shown
+    assert StallingClient.closed == 2
+
+
+def test_stopped_battle_can_still_be_voted_on(store):
+    app = make_app(store, StallingClient({"alpha": "", "bravo": ""}))
+
+    async def run():
+        _, ha, hb, state = await app.arena_add_user("hi", [], [], None, None, None, anonymous=True, ip=IP)
+        outs = []
+        async def consume():
+            async for out in app.arena_stream(ha, hb, state, 0.7, 1, 16, IP, stop_key="s:arena"):
+                outs.append(copy.deepcopy(out))
+        task = asyncio.create_task(consume())
+        while not outs or outs[-1][0][-1]["content"] != "one two" or outs[-1][1][-1]["content"] != "one two":
+            await asyncio.sleep(0.01)
+        app.request_stop("s:arena")
+        await asyncio.wait_for(task, 5)
+        return outs
+
+    ha, hb, status, state = asyncio.run(run())[-1]
+    assert state["answered"] and status.startswith("*Stopped.* Vote")
+    reveal, _ = asyncio.run(app.vote(state, ha, hb, "model_a", IP))
+    assert "A is better" in reveal
+    assert [c["finish"] for c in store.iter_conversations()] == ["stopped", "stopped"]
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,45 @@ async def merge_streams(streams: Sequence[AsyncIterator[str]]) -> AsyncIterator[
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class _Stop:
+    """A running generation's stop switch: ``reason`` is "stop" (Stop button) or "clear" (Clear/New round)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason = "stop"
+
+
+async def until_stopped(stream: AsyncIterator, stop: asyncio.Event) -> AsyncIterator:
+    """Items of ``stream`` until it ends or ``stop`` is set; then the stream is closed (the engine aborts).
+
+    Why not Gradio's ``cancels=``: cancelling a job that has not streamed yet leaves a red
+    "Error" over the chat in Gradio 6; stopping ourselves ends the job normally, keeps the
+    partial answer on screen and lets us store it as "stopped".
+    """
+    it = stream.__aiter__()
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(it.__anext__())
+            await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+                return
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            if stop.is_set():
+                return
+    finally:
+        stopped.cancel()
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class WebApp:
     """The UI's logic on top of a model client and the arena store."""
 
@@ -164,6 +203,26 @@ class WebApp:
         self.settings = settings or WebSettings()
         self.limiter = RateLimiter(self.settings.rate_limit, self.settings.rate_window)
         self.rng = rng or random.Random()
+        self._running: dict[str, _Stop] = {}  # stop key (browser session + tab) -> the generation running there
+
+    def _begin(self, key: str | None) -> _Stop:
+        stop = _Stop()
+        if key:
+            self._running[key] = stop
+        return stop
+
+    def _end(self, key: str | None, stop: _Stop) -> None:
+        if key and self._running.get(key) is stop:
+            del self._running[key]
+
+    def request_stop(self, key: str | None, reason: str = "stop") -> bool:
+        """Stop the generation running under ``key`` (call on the event loop); False if none runs."""
+        stop = self._running.get(key) if key else None
+        if stop is None:
+            return False
+        stop.reason = reason
+        stop.event.set()
+        return True
 
     # -- shared --------------------------------------------------------------------------
 
@@ -240,9 +299,12 @@ class WebApp:
         return history[:-1]
 
     async def chat_stream(self, history: list[dict], state: dict | None, model: str | None, temperature: float,
-                          top_p: float, max_tokens: float, ip: str | None
+                          top_p: float, max_tokens: float, ip: str | None, stop_key: str | None = None
                           ) -> AsyncIterator[tuple[list[dict], str, dict | None]]:
-        """Stream the answer to the last user message: yields (history, status, state)."""
+        """Stream the answer to the last user message: yields (history, status, state).
+
+        ``request_stop(stop_key)`` ends it early; the partial answer stays (stored as "stopped").
+        """
         if not history or history[-1].get("role") != "user":
             yield history, "", state
             return
@@ -256,11 +318,19 @@ class WebApp:
         answer = {"role": "assistant", "content": ""}
         history = [*history, answer]
         finish, error = "cancelled", None
+        stop = self._begin(stop_key)
         try:
             yield history, f"*{model} is answering…*", state
-            async for piece in self.stream(model, messages, params):
+            async for piece in until_stopped(self.stream(model, messages, params), stop.event):
                 answer["content"] += piece
                 yield history, f"*{model} is answering…*", state
+            if stop.event.is_set():
+                finish = "stopped"
+                if not answer["content"]:
+                    history = history[:-1]  # nothing came: keep the prompt for Send/Regenerate to retry
+                if stop.reason == "stop":  # after Clear nothing more is shown
+                    yield history, "*Stopped.*", state
+                return
             finish = "stop"
             yield history, "", state
         except Exception as e:
@@ -271,6 +341,7 @@ class WebApp:
                 history = history[:-1]  # keep the prompt so Regenerate/Send can retry it
             yield history, error, state
         finally:
+            self._end(stop_key, stop)
             await self._save(state["conv_id"], "chat", model, history, params, finish, error, ip)
 
     def feedback(self, state: dict | None, index: Any, liked: Any, ip: str | None) -> str:
@@ -329,9 +400,13 @@ class WebApp:
         return "", [*hist_a, user], [*hist_b, dict(user)], state
 
     async def arena_stream(self, hist_a: list[dict], hist_b: list[dict], state: dict | None, temperature: float,
-                           top_p: float, max_tokens: float, ip: str | None
+                           top_p: float, max_tokens: float, ip: str | None, stop_key: str | None = None
                            ) -> AsyncIterator[tuple[list[dict], list[dict], str, dict | None]]:
-        """Stream both answers at once: yields (hist_a, hist_b, status, state); state["answered"] once both ended."""
+        """Stream both answers at once: yields (hist_a, hist_b, status, state).
+
+        ``state["answered"]`` turns true (votes allowed) once both answers ended, or were
+        stopped with some text on both sides.
+        """
         if not state or not hist_a or hist_a[-1].get("role") != "user":
             yield hist_a, hist_b, "", state
             return
@@ -346,9 +421,10 @@ class WebApp:
             hists[i].append(answers[i])
         errors: list[str | None] = [None, None]
         finish = ["cancelled", "cancelled"]
+        stop = self._begin(stop_key)
         try:
             yield hists[0], hists[1], "*Both models are answering…*", state
-            async for i, piece, err in merge_streams(streams):
+            async for i, piece, err in until_stopped(merge_streams(streams), stop.event):
                 if piece is not None:
                     answers[i]["content"] += piece
                 elif err is not None:
@@ -363,13 +439,23 @@ class WebApp:
                 else:
                     finish[i] = "stop"
                 yield hists[0], hists[1], " ".join(e for e in errors if e) or "*Both models are answering…*", state
-            ok = not any(errors)
+            if stop.event.is_set():
+                finish = ["stopped" if f == "cancelled" else f for f in finish]
+                if stop.reason != "stop":  # New round: nothing more is shown
+                    return
+            ok = not any(errors) and (not stop.event.is_set() or all(a["content"] for a in answers))
             if not ok:  # drop both answers, keep the prompt: the next Send retries it on both sides
                 hists = [h[:-1] for h in hists]
             state = {**state, "answered": ok}
-            status = "Vote for the better answer (or keep chatting)." if ok else " ".join(e for e in errors if e)
+            if not ok:
+                status = " ".join(e for e in errors if e) or "*Stopped before both models answered.*"
+            elif stop.event.is_set():
+                status = "*Stopped.* Vote for the better answer (or keep chatting)."
+            else:
+                status = "Vote for the better answer (or keep chatting)."
             yield hists[0], hists[1], status, state
         finally:
+            self._end(stop_key, stop)
             for i in range(2):
                 await self._save(state["conv_ids"][i], state["mode"], models[i], hists[i], params, finish[i],
                                  errors[i], ip)
@@ -425,6 +511,11 @@ class WebApp:
         def ip_of(request: gr.Request | None) -> str | None:
             client = getattr(request, "client", None)
             return getattr(client, "host", None)
+
+        def key_of(request: gr.Request | None, tab: str) -> str | None:
+            """Stop key: one running generation per browser session and tab."""
+            session = getattr(request, "session_hash", None)
+            return f"{session}:{tab}" if session else None
 
         def refused(e: WebError) -> str:
             """Show a refusal where the user looks (the status line, plus a toast), not as a red "Error" overlay."""
@@ -486,7 +577,8 @@ class WebApp:
                             yield gr.skip(), gr.skip(), refused(e), gr.skip()
                             return
                         yield box, history, "", state  # the prompt shows at once
-                        async for h, status, st in self.chat_stream(history, state, model, t, p, n, ip):
+                        async for h, status, st in self.chat_stream(history, state, model, t, p, n, ip,
+                                                                    key_of(request, "chat")):
                             yield gr.skip(), h, status, st
 
                     async def chat_regen_fn(history, state, model, t, p, n, request: gr.Request):
@@ -496,18 +588,24 @@ class WebApp:
                         except WebError as e:
                             yield gr.skip(), refused(e), gr.skip()
                             return
-                        async for out in self.chat_stream(history, state, model, t, p, n, ip):
+                        async for out in self.chat_stream(history, state, model, t, p, n, ip, key_of(request, "chat")):
                             yield out
 
                     params_in = [chat_model, temperature, top_p, max_tokens]
-                    runs = [trigger(chat_send, [chat_box, chatbot, chat_state, *params_in],
-                                    [chat_box, chatbot, chat_status, chat_state], show_progress="hidden")
-                            for trigger in (chat_box.submit, chat_send_btn.click)]
-                    runs.append(chat_regen.click(chat_regen_fn, [chatbot, chat_state, *params_in],
-                                                 [chatbot, chat_status, chat_state], show_progress="hidden"))
-                    chat_stop.click(lambda: "*Stopped.*", None, [chat_status], cancels=runs, queue=False)
-                    chat_clear.click(lambda: ([], None, ""), None, [chatbot, chat_state, chat_status], cancels=runs,
-                                     queue=False)
+                    for trigger in (chat_box.submit, chat_send_btn.click):
+                        trigger(chat_send, [chat_box, chatbot, chat_state, *params_in],
+                                [chat_box, chatbot, chat_status, chat_state], show_progress="hidden")
+                    chat_regen.click(chat_regen_fn, [chatbot, chat_state, *params_in], [chatbot, chat_status, chat_state],
+                                     show_progress="hidden")
+                    async def chat_stop_fn(request: gr.Request):
+                        self.request_stop(key_of(request, "chat"))
+
+                    async def chat_clear_fn(request: gr.Request):
+                        self.request_stop(key_of(request, "chat"), "clear")
+                        return [], None, ""
+
+                    chat_stop.click(chat_stop_fn, None, None, queue=False)
+                    chat_clear.click(chat_clear_fn, None, [chatbot, chat_state, chat_status], queue=False)
 
                     def on_like(state, data: gr.LikeData, request: gr.Request):
                         try:
@@ -571,7 +669,8 @@ class WebApp:
                                 labels = ("Model A", "Model B") if anonymous else (f"A: {names[0]}", f"B: {names[1]}")
                                 yield (box, gr.Chatbot(value=ha, label=labels[0]), gr.Chatbot(value=hb, label=labels[1]),
                                        st, "", "", *vote_buttons_update(False))
-                                async for a, b, msg, st2 in self.arena_stream(ha, hb, st, t, p, n, ip):
+                                async for a, b, msg, st2 in self.arena_stream(ha, hb, st, t, p, n, ip,
+                                                                               key_of(request, key)):
                                     can_vote = bool(st2 and st2.get("answered") and not st2.get("voted"))
                                     yield (gr.skip(), a, b, st2, gr.skip(), msg, *vote_buttons_update(can_vote))
 
@@ -591,12 +690,18 @@ class WebApp:
                         send_io = dict(inputs=[box, bot_a, bot_b, state, pick_a, pick_b, a_t, a_p, a_n],
                                        outputs=[box, bot_a, bot_b, state, reveal, status, *buttons],
                                        show_progress="hidden")
-                        runs = [trigger(send_fn, **send_io) for trigger in (box.submit, send.click)]
-                        stop.click(lambda: "*Stopped.*", None, [status], cancels=runs, queue=False)
-                        new_round.click(
-                            lambda: ([], [], None, "", "", *[gr.Button(interactive=False)] * len(buttons)), None,
-                            [bot_a, bot_b, state, reveal, status, *buttons], cancels=runs, queue=False,
-                        )
+                        for trigger in (box.submit, send.click):
+                            trigger(send_fn, **send_io)
+                        async def stop_fn(request: gr.Request, key=key):
+                            self.request_stop(key_of(request, key))
+
+                        async def new_round_fn(request: gr.Request, key=key, n=len(buttons)):
+                            self.request_stop(key_of(request, key), "clear")
+                            return ([], [], None, "", "", *[gr.Button(interactive=False)] * n)
+
+                        stop.click(stop_fn, None, None, queue=False)
+                        new_round.click(new_round_fn, None, [bot_a, bot_b, state, reveal, status, *buttons],
+                                        queue=False)
                         for w, btn in vote_buttons.items():
                             btn.click(voter(w), [state, bot_a, bot_b], [reveal, status, state, *buttons],
                                       show_progress="hidden")
