@@ -195,6 +195,7 @@ html_fragments = st.lists(st.sampled_from([
     "<pre>", "</pre>", "<code class=\"language-py\">", "</code>", "<table>", "<tr>", "<td>", "<th>", "<b>", "</b>",
     "<a href=\"u\">", "</a>", "<br>", "<blockquote>", "<h2>", "&lt;", "&amp;", "Copy code", "1 / 2", "2 / 2",
     "Copy3 chars / 1 words", "```", "`", "*", "|", "\n", "  ", "text", "Too many requests in 1 hour. Try again later.",
+    "\ud83d", "\u200b", "OpenAI", '<span class="katex">', '<annotation encoding="application/x-tex">', "</span>",
 ]) | st.text(max_size=8), max_size=40).map("".join)
 
 values = st.one_of(st.text(max_size=200), html_fragments, html_fragments.map(lambda s: WRAP.format(s)))
