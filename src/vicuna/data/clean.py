@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
