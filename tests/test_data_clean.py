@@ -83,7 +83,8 @@ def test_clean_cli_end_to_end(tmp_path):
     assert ex["malformed_record"] == ["record 4 (line 4)"]
     bad = {b["reason"]: b for b in report["bad_records"]}
     assert bad["malformed_record"]["line"] == 4 and "malformed JSON" in bad["malformed_record"]["detail"]
-    assert bad["bad_turn"]["record"] == 13 and "must be a string" in bad["bad_turn"]["detail"]
+    assert bad["bad_turn"]["record"] == bad["bad_turn"]["line"] == 13
+    assert "must be a string" in bad["bad_turn"]["detail"]
     assert report["changes"]["leading_gpt_dropped"] == 1 and report["changes"]["trailing_human_dropped"] == 1
 
     # never overwrite without --force; cleaning the output again changes nothing

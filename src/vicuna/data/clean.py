@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from . import DataError
 from .html2md import html_to_markdown, looks_like_html
-from .io import RecordError, RecordWriter, atomic_write_json, check_output, progress, read_records
+from .io import RecordError, RecordWriter, atomic_write_json, check_output, progress, read_records, record_format
 from .sharegpt import GPT, HUMAN, SYSTEM, BadSample, check_alternating, parse_sample
 
 log = logging.getLogger(__name__)
@@ -314,6 +314,7 @@ def clean_file(inp: str, out: str, *, config: CleanConfig = CleanConfig(), worke
     if report_path:
         check_output(report_path, force=force, inputs=[inp, out])
     report = Report(str(inp), str(out))
+    jsonl = record_format(inp) == "jsonl"
     seen_ids: set[str] = set()
     seen_keys: set[bytes] = set()
     def feed() -> Iterator[tuple[int, Any]]:
@@ -331,9 +332,10 @@ def clean_file(inp: str, out: str, *, config: CleanConfig = CleanConfig(), worke
             for n, text, key, reason, detail, sid, changes in results:
                 report.changes.update(changes)
                 if text is None:
+                    line = n if jsonl else None  # in JSON lines the record number is the line number
                     if strict and reason in FORMAT_REASONS:
-                        raise DataError(f"{inp}: record {n}: {detail}")
-                    report.drop(reason, sid or f"record {n}", n, detail)
+                        raise DataError(f"{inp}: record {n}" + (f" (line {line})" if line else "") + f": {detail}")
+                    report.drop(reason, sid or f"record {n}", n, detail, line)
                     continue
                 if sid in seen_ids:
                     report.drop("duplicate_id", sid, n)

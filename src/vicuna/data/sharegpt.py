@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import DataError
-from .io import RecordError, progress, read_records
+from .io import JSONL_SUFFIXES, RecordError, progress, read_records
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,14 @@ class BadRecords:
 
     def __init__(self, path: str, strict: bool = False, keep: int = 100):
         self.path, self.strict, self.keep = str(path), strict, keep
+        self._jsonl = str(path).lower().endswith(JSONL_SUFFIXES)
         self.count = 0
         self.reasons: dict[str, int] = {}
         self.examples: list[dict] = []
 
     def add(self, record: int, line: int | None, reason: str, detail: str) -> None:
+        if line is None and self._jsonl:
+            line = record  # in JSON lines the record number is the line number
         where = f"record {record}" + (f" (line {line})" if line is not None else "")
         if self.strict:
             raise DataError(f"{self.path}: {where}: {detail} (run without --strict to skip bad records)")
