@@ -164,12 +164,7 @@ def compute_report(records: list[dict], *, baseline: str | None = None, bootstra
         if m in intervals:
             iv = intervals[m]
             row.update(rating=iv.rating, rating_lower=iv.lower, rating_upper=iv.upper)
-        if baseline and m != baseline:
-            row.update(_pair_stats(c for c in comps if c["model_a"] == m and c["model_b"] == baseline))
-        elif not baseline and mode != "single":  # against all opponents
-            row.update(_pair_stats([c for c in comps if c["model_a"] == m]
-                                   + [_flip(c) for c in comps if c["model_b"] == m]))
-        row.update(_turn_scores(records, comps, mode, m))
+        row.update(_model_stats(records, comps, mode, m, baseline))
         per_model[m] = row
 
     pairs = []
@@ -180,17 +175,7 @@ def compute_report(records: list[dict], *, baseline: str | None = None, bootstra
     for cat in sorted({r["category"] for r in records}):
         cat_records = [r for r in records if r["category"] == cat]
         cat_comps = [c for c in comps if c["category"] == cat]
-        rows = {}
-        for m in models:
-            row = {}
-            if baseline and m != baseline:
-                row.update(_pair_stats(c for c in cat_comps if c["model_a"] == m and c["model_b"] == baseline))
-            elif not baseline and mode != "single":
-                row.update(_pair_stats([c for c in cat_comps if c["model_a"] == m]
-                                       + [_flip(c) for c in cat_comps if c["model_b"] == m]))
-            row.update(_turn_scores(cat_records, cat_comps, mode, m))
-            rows[m] = row
-        categories[cat] = rows
+        categories[cat] = {m: _model_stats(cat_records, cat_comps, mode, m, baseline) for m in models}
 
     return {
         "mode": mode,
@@ -203,6 +188,17 @@ def compute_report(records: list[dict], *, baseline: str | None = None, bootstra
         "pairs": pairs,
         "categories": categories,
     }
+
+
+def _model_stats(records: list[dict], comps: list[dict], mode: str, m: str, baseline: str | None) -> dict[str, Any]:
+    """Head-to-head numbers vs the baseline (or vs everyone without one) plus per-turn scores."""
+    row: dict[str, Any] = {}
+    if baseline and m != baseline:
+        row.update(_pair_stats(c for c in comps if c["model_a"] == m and c["model_b"] == baseline))
+    elif not baseline and mode != "single":
+        row.update(_pair_stats([c for c in comps if c["model_a"] == m] + [_flip(c) for c in comps if c["model_b"] == m]))
+    row.update(_turn_scores(records, comps, mode, m))
+    return row
 
 
 def _mean(xs: list[float]) -> float | None:
