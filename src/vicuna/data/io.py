@@ -209,8 +209,7 @@ class _ArrayReader:
             try:
                 obj, end = self.raw_decode(self.buf, start)
             except json.JSONDecodeError as e:
-                truncated = e.pos >= len(self.buf) - 8 or e.msg.startswith("Unterminated string")
-                if truncated and self.fill(len(self.buf) - self.pos):
+                if _maybe_truncated(e, self.buf) and self.fill(len(self.buf) - self.pos):
                     continue  # the record runs past the buffer: read more (doubling) and retry
                 err = RecordError(n, self.line_at(e.pos), f"malformed JSON: {e.msg}")
                 self.pos = max(e.pos, start + 1)
@@ -247,7 +246,7 @@ class _ArrayReader:
             try:
                 obj, _ = self.raw_decode(self.buf, brace)
             except json.JSONDecodeError as e:
-                if (e.pos >= len(self.buf) - 8 or e.msg.startswith("Unterminated string")) and self.fill(len(self.buf) - self.pos):
+                if _maybe_truncated(e, self.buf) and self.fill(len(self.buf) - self.pos):
                     continue
                 self.pos = brace + 1
                 continue
@@ -258,6 +257,11 @@ class _ArrayReader:
                 self.pos = m.start()  # at the ',': the main loop then reads the record
                 return True
             self.pos = brace + 1
+
+
+def _maybe_truncated(e: json.JSONDecodeError, buf: str) -> bool:
+    """Could this error go away with more input? (Errors from the buffer end, or an open string.)"""
+    return e.pos >= len(buf) - 8 or e.msg.startswith("Unterminated string")
 
 
 def _read_json_array(f, name: str) -> Iterator[tuple[int, Any]]:
