@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vicuna.data.clean import Cleaner, clean_value
+from vicuna.data.clean import CleanConfig, Cleaner, clean_value
 from vicuna.data.html2md import html_to_markdown, looks_like_html
 
 WRAP = '<div class="markdown prose w-full break-words dark:prose-invert light">{}</div>'
@@ -230,3 +231,19 @@ def test_value_cleaning_is_a_fixed_point(text):
     for is_gpt in (True, False):
         once, _ = clean_value(text, is_gpt)
         assert clean_value(once, is_gpt)[0] == once
+
+
+@pytest.mark.parametrize("reply", [
+    "Too many requests in 1 hour. Try again later.",
+    "!Too many requests in 1 hour. Try again later.",
+    "Network error",
+    '<div class="flex flex-col"><div class="py-2 px-3 border text-gray-600 rounded-md text-sm border-red-500 '
+    'bg-red-500/10">An error occurred. If this issue persists please contact us through our help center at '
+    'help.openai.com.</div></div>',
+    WRAP.format("<p>There was an error generating a response</p>"),
+])
+def test_error_pages_are_dropped(reply):
+    sample = {"id": "e", "conversations": [{"from": "human", "value": "Please explain transformers in detail."},
+                                           {"from": "gpt", "value": reply}]}
+    out = Cleaner(CleanConfig(blocked_words=())).clean(sample, 1)
+    assert out.sample is None and out.reason == "error_page", out
