@@ -129,8 +129,8 @@ def check_tokenizer(tokenizer, model, where: str) -> None:
         raise ModelLoadError(
             f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} rows "
             f"(the classic 32001 vs 32000 mismatch after adding a pad token or applying delta weights). "
-            f"Use the tokenizer that came with these weights, or repair the directory with "
-            f"`vicuna weights fix-tokens {where}`."
+            f"Use the tokenizer that came with these weights, or give the extra tokens embedding rows with "
+            f"`vicuna weights fix-tokens {where} --resize-embeddings`."
         )
     if tokenizer.eos_token is None:
         raise ModelLoadError(
