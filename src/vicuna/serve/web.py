@@ -16,6 +16,7 @@ too long, server busy, worker crashed) are written in the status line under the 
 
 import asyncio
 import logging
+import os
 import random
 import threading
 import time
@@ -816,7 +817,7 @@ def run_web(args) -> int:
 
     settings = settings_from_args(args)
     store = ArenaStore(args.arena_db)
-    client = ControllerClient(args.controller, secret=args.secret)
+    client = ControllerClient(args.controller, secret=args.secret or os.environ.get("VICUNA_SECRET") or None)
     app = create_web_app(client, store, settings)
     print(f"web UI on http://{args.host}:{args.port} (models from {args.controller}; arena database {store.path})",
           flush=True)
@@ -828,8 +829,6 @@ def run_web(args) -> int:
 
 def add_web_command(verbs) -> None:
     """Register `vicuna serve web` (called by vicuna.serve.cli)."""
-    import os
-
     from ..cli import command
 
     p = command(
@@ -848,8 +847,7 @@ def add_web_command(verbs) -> None:
         ),
     )
     p.add_argument("--controller", required=True, help="controller URL, e.g. http://127.0.0.1:21001")
-    p.add_argument("--secret", default=os.environ.get("VICUNA_SECRET"),
-                   help="shared secret of the controller (default: $VICUNA_SECRET)")
+    p.add_argument("--secret", default=None, help="shared secret of the controller (or set $VICUNA_SECRET)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     add_web_arguments(p, web_flag=False)
