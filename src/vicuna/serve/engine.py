@@ -76,7 +76,8 @@ class EngineStats:
 class _Request:
     prompt_ids: list[int]
     seq: Sequence
-    sink: Callable[[Any], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
@@ -84,6 +85,11 @@ class _Request:
     last_token: int = -1  # sampled, not yet in the cache
     logprobs_sent: int = 0
     first_token_at: float | None = None
+
+
+def _deliver(items: list[tuple[_Request, Any]]) -> None:
+    for r, item in items:
+        r.queue.put_nowait(item)
 
 
 class _SlotCache:
@@ -205,6 +211,7 @@ class HFEngine(EngineBase):
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._cv = threading.Condition()
         self._rows: list[_Request] = []
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._cache: _SlotCache | None = None
@@ -236,16 +243,8 @@ class HFEngine(EngineBase):
         prompt_ids, params = self.prepare(request)
         if self._thread is None:
             raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def sink(item):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone: nobody is listening any more
-                req.cancelled = True
-
-        req = _Request(prompt_ids, Sequence(self.tokenizer, prompt_ids, params), sink)
+        req = _Request(prompt_ids, Sequence(self.tokenizer, prompt_ids, params), asyncio.get_running_loop(), queue)
         with self._cv:
             if len(self._inbox) >= self.config.max_queue:
                 raise Overloaded(
@@ -361,7 +360,21 @@ class HFEngine(EngineBase):
 
     def _fail(self, r: _Request, err: ServeError) -> None:
         r.done = True
-        r.sink(err)
+        self._send(r, err)
+        self._flush()
+
+    def _send(self, r: _Request, item: Any) -> None:
+        self._outbox.setdefault(r.loop, []).append((r, item))
+
+    def _flush(self) -> None:
+        """Hand this iteration's deltas to their event loops: one wake-up per loop, not one per row."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for r, _ in items:
+                    r.cancelled = True
 
     def _iteration(self) -> None:
         while self._calls:
@@ -387,6 +400,7 @@ class HFEngine(EngineBase):
             self._prefill(r)
         if self._rows:
             self._decode()
+        self._flush()
 
     def _prefill(self, r: _Request) -> None:
         """Run the prompt alone (as single-request generation does) and move its KV into a row."""
@@ -499,7 +513,7 @@ class HFEngine(EngineBase):
                 with self._lock:
                     self._stats.ttft_count += 1
                     self._stats.ttft_sum += now - r.arrival
-            r.sink(Delta(text, seq.finish_reason, len(r.prompt_ids), len(seq.output_ids), logprobs))
+            self._send(r, Delta(text, seq.finish_reason, len(r.prompt_ids), len(seq.output_ids), logprobs))
         if seq.finished:
             r.done = True
             with self._lock:
