@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import re
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -212,9 +213,12 @@ def dedup_key(sample: dict) -> bytes:
 _WORKER: Cleaner | None = None
 
 
-def _init_worker(config: CleanConfig) -> None:
+def _init_worker(config: CleanConfig, pool_worker: bool = False) -> None:
     global _WORKER
     _WORKER = Cleaner(config)
+    if pool_worker:
+        # Ctrl-C is the parent's business: it stops the pool and removes the partial output
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _clean_batch(batch: list[tuple[int, Any]]) -> list[tuple]:
@@ -256,7 +260,7 @@ def _ordered_parallel(func, batches: Iterator[list], workers: int, config: Clean
     # (spawn/forkserver would re-run __main__); the pool starts before any thread.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(config, True)) as pool:
         pending: collections.deque = collections.deque()
         for b in batches:
             pending.append(pool.apply_async(func, (b,)))
