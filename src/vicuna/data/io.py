@@ -283,10 +283,10 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Iterab
         if same:
             raise DataError(f"{out} is also given as an input or another output; inputs are never modified, "
                             "choose another path")
-    if out.exists() and not force:
-        raise DataError(f"{out} already exists; pass --force to overwrite it")
     if out.is_dir():
         raise DataError(f"{out} is a directory; give a file path")
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists; pass --force to overwrite it")
     if not out.parent.exists():
         raise DataError(f"{out.parent} does not exist; create the directory first")
     return out
