@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, cli_env, run_cli
 
-from vicuna.serve.arena import ArenaError, ArenaStore, Battle, compute_leaderboard, identity_leak
+from vicuna.serve.arena import ArenaError, ArenaStore, Battle, compute_leaderboard, identity_leak, identity_terms
 
 TRUTH = {"strong": 1150.0, "middle": 1000.0, "weak": 850.0}  # mean 1000
 
@@ -124,12 +124,19 @@ def test_concurrent_writers_threads_and_processes(tmp_path):
 
 
 def test_identity_leak():
-    names = ["lmsys/vicuna-7b", "tiny-b", "ab"]
-    assert identity_leak({"model A": ["I am Vicuna-7B, made by LMSYS."]}, names) == \
-        "the answer of model A mentions the model name 'vicuna-7b'"
+    names = ["lmsys/vicuna-7b-v1.5", "tiny-b", "ab", "Llama-2-13b-chat-hf"]
+    assert identity_terms(names) == ["lmsys/vicuna-7b-v1.5", "Llama-2-13b-chat-hf", "vicuna-7b-v1.5", "tiny-b",
+                                     "vicuna", "Llama", "lmsys"]
+    assert identity_leak({"model A": ["I am Vicuna-7B-v1.5."]}, names) == \
+        "the answer of model A mentions 'vicuna-7b-v1.5'"
+    assert identity_leak({"model A": ["I am Vicuna, a chat assistant"]}, names) == \
+        "the answer of model A mentions 'vicuna'"  # the family word gives it away too
+    assert identity_leak({"model B": ["I was trained by LMSYS"]}, names) == "the answer of model B mentions 'lmsys'"
     assert "model B" in identity_leak({"model A": ["fine"], "model B": ["Hi, tiny-b here"]}, names)
-    assert identity_leak({"model A": ["tiny-bee and vicuna-7bx are words", "abc"]}, names) is None  # whole words only
-    assert identity_leak({"model A": ["ab"]}, names) is None  # too short to be a reliable tell
+    assert identity_leak({"model A": ["I was made by OpenAI"]}, names) is None
+    assert "'OpenAI'" in identity_leak({"model A": ["I was made by OpenAI"]}, names, extra=["OpenAI", "x"])
+    # whole words only; short names and generic parts ("chat", "tiny") are not tells
+    assert identity_leak({"model A": ["tiny-bee, vicunas, a chat, ab, llamas", "abc"]}, names) is None
 
 
 def test_leaderboard_from_stored_votes_recovers_truth(tmp_path):

@@ -340,25 +340,41 @@ def _conversation_dict(row: sqlite3.Row) -> dict[str, Any]:
 # -- identity leaks ------------------------------------------------------------------------
 
 
-def identity_leak(answers: dict[str, Iterable[str]], names: Iterable[str]) -> str | None:
-    """Why a battle vote must be void, or None: an answer names a model of the arena.
+# Parts of model names that say nothing about who made the model.
+GENERIC_NAME_PARTS = frozenset(
+    "chat instruct instruction base model models tuned turbo preview mini tiny small medium large hf gguf "
+    "awq gptq bf16 fp16 int4 int8 delta lora merged sft dpo rlhf test demo".split()
+)
 
-    ``answers`` maps a side ("model A") to its answer texts. A name matches as a whole word,
-    case-insensitively, also by its last path part ("lmsys/vicuna-7b" -> "vicuna-7b"), so a
-    model saying "I am Vicuna-7B" gives itself away. Very short names (< 3 characters) are
-    skipped: they would void votes on ordinary words.
-    """
-    variants = set()
+
+def identity_terms(names: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """Words that give a model away: each name, its last path part ("lmsys/vicuna-7b" ->
+    "vicuna-7b"), its distinctive alphabetic parts ("lmsys/vicuna-7b-v1.5" -> "lmsys", "vicuna";
+    4+ letters, not generic like "chat"), plus ``extra`` words (makers: "openai", ...)."""
+    terms = set()
     for name in names:
-        for v in (name, name.rstrip("/").rsplit("/", 1)[-1]):
-            if len(v) >= 3:
-                variants.add(v)
-    patterns = [(v, re.compile(rf"(?<!\w){re.escape(v)}(?!\w)", re.IGNORECASE)) for v in sorted(variants)]
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        terms.update(v for v in (name, base) if len(v) >= 3)
+        terms.update(w for w in re.findall(r"[^\W\d_]+", name) if len(w) >= 4 and w.lower() not in GENERIC_NAME_PARTS)
+    terms.update(w.strip() for w in extra if len(w.strip()) >= 3)
+    return sorted(terms, key=lambda t: (-len(t), t.lower()))
+
+
+def identity_leak(answers: dict[str, Iterable[str]], names: Iterable[str], extra: Iterable[str] = ()) -> str | None:
+    """Why a battle vote must be void, or None: an answer says which model (or maker) wrote it.
+
+    ``answers`` maps a side ("model A") to its answer texts; the words checked are
+    :func:`identity_terms` of the served ``names``, matched as whole words, case-insensitively,
+    so "I am Vicuna" voids a battle with vicuna-7b-v1.5, and "made by OpenAI" one with
+    ``extra=["openai"]``.
+    Terms shorter than 3 characters are skipped: they would void votes on ordinary words.
+    """
+    patterns = [(t, re.compile(rf"(?<!\w){re.escape(t)}(?!\w)", re.IGNORECASE)) for t in identity_terms(names, extra)]
     for side, texts in answers.items():
         for text in texts:
-            for v, pattern in patterns:
+            for term, pattern in patterns:
                 if pattern.search(text):
-                    return f"the answer of {side} mentions the model name {v!r}"
+                    return f"the answer of {side} mentions {term!r}"
     return None
 
 

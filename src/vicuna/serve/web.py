@@ -57,6 +57,7 @@ class WebSettings:
     max_tokens: int = 512  # default of the slider
     max_tokens_limit: int = 4096  # top of the slider
     concurrency: int = 64  # generations Gradio runs at once (the engine batches them)
+    identity_words: tuple[str, ...] = ()  # extra words that void a battle vote (makers: "lmsys", "openai")
     title: str = "Vicuna"
 
 
@@ -478,7 +479,7 @@ class WebApp:
                 names = set()
             answers = {f"model {side}": [message_text(m.get("content")) for m in h if m.get("role") == "assistant"]
                        for side, h in zip("AB", (hist_a, hist_b))}
-            void = identity_leak(answers, names | set(models))
+            void = identity_leak(answers, names | set(models), self.settings.identity_words)
         await asyncio.to_thread(
             self.store.add_vote, mode=state["mode"], model_a=models[0], model_b=models[1],
             conv_a=state["conv_ids"][0], conv_b=state["conv_ids"][1], winner=winner, anonymous=anonymous,
@@ -767,6 +768,9 @@ def add_web_arguments(parser, *, web_flag: bool = True) -> None:
                    help="default bootstrap rounds for the leaderboard's confidence intervals")
     g.add_argument("--web-concurrency", type=int, default=d.concurrency,
                    help="generations the UI runs at once (the engine batches them)")
+    g.add_argument("--identity-words", default="", metavar="WORDS",
+                   help="comma-separated words that void a battle vote when an answer contains them, besides the "
+                        "served model names and their distinctive parts (e.g. lmsys,openai,anthropic)")
 
 
 def settings_from_args(args) -> WebSettings:
@@ -777,6 +781,7 @@ def settings_from_args(args) -> WebSettings:
         rate_limit=getattr(args, "rate_limit", d.rate_limit),
         bootstrap_rounds=getattr(args, "leaderboard_bootstrap", d.bootstrap_rounds),
         concurrency=getattr(args, "web_concurrency", d.concurrency),
+        identity_words=tuple(w.strip() for w in (getattr(args, "identity_words", "") or "").split(",") if w.strip()),
     )
     from ..errors import UsageError
 
