@@ -409,3 +409,29 @@ def test_max_tokens_slider_is_an_upper_bound(store):
     long = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2 + [{"role": "user", "content": "c"}]
     history, status, _ = collect(app.chat_stream(long, None, "alpha", 0.7, 1, 512, IP))[-1]
     assert status.startswith("**Error — Context too long**") and "10 tokens" in status
+
+
+def test_browser_gone_while_waiting_closes_the_model_stream(store):
+    """Gradio cancels the handler's task when the page closes; the model's stream must be closed too."""
+    app = make_app(store, StallingClient({"alpha": ""}))
+    before = StallingClient.closed
+
+    async def run():
+        outs = []
+        async def consume():
+            async for out in app.chat_stream([{"role": "user", "content": "go"}], None, "alpha", 0.7, 1, 16, IP,
+                                              stop_key="s2:chat"):
+                outs.append(copy.deepcopy(out))
+        task = asyncio.create_task(consume())
+        while not outs or outs[-1][0][-1]["content"] != "one two":
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # now waiting inside the stalled stream
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return outs
+
+    outs = asyncio.run(run())
+    assert StallingClient.closed == before + 1
+    conv = store.conversation(outs[-1][2]["conv_id"])
+    assert conv["finish"] == "cancelled" and conv["messages"][-1]["content"] == "one two"
+    assert not app.request_stop("s2:chat")

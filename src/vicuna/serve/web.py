@@ -174,14 +174,13 @@ async def until_stopped(stream: AsyncIterator, stop: asyncio.Event) -> AsyncIter
     """
     it = stream.__aiter__()
     stopped = asyncio.ensure_future(stop.wait())
+    nxt: asyncio.Future | None = None
     try:
         while True:
             nxt = asyncio.ensure_future(it.__anext__())
             await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not nxt.done():
-                nxt.cancel()
-                await asyncio.gather(nxt, return_exceptions=True)
-                return
+                return  # stopped while waiting for the next piece
             try:
                 item = nxt.result()
             except StopAsyncIteration:
@@ -190,7 +189,11 @@ async def until_stopped(stream: AsyncIterator, stop: asyncio.Event) -> AsyncIter
             if stop.is_set():
                 return
     finally:
+        # Also reached when our consumer is cancelled (the browser went away) mid-wait.
         stopped.cancel()
+        if nxt is not None and not nxt.done():
+            nxt.cancel()  # throws CancelledError into the stream, which closes it
+            await asyncio.gather(nxt, return_exceptions=True)
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             await aclose()
