@@ -252,6 +252,7 @@ def test_failed_chat_before_any_text_keeps_prompt_for_retry(store):
     # Sending again replaces the unanswered prompt (roles keep alternating).
     _, history = app.chat_add_user("hello", outs[-1][0], IP)
     assert history == [{"role": "user", "content": "hello"}]
+    assert app.chat_regenerate(outs[-1][0], IP) == [{"role": "user", "content": "hi"}]  # or Regenerate retries it
     assert "No model selected" in collect(app.chat_stream(history, None, None, 0.7, 1, 16, IP))[-1][1]
 
 

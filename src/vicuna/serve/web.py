@@ -298,10 +298,11 @@ class WebApp:
         return "", [*history, {"role": "user", "content": text}]
 
     def chat_regenerate(self, history: list[dict], ip: str | None) -> list[dict]:
-        if not history or history[-1].get("role") != "assistant":
+        """The history to answer again: without the last answer, or as is when that answer failed."""
+        if not history:
             raise WebError("Nothing to regenerate", "Send a message first; Regenerate replaces the last answer.")
         self.check_rate(ip)
-        return history[:-1]
+        return history[:-1] if history[-1].get("role") == "assistant" else list(history)
 
     async def chat_stream(self, history: list[dict], state: dict | None, model: str | None, temperature: float,
                           top_p: float, max_tokens: float, ip: str | None, stop_key: str | None = None
