@@ -140,6 +140,7 @@ def test_chat_streams_an_answer(page, web_server, artifacts_dir):
     toast = page.locator("[data-testid='toast-body']").filter(has_text="the limit is 200")
     toast.wait_for()
     assert page.locator("#chat-input textarea").input_value() == "x" * 250  # kept for editing
+    page.locator("[data-testid='toast-close']").first.click()  # keep the next screenshots clear
 
 
 def test_arena_battle_vote_reveals_names_and_is_stored(page, web_server, artifacts_dir):
@@ -151,6 +152,7 @@ def test_arena_battle_vote_reveals_names_and_is_stored(page, web_server, artifac
     page.wait_for_function("!document.querySelector('#arena-vote-a').disabled")
     panel = page.locator("#arena-a").locator("xpath=ancestor::*[@role='tabpanel'][1]")
     before = panel.inner_text()
+    assert "Model A" in before and "Write one sentence about the sea." in before  # the arena tab's text
     assert not any(name in before for name in NAMES), "a model name was shown before the vote"
     for side in ("#arena-a", "#arena-b"):
         assert page.locator(f"{side} [data-testid='bot']").last.inner_text().strip()
