@@ -88,6 +88,26 @@ def test_ip_is_stored_only_as_salted_hash(tmp_path, monkeypatch):
     assert ArenaStore(tmp_path / "b.db").hash_ip(ip) != h  # another salt -> unlinkable
     assert ArenaStore(db, salt="explicit").hash_ip(ip) != h
     assert ArenaStore(db).hash_ip(None) is None
+    (tmp_path / "c.db.salt").write_text("")
+    with pytest.raises(ArenaError, match="no usable salt"):
+        ArenaStore(tmp_path / "c.db").hash_ip(ip)
+
+
+def test_salt_created_once_by_racing_processes(tmp_path, monkeypatch):
+    monkeypatch.delenv("VICUNA_ARENA_SALT", raising=False)
+    code = ("import sys; from vicuna.serve.arena import ArenaStore\n"
+            "print(ArenaStore(sys.argv[1]).hash_ip('203.0.113.5'))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "a.db")], env=cli_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    hashes = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert len(hashes) == 1 and len(next(iter(hashes))) == 32
+    assert sorted(p.name for p in tmp_path.iterdir() if "salt" in p.name) == ["a.db.salt"]  # no temp files left
+
+
+def test_unusable_path_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArenaError, match="cannot create the folder"):
+        ArenaStore(tmp_path / "file" / "arena.db")
 
 
 def test_concurrent_writers_threads_and_processes(tmp_path):

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -111,7 +112,10 @@ class ArenaStore:
         if not create and not self.path.is_file():
             raise ArenaError(f"no arena database at {self.path}; pass --db with the file `vicuna serve --web` wrote")
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ArenaError(f"cannot create the folder of arena database {self.path}: {e}") from None
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -174,14 +178,23 @@ class ArenaStore:
         return self._salt.encode()
 
     def _salt_file(self) -> str:
+        """Read ``<db>.salt``, creating it atomically (written aside, then hard-linked into place,
+        so a second process starting at the same moment reads the winner's salt, never half of it)."""
         path = self.path.with_name(self.path.name + ".salt")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_text().strip()
-        salt = secrets.token_hex(32)
-        with os.fdopen(fd, "w") as f:
-            f.write(salt + "\n")
+        if not path.exists():
+            salt = secrets.token_hex(32)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(salt + "\n")
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race: use its salt
+            finally:
+                os.unlink(tmp)
+        salt = path.read_text().strip()
+        if len(salt) < 16:
+            raise ArenaError(f"{path} holds no usable salt; delete it (IP pseudonyms will change) or set VICUNA_ARENA_SALT")
         return salt
 
     def hash_ip(self, ip: str | None) -> str | None:

@@ -510,7 +510,7 @@ class WebApp:
 
     def build(self):
         """The Gradio Blocks (tabs: Chat, Arena (battle), Side-by-side (named), Leaderboard)."""
-        import gradio as gr
+        gr = _gradio()
 
         s = self.settings
 
@@ -746,9 +746,17 @@ class WebApp:
 # -- mounting and the command line ---------------------------------------------------------
 
 
+def _gradio():
+    """Import Gradio with its telemetry and version look-ups off (servers are often offline)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio
+
+    return gradio
+
+
 def mount_web(app, client: Any, store: ArenaStore, settings: WebSettings | None = None, *, path: str = "/"):
     """Mount the UI into a FastAPI ``app`` at ``path``. Call after defining the app's own routes."""
-    import gradio as gr
+    gr = _gradio()
 
     demo = WebApp(client, store, settings).build()
     return gr.mount_gradio_app(app, demo, path=path, footer_links=[])
