@@ -165,6 +165,8 @@ def test_arena_battle_vote_reveals_names_and_is_stored(page, web_server, artifac
     assert {shown_a, shown_b} == set(NAMES)
     assert "A is better" in reveal.inner_text()
     assert page.locator("#arena-vote-a").is_disabled()  # one vote per round
+    page.wait_for_function(f"document.querySelector('#arena-a [data-testid=\"block-label\"]').innerText.includes('{shown_a}')")
+    assert shown_b in page.locator("#arena-b [data-testid='block-label']").inner_text()
     page.screenshot(path=str(artifacts_dir / "web_arena.png"))
 
     (vote,) = db_rows(db, "SELECT * FROM votes")

@@ -672,7 +672,7 @@ class WebApp:
                                     yield (gr.skip(),) * 5 + (refused(e),) + (gr.skip(),) * n_buttons
                                     return
                                 names = st["models"]
-                                labels = ("Model A", "Model B") if anonymous else (f"A: {names[0]}", f"B: {names[1]}")
+                                labels = ("Model A", "Model B") if anonymous else (f"Model A: {names[0]}", f"Model B: {names[1]}")
                                 yield (box, gr.Chatbot(value=ha, label=labels[0]), gr.Chatbot(value=hb, label=labels[1]),
                                        st, "", "", *vote_buttons_update(False))
                                 async for a, b, msg, st2 in self.arena_stream(ha, hb, st, t, p, n, ip,
@@ -685,8 +685,10 @@ class WebApp:
                                     try:
                                         text, st2 = await self.vote(st, ha or [], hb or [], winner, ip_of(request))
                                     except WebError as e:
-                                        return (gr.skip(), refused(e), gr.skip(), *[gr.skip()] * n_buttons)
-                                    return (text, "", st2, *vote_buttons_update(False))
+                                        return (gr.skip(), refused(e), gr.skip(), *[gr.skip()] * (n_buttons + 2))
+                                    a, b = st2["models"]  # revealed: on the answers too
+                                    return (text, "", st2, *vote_buttons_update(False),
+                                            gr.Chatbot(label=f"Model A: {a}"), gr.Chatbot(label=f"Model B: {b}"))
 
                                 return do_vote
 
@@ -703,13 +705,14 @@ class WebApp:
 
                         async def new_round_fn(request: gr.Request, key=key, n=len(buttons)):
                             self.request_stop(key_of(request, key), "clear")
-                            return ([], [], None, "", "", *[gr.Button(interactive=False)] * n)
+                            return (gr.Chatbot(value=[], label="Model A"), gr.Chatbot(value=[], label="Model B"),
+                                    None, "", "", *[gr.Button(interactive=False)] * n)
 
                         stop.click(stop_fn, None, None, queue=False)
                         new_round.click(new_round_fn, None, [bot_a, bot_b, state, reveal, status, *buttons],
                                         queue=False)
                         for w, btn in vote_buttons.items():
-                            btn.click(voter(w), [state, bot_a, bot_b], [reveal, status, state, *buttons],
+                            btn.click(voter(w), [state, bot_a, bot_b], [reveal, status, state, *buttons, bot_a, bot_b],
                                       show_progress="hidden")
                         arena_outputs[key] = (pick_a, pick_b)
 
