@@ -143,7 +143,8 @@ def bench_storage(votes: int, threads: int = 8) -> list[tuple[str, float]]:
                 conn.execute("INSERT INTO votes (created, mode, anonymous, model_a, model_b, conv_a, conv_b, winner) "
                              "VALUES (?, 'battle', 1, 'a', 'b', ?, ?, 'tie')", (time.time(), *ids))
 
-        out.append(("one shared connection + lock, rollback journal (baseline)", run_threads(save, vote, votes, threads)))
+        out.append(("one shared connection + lock, rollback journal (baseline)",
+                    run_threads(save, vote, votes, threads)))
         conn.close()
 
         store = ArenaStore(Path(tmp) / "ours.db", salt="bench")

@@ -223,7 +223,7 @@ def test_stopped_battle_can_still_be_voted_on(store):
 @pytest.mark.parametrize(
     "error, title, words",
     [
-        (ContextLengthExceeded("This model's maximum context length is 64 tokens; the prompt has 80.", param="messages"),
+        (ContextLengthExceeded("This model's maximum context length is 64 tokens; the prompt has 80."),
          "Context too long", ["64 tokens", "Clear"]),
         (Unavailable("no live worker for model 'alpha'", retry_after=5), "Model unavailable", ["in 5 s"]),
         (ModelNotFound.for_model("alpha", ["bravo"]), "Model unavailable", ["Available: bravo", "reload"]),
@@ -407,7 +407,8 @@ def test_max_tokens_slider_is_an_upper_bound(store):
     outs = collect(app.chat_stream([{"role": "user", "content": "hi"}], None, "alpha", 0.7, 1, 512, IP))
     assert outs[-1][0][-1]["content"].split() == [f"t{i}" for i in range(6)]  # what is left of the context
     assert [c[2]["max_tokens"] for c in client.calls[1:]] == [512, None]
-    long = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2 + [{"role": "user", "content": "c"}]
+    long = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
+    long.append({"role": "user", "content": "c"})
     history, status, _ = collect(app.chat_stream(long, None, "alpha", 0.7, 1, 512, IP))[-1]
     assert status.startswith("**Error — Context too long**") and "10 tokens" in status
 

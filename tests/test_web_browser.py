@@ -118,7 +118,8 @@ def test_chat_streams_an_answer(page, web_server, artifacts_dir):
     page.locator("#chat-input textarea").fill("Hello! What is the capital of France?")
     page.locator("#chat-send").click()
     page.wait_for_function(
-        "window.__snapshots.some(s => s.length) && !document.querySelector('#chat-status').innerText.includes('answering')"
+        "window.__snapshots.some(s => s.length)"
+        " && !document.querySelector('#chat-status').innerText.includes('answering')"
     )
     snapshots = [s for s in page.evaluate("window.__snapshots") if s]
     assert len(set(snapshots)) >= 2, f"the answer did not arrive in pieces: {snapshots}"
@@ -165,7 +166,8 @@ def test_arena_battle_vote_reveals_names_and_is_stored(page, web_server, artifac
     assert {shown_a, shown_b} == set(NAMES)
     assert "A is better" in reveal.inner_text()
     assert page.locator("#arena-vote-a").is_disabled()  # one vote per round
-    page.wait_for_function(f"document.querySelector('#arena-a [data-testid=\"block-label\"]').innerText.includes('{shown_a}')")
+    label_a = "document.querySelector('#arena-a [data-testid=\"block-label\"]').innerText"
+    page.wait_for_function(f"{label_a}.includes('{shown_a}')")
     assert shown_b in page.locator("#arena-b [data-testid='block-label']").inner_text()
     page.screenshot(path=str(artifacts_dir / "web_arena.png"))
 

@@ -194,7 +194,8 @@ class ArenaStore:
                 os.unlink(tmp)
         salt = path.read_text().strip()
         if len(salt) < 16:
-            raise ArenaError(f"{path} holds no usable salt; delete it (IP pseudonyms will change) or set VICUNA_ARENA_SALT")
+            raise ArenaError(f"{path} holds no usable salt; delete it (IP pseudonyms will change) "
+                             "or set VICUNA_ARENA_SALT")
         return salt
 
     def hash_ip(self, ip: str | None) -> str | None:
@@ -425,7 +426,8 @@ class Leaderboard:
             "confidence": self.confidence,
             "ratings": [
                 {"rank": i + 1, "model": r.model, "rating": r.rating, "lower": r.lower, "upper": r.upper,
-                 "votes": r.votes, "win_rate": r.win_rate, **({"online_elo": r.online_elo} if r.online_elo is not None else {})}
+                 "votes": r.votes, "win_rate": r.win_rate,
+                 **({"online_elo": r.online_elo} if r.online_elo is not None else {})}
                 for i, r in enumerate(self.rows)
             ],
             "win_rate": self.win_rate,
@@ -484,14 +486,15 @@ def leaderboard_markdown(lb: Leaderboard) -> str:
     head = ["Rank", "Model", "Rating", f"{pct}% CI", "Votes", "Win rate"] + (["Online Elo"] if online else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(lb.rows, 1):
-        cells = [str(i), r.model, f"{r.rating:.0f}", f"{r.lower:.0f} – {r.upper:.0f} (+{r.upper - r.rating:.0f}/-{r.rating - r.lower:.0f})",
-                 str(r.votes), f"{r.win_rate:.0%}"]
+        ci = f"{r.lower:.0f} – {r.upper:.0f} (+{r.upper - r.rating:.0f}/-{r.rating - r.lower:.0f})"
+        cells = [str(i), r.model, f"{r.rating:.0f}", ci, str(r.votes), f"{r.win_rate:.0%}"]
         if online:
             cells.append(f"{r.online_elo:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"{lb.battles} vote{'s' if lb.battles != 1 else ''}; Bradley–Terry maximum likelihood on the Elo scale, {pct}% intervals from "
+        f"{lb.battles} vote{'s' if lb.battles != 1 else ''}; Bradley–Terry maximum likelihood on the Elo scale, "
+        f"{pct}% intervals from "
         f"{lb.rounds} bootstrap rounds; ties count as half a win." + ("".join(f" Note: {n}." for n in lb.notes))
     )
     return "\n".join(lines)

@@ -18,7 +18,8 @@ def add_commands(sub) -> None:
     from ..cli import area_parser, command
 
     verbs = area_parser(sub, "arena", "arena votes: export them, compute the leaderboard",
-                        description="Work with the SQLite file the web UI writes (`vicuna serve --web --arena-db FILE`).")
+                        description="Work with the SQLite file the web UI writes "
+                                    "(`vicuna serve --web --arena-db FILE`).")
 
     p = command(
         verbs, "export", export, help="write votes, conversations or feedback as JSONL/JSON",

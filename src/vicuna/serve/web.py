@@ -28,7 +28,9 @@ from typing import Any
 
 from ..conversation import message_text
 from ..errors import VicunaError
-from .arena import ArenaStore, compute_leaderboard, identity_leak, leaderboard_figure, leaderboard_markdown, win_rate_markdown
+from .arena import (
+    ArenaStore, compute_leaderboard, identity_leak, leaderboard_figure, leaderboard_markdown, win_rate_markdown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,11 @@ def _turns(history: Sequence[dict]) -> int:
     return sum(1 for m in history if m.get("role") == "user")
 
 
-async def merge_streams(streams: Sequence[AsyncIterator[str]]) -> AsyncIterator[tuple[int, str | None, BaseException | None]]:
-    """Interleave text streams as they produce: ``(index, piece, None)``; ``(index, None, error|None)`` at the end of one.
+async def merge_streams(
+    streams: Sequence[AsyncIterator[str]],
+) -> AsyncIterator[tuple[int, str | None, BaseException | None]]:
+    """Interleave text streams as they produce: ``(index, piece, None)``, and ``(index, None, error or
+    None)`` when one ends.
 
     Both arena answers stream at once, so neither model waits for the other.
     """
@@ -202,7 +207,8 @@ async def until_stopped(stream: AsyncIterator, stop: asyncio.Event) -> AsyncIter
 class WebApp:
     """The UI's logic on top of a model client and the arena store."""
 
-    def __init__(self, client: Any, store: ArenaStore, settings: WebSettings | None = None, *, rng: random.Random | None = None):
+    def __init__(self, client: Any, store: ArenaStore, settings: WebSettings | None = None, *,
+                 rng: random.Random | None = None):
         self.client = client
         self.store = store
         self.settings = settings or WebSettings()
@@ -242,10 +248,12 @@ class WebApp:
             raise WebError("Empty message", "Type a message first.")
         if len(text) > s.max_input_chars:
             raise WebError("Message too long",
-                           f"Your message has {len(text):,} characters; the limit is {s.max_input_chars:,}. Shorten it.")
+                           f"Your message has {len(text):,} characters; the limit is {s.max_input_chars:,}. "
+                           "Shorten it.")
         if _turns(history) >= s.max_turns:
             raise WebError("Too many turns",
-                           f"This conversation reached the limit of {s.max_turns} turns. Press Clear (or start a new round).")
+                           f"This conversation reached the limit of {s.max_turns} turns. "
+                           "Press Clear (or start a new round).")
         self.check_rate(ip)
         return text
 
@@ -389,7 +397,8 @@ class WebApp:
                     raise WebError(*describe_error(e, "the model server")) from None
                 if len(served) < 2:
                     raise WebError("Arena unavailable",
-                                   f"A battle needs two models; the server has {len(served)} ({', '.join(served) or 'none'}).")
+                                   f"A battle needs two models; the server has {len(served)} "
+                                   f"({', '.join(served) or 'none'}).")
                 pair = self.rng.sample(served, 2)
             else:
                 if not model_a or not model_b:
@@ -601,8 +610,8 @@ class WebApp:
                     for trigger in (chat_box.submit, chat_send_btn.click):
                         trigger(chat_send, [chat_box, chatbot, chat_state, *params_in],
                                 [chat_box, chatbot, chat_status, chat_state], show_progress="hidden")
-                    chat_regen.click(chat_regen_fn, [chatbot, chat_state, *params_in], [chatbot, chat_status, chat_state],
-                                     show_progress="hidden")
+                    chat_regen.click(chat_regen_fn, [chatbot, chat_state, *params_in],
+                                     [chatbot, chat_status, chat_state], show_progress="hidden")
                     async def chat_stop_fn(request: gr.Request):
                         self.request_stop(key_of(request, "chat"))
 
@@ -672,8 +681,10 @@ class WebApp:
                                     yield (gr.skip(),) * 5 + (refused(e),) + (gr.skip(),) * n_buttons
                                     return
                                 names = st["models"]
-                                labels = ("Model A", "Model B") if anonymous else (f"Model A: {names[0]}", f"Model B: {names[1]}")
-                                yield (box, gr.Chatbot(value=ha, label=labels[0]), gr.Chatbot(value=hb, label=labels[1]),
+                                labels = (("Model A", "Model B") if anonymous
+                                          else (f"Model A: {names[0]}", f"Model B: {names[1]}"))
+                                yield (box, gr.Chatbot(value=ha, label=labels[0]),
+                                       gr.Chatbot(value=hb, label=labels[1]),
                                        st, "", "", *vote_buttons_update(False))
                                 async for a, b, msg, st2 in self.arena_stream(ha, hb, st, t, p, n, ip,
                                                                                key_of(request, key)):
