@@ -187,6 +187,16 @@ def test_async_client_n2_seed_and_stop_list(server):
     assert r.choices[0].message.content == greedy[:cut] and r.choices[0].finish_reason == "stop"
 
 
+def test_parameters_and_unknown_fields(server, client):
+    r = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_completion_tokens=3, presence_penalty=1.5, frequency_penalty=0.5,
+        top_p=0.9, user="someone", extra_body={"ignore_eos": True, "logit_bias": {}, "no_such_field": [1, 2]})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "messages": HELLO, "max_tokens": 2, "stop": "x", "whatever": True})
+    assert r.status_code == 200
+
+
 def test_completions_echo_and_logprobs(client):
     r = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=5, echo=True,
                                   temperature=0)
