@@ -51,7 +51,7 @@ class Template:
     # system message inside it (Llama 2, Mistral) and system_fmt is not used.
     first_user_fmt: str | None = None
     assistant_prefix: str = ""  # ends the generation prompt
-    assistant_lead: str = ""  # between the prefix and the content (not trained)
+    assistant_lead: str = ""  # between the prefix and the content (trained: generated after the prompt)
     assistant_end: str = "{eos}"  # closes an assistant turn (trained)
     assistant_sep: str = ""  # after the end (not trained)
     stop_strs: tuple[str, ...] = ()  # extra text stops, for models trained elsewhere
@@ -102,9 +102,11 @@ class Template:
                 fmt = self.first_user_fmt if (use_first and i == 0) else self.user_fmt
                 out.append(_fill(fmt, fill, content))
             else:
-                out.append(_fill(self.assistant_prefix + self.assistant_lead, fill))
+                out.append(_fill(self.assistant_prefix, fill))
+                # the span starts where the generation prompt ends: the model must also learn to
+                # emit the lead (e.g. the space a tokenizer may split off as its own token)
                 start = sum(map(len, out))
-                out.append(content + _fill(self.assistant_end, fill))
+                out.append(_fill(self.assistant_lead, fill) + content + _fill(self.assistant_end, fill))
                 spans.append((start, start + len(out[-1])))
                 out.append(_fill(self.assistant_sep, fill))
         if add_generation_prompt:
