@@ -114,6 +114,12 @@ def test_two_workers_share_load_through_the_api(cluster):
     assert sum(served) >= 16 and min(served) >= 3, served  # both took a share
     emb = client.embeddings.create(model="tiny", input="hello")
     assert len(emb.data[0].embedding) == 64
+    # a worker's 4xx comes back through the controller path with its status and code
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10_000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=HELLO)
 
 
 def test_sigkill_worker_is_dropped_and_requests_go_to_the_other(cluster):

@@ -180,7 +180,8 @@ class EngineBase:
                 temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                 repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty, max_new_tokens=max_new, seed=request.seed,
-                stop=tuple(request.stop or ()), stop_token_ids=tuple(self.stop_token_ids),
+                stop=tuple(request.stop or ()) + tuple(getattr(self.template, "stop_strs", ())),
+                stop_token_ids=tuple(self.stop_token_ids),
                 ignore_eos=request.ignore_eos, logprobs=request.logprobs,
             )
         except ContextLengthError as e:
@@ -217,7 +218,8 @@ class HFEngine(EngineBase):
         self._cache: _SlotCache | None = None
         self._mask = None
         self._stats = EngineStats()
-        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (step time, tokens)
+        self._step_time = 0.0
         self._lock = threading.Lock()
         attn = getattr(self.model.config, "_attn_implementation", "sdpa")
         self._float_mask = attn == "eager"  # eager adds the mask; sdpa takes a boolean one
@@ -311,7 +313,8 @@ class HFEngine(EngineBase):
             s = EngineStats(**vars(self._stats))
         s.waiting, s.running = len(self._inbox), len(self._rows)
         now = time.perf_counter()
-        window = [(t, n) for t, n in list(self._rate) if now - t <= 10.0]
+        with self._lock:
+            window = [(t, n) for t, n in self._rate if now - t <= 10.0]
         if window:
             span = max(now - window[0][0], 1e-3)
             s.tokens_per_second = sum(n for _, n in window) / span
@@ -377,6 +380,7 @@ class HFEngine(EngineBase):
                     r.cancelled = True
 
     def _iteration(self) -> None:
+        self._step_time = time.perf_counter()  # tokens of one iteration share one rate entry
         while self._calls:
             fn, fut = self._calls.popleft()
             try:
@@ -397,7 +401,14 @@ class HFEngine(EngineBase):
             self._inbox.popleft()
             budget -= len(r.prompt_ids)
             admitted += 1
-            self._prefill(r)
+            try:
+                self._prefill(r)
+            except Exception as e:  # e.g. out of memory on one long prompt: fail it, keep the batch
+                log.exception("prefill failed")
+                if r not in self._rows:
+                    self._fail(r, ServeError(f"internal engine error: {type(e).__name__}: {e}", status=500))
+                else:
+                    raise
         if self._rows:
             self._decode()
         self._flush()
@@ -497,11 +508,14 @@ class HFEngine(EngineBase):
         text = seq.append(token)
         r.last_token = token
         now = time.perf_counter()
-        self._rate.append((now, 1))
-        while self._rate and now - self._rate[0][0] > 10.0:
-            self._rate.popleft()
         with self._lock:
             self._stats.generated_tokens += 1
+            if self._rate and self._rate[-1][0] == self._step_time:
+                self._rate[-1] = (self._step_time, self._rate[-1][1] + 1)
+            else:
+                self._rate.append((self._step_time, 1))
+            while self._rate and now - self._rate[0][0] > 10.0:
+                self._rate.popleft()
         logprobs = None
         if seq.params.logprobs is not None and len(seq.logprobs) > r.logprobs_sent:
             logprobs = [{"token": lp.token, "logprob": lp.logprob, "top": lp.top}
