@@ -288,6 +288,15 @@ def test_disconnect_mid_stream_frees_the_slot(server, engine):
     assert after.generated_tokens - before.generated_tokens < 400
     assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices  # still serving
 
+    # a non-streaming client that gives up is noticed too
+    before = wait_idle(engine)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3,
+                   json={"model": "tiny", "messages": HELLO, "max_tokens": 400, "ignore_eos": True})
+    after = wait_idle(engine)
+    assert after.requests_aborted == before.requests_aborted + 1
+    assert after.generated_tokens - before.generated_tokens < 400
+
 
 def test_full_queue_answers_429_with_retry_after(loaded):
     engine = HFEngine(loaded, EngineConfig(max_batch_size=1, max_queue=1)).start()

@@ -269,7 +269,7 @@ class HFEngine(EngineBase):
                     self._cv.notify()
 
     def _retry_after(self) -> float:
-        rate = max(self._stats.tokens_per_second, 1.0)
+        rate = max(self.stats().tokens_per_second, 1.0)
         return round(min(30.0, max(1.0, len(self._inbox) * self.config.default_max_tokens / rate / 4)), 1)
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:

@@ -232,6 +232,23 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             await asyncio.gather(*tasks, return_exceptions=True)
             metrics.latency.labels(model).observe(time.perf_counter() - started)
 
+    async def unless_disconnected(request: Request, work) -> None:
+        """Run a non-streaming generation; abort it if the client goes away meanwhile
+        (streaming responses get this from Starlette, plain ones do not)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    raise ServeError("client disconnected", status=499, code="client_closed_request")
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def error_event(err: Exception) -> str:
         if not isinstance(err, ServeError):
             log.exception("stream failed", exc_info=err)
@@ -261,7 +278,7 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         return P.model_list(await client.list_models())
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: P.ChatCompletionRequest):
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         started = time.perf_counter()
         base = body.to_generate()
         n = check_n(body.n)
@@ -273,12 +290,16 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             texts, reasons, lps, done = [[] for _ in range(n)], [None] * n, [None] * n, [0] * n
             if base.logprobs is not None:
                 lps = [[] for _ in range(n)]
-            async for i, d in merged(model, streams, firsts, started):
-                texts[i].append(d.text)
-                if d.logprobs:
-                    lps[i].extend(d.logprobs)
-                if d.finish_reason:
-                    reasons[i], done[i] = d.finish_reason, d.completion_tokens
+
+            async def collect():
+                async for i, d in merged(model, streams, firsts, started):
+                    texts[i].append(d.text)
+                    if d.logprobs:
+                        lps[i].extend(d.logprobs)
+                    if d.finish_reason:
+                        reasons[i], done[i] = d.finish_reason, d.completion_tokens
+
+            await unless_disconnected(request, collect())
             account(model, prompt_tokens, sum(done))
             return P.chat_completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, lps)],
                                      prompt_tokens, sum(done))
@@ -312,7 +333,7 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
-    async def completions(body: P.CompletionRequest):
+    async def completions(body: P.CompletionRequest, request: Request):
         started = time.perf_counter()
         prompts = body.prompts()
         n = check_n(body.n)
@@ -325,11 +346,15 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         echo = [prompts[i // n] if body.echo else "" for i in range(k)]
         if not body.stream:
             texts, reasons, lps, done = [[e] for e in echo], [None] * k, [[] for _ in range(k)], [0] * k
-            async for i, d in merged(model, streams, firsts, started):
-                texts[i].append(d.text)
-                lps[i].extend(d.logprobs or [])
-                if d.finish_reason:
-                    reasons[i], done[i] = d.finish_reason, d.completion_tokens
+
+            async def collect():
+                async for i, d in merged(model, streams, firsts, started):
+                    texts[i].append(d.text)
+                    lps[i].extend(d.logprobs or [])
+                    if d.finish_reason:
+                        reasons[i], done[i] = d.finish_reason, d.completion_tokens
+
+            await unless_disconnected(request, collect())
             account(model, prompt_tokens, sum(done))
             logprobs = [P.completion_logprobs(lp) if body.logprobs is not None else None for lp in lps]
             return P.completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, logprobs)],
