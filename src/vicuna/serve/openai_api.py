@@ -238,7 +238,7 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         task = asyncio.ensure_future(work)
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=0.25)
+                done, _ = await asyncio.wait({task}, timeout=0.1)
                 if done:
                     return task.result()
                 if await request.is_disconnected():
