@@ -222,6 +222,12 @@ class HFEngine(EngineBase):
         self._step_time = 0.0
         self._lock = threading.Lock()
         attn = getattr(self.model.config, "_attn_implementation", "sdpa")
+        if attn not in ("sdpa", "eager"):
+            # The scheduler passes its own 4-D padding mask, which flash/flex kernels do not take.
+            log.warning("attention %r does not take a 4-D padding mask; the HF engine switches to sdpa "
+                        "(use --backend vllm for flash attention)", attn)
+            self.model.set_attn_implementation("sdpa")
+            attn = "sdpa"
         self._float_mask = attn == "eager"  # eager adds the mask; sdpa takes a boolean one
 
     # ------------------------------------------------------------------ lifecycle
