@@ -99,6 +99,30 @@ def test_engine_greedy_batched_equals_single_request_generation(loaded):
     assert shifts >= 2  # the cache moved (longer joiners, compaction) and outputs stayed exact
 
 
+def test_engine_eager_attention_float_mask_matches(tiny_model_dir):
+    eager = load_model(tiny_model_dir, device="cpu", model_name="tiny")
+    eager.model.set_attn_implementation("eager")
+    engine = HFEngine(eager, EngineConfig(max_batch_size=4)).start()
+    prompts = [[{"role": "user", "content": "hi " * (1 + 3 * i)}] for i in range(4)]
+
+    async def run_all():
+        async def one(msgs):
+            req = GenerateRequest(messages=msgs, temperature=0, max_tokens=12, ignore_eos=True)
+            return "".join([d.text async for d in engine.generate(req)])
+
+        return await asyncio.gather(*(one(m) for m in prompts))
+
+    try:
+        batched = asyncio.run(run_all())
+    finally:
+        engine.stop()
+    for msgs, got in zip(prompts, batched):
+        ids = encode(eager.tokenizer, render_prompt(eager.template, msgs, eager.tokenizer))
+        want, _, _ = generate(eager.model, eager.tokenizer, ids,
+                              SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+        assert got == want
+
+
 def test_engine_seeded_sampling_is_independent_of_batch(loaded, engine):
     req = GenerateRequest(messages=HELLO, temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
     others = [GenerateRequest(messages=[{"role": "user", "content": f"other {i}" * i}], temperature=1.0,
