@@ -30,7 +30,13 @@ AREAS = {
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep hand-written examples in descriptions and show defaults."""
+    """Keep hand-written examples in descriptions and show defaults (unless the help already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -54,10 +54,12 @@ def add_commands(sub) -> None:
     g = p.add_argument_group("chat")
     g.add_argument("--system", default=None, help="system prompt (default: the template's)")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                   "whose probabilities sum to P")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or answer")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--multiline", action="store_true", help="multi-line input; submit with Esc then Enter")
     g.add_argument("--plain", action="store_true", help="print plain text, not rendered Markdown")
