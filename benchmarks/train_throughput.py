@@ -69,7 +69,12 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). On a shared 2-core machine use 1: two OpenMP threads "
+                         "competing with other jobs ran 10-50x slower here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -260,7 +260,8 @@ def test_sigterm_saves_a_checkpoint_then_resumes(tiny_model_dir, data_file, tmp_
 def test_lora_adapter_is_saved_alone_and_loads_on_the_base(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "lora"
     run_cli(*args_for(tiny_model_dir, data_file, out, "--lora", "--lora-r", 4, "--lora-target", "q_proj,v_proj",
-                      "--max-steps", 4, "--save-steps", 2, "--learning-rate", "5e-2"), check=True)
+                      "--max-steps", 4, "--save-steps", 2, "--learning-rate", "5e-2", "--gradient-checkpointing"),
+            check=True)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
     adapter = load_file(str(out / "adapter_model.safetensors"))

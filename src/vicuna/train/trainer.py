@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..conversation import IGNORE_INDEX, TemplateError, resolve_template, stop_token_ids
+from ..conversation import IGNORE_INDEX, TemplateError, get_template, resolve_template, stop_token_ids
 from . import TrainError, TrainInputError
 from .config import TrainConfig, parse_rope_scaling
 from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
@@ -147,7 +147,16 @@ def load_tokenizer(cfg: TrainConfig, convs) -> Any:
 
         spec = dict(init["train_tokenizer"])
         kind, vocab = spec.get("kind", "bpe"), int(spec.get("vocab_size", 1024))
-        texts = [m["content"] for c in convs for m in c]
+        if not cfg.conv_template:
+            raise TrainInputError("model_init.train_tokenizer needs conv_template (a fresh tokenizer has no chat template)")
+        # train on rendered text, so the template's own words (system prompt, roles) get merges too
+        template = get_template(cfg.conv_template)
+        texts = []
+        for c in convs:
+            try:
+                texts.append(template.render_for_training(c, bos_token="<s>", eos_token="</s>")[0])
+            except TemplateError:
+                pass
         if kind == "bpe":
             return train_bpe_tokenizer(texts, vocab_size=vocab)
         if kind == "sentencepiece":
@@ -330,8 +339,11 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params + attention (PaLM appendix B)."""
+def flops_per_token(model, seq_len: float) -> float:
+    """Training FLOPs per token: 6 x non-embedding params + attention (PaLM appendix B).
+
+    ``seq_len`` is the mean *sample* length: packed samples do not attend to each other.
+    """
     cfg = unwrap(model).config
     params = sum(p.numel() for n, p in unwrap(model).named_parameters() if "embed" not in n)
     if hasattr(model, "peft_config"):  # frozen weights still cost forward + input-grad backward
@@ -356,8 +368,12 @@ def peak_flops(cfg: TrainConfig, device) -> float:
             if key in name:
                 return tf * 1e12
         return 100e12
-    # rough CPU figure: threads x 2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units)
-    return torch.get_num_threads() * 2.5e9 * 32
+    # rough CPU figure: threads x 2.5 GHz x fp32 FLOP/cycle of two FMA units (AVX-512: 64, AVX2: 32)
+    try:
+        avx512 = "avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        avx512 = False
+    return torch.get_num_threads() * 2.5e9 * (64 if avx512 else 32)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -673,7 +689,7 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
     dtype = pick_dtype(cfg, d.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, base_config, tokenizer, d)
-    fpt = flops_per_token(model, cfg.max_length)
+    fpt = flops_per_token(model, stats.tokens / max(stats.kept, 1))
     peak = peak_flops(cfg, d.device) * d.world
     model = wrap_distributed(model, cfg, d, dtype)
     optimizer = make_optimizer(model, cfg)
@@ -750,7 +766,7 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
             row = {"step": done, "epoch": round(step / steps_per_epoch + 1e-9, 4), "loss": round(loss, 6),
                    "lr": lr, "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tps, 1),
                    "real_token_share": round(window["real"] / max(window["computed"], 1), 4),
-                   "mfu": round(window["computed"] / el * fpt / peak, 6)}
+                   "mfu": round(window["real"] / el * fpt / peak, 6)}
             reporter.log(row)
             if progress is not None:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
