@@ -159,6 +159,17 @@ def test_cli_bad_input_exit_codes(broken_model_dir, data_file, tmp_path):
 def test_max_length_beyond_positions_needs_rope_scaling(tiny_model_dir, data_file, tmp_path):
     with pytest.raises(TrainInputError, match=r"beyond the model's 512 positions.*--rope-scaling linear:2"):
         train(_cfg(tiny_model_dir, data_file, tmp_path / "a", max_length=1024))
+    # a tokenizer whose own chat template is not a registered one needs --conv-template
+    from transformers import AutoTokenizer
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_model_dir, foreign)
+    tok = AutoTokenizer.from_pretrained(foreign)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (foreign / "chat_template.jinja").unlink(missing_ok=True)
+    tok.save_pretrained(foreign, save_jinja_files=False)
+    with pytest.raises(TrainInputError, match="pass --conv-template"):
+        train(_cfg(foreign, data_file, tmp_path / "c"))
     out = train(_cfg(tiny_model_dir, data_file, tmp_path / "b", max_length=1024, rope_scaling="linear:2"))
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2.0
@@ -260,7 +271,7 @@ def test_sigterm_saves_a_checkpoint_then_resumes(tiny_model_dir, data_file, tmp_
 def test_lora_adapter_is_saved_alone_and_loads_on_the_base(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "lora"
     run_cli(*args_for(tiny_model_dir, data_file, out, "--lora", "--lora-r", 4, "--lora-target", "q_proj,v_proj",
-                      "--max-steps", 4, "--save-steps", 2, "--learning-rate", "5e-2", "--gradient-checkpointing"),
+                      "--max-steps", 4, "--save-steps", 2, "--learning-rate", "5e-2", "--gradient-checkpointing", "--no-packing"),
             check=True)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..conversation import IGNORE_INDEX, TemplateError, get_template, resolve_template, stop_token_ids
+from ..conversation import IGNORE_INDEX, JinjaTemplate, TemplateError, get_template, resolve_template, stop_token_ids
 from . import TrainError, TrainInputError
 from .config import TrainConfig, parse_rope_scaling
 from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
@@ -190,6 +190,9 @@ def model_position_limit(cfg: TrainConfig) -> tuple[Any, int | None]:
 def apply_rope_scaling(config, cfg: TrainConfig, limit: int | None) -> None:
     if limit is None or cfg.max_length <= limit:
         return
+    if config is None:  # model_init: a fresh model, sized by the recipe
+        raise TrainInputError(f"--max-length {cfg.max_length} is beyond model_init.max_position_embeddings ({limit}); "
+                              "raise it in the recipe")
     if not cfg.rope_scaling:
         raise TrainInputError(
             f"--max-length {cfg.max_length} is beyond the model's {limit} positions; lower it, or extend the "
@@ -510,6 +513,8 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
         meta = {"conv_template": template.name, "base_model": cfg.model_path, "lora": cfg.lora,
                 "stop_token_ids": stops, "data": stats.to_dict(), "train": summary, "config": asdict(cfg)}
         _write_json(tmp / MODEL_META, meta)
+        # a stale chat_template.jinja (from an earlier run with --force) would override the embedded one
+        (out / "chat_template.jinja").unlink(missing_ok=True)
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_META):
             os.replace(p, out / p.name)
         tmp.rmdir()
@@ -666,6 +671,11 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
         template = resolve_template(cfg.conv_template, tokenizer=tokenizer, model_name=str(cfg.model_path or ""))
     except TemplateError as e:
         raise TrainInputError(str(e)) from None
+    if isinstance(template, JinjaTemplate):
+        raise TrainInputError(
+            f"{cfg.model_path}: its tokenizer's chat_template is not one of ours, so which tokens are the assistant's "
+            "is unknown; pass --conv-template NAME (see `vicuna templates list`)"
+        )
     samples = tokenize_dataset(convs, tokenizer, template, cfg.max_length, drop_long=cfg.drop_long, stats=stats,
                                source=str(cfg.data_path))
     del convs
