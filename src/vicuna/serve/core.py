@@ -142,6 +142,13 @@ class Delta:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def merge(self, later: "Delta") -> "Delta":
+        """This delta followed by ``later``, as one (a consumer that lags gets fewer, larger pieces)."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return Delta(self.text + later.text, later.finish_reason, later.prompt_tokens, later.completion_tokens,
+                     logprobs)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Delta":
         names = {f.name for f in fields(cls)}

@@ -263,6 +263,13 @@ class HFEngine(EngineBase):
         try:
             while True:
                 item = await queue.get()
+                # under load the consumer lags behind the engine: send what piled up as one delta
+                while not queue.empty() and isinstance(item, Delta) and not item.finish_reason:
+                    later = queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        queue.put_nowait(later)  # keep order: deliver the text, then raise
+                        break
+                    item = item.merge(later)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
