@@ -159,6 +159,7 @@ def run_api(args) -> int:
     from .openai_api import create_app
     from .server import run_server
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per routed request
     client = ControllerClient(args.controller, secret=_secret(args))
     app = create_app(client, api_keys=_api_keys(args), max_body_bytes=args.max_body_bytes, max_n=args.max_n)
     print(f"OpenAI-compatible API via {args.controller} on http://{args.host}:{args.port}/v1", flush=True)
