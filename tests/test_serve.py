@@ -482,3 +482,39 @@ def test_cli_help_explains_and_bad_usage_exits_2(tmp_path):
         assert h.returncode == 0 and "Example" in h.stdout
     bad = run_cli("serve", "--model-path", str(tmp_path / "missing"), "--port", str(free_port()))
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_controller_and_api_front_end():
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    env = dict(cli_env(), VICUNA_SECRET="s")
+    cport, aport = free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "vicuna", "serve", "controller", "--port", str(cport)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-m", "vicuna", "serve", "api", "--port", str(aport), "--controller",
+                               f"http://127.0.0.1:{cport}"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)]
+    try:
+        def up(port):
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        deadline = time.monotonic() + 60
+        while not (up(cport) and up(aport)):
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{cport}/workers").status_code == 401  # the secret is required
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{aport}/v1", api_key="x", max_retries=0)
+        assert c.models.list().data == []
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="tiny", messages=HELLO)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
