@@ -312,6 +312,14 @@ def test_two_process_fsdp_matches_one_process(tiny_model_dir, data_file, tmp_pat
 
     loaded = load_model(fsdp, device="cpu")
     assert loaded.template.name == "vicuna_v1.1"
+    # an FSDP checkpoint resumes under FSDP to the same weights
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
+    cmd = [str(resumed) if str(a) == str(fsdp) else a for a in torchrun]
+    p = subprocess.run(cmd, env={**cli_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
+    assert_same_weights(fsdp, resumed, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- it learns
