@@ -1,7 +1,6 @@
 """`vicuna train` end to end: output dir, bad input, resume after SIGKILL/SIGTERM, LoRA, FSDP, learning."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -99,8 +98,7 @@ def test_trained_model_dir_is_complete_and_loadable(tiny_model_dir, data_file, t
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "real_token_share", "mfu"} <= rows[0].keys()
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-3"]
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert not model.config.use_cache or True  # loads; weights changed from the base:
+    model = AutoModelForCausalLM.from_pretrained(out)  # loads as is; and the weights moved from the base
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
     # a finished model is never overwritten without --force
