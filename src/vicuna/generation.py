@@ -62,19 +62,20 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
         self.stop_token_ids = tuple(self.stop_token_ids)
+        # (ok, API parameter name, its value, rule): errors name the parameter as clients spell it
         checks = [
-            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "must be >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.max_new_tokens >= 1, "max_tokens", "must be >= 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", "must be in [0, 20]"),
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", self.temperature, ">= 0"),
+            (0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]"),
+            (self.top_k >= 0, "top_k", self.top_k, ">= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]"),
+            (self.max_new_tokens >= 1, "max_tokens", self.max_new_tokens, ">= 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", self.logprobs, "in [0, 20]"),
         ]
-        for ok, param, why in checks:
+        for ok, param, value, rule in checks:
             if not ok:
-                raise GenerationError(f"{param} {why}, got {getattr(self, param, None)!r}", param=param)
+                raise GenerationError(f"{param} must be {rule}, got {value!r}", param=param)
 
     @property
     def greedy(self) -> bool:
@@ -240,11 +241,13 @@ class Sequence:
                 probs = probs.cpu()
             token = int(torch.multinomial(probs, 1, generator=gen))
         if p.logprobs is not None:
+            # like OpenAI: log-probabilities of the model's distribution, tokens as decoded text
             lp = torch.log_softmax(raw, dim=-1)
+            text = lambda i: self.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
             top = torch.topk(lp, p.logprobs) if p.logprobs else None
             self.logprobs.append(TokenLogprob(
-                token=self.tokenizer.convert_ids_to_tokens(token), logprob=float(lp[token]),
-                top=[(self.tokenizer.convert_ids_to_tokens(int(i)), float(v)) for v, i in zip(*top)] if top else [],
+                token=text(token), logprob=float(lp[token]),
+                top=[(text(int(i)), float(v)) for v, i in zip(*top)] if top else [],
             ))
         return token
 

@@ -240,13 +240,20 @@ def _load_lora(model, adapter: str):
         raise ModelLoadError(f"cannot apply the LoRA adapter {adapter} to this base model: {e}") from None
 
 
-def add_model_args(parser, *, model_required: bool = False) -> None:
-    """The model-loading flags shared by chat, serve and eval."""
+def add_model_args(parser, *, model_required: bool = False, multiple: bool = False) -> None:
+    """The model-loading flags shared by chat, serve and eval.
+
+    ``multiple=True`` makes --model-path/--model-name repeatable (one process, several models).
+    """
     g = parser.add_argument_group("model")
-    g.add_argument("--model-path", required=model_required, default=None,
-                   help="Hugging Face model directory (default: the bundled demo model)")
+    repeat = {"action": "append"} if multiple else {}
+    g.add_argument("--model-path", required=model_required, default=None, metavar="PATH", **repeat,
+                   help="Hugging Face model directory" + ("; repeat to serve several models" if multiple else "")
+                   + " (default: the bundled demo model)")
     g.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to load on top of --model-path")
-    g.add_argument("--model-name", default=None, help="name to show/serve the model as (default: directory name)")
+    g.add_argument("--model-name", default=None, metavar="NAME", **repeat,
+                   help=("name to serve each --model-path as, in the same order" if multiple
+                         else "name to show/serve the model as") + " (default: directory name)")
     g.add_argument("--conv-template", default=None,
                    help="conversation template (see `vicuna templates list`); default: the tokenizer's "
                    "chat_template, then a match on the model name")

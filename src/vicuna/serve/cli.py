@@ -36,17 +36,7 @@ def _secret(args) -> str | None:
 def _add_model_args(p, *, multiple: bool) -> None:
     from ..model import add_model_args
 
-    add_model_args(p)
-    if multiple:
-        # Re-declare --model-path/--model-name as repeatable (one process, several models). argparse has no
-        # public way to change an existing option; "resolve" replaces it. (A `multiple=` switch in
-        # vicuna.model.add_model_args would make this unnecessary.)
-        p.conflict_handler = p._optionals.conflict_handler = "resolve"
-        p.add_argument("--model-path", action="append", default=None, metavar="PATH",
-                       help="Hugging Face model directory; repeat to serve several models "
-                       "(default: the bundled demo model)")
-        p.add_argument("--model-name", action="append", default=None, metavar="NAME",
-                       help="name to serve each --model-path as, in the same order (default: directory name)")
+    add_model_args(p, multiple=multiple)
 
 
 def _add_engine_args(p) -> None:
