@@ -88,12 +88,12 @@ def test_sharegpt_quirks_are_normalised():
 
 @pytest.mark.parametrize("content,msg", [
     (None, "no such file"),
-    ("", "no records"),
+    ("", "the file is empty"),
     ("[]", "no records"),
-    ('{"a": 1}', "expected a JSON list"),
+    ('{"a": 1}', "expected a JSON array"),
     ('[{"text": "hi"}]', "wrong format"),
-    ('[{"id": 1}] x', "not valid JSON"),
-    ('{"conversations": []}\n{"conversations": []}', "JSON Lines"),
+    ('[{"conversations": [{"from": "human", "value": "q"}]}, {"conver', r"no usable conversation .*1 malformed JSON"),
+    ('{"conversations": []}\n{"conversations": []}', "use the .jsonl extension"),
     ('[{"conversations": [{"from": "human", "value": "q"}]}]', "no usable conversation"),
 ])
 def test_bad_files_are_clear_errors(tmp_path, content, msg):

@@ -135,7 +135,7 @@ def _cfg(base, data, out, **kw):
     ("[]", "no records"),
     ('[{"prompt": "hi", "completion": "yo"}]', "wrong format"),
     ('[{"conversations": [{"from": "human", "value": "no answer"}]}]', "no usable conversation"),
-    ('[{"id": 1},', "not valid JSON"),
+    ('[{"conversations": [{"from": "human", "value": "q"}]}, {"conver', "malformed JSON"),
 ])
 def test_bad_data_fails_before_the_model_is_loaded(broken_model_dir, tmp_path, content, msg):
     data = tmp_path / "d.json"

@@ -15,7 +15,6 @@ token of the next sample, whatever the model's loss function does.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import random
 from collections import Counter
@@ -42,42 +41,33 @@ BATCHING_MODES = (PACKING, DYNAMIC, MAX_LENGTH)
 # ----------------------------------------------------------------------------- reading
 
 
-def read_records(path: str | Path) -> list[Any]:
-    """Records of a JSON list (``.json``) or JSON Lines (``.jsonl``) file.
+def read_records(path: str | Path, stats: "DataStats | None" = None) -> list[Any]:
+    """Records of a JSON array (``.json``) or JSON Lines (``.jsonl``) file, via the data area's streaming reader.
 
-    A minimal reader (the data area's streaming reader did not exist when this
-    was written); training needs every record in memory for packing anyway.
+    Unreadable records (malformed JSON, bad UTF-8) are counted in ``stats`` and
+    skipped; a file that cannot be read at all is a :class:`TrainInputError`.
+    Training keeps every record in memory anyway (packing needs all lengths).
     """
+    from ..data import DataError
+    from ..data.io import RecordError, read_records as stream
+
     path = Path(path)
     if not path.exists():
         raise TrainInputError(f"--data-path {path}: no such file")
     if path.is_dir():
         raise TrainInputError(f"--data-path {path}: is a directory; pass a .json or .jsonl file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TrainInputError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one record") from None
-        return records
+    records = []
     try:
-        data = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError as e:
-        hint = " (JSON Lines? name the file .jsonl)" if "Extra data" in e.msg else ""
-        raise TrainInputError(f"{path}: not valid JSON at line {e.lineno}: {e.msg}{hint}") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise TrainInputError(
-            f"{path}: expected a JSON list of conversations "
-            '([{"id": ..., "conversations": [{"from": "human", "value": ...}, ...]}, ...]), '
-            f"got a {type(data).__name__}"
-        )
-    return data
+        for _, rec in stream(path):
+            if isinstance(rec, RecordError):
+                if stats is not None:
+                    stats.records += 1
+                    stats.skipped[rec.reason.split(":")[0]] += 1
+                continue
+            records.append(rec)
+    except DataError as e:
+        raise TrainInputError(f"--data-path {e}") from None
+    return records
 
 
 def record_to_messages(rec: Any) -> list[dict[str, str]]:
@@ -161,9 +151,9 @@ class Sample:
 def load_conversations(path: str | Path, stats: DataStats | None = None) -> list[list[dict[str, str]]]:
     """Messages of every usable record; bad records are counted in ``stats``."""
     stats = stats if stats is not None else DataStats()
-    records = read_records(path)
-    stats.records = len(records)
-    if not records:
+    records = read_records(path, stats)
+    stats.records += len(records)
+    if not stats.records:
         raise TrainInputError(f"{path}: the file holds no records")
     convs = []
     for rec in records:
@@ -172,9 +162,8 @@ def load_conversations(path: str | Path, stats: DataStats | None = None) -> list
         except ValueError as e:
             stats.skipped[str(e)] += 1
     if not convs:
-        if stats.skipped.get("no 'conversations' or 'messages' key") == stats.records or all(
-            not isinstance(r, dict) for r in records
-        ):
+        if records and (stats.skipped.get("no 'conversations' or 'messages' key") == len(records)
+                        or all(not isinstance(r, dict) for r in records)):
             raise TrainInputError(
                 f"{path}: wrong format: no record has a 'conversations' (ShareGPT) or 'messages' (OpenAI) list"
             )
