@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.debug:  # one INFO line per HTTP request drowns the progress of eval runs
+        for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         # `vicuna data` with no verb: show that area's help
         (getattr(args, "area_parser", None) or parser).print_help()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +44,9 @@ example:
   vicuna eval answer --model my-model --api-base http://127.0.0.1:8000/v1 -o answers/my-model.jsonl
 """)
     p.add_argument("--questions", default=BUILTIN_QUESTIONS, help=_QUESTIONS_HELP)
-    p.add_argument("--model", required=True, help="model name sent to the API")
+    p.add_argument("--model", help="model name sent to the API (required with --api-base)")
+    p.add_argument("--model-path", help="answer with this local model, served in-process on 127.0.0.1 "
+                   "(default when neither --api-base nor $OPENAI_BASE_URL is set: the bundled demo model)")
     p.add_argument("--model-id", help="name recorded in the answers and used by `eval judge --models` "
                    "(default: --model with '/' replaced by '_')" + _OWN_DEFAULT)
     _endpoint_args(p, "")
@@ -203,17 +207,44 @@ def _check_parallel(n: int) -> int:
 def _answer(args) -> int:
     from .answer import AnswerSettings, parse_temperatures, run_answers
 
-    model_id = args.model_id or args.model.replace("/", "_")
-    output = Path(args.output or Path("answers") / f"{model_id}.jsonl")
-    # Hook for a later default (the bundled demo model when no endpoint is given) goes here.
-    endpoint = _endpoint(args, "", args.model)
     if args.max_tokens < 1:
         raise EvalUsageError("--max-tokens must be >= 1")
+    local = args.model_path or not (args.api_base or os.environ.get("OPENAI_BASE_URL"))
+    if not local and not args.model:
+        raise EvalUsageError("--model is required with --api-base (the model name the endpoint serves)")
+    questions = load_questions(args.questions)
     settings = AnswerSettings(parse_temperatures(args.temperature), args.max_tokens, args.system)
-    counts = run_answers(load_questions(args.questions), endpoint, output, model_id=model_id, settings=settings,
-                         parallel=_check_parallel(args.parallel), force=args.force)
+    with _local_server(args.model_path) if local else contextlib.nullcontext((args.api_base, args.model)) as (
+            api_base, served):
+        args.api_base = api_base
+        model_id = args.model_id or (args.model or served).replace("/", "_")
+        output = Path(args.output or Path("answers") / f"{model_id}.jsonl")
+        counts = run_answers(questions, _endpoint(args, "", served), output, model_id=model_id, settings=settings,
+                             parallel=_check_parallel(args.parallel), force=args.force)
     print(f"{output}: {counts['answered']} answered, {counts['skipped']} already done, {counts['errors']} failed")
     return 1 if counts["errors"] else 0
+
+
+@contextlib.contextmanager
+def _local_server(model_path: str | None):
+    """Serve a local model (default: the bundled demo) on a free loopback port for the answering run.
+
+    The answers then go through exactly the path a remote model's do: our OpenAI API, the same
+    batching engine, the same retries.
+    """
+    from ..model import default_model_path, load_model
+    from ..serve.client import LocalClient
+    from ..serve.engine import EngineConfig, HFEngine
+    from ..serve.openai_api import create_app
+    from ..serve.server import ServerThread
+
+    loaded = load_model(model_path or default_model_path())
+    engine = HFEngine(loaded, EngineConfig()).start()
+    try:
+        with ServerThread(create_app(LocalClient({loaded.name: engine}))) as url:
+            yield f"{url}/v1", loaded.name
+    finally:
+        engine.stop()
 
 
 def _split(text: str) -> list[str]:
