@@ -141,8 +141,16 @@ class DataStats:
 
 @dataclass
 class Sample:
-    input_ids: list[int]
-    labels: list[int]  # unshifted, IGNORE_INDEX outside assistant outputs
+    """One tokenized conversation; int32 arrays (a Python list costs 8+ bytes a token, per rank)."""
+
+    input_ids: Any  # np.ndarray[int32] (lists work too)
+    labels: Any  # unshifted, IGNORE_INDEX outside assistant outputs
+
+    def __post_init__(self):
+        import numpy as np
+
+        self.input_ids = np.asarray(self.input_ids, dtype=np.int32)
+        self.labels = np.asarray(self.labels, dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -278,38 +286,34 @@ def collate(samples: Sequence[Sample], micro_batch: Sequence[Sequence[int]], pad
     sample; IGNORE_INDEX where nothing is trained), ``attention_mask`` (only when
     not packed), and counts ``real_tokens`` / ``target_tokens`` / ``computed_tokens``.
     """
+    import numpy as np
     import torch
 
-    rows_ids, rows_pos, rows_tgt = [], [], []
-    for row in micro_batch:
-        ids, pos, tgt = [], [], []
-        for j in row:
-            s = samples[j]
-            ids += s.input_ids
-            pos += range(len(s))
-            tgt += s.labels[1:] + [IGNORE_INDEX]
-        rows_ids.append(ids)
-        rows_pos.append(pos)
-        rows_tgt.append(tgt)
-    width = max(map(len, rows_ids))
-    if pad_to is not None:
-        width = max(width, pad_to)
-    real = sum(map(len, rows_ids))
-    mask = []
-    for ids, pos, tgt in zip(rows_ids, rows_pos, rows_tgt):
-        n = width - len(ids)
-        mask.append([1] * len(ids) + [0] * n)
-        ids += [pad_id] * n
-        pos += range(n)  # padding forms its own "sample" at the end of the row; nothing attends to it
-        tgt += [IGNORE_INDEX] * n
+    rows = [[samples[j] for j in row] for row in micro_batch]
+    lens = [sum(len(s) for s in row) for row in rows]
+    width = max(max(lens), pad_to or 0)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    tgt = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    pos = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        off = 0
+        for s in row:
+            n = len(s)
+            ids[r, off:off + n] = s.input_ids
+            tgt[r, off:off + n - 1] = s.labels[1:]  # shifted within the sample; its last target stays ignored
+            pos[r, off:off + n] = np.arange(n)
+            off += n
+        mask[r, :off] = 1
+        pos[r, off:] = np.arange(width - off)  # padding forms its own "sample" at the row's end; nothing attends to it
     batch = {
-        "input_ids": torch.tensor(rows_ids, dtype=torch.long),
-        "position_ids": torch.tensor(rows_pos, dtype=torch.long),
-        "targets": torch.tensor(rows_tgt, dtype=torch.long),
-        "real_tokens": real,
-        "computed_tokens": width * len(rows_ids),
+        "input_ids": torch.from_numpy(ids),
+        "position_ids": torch.from_numpy(pos),
+        "targets": torch.from_numpy(tgt),
+        "real_tokens": sum(lens),
+        "computed_tokens": width * len(rows),
     }
     batch["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())
     if not packed:
-        batch["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+        batch["attention_mask"] = torch.from_numpy(mask)
     return batch
