@@ -268,9 +268,17 @@ def test_sigterm_saves_a_checkpoint_then_resumes(tiny_model_dir, data_file, tmp_
 
 def test_lora_adapter_is_saved_alone_and_loads_on_the_base(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "lora"
-    run_cli(*args_for(tiny_model_dir, data_file, out, "--lora", "--lora-r", 4, "--lora-target", "q_proj,v_proj",
-                      "--max-steps", 4, "--save-steps", 2, "--learning-rate", "5e-2", "--gradient-checkpointing", "--no-packing"),
-            check=True)
+    args = args_for(tiny_model_dir, data_file, out, "--lora", "--lora-r", 4, "--lora-target", "q_proj,v_proj",
+                    "--max-steps", 4, "--save-steps", 2, "--learning-rate", "5e-2", "--gradient-checkpointing",
+                    "--no-packing")
+    run_cli(*args, check=True)
+    # the adapter's checkpoint (trainable weights + optimizer only) resumes to the same adapter
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    train(_cfg_from_args([str(resumed) if a == out else a for a in args]))
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
     adapter = load_file(str(out / "adapter_model.safetensors"))
