@@ -5,4 +5,6 @@ import sys
 from ..cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    top = [a for a in args if a == "--debug"]  # a top-level `vicuna` flag
+    sys.exit(main([*top, "train", *[a for a in args if a != "--debug"]]))
