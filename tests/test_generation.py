@@ -70,6 +70,13 @@ def test_sequence_stop_string_and_eos(bpe_tokenizer):
     assert seq.finish_reason == "abort" and "more" in seq.text
 
 
+def test_chat_answers_drop_the_leading_separator_space(bpe_tokenizer):
+    seq, deltas = scripted_run(bpe_tokenizer, "  Hello there", SamplingParams(strip_leading=True))
+    assert seq.text == "Hello there" and "".join(deltas) == seq.text
+    seq, _ = scripted_run(bpe_tokenizer, "  Hello there", SamplingParams())
+    assert seq.text == "  Hello there"
+
+
 def test_sampling_rules(bpe_tokenizer):
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
     seq = Sequence(bpe_tokenizer, [0], SamplingParams(temperature=0))

@@ -56,6 +56,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: chosen token plus the top k
+    # Chat answers: drop whitespace before the first visible character. Templates put a space
+    # between "ASSISTANT:" and the answer, which the model generates; kept, it would come back
+    # doubled when the client sends the answer in the next turn's history (FastChat strips too).
+    strip_leading: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -282,6 +286,8 @@ class Sequence:
         return out if hit else out + self._stops.flush()
 
     def _emit(self, text: str) -> str:
+        if self.params.strip_leading and not self.text:
+            text = text.lstrip()
         self.text += text
         return text
 

@@ -109,7 +109,7 @@ class ChatSession:
         room = self.lm.context_length - len(ids)
         params = self.params.with_(max_new_tokens=min(self.params.max_new_tokens, room),
                                    stop_token_ids=tuple(self.lm.stop_token_ids),
-                                   stop=tuple(self.lm.template.stop_strs))
+                                   stop=tuple(self.lm.template.stop_strs), strip_leading=True)
         answer, start, count = [], time.perf_counter(), 0
         self.messages.append({"role": "assistant", "content": ""})
         try:

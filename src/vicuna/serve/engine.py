@@ -183,6 +183,7 @@ class EngineBase:
                 stop=tuple(request.stop or ()) + tuple(getattr(self.template, "stop_strs", ())),
                 stop_token_ids=tuple(self.stop_token_ids),
                 ignore_eos=request.ignore_eos, logprobs=request.logprobs,
+                strip_leading=request.messages is not None,
             )
         except ContextLengthError as e:
             raise ContextLengthExceeded(str(e), param=where) from None
