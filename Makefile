@@ -30,7 +30,7 @@ chat: install
 	$(BIN)/vicuna chat
 
 demo-model: install
-	$(BIN)/vicuna recipe demo
+	$(BIN)/vicuna recipe demo --force   # runs/demo is scratch space
 
 benchmarks: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

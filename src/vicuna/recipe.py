@@ -67,31 +67,7 @@ def run_demo(args) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     t0 = time.time()
-    d = lambda name: str(work / name)  # noqa: E731
-    seed = str(args.seed)
-
-    # 1. data, with our own commands
-    _step("chatterbot dialogs", ["data", "convert", "--from", "chatterbot", "-o", d("chatterbot.json")])
-    _step("identity set", ["data", "identity", "-o", d("identity.json"), "--name", DEMO_NAME, "--org", DEMO_ORG,
-                           "--seed", seed])
-    _step("merge", ["data", "merge", d("chatterbot.json"), d("identity.json"), "-o", d("raw.json")])
-    # Dialog lines are short ("Hello" / "Hi") and the identity set names an organisation on purpose:
-    # no minimum length and no blocked words for this corpus.
-    _step("clean", ["data", "clean", d("raw.json"), "-o", d("clean.json"), "--report", d("clean_report.json"),
-                    "--no-blocked-words", "--min-chars", "2"])
-    _step("filter", ["data", "filter", d("clean.json"), "-o", d("filtered.json"), "--keep-lang", "en"])
-
-    # 2. a byte-level BPE tokenizer trained on that data (plus the prompt's own words)
-    print("==> tokenizer: byte-level BPE on the filtered data", file=sys.stderr, flush=True)
-    tok = _train_tokenizer(work / "filtered.json", work / "tokenizer")
-
-    _step("split", ["data", "split", d("filtered.json"), "-o", d("split.json"), "--tokenizer", d("tokenizer"),
-                    "--max-length", "512", "--conv-template", TEMPLATE])
-    train_file, test_file = work / "train.json", work / "test.json"
-    _step("train/test", ["data", "train-test", d("split.json"), "--test-fraction", "0.05", "--seed", seed,
-                         "--train-out", str(train_file), "--test-out", str(test_file)])
-    _step("stats", ["data", "stats", str(train_file), "--tokenizer", d("tokenizer"), "--plot", d("lengths.png"),
-                    "--json", d("stats.json")])
+    train_file, test_file = build_demo_data(work, seed=args.seed)
 
     # 3. train from scratch with the CPU recipe, on our tokenizer
     recipe = yaml.safe_load(Path(args.config).read_text())
@@ -102,8 +78,8 @@ def run_demo(args) -> int:
     if args.max_steps:
         recipe["max_steps"] = args.max_steps
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    _step("train", ["train", "--config", d("recipe.yaml"), "--data-path", str(train_file),
-                    "--output-dir", d("model"), "--force"])
+    _step("train", ["train", "--config", str(work / "recipe.yaml"), "--data-path", str(train_file),
+                    "--output-dir", str(work / "model"), "--force"])
 
     # 4. evaluate and write the report card
     print("==> evaluate on held-out and training dialogs", file=sys.stderr, flush=True)
@@ -111,7 +87,6 @@ def run_demo(args) -> int:
     results["minutes"] = round((time.time() - t0) / 60, 1)
     (work / "model" / "eval.json").write_text(json.dumps(results, indent=2))
     write_report(work, results)
-    del tok
 
     if not args.no_install:
         from .model import demo_model_path
@@ -121,6 +96,30 @@ def run_demo(args) -> int:
     print(json.dumps({k: results[k] for k in ("heldout_loss", "heldout_perplexity", "heldout_exact_rate",
                                              "train_exact_rate", "minutes")}, indent=2))
     return 0
+
+
+def build_demo_data(work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Steps 1-2 of the recipe: the demo's train and held-out files (and its tokenizer) in ``work``."""
+    d = lambda name: str(work / name)  # noqa: E731
+    _step("chatterbot dialogs", ["data", "convert", "--from", "chatterbot", "-o", d("chatterbot.json")])
+    _step("identity set", ["data", "identity", "-o", d("identity.json"), "--name", DEMO_NAME, "--org", DEMO_ORG,
+                           "--seed", str(seed)])
+    _step("merge", ["data", "merge", d("chatterbot.json"), d("identity.json"), "-o", d("raw.json")])
+    # Dialog lines are short ("Hello" / "Hi") and the identity set names an organisation on purpose:
+    # no minimum length and no blocked words for this corpus.
+    _step("clean", ["data", "clean", d("raw.json"), "-o", d("clean.json"), "--report", d("clean_report.json"),
+                    "--no-blocked-words", "--min-chars", "2"])
+    _step("filter", ["data", "filter", d("clean.json"), "-o", d("filtered.json"), "--keep-lang", "en"])
+    print("==> tokenizer: byte-level BPE on the filtered data", file=sys.stderr, flush=True)
+    _train_tokenizer(work / "filtered.json", work / "tokenizer")
+    _step("split", ["data", "split", d("filtered.json"), "-o", d("split.json"), "--tokenizer", d("tokenizer"),
+                    "--max-length", "512", "--conv-template", TEMPLATE])
+    train_file, test_file = work / "train.json", work / "test.json"
+    _step("train/test", ["data", "train-test", d("split.json"), "--test-fraction", "0.05", "--seed", str(seed),
+                         "--train-out", str(train_file), "--test-out", str(test_file)])
+    _step("stats", ["data", "stats", str(train_file), "--tokenizer", d("tokenizer"), "--plot", d("lengths.png"),
+                    "--json", d("stats.json")])
+    return train_file, test_file
 
 
 def _train_tokenizer(data_file: Path, out: Path):
@@ -248,7 +247,7 @@ def write_report(work: Path, results: dict) -> None:
         "",
         "![loss curve](loss.png)",
         "",
-        f"Run summary: `{json.dumps({k: v for k, v in info.items() if k in ('template', 'steps', 'final_loss', 'epochs', 'tokens')})}`",
+        _training_summary(info),
         "",
         "## Evaluation (greedy)",
         "",
@@ -267,6 +266,18 @@ def write_report(work: Path, results: dict) -> None:
           for r in results["train_samples"][:10]],
     ]
     (work / "model" / "report.md").write_text("\n".join(lines).replace("\r", "") + "\n")
+
+
+def _training_summary(info: dict) -> str:
+    train, data, cfg = info.get("train", {}), info.get("data", {}), info.get("config", {})
+    init = cfg.get("model_init") or {}
+    return (
+        f"{train.get('steps', '?')} optimizer steps over {cfg.get('num_epochs', '?')} epochs of "
+        f"{data.get('tokens', '?')} tokens ({data.get('trained_tokens', '?')} trained, assistant only); "
+        f"loss {train.get('first_loss', float('nan')):.2f} -> {train.get('final_loss', float('nan')):.3f}; "
+        f"model: hidden {init.get('hidden_size', '?')}, {init.get('num_layers', '?')} layers, "
+        f"template {info.get('conv_template', '?')}."
+    )
 
 
 def install(model_dir: Path, target: Path) -> None:
