@@ -166,6 +166,10 @@ class Cleaner:
         if body and body[0]["from"] == GPT:
             body = body[1:]  # the page sometimes captured the end of an earlier answer first
             changes.append("leading_gpt_dropped")
+        stray = next((i for i, t in enumerate(body) if t["from"] == SYSTEM), None)
+        if stray is not None:  # found by hypothesis: [gpt, system] became a kept system-only sample
+            raise BadSample("roles_not_alternating", f"turn {stray + (len(turns) - len(body))} is a system "
+                            "turn; a system turn is only allowed first")
         check_alternating(body)
         if body and body[-1]["from"] == HUMAN:
             body = body[:-1]  # a question without an answer teaches nothing
