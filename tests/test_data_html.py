@@ -251,7 +251,6 @@ def test_error_pages_are_dropped(reply):
 
 def test_a_system_turn_after_a_dropped_gpt_turn_is_rejected_not_kept():
     """Regression (hypothesis): [gpt, system] used to become a kept, system-only sample."""
-
     obj = {"id": "x", "conversations": [{"from": "gpt", "value": ""}, {"from": "system", "value": "0" * 16}]}
     out = Cleaner(CleanConfig()).clean(obj, 1)
     assert out.sample is None and out.reason == "roles_not_alternating"
