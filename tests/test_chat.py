@@ -103,3 +103,17 @@ def test_debug_shows_prompt_and_speed(tiny_model_dir):
 def test_bad_model_path_is_a_clear_error(tmp_path):
     proc = run_cli("chat", "--model-path", tmp_path / "missing", input="Hi\n")
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_history_that_outgrows_the_context_drops_oldest_turns_with_a_notice(tiny_model_dir):
+    long_line = "hello world " * 25  # ~200 tokens per message; the model's context is 512
+    proc = run_cli("chat", "--model-path", tiny_model_dir, "--temperature", "0", "--max-new-tokens", "16",
+                   input=f"{long_line}\n{long_line}\n{long_line}\n{long_line}\n/stats\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "[context full: dropped the oldest exchange]" in proc.stderr
+    assert "exchanges" in proc.stderr and "/512 context tokens" in proc.stderr
+    too_long = run_cli("chat", "--model-path", tiny_model_dir, "--max-new-tokens", "16",
+                       input="word " * 2000 + "\nHi\n")
+    assert too_long.returncode == 0
+    assert "error: this message is" in too_long.stderr and "context is 512" in too_long.stderr
+    assert too_long.stdout.strip()  # the session went on and answered "Hi"
