@@ -361,8 +361,8 @@ def test_full_queue_answers_429_with_retry_after(loaded):
             async def flood():  # 1 running + 1 queued: the other two must be refused
                 ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
                 return await asyncio.gather(*(ac.chat.completions.create(
-                    model="tiny", messages=HELLO, max_tokens=50, extra_body={"ignore_eos": True})
-                    for _ in range(4)), return_exceptions=True)
+                    model="tiny", messages=HELLO, max_tokens=300, extra_body={"ignore_eos": True})
+                    for _ in range(4)), return_exceptions=True)  # long enough that none ends before all arrive
 
             results = asyncio.run(flood())
             assert sum(isinstance(x, openai.RateLimitError) for x in results) == 2
