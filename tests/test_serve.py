@@ -364,9 +364,13 @@ def test_full_queue_answers_429_with_retry_after(loaded):
                     model="tiny", messages=HELLO, max_tokens=300, extra_body={"ignore_eos": True})
                     for _ in range(4)), return_exceptions=True)  # long enough that none ends before all arrive
 
+            wait_idle(engine)  # the cancelled holders above must be aborted first, or they hold the slots
             results = asyncio.run(flood())
-            assert sum(isinstance(x, openai.RateLimitError) for x in results) == 2
-            assert sum(not isinstance(x, Exception) for x in results) == 2
+            # at most 1 running + 1 queued: two or three are refused (three when the second arrives
+            # before the engine thread has moved the first from the queue to its batch), never fewer
+            refused = sum(isinstance(x, openai.RateLimitError) for x in results)
+            served = sum(not isinstance(x, Exception) for x in results)
+            assert refused in (2, 3) and served == 4 - refused, results
             wait_idle(engine)
             c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
             assert c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices
