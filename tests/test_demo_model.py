@@ -25,7 +25,8 @@ def test_the_demo_model_is_shipped_small_and_self_describing():
 
 
 def test_chat_with_no_model_path_uses_the_demo_and_answers_hello_and_identity():
-    proc = run_cli("chat", "--temperature", "0", input="Hello\n/reset\nWho are you?\n")
+    """What `make chat` does, as a user types it: no flags at all (the demo model ships greedy defaults)."""
+    proc = run_cli("chat", input="Hello\nWho are you?\n")
     assert proc.returncode == 0, proc.stderr
     assert "Using the bundled demo model" in proc.stderr
     hello, who = proc.stdout.strip().split("\n")

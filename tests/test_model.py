@@ -112,3 +112,15 @@ def test_lora_adapter_is_loaded_on_its_base(tiny_model_dir, tmp_path):
         load_model(tiny_model_dir, lora=tmp_path)
     with pytest.raises(ModelLoadError, match="is a LoRA adapter; pass its base"):
         load_model(tmp_path / "adapter")
+
+
+def test_sampling_defaults_come_from_an_explicit_generation_config(model_copy):
+    from vicuna.model import sampling_defaults
+
+    path = model_copy / "generation_config.json"
+    cfg = json.loads(path.read_text())
+    assert "do_sample" not in cfg and sampling_defaults(model_copy) == {}  # library default: not a choice
+    path.write_text(json.dumps({**cfg, "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    assert sampling_defaults(model_copy) == {"temperature": 0.6, "top_p": 0.9}
+    path.write_text(json.dumps({**cfg, "do_sample": False}))
+    assert sampling_defaults(model_copy) == {"temperature": 0.0}

@@ -139,6 +139,23 @@ def check_tokenizer(tokenizer, model, where: str) -> None:
         )
 
 
+def sampling_defaults(model_path: str) -> dict[str, float]:
+    """Sampling settings the model's authors shipped in generation_config.json, if they set any.
+
+    Like `transformers` and Ollama, a model may say how it wants to be sampled; only an explicit
+    ``do_sample`` counts (the library's implicit default would make every base model greedy).
+    """
+    try:
+        cfg = json.loads((Path(model_path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if "do_sample" not in cfg:
+        return {}
+    if not cfg["do_sample"]:
+        return {"temperature": 0.0}
+    return {k: float(cfg[k]) for k in ("temperature", "top_p") if isinstance(cfg.get(k), (int, float))}
+
+
 def context_length_of(config) -> int:
     for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
         value = getattr(config, key, None)

@@ -290,6 +290,10 @@ def install(model_dir: Path, target: Path) -> None:
     for f in model_dir.iterdir():
         if f.name in keep:
             shutil.copy2(f, tmp / f.name)
+    # A memorising toy answers best greedily: say so, so `vicuna chat` defaults to it.
+    gen = json.loads((tmp / "generation_config.json").read_text())
+    gen["do_sample"] = False
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -21,7 +21,7 @@ from ..cli import command
 from ..conversation import TemplateError, encode, render_prompt, split_system
 from ..errors import UsageError, VicunaError
 from ..generation import GenerationError, SamplingParams, generate_stream
-from ..model import LoadedModel, add_model_args, load_from_args
+from ..model import LoadedModel, add_model_args, load_from_args, sampling_defaults
 
 HELP = """Commands:
   /help                 this help
@@ -53,9 +53,10 @@ def add_commands(sub) -> None:
     add_model_args(p)
     g = p.add_argument_group("chat")
     g.add_argument("--system", default=None, help="system prompt (default: the template's)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
-                   "whose probabilities sum to P")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the model's generation_config.json if it sets do_sample, else 0.7)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
+                   "whose probabilities sum to P (default: the model's, else 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = off")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 discourages tokens already in the prompt or answer")
@@ -227,15 +228,19 @@ class Terminal:
 
 
 def run(args) -> int:
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed)
     lm = load_from_args(args)
+    shipped = sampling_defaults(lm.path)
+    params = SamplingParams(
+        temperature=args.temperature if args.temperature is not None else shipped.get("temperature", 0.7),
+        top_p=args.top_p if args.top_p is not None else shipped.get("top_p", 1.0), top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
     session = ChatSession(lm, params, args.system)
     term = Terminal(args)
     debug = term.info if getattr(args, "debug", False) else None
     if term.interactive:
-        term.info(f"Chatting with {lm.name} (template {lm.template.name}, {lm.device}). Type /help for commands.")
+        how = "greedy" if params.greedy else f"temperature {params.temperature:g}"
+        term.info(f"Chatting with {lm.name} (template {lm.template.name}, {lm.device}, {how}). "
+                  "Type /help for commands.")
     while True:
         line = term.read()
         if line is None:
