@@ -68,8 +68,8 @@ def prompt_tokens(loaded, messages):
 
 
 def test_engine_greedy_batched_equals_single_request_generation(loaded):
-    """Rows join mid-batch (longer prompts shift the cache right), leave at different times, and the
-    small max_model_len forces left compaction; every output must equal plain one-request generation."""
+    """Rows join mid-batch, leave at different times, and the small max_model_len forces the cache to move;
+    every output must equal plain one-request generation."""
     engine = HFEngine(loaded, EngineConfig(max_batch_size=8, max_model_len=176)).start()
     prompts = [[{"role": "user", "content": "word " * (1 + i)}] for i in range(12)]
     lengths = [prompt_tokens(loaded, m) for m in prompts]
@@ -93,10 +93,47 @@ def test_engine_greedy_batched_equals_single_request_generation(loaded):
     for msgs, n, got in zip(prompts, budgets, batched):
         ids = encode(loaded.tokenizer, render_prompt(loaded.template, msgs, loaded.tokenizer))
         want, _, _ = generate(loaded.model, loaded.tokenizer, ids,
-                              SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+                              SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, strip_leading=True))
         assert got == want
     assert steps < sum(budgets) / 3  # requests really shared decode steps
-    assert shifts >= 2  # the cache moved (longer joiners, compaction) and outputs stayed exact
+
+
+def test_engine_cache_shifts_keep_outputs_exact(loaded):
+    """A much longer prompt joining a running row shifts the cache right; when it leaves, the padding it
+    left is compacted away (a left shift). Both happen whatever the machine's speed: the long prompt is
+    ~95 tokens longer than the short one, and it joins right after the short one's first token."""
+    engine = HFEngine(loaded, EngineConfig(max_batch_size=4, max_model_len=256)).start()
+    short, long = [{"role": "user", "content": "word"}], [{"role": "user", "content": "word " * 20}]
+
+    async def run_both():
+        async def collect(stream, first=None):
+            parts = []
+            async for d in stream:
+                parts.append(d.text)
+                if first is not None and not first.is_set():
+                    first.set()
+            return "".join(parts)
+
+        first = asyncio.Event()
+        a = asyncio.create_task(collect(engine.generate(GenerateRequest(
+            messages=short, temperature=0, max_tokens=120, ignore_eos=True)), first))
+        await first.wait()
+        b = await collect(engine.generate(GenerateRequest(messages=long, temperature=0, max_tokens=3,
+                                                          ignore_eos=True)))
+        return await a, b
+
+    try:
+        before = engine.stats().cache_shifts
+        got = asyncio.run(run_both())
+        shifts = engine.stats().cache_shifts - before
+    finally:
+        engine.stop()
+    for msgs, n, text in zip((short, long), (120, 3), got):
+        ids = encode(loaded.tokenizer, render_prompt(loaded.template, msgs, loaded.tokenizer))
+        want, _, _ = generate(loaded.model, loaded.tokenizer, ids,
+                              SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, strip_leading=True))
+        assert text == want
+    assert shifts >= 2, shifts  # right for the long joiner, left once it left
 
 
 def test_engine_eager_attention_float_mask_matches(tiny_model_dir):
