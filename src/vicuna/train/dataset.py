@@ -28,12 +28,7 @@ from . import TrainInputError
 log = logging.getLogger(__name__)
 
 # ShareGPT "from" values seen in the wild -> OpenAI roles
-ROLE_MAP = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-    "assistant": "assistant", "model": "assistant",
-    "system": "system",
-}
+NO_CONVERSATION = "no 'conversations' or 'messages' key"
 PACKING, DYNAMIC, MAX_LENGTH = "packing", "dynamic", "max_length"
 BATCHING_MODES = (PACKING, DYNAMIC, MAX_LENGTH)
 
@@ -73,35 +68,20 @@ def read_records(path: str | Path, stats: "DataStats | None" = None) -> list[Any
 def record_to_messages(rec: Any) -> list[dict[str, str]]:
     """OpenAI-style messages from a ShareGPT or ``{"messages": [...]}`` record.
 
-    A leading assistant turn and a trailing user turn (both common in scraped
-    ShareGPT) are dropped, as they carry nothing to learn; anything else odd
-    raises ``ValueError`` with the reason, and the record is skipped.
+    The record is validated by the data area's :func:`~vicuna.data.sharegpt.parse_sample`
+    (one definition of a valid sample and of the role aliases for every command). A leading
+    assistant turn and a trailing user turn (both common in scraped ShareGPT) are dropped, as
+    they carry nothing to learn; anything else odd raises ``ValueError`` with the reason, and
+    the record is skipped.
     """
-    if not isinstance(rec, dict):
-        raise ValueError("record is not an object")
-    if "conversations" in rec:
-        turns = rec["conversations"]
-        if not isinstance(turns, list):
-            raise ValueError("'conversations' is not a list")
-        msgs = []
-        for t in turns:
-            if not isinstance(t, dict) or not isinstance(t.get("value"), str):
-                raise ValueError("a turn lacks a string 'value'")
-            role = ROLE_MAP.get(str(t.get("from", "")).lower())
-            if role is None:
-                raise ValueError(f"unknown speaker {t.get('from')!r}")
-            msgs.append({"role": role, "content": t["value"]})
-    elif "messages" in rec:
-        turns = rec["messages"]
-        if not isinstance(turns, list):
-            raise ValueError("'messages' is not a list")
-        msgs = []
-        for t in turns:
-            if not isinstance(t, dict) or not isinstance(t.get("content"), str):
-                raise ValueError("a message lacks a string 'content'")
-            msgs.append({"role": str(t.get("role", "")), "content": t["content"]})
-    else:
-        raise ValueError("no 'conversations' or 'messages' key")
+    from ..data.sharegpt import BadSample, parse_sample, to_messages
+
+    if isinstance(rec, dict) and not any(k in rec for k in ("conversations", "items", "messages")):
+        raise ValueError(NO_CONVERSATION)
+    try:
+        msgs = to_messages(parse_sample(rec, 0)["conversations"])
+    except BadSample as e:
+        raise ValueError(e.detail) from None
     start = 1 if msgs and msgs[0]["role"] == "system" else 0
     if len(msgs) > start and msgs[start]["role"] == "assistant":
         del msgs[start]
@@ -170,7 +150,7 @@ def load_conversations(path: str | Path, stats: DataStats | None = None) -> list
         except ValueError as e:
             stats.skipped[str(e)] += 1
     if not convs:
-        if records and (stats.skipped.get("no 'conversations' or 'messages' key") == len(records)
+        if records and (stats.skipped.get(NO_CONVERSATION) == len(records)
                         or all(not isinstance(r, dict) for r in records)):
             raise TrainInputError(
                 f"{path}: wrong format: no record has a 'conversations' (ShareGPT) or 'messages' (OpenAI) list"
