@@ -291,7 +291,7 @@ class Report:
     bad_records: list = field(default_factory=list)
     max_examples: int = 5
 
-    def drop(self, reason: str, example: str, record: int, detail: str = "", line: int | None = None) -> None:
+    def drop(self, reason: str, example: str, record: int = 0, detail: str = "", line: int | None = None) -> None:
         self.dropped[reason] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.max_examples:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import DataError
+from .clean import Report
 from .io import RecordWriter, atomic_write_json, check_output
 from .sharegpt import GPT, HUMAN, SYSTEM, BadRecords, iter_samples
 
@@ -100,20 +101,10 @@ class FilterConfig:
 
 
 @dataclass
-class FilterReport:
-    input: str
-    output: str
-    records: int = 0
-    kept: int = 0
-    dropped: collections.Counter = field(default_factory=collections.Counter)
-    examples: dict = field(default_factory=dict)
-    languages: collections.Counter = field(default_factory=collections.Counter)
+class FilterReport(Report):
+    """The clean report's counts and examples, plus the languages seen."""
 
-    def drop(self, reason: str, sid: str) -> None:
-        self.dropped[reason] += 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < 5:
-            ex.append(sid)
+    languages: collections.Counter = field(default_factory=collections.Counter)
 
 
 def decide(sample: dict, cfg: FilterConfig) -> tuple[str | None, str | None]:
@@ -162,8 +153,7 @@ def filter_file(inp: str, out: str, cfg: FilterConfig, *, report_path: str | Non
     report.records += bad.count
     if bad.count:
         report.dropped["bad_record"] = bad.count
-    log.info("kept %d of %d samples; dropped: %s", report.kept, report.records,
-             ", ".join(f"{k} {v}" for k, v in report.dropped.most_common()) or "none")
+    log.info("%s", report.summary())
     if report_path:
         atomic_write_json(report_path, {
             "input": report.input, "output": report.output, "records": report.records, "kept": report.kept,
