@@ -87,7 +87,6 @@ def test_engine_greedy_batched_equals_single_request_generation(loaded):
         before = engine.stats().decode_steps
         batched = asyncio.run(run_all())
         steps = engine.stats().decode_steps - before
-        shifts = engine.stats().cache_shifts
     finally:
         engine.stop()
     for msgs, n, got in zip(prompts, budgets, batched):

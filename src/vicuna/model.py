@@ -197,7 +197,7 @@ def load_model(
             raise ModelLoadError("--load-8bit needs a CUDA GPU (bitsandbytes); on CPU use --dtype bfloat16 instead")
         try:
             from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (availability check)
         except ImportError:
             raise ModelLoadError("--load-8bit needs bitsandbytes: pip install -e '.[gpu]'") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
 from .client import CompletionFailed, Endpoint, chat
-from .io import AppendLog, EvalUsageError, Question, answer_turns, prepare_output, read_log, write_records
+from .io import (
+    AppendLog, EvalUsageError, Question, answer_turns, prepare_output, read_log, run_parallel, write_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,27 +113,16 @@ def run_answers(
                  len(questions), len(todo))
     client = endpoint.client()
     errors = 0
-    with AppendLog(output) as out, ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = [pool.submit(answer_question, endpoint, q, settings, client) for q in todo]
-        bar = tqdm(total=len(todo), desc=f"answer {model_id}", unit="q", file=sys.stderr,
-                   disable=not sys.stderr.isatty())
-        try:
-            for fut in as_completed(futures):
-                rec = fut.result()
-                rec["model_id"] = model_id
-                out.append(rec)
-                if rec["status"] == "ok":
-                    done[rec["question_id"]] = rec
-                else:
-                    errors += 1
-                    log.warning("question %s failed: %s", rec["question_id"], rec["error"])
-                bar.update()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            bar.close()
+    calls = [functools.partial(answer_question, endpoint, q, settings, client) for q in todo]
+    with AppendLog(output) as out:
+        for rec in run_parallel(calls, parallel, f"answer {model_id}", "q"):
+            rec["model_id"] = model_id
+            out.append(rec)
+            if rec["status"] == "ok":
+                done[rec["question_id"]] = rec
+            else:
+                errors += 1
+                log.warning("question %s failed: %s", rec["question_id"], rec["error"])
     _compact(output, questions, model_id)
     return {"questions": len(questions), "answered": len(todo) - errors, "skipped": len(questions) - len(todo),
             "errors": errors}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -262,3 +264,26 @@ def load_references(path: Path) -> dict[Any, list[str]]:
         if turns:
             out[rec["question_id"]] = turns
     return out
+
+
+def run_parallel(calls: list[Callable[[], Any]], parallel: int, desc: str, unit: str) -> Iterator[Any]:
+    """Run ``calls`` on ``parallel`` threads; yield each result as it finishes, with a progress bar.
+
+    Interrupting the run (Ctrl+C, or the consumer stopping) cancels the calls not yet started;
+    every finished one was already appended to its log by the consumer, so a re-run resumes.
+    """
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        bar = tqdm(total=len(calls), desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty())
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+                bar.update()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar.close()

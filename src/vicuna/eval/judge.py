@@ -7,23 +7,22 @@ everything needed to audit or re-parse a verdict without asking the judge again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm import tqdm
 
 from .client import CompletionFailed, Endpoint, chat
 from .io import (
-    AppendLog, EvalUsageError, Question, find_answer_file, load_answers, prepare_output, read_log, write_records,
+    AppendLog, EvalUsageError, Question, find_answer_file, load_answers, prepare_output, read_log, run_parallel,
+    write_records,
 )
 from .parse import MODES, OK, parse_judgment
 
@@ -285,27 +284,16 @@ def run_judge(
 
     client = endpoint.client()
     counts = {"ok": 0, "unparsed": 0, "error": 0}
-    with AppendLog(output) as out, ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = [pool.submit(judge_one, j, mode, answers, prompts, endpoint, client=client, max_tokens=max_tokens,
-                               baseline=baseline)
-                   for j in todo]
-        bar = tqdm(total=len(todo), desc="judge", unit="call", file=sys.stderr, disable=not sys.stderr.isatty())
-        try:
-            for fut in as_completed(futures):
-                rec = fut.result()
-                out.append(rec)
-                counts[rec["status"]] += 1
-                if rec["status"] == "error":
-                    log.warning("judgment %s failed: %s", rec["judgment_id"], rec["error"])
-                elif rec["status"] == "unparsed":
-                    log.warning("judgment %s unparsed: %s", rec["judgment_id"], rec["parsed"].get("reason"))
-                bar.update()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            bar.close()
+    calls = [functools.partial(judge_one, j, mode, answers, prompts, endpoint, client=client, max_tokens=max_tokens,
+                               baseline=baseline) for j in todo]
+    with AppendLog(output) as out:
+        for rec in run_parallel(calls, parallel, "judge", "call"):
+            out.append(rec)
+            counts[rec["status"]] += 1
+            if rec["status"] == "error":
+                log.warning("judgment %s failed: %s", rec["judgment_id"], rec["error"])
+            elif rec["status"] == "unparsed":
+                log.warning("judgment %s unparsed: %s", rec["judgment_id"], rec["parsed"].get("reason"))
     _compact(output, [j.key(mode) for j in jobs])
     return {"jobs": len(jobs), "skipped_done": len(jobs) - len(todo), "missing_answers": missing, **counts}
 
