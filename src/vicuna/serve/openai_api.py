@@ -43,6 +43,12 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def _event_stream(events) -> StreamingResponse:
+    """An SSE response that proxies pass through unbuffered (nginx honours X-Accel-Buffering)."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 class _Guard:
     """ASGI middleware: body size limit, API keys on /v1, request counts by status.
 
@@ -329,8 +335,7 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                 yield _sse(P.chat_chunk(rid, model, created, [], P.usage(prompt_tokens, sum(done)), True))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _event_stream(events())
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request):
@@ -389,7 +394,7 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                 yield _sse(P.completion_chunk(rid, model, created, [], P.usage(prompt_tokens, sum(done)), True))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(events())
 
     @app.post("/v1/embeddings")
     async def embeddings(body: P.EmbeddingRequest):
