@@ -6,8 +6,8 @@ import pytest
 
 from conftest import run_cli
 from vicuna.conversation import (
-    IGNORE_INDEX, TEMPLATES, JinjaTemplate, TemplateError, assistant_label_texts, get_template, render_prompt,
-    resolve_template, stop_token_ids, tokenize_conversation,
+    IGNORE_INDEX, TEMPLATES, JinjaTemplate, TemplateError, UntrainableTemplate, assistant_label_texts, get_template,
+    render_prompt, render_training, resolve_template, stop_token_ids, tokenize_conversation,
 )
 
 VS = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -170,8 +170,8 @@ def test_resolution_order(bpe_tokenizer):
         t = resolve_template(None, tok, "vicuna-7b")  # the tokenizer's own template beats the name
         assert isinstance(t, JinjaTemplate)
         assert render_prompt(t, C2, tok) == "[system] Be brief.\n[user] Hi\n[assistant] Hello!\n[user] Name?\n"
-        with pytest.raises(TemplateError, match="--conv-template"):
-            t.render_for_training(C3[:2])
+        with pytest.raises(UntrainableTemplate, match="closes the turn with no special token.*--conv-template"):
+            render_training(t, C3[:2], tok)  # nothing marks the end of a turn: the model would never stop
     finally:
         tok.chat_template = None
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..conversation import IGNORE_INDEX, JinjaTemplate, TemplateError, get_template, resolve_template, stop_token_ids
+from ..conversation import IGNORE_INDEX, TemplateError, get_template, resolve_template, stop_token_ids
 from . import TrainError, TrainInputError
 from .config import TrainConfig, parse_rope_scaling
 from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
@@ -671,11 +671,6 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
         template = resolve_template(cfg.conv_template, tokenizer=tokenizer, model_name=str(cfg.model_path or ""))
     except TemplateError as e:
         raise TrainInputError(str(e)) from None
-    if isinstance(template, JinjaTemplate):
-        raise TrainInputError(
-            f"{cfg.model_path}: its tokenizer's chat_template is not one of ours, so which tokens are the assistant's "
-            "is unknown; pass --conv-template NAME (see `vicuna templates list`)"
-        )
     samples = tokenize_dataset(convs, tokenizer, template, cfg.max_length, drop_long=cfg.drop_long, stats=stats,
                                source=str(cfg.data_path))
     del convs
