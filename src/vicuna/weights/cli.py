@@ -127,18 +127,16 @@ def _print_delta(verb: str, r) -> None:
 
 
 def _make_delta(args) -> int:
-    from .delta import make_delta
+    from .delta import CORRECTIONS, make_delta
 
     r = make_delta(args.base, args.target, args.delta, low_mem=args.low_mem, max_shard_size=args.max_shard_size,
                    force=args.force)
     _print_delta("make-delta", r)
-    if r.resumed:
-        print("round trip: checked only for the tensors written in this run")
-    if r.inexact_values:
-        print(f"round trip: {r.inexact_values:,} values will not come back bit for bit under apply-delta "
-              f"(max error {r.max_error:.3g}); target and base differ by more than 2x there")
-    else:
-        print("round trip: apply-delta will reproduce the target bit for bit")
+    print("round trip: apply-delta will reproduce the target bit for bit")
+    if r.corrected_values:  # (of a resumed run: counted for the tensors written in this run)
+        print(f"  {r.corrected_values:,} values have no delta in their dtype that base + delta would give back (the "
+              f"target moved across zero or far from the base there; max error {r.max_error:.3g}): their target "
+              f"values are stored in {CORRECTIONS}, which vicuna's apply-delta uses")
     return 0
 
 
@@ -148,6 +146,8 @@ def _apply_delta(args) -> int:
     r = apply_delta(args.base, args.delta, args.target, low_mem=args.low_mem, max_shard_size=args.max_shard_size,
                     force=args.force)
     _print_delta("apply-delta", r)
+    if r.corrected_values:
+        print(f"  {r.corrected_values:,} values set exactly from the delta's corrections")
     return 0
 
 
