@@ -23,6 +23,7 @@ This module must not import torch: the data tools use it without a model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -413,9 +414,6 @@ class JinjaTemplate:
             _check_prefix(turn, full, f"message {i} (assistant): rendering the conversation up to it is not the "
                                       "start of the whole conversation's rendering")
             start = len(prompt)
-            if spans and start < spans[-1][1]:
-                raise UntrainableTemplate(f"message {i} (assistant): its generation prompt ends inside the "
-                                          f"previous assistant turn; {_HINT}")
             ends = [m.end() for m in specials.finditer(turn, start)] if specials else []
             if not ends:
                 raise UntrainableTemplate(
@@ -429,17 +427,19 @@ class JinjaTemplate:
         # character spans (to share the offsets -> labels code), not its token mask
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        texts, indices = render_jinja_template(
-            [msgs], chat_template=self.source, return_assistant_tokens_mask=True, add_generation_prompt=False,
-            **_tokenizer(tokenizer).special_tokens_map)
+        with _refusals():
+            texts, indices = render_jinja_template(
+                [msgs], chat_template=self.source, return_assistant_tokens_mask=True, add_generation_prompt=False,
+                **_tokenizer(tokenizer).special_tokens_map)
         if not indices[0]:
             raise UntrainableTemplate(f"the chat_template's {{% generation %}} blocks mark nothing in this "
                                       f"conversation; {_HINT}")
         return texts[0], [tuple(s) for s in indices[0]]
 
     def _apply(self, tokenizer, msgs, add_generation_prompt: bool) -> str:
-        return _tokenizer(tokenizer).apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        tokenizer = _tokenizer(tokenizer)
+        with _refusals():
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def stop_token_strings(self, eos_token):
         return [eos_token] if eos_token else []
@@ -455,10 +455,22 @@ def _tokenizer(tokenizer):
     return tokenizer
 
 
+@contextlib.contextmanager
+def _refusals():
+    """A template's own ``raise_exception`` (e.g. Gemma's "System role not supported") as a TemplateError."""
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        yield
+    except JinjaError as e:
+        raise TemplateError(f"the tokenizer's chat_template refused this conversation: {e}") from None
+
+
 def _as_messages(messages) -> list[dict[str, str]]:
-    """Validated messages; an empty system message is left out, so the template's default applies."""
+    """Validated plain-text messages, as the template gets them: a leading system message, even an
+    empty one, is passed on (it replaces the template's default, as in our own templates)."""
     system, turns = split_system(messages, "")
-    return ([{"role": "system", "content": system}] if system else []) + turns
+    return ([{"role": "system", "content": system}] if messages and _role(messages[0]) == "system" else []) + turns
 
 
 def _check_prefix(prefix: str, whole: str, what: str) -> None:
