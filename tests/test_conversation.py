@@ -63,6 +63,14 @@ GOLDEN = {
         f"<s>{AS}\n\n### Instruction:\nA\n\n### Response:\nB</s>\n\n### Instruction:\nC\n\n### Response:\nD</s>\n\n"
         "### Instruction:\nE\n\n### Response:\n",
     ],
+    "gemma": [
+        "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+        "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName?<end_of_turn>\n<start_of_turn>model\n",
+        "<s><start_of_turn>user\nA<end_of_turn>\n<start_of_turn>model\nB<end_of_turn>\n<start_of_turn>user\n"
+        "C<end_of_turn>\n<start_of_turn>model\nD<end_of_turn>\n<start_of_turn>user\nE<end_of_turn>\n"
+        "<start_of_turn>model\n",
+    ],
     "zephyr": [
         "<|user|>\nHi</s>\n<|assistant|>\n",
         "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nName?</s>\n<|assistant|>\n",
@@ -163,6 +171,7 @@ def test_resolution_order(bpe_tokenizer):
     assert resolve_template(None, tok, "meta-llama/Llama-2-7b-chat-hf").name == "llama-2"
     assert resolve_template(None, tok, "Meta-Llama-3-8B-Instruct").name == "llama-3"
     assert resolve_template(None, tok, "Qwen2.5-0.5B-Instruct").name == "chatml"
+    assert resolve_template(None, tok, "gemma-3-270m").name == "gemma"  # the base model ships no chat_template
     with pytest.raises(TemplateError, match="Pass --conv-template, one of: vicuna_v0, vicuna_v1.1"):
         resolve_template(None, tok, "my-mystery-model")
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

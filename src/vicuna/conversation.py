@@ -319,6 +319,18 @@ TEMPLATES: dict[str, Template] = {
             name_pattern=r"alpaca",
         ),
         Template(
+            name="gemma",
+            description="Gemma : '<start_of_turn>user ..<end_of_turn> <start_of_turn>model ..<end_of_turn>' "
+                        "(a system message opens the first user turn)",
+            user_fmt="<start_of_turn>user\n{content}<end_of_turn>\n",
+            first_user_fmt="<start_of_turn>user\n{system}\n\n{content}<end_of_turn>\n",
+            assistant_prefix="<start_of_turn>model\n",
+            assistant_end="<end_of_turn>",
+            assistant_sep="\n",
+            stop_tokens=("<end_of_turn>",),
+            name_pattern=r"gemma",
+        ),
+        Template(
             name="zephyr",
             description="Zephyr : <|system|> <|user|> <|assistant|> blocks closed by </s>",
             prefix="",
@@ -344,7 +356,7 @@ def template_special_tokens() -> list[str]:
     found: list[str] = []
     for t in TEMPLATES.values():
         text = "".join([t.system_fmt, t.user_fmt, t.assistant_prefix, t.assistant_end, *t.stop_tokens])
-        for tok in re.findall(r"<\|[a-z_]+\|>", text):
+        for tok in re.findall(r"<\|[a-z_]+\|>|<[a-z]+_of_turn>", text):
             if tok not in found:
                 found.append(tok)
     return found
