@@ -86,16 +86,6 @@ def foreign_copy(template) -> str:
 # ----------------------------------------------------------------------------- the real template
 
 
-@pytest.fixture(scope="session")
-def real_model_dir():  # TODO(templates): conftest's session fixture replaces this once it lands on main
-    from pathlib import Path
-
-    path = Path("/work/models/SmolLM2-135M-Instruct")
-    if not path.is_dir():
-        pytest.skip("SmolLM2-135M-Instruct is not imported here")
-    return path
-
-
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(real_model_dir):
     from transformers import AutoTokenizer

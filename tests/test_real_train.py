@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import SHARED_DATA, run_cli
-from vicuna.conversation import JinjaTemplate, encode, render_prompt
+from vicuna.conversation import JinjaTemplate, encode, render_prompt, resolve_template
 
 pytestmark = pytest.mark.real_model
 
@@ -64,7 +64,7 @@ def mean_loss(model, tokenizer, convs) -> float:
     """Mean loss per trained token over ``convs``, masks as training builds them."""
     from vicuna.train.dataset import collate, tokenize_dataset
 
-    samples = tokenize_dataset(convs, tokenizer, JinjaTemplate(tokenizer.chat_template), 256)
+    samples = tokenize_dataset(convs, tokenizer, resolve_template(tokenizer=tokenizer), 256)
     batch = collate(samples, [[i] for i in range(len(samples))], tokenizer.pad_token_id, packed=False)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -74,7 +74,7 @@ def mean_loss(model, tokenizer, convs) -> float:
 def test_finetune_in_its_own_template_lowers_the_loss_and_answers_in_it(finetuned, real_model_dir):
     from transformers import AutoTokenizer
 
-    from vicuna.generation import SamplingParams, generate
+    from vicuna.generation import generate, sampling_params
     from vicuna.model import load_model
     from vicuna.train.dataset import load_conversations
 
@@ -96,7 +96,7 @@ def test_finetune_in_its_own_template_lowers_the_loss_and_answers_in_it(finetune
     question = [{"role": "user", "content": "Who are you?"}]
     prompt = render_prompt(lm.template, question, lm.tokenizer)
     assert prompt == base_tok.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
-    params = SamplingParams(temperature=0, max_new_tokens=32, stop_token_ids=tuple(lm.stop_token_ids))
+    params = sampling_params(lm.defaults, max_new_tokens=32, temperature=0)
     text, finish, _ = generate(lm.model, lm.tokenizer, encode(lm.tokenizer, prompt), params)
     assert "LMSYS" in text and finish == "stop", (text, finish)
 
