@@ -41,7 +41,7 @@ def load_tokenizer(path: str):
         raise DataError(f"cannot load a tokenizer from {path}: {e}") from None
 
 
-def load_template(name: str | None, tokenizer, tokenizer_path: str = ""):
+def load_template(name: str | None, tokenizer, tokenizer_path: str = "") -> Template | JinjaTemplate:
     """The template by name; ``None``/``"auto"`` picks it as `vicuna train` does: the tokenizer's own
     chat_template (ours or foreign), else a match on the tokenizer's directory name."""
     try:
