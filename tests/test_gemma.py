@@ -90,8 +90,9 @@ def test_finetune_gemma_in_the_gemma_template(gemma_dir, tmp_path):
 
     lm = load_model(out, device="cpu")
     assert lm.template is get_template("gemma")  # embedded in the saved tokenizer, found by its marker
-    prompt = render_prompt(lm.template, [{"role": "user", "content": "What is your name?"}], lm.tokenizer)
-    assert prompt == "<bos><start_of_turn>user\nWhat is your name?<end_of_turn>\n<start_of_turn>model\n"
-    text, _, _ = generate(lm.model, lm.tokenizer, encode(lm.tokenizer, prompt),
-                          sampling_params(lm.defaults, max_new_tokens=32, temperature=0))
-    assert "LMSYS" in text, text  # the sample's identity answers
+    prompt = render_prompt(lm.template, [{"role": "user", "content": "Who are you?"}], lm.tokenizer)
+    assert prompt == "<bos><start_of_turn>user\nWho are you?<end_of_turn>\n<start_of_turn>model\n"
+    text, finish, _ = generate(lm.model, lm.tokenizer, encode(lm.tokenizer, prompt),
+                               sampling_params(lm.defaults, max_new_tokens=32, temperature=0))
+    # the sample's identity answer, and the turn ends on <end_of_turn> (the base model never stops)
+    assert "LMSYS" in text and finish == "stop", (text, finish)
