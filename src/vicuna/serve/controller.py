@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
+
+from .core import bearer_ok
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if secret and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token, secret):
+            if not bearer_ok(request.headers.get("authorization"), [secret]):
                 return JSONResponse({"error": {"message": "missing or wrong controller secret", "type":
                                                "authentication_error", "param": None, "code": "invalid_secret"}},
                                     status_code=401)
