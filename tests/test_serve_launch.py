@@ -63,7 +63,7 @@ def test_bad_config_values_are_usage_errors():
     from vicuna.errors import UsageError
 
     with pytest.raises(UsageError, match="needs --model-path"):
-        launch.ModelConfig(backend="llamacpp")
+        launch.ModelConfig(backend="vllm")
     import argparse
 
     p = argparse.ArgumentParser()

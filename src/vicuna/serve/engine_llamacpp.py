@@ -29,10 +29,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from ..conversation import TemplateError, resolve_template, stop_token_ids
+from ..conversation import TemplateError, resolve_template
 from ..errors import UsageError
-from ..generation import SamplingParams
-from ..model import ModelLoadError
+from ..generation import ModelDefaults, SamplingParams
+from ..model import ModelLoadError, model_defaults
 from .core import Delta, GenerateRequest, ServeError
 from .engine import EngineConfig
 from .engine_external import ExternalEngine, LeadingStrip
@@ -149,6 +149,10 @@ def check_options(model: "ModelConfig") -> Path:
     for given, what in refused:
         if given:
             raise UsageError(f"--backend llamacpp does not take {what}")
+    if not model.model_path:
+        from ..weights.gguf import default_gguf
+
+        return default_gguf()
     path = Path(str(model.model_path)).expanduser()
     if not path.is_file():
         hint = " (a directory: --backend llamacpp takes a .gguf file; use --backend hf for a Hugging Face " \
@@ -165,11 +169,10 @@ class LlamaCppEngine(ExternalEngine):
     backend = "llamacpp"
 
     def __init__(self, server, *, name: str, tokenizer, template, context_length: int, config: EngineConfig,
-                 stop_ids: list[int]):
+                 defaults: ModelDefaults):
         self.server, self.name, self.tokenizer, self.template = server, name, tokenizer, template
-        self.config = config
+        self.config, self.defaults = config, defaults
         self.max_model_len = min(config.max_model_len or context_length, context_length)
-        self.stop_token_ids = stop_ids
         self._running: dict[threading.Thread, threading.Event] = {}  # request threads -> their cancel switch
         self._init_bookkeeping()
 
@@ -206,7 +209,7 @@ class LlamaCppEngine(ExternalEngine):
             raise ModelLoadError(f"llama.cpp could not load {path}: {e}") from None
         log.info("llama.cpp: %s, %d slots, %d KV cells shared, context %d", path.name, p.n_parallel, p.n_ctx, max_len)
         return cls(server, name=name, tokenizer=tokenizer, template=template, context_length=max_len,
-                   config=config, stop_ids=stop_token_ids(template, tokenizer))
+                   config=config, defaults=model_defaults(str(path), tokenizer, template))
 
     def start(self) -> "LlamaCppEngine":
         return self

@@ -24,10 +24,10 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from ..conversation import TemplateError, resolve_template, stop_token_ids
+from ..conversation import TemplateError, resolve_template
 from ..errors import UsageError
-from ..generation import SamplingParams
-from ..model import ModelLoadError, context_length_of
+from ..generation import ModelDefaults, SamplingParams
+from ..model import ModelLoadError, context_length_of, model_defaults
 from .core import Delta, GenerateRequest, ServeError
 from .engine import EngineConfig
 from .engine_external import ExternalEngine, LeadingStrip, parse_size
@@ -114,11 +114,10 @@ class VLLMEngine(ExternalEngine):
     backend = "vllm"
 
     def __init__(self, engine, *, name: str, tokenizer, template, context_length: int, config: EngineConfig,
-                 lora_request=None):
+                 defaults: ModelDefaults, lora_request=None):
         self.engine, self.name, self.tokenizer, self.template = engine, name, tokenizer, template
-        self.config = config
+        self.config, self.defaults = config, defaults
         self.max_model_len = min(config.max_model_len or context_length, context_length)
-        self.stop_token_ids = stop_token_ids(template, tokenizer)
         self.lora_request = lora_request
         self._init_bookkeeping()
 
@@ -149,7 +148,7 @@ class VLLMEngine(ExternalEngine):
         engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(engine, name=name, tokenizer=tokenizer, template=template,
                    context_length=config.max_model_len or context_length_of(hf_config), config=config,
-                   lora_request=lora_request)
+                   defaults=model_defaults(path, tokenizer, template), lora_request=lora_request)
 
     def start(self) -> "VLLMEngine":
         return self

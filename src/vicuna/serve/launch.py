@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UsageError, VicunaError
-from ..model import DEVICES, DTYPES
+from ..model import DEFAULT_MODEL_NAME, DEVICES, DTYPES
 from .engine import EngineConfig
 from .openai_api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N
 from .web import WebSettings
@@ -42,8 +42,9 @@ def _f(default, help: str, **meta):
 class ModelConfig:
     """What to serve and how to load it."""
 
-    model_path: str | None = _f(None, "Hugging Face model directory, or a .gguf file with --backend llamacpp "
-                                      "(default with --backend hf: the bundled demo model)", metavar="PATH")
+    model_path: str | None = _f(None, f"Hugging Face model directory, or a .gguf file with --backend llamacpp "
+                                      f"(default: {DEFAULT_MODEL_NAME}, imported by `make install`, or its GGUF with "
+                                      "--backend llamacpp; 'demo': the tiny bundled demo model)", metavar="PATH")
     model_name: str | None = _f(None, "name to serve the model as (default: the directory or file name)",
                                 metavar="NAME")
     backend: str = _f("hf", "hf: our continuous-batching engine over transformers (CPU/CUDA); llamacpp: a GGUF "
@@ -67,15 +68,16 @@ class ModelConfig:
             raise UsageError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.num_gpus < 1 or (self.threads is not None and self.threads < 1):
             raise UsageError("--num-gpus and --threads must be >= 1")
-        if self.backend != "hf" and not self.model_path:
-            raise UsageError(f"--backend {self.backend} needs --model-path (the bundled demo model is served by "
-                             "--backend hf only)")
+        if self.backend == "vllm" and not self.model_path:
+            raise UsageError("--backend vllm needs --model-path (a Hugging Face model directory or hub id)")
 
     @property
     def served_name(self) -> str:
         """The name clients use: --model-name, else the directory or file name."""
         if self.model_name:
             return self.model_name
+        if not self.model_path:
+            return DEFAULT_MODEL_NAME
         path = Path(str(self.model_path).rstrip("/"))
         return path.stem if path.suffix == ".gguf" else path.name
 
@@ -205,11 +207,11 @@ def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
         from .engine_llamacpp import LlamaCppEngine
 
         return LlamaCppEngine.load(model, engine).start()
-    from ..model import default_model_path, load_model
+    from ..model import load_model, resolve_model_path
     from .engine import HFEngine
 
     loaded = load_model(
-        model.model_path or default_model_path(), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,
+        resolve_model_path(model.model_path), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,
         max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.lora,
         conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code)
     return HFEngine(loaded, engine).start()
