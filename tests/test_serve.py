@@ -237,7 +237,7 @@ def test_streaming_role_first_content_finish_usage_done(client, server, engine):
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == prompt_tokens(engine, HELLO)
-    raw = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+    raw = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
                      json={"model": "tiny", "messages": HELLO, "max_tokens": 3, "stream": True}).text
     events = [e for e in raw.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -283,7 +283,7 @@ def test_parameters_and_unknown_fields(server, client):
         model="tiny", messages=HELLO, max_completion_tokens=3, presence_penalty=1.5, frequency_penalty=0.5,
         top_p=0.9, user="someone", extra_body={"ignore_eos": True, "logit_bias": {}, "no_such_field": [1, 2]})
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
-    r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+    r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
                    json={"model": "tiny", "messages": HELLO, "max_tokens": 2, "stop": "x", "whatever": True})
     assert r.status_code == 200
 
