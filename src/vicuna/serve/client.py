@@ -149,6 +149,9 @@ class ControllerClient(_ClientBase):
         if address:
             return address
         models = found.get("models")
+        if found.get("warming_up"):  # a restarted controller: the workers are re-registering
+            raise Unavailable(f"no worker for model {model!r} yet: the controller has just started and its "
+                              "workers are registering; retry shortly", retry_after=2)
         if models is not None and model not in models:
             raise ModelNotFound.for_model(model, list(models))
         raise Unavailable(f"no live worker for model {model!r} right now; retry shortly", retry_after=2)

@@ -6,8 +6,11 @@ and the OpenAI front end can all speak it (and send it over the wire as JSON).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cache
+from typing import Annotated, Any, get_type_hints
+
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from ..errors import VicunaError
 
@@ -93,6 +96,10 @@ class Unavailable(ServeError):
     code = "model_unavailable"
 
 
+MAX_SEED = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]  # what torch's generator takes; the API and workers check it
+
+
 @dataclass
 class GenerateRequest:
     """One completion to generate: chat ``messages`` or a raw ``prompt`` plus sampling settings.
@@ -107,7 +114,7 @@ class GenerateRequest:
     top_p: float = 1.0
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -122,6 +129,27 @@ class GenerateRequest:
     def from_dict(cls, d: dict[str, Any]) -> "GenerateRequest":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "GenerateRequest":
+        """A request received over HTTP (by a worker): exact types and ranges, or a 400 naming the field."""
+        try:
+            checked = _wire_model().model_validate(d)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            where = f"{param}: " if param else ""
+            raise InvalidRequest(f"invalid generate request: {where}{first['msg']}", param=param) from None
+        return cls(**dict(checked))
+
+
+@cache
+def _wire_model():
+    """A strict pydantic model of :class:`GenerateRequest`'s fields (built from them, so never out of step)."""
+    hints = get_type_hints(GenerateRequest, include_extras=True)
+    return create_model("GenerateRequestWire", __config__=ConfigDict(strict=True, extra="ignore"), **{
+        f.name: (hints[f.name], f.default_factory() if f.default is MISSING else f.default)
+        for f in fields(GenerateRequest)})
 
 
 @dataclass

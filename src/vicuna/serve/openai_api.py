@@ -32,6 +32,9 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# What --api-keys protects: the API and its description (the schema names every route and field).
+# /health and /metrics stay open for probes; a mounted web UI has its own limits.
+KEYED_PATHS = ("/v1/", "/openapi.json", "/docs", "/redoc")
 
 
 def error_response(err: ServeError) -> JSONResponse:
@@ -50,7 +53,7 @@ def _event_stream(events) -> StreamingResponse:
 
 
 class _Guard:
-    """ASGI middleware: body size limit, API keys on /v1, request counts by status.
+    """ASGI middleware: body size limit, API keys on /v1 (and the schema), request counts by status.
 
     Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through
     untouched and a client disconnect still reaches the route.
@@ -78,7 +81,7 @@ class _Guard:
             await error_response(err)(scope, receive, send_counted)
 
         try:
-            if self.keys and path.startswith("/v1/") and not self._authorized(scope):
+            if self.keys and path.startswith(KEYED_PATHS) and not self._authorized(scope):
                 return await reply(ServeError(
                     "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY' (one of --api-keys).",
                     status=401, code="invalid_api_key"))
@@ -123,6 +126,18 @@ def _validation_param(loc: tuple) -> str | None:
     return out or None
 
 
+def _body_problem(request: Request, *, empty: bool) -> str:
+    """Why the body is not a request object, and what to send instead."""
+    ctype = request.headers.get("content-type", "")
+    if empty:
+        return ("the request body is empty; send a JSON object such as "
+                '{"model": "...", "messages": [{"role": "user", "content": "Hello"}]}')
+    if ctype and "json" not in ctype:
+        return (f"the request body must be a JSON object sent as Content-Type: application/json, not {ctype!r} "
+                "(with curl: -H 'Content-Type: application/json')")
+    return "the request body must be a JSON object"
+
+
 def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 8, engines: dict | None = None,
                title: str = "vicuna OpenAI-compatible API") -> FastAPI:
@@ -130,7 +145,8 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
     if engines is None:
         engines = getattr(client, "engines", None)
     metrics = Metrics((lambda: engines) if engines is not None else None)
-    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    # strict_content_type off: a JSON body sent without Content-Type (curl -d ... without -H) is read as JSON
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, strict_content_type=False)
     app.state.client = client
     app.state.metrics = metrics
     app.add_middleware(_Guard, max_body_bytes=max_body_bytes, api_keys=api_keys, metrics=metrics)
@@ -148,8 +164,8 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         if first.get("type") == "json_invalid":
             return error_response(InvalidRequest(
                 f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"))
-        if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
-            return error_response(InvalidRequest("the request body must be a JSON object"))
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("missing", "model_attributes_type"):
+            return error_response(InvalidRequest(_body_problem(request, empty=first["type"] == "missing")))
         param = _validation_param(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid request")
         if first.get("type") == "missing":

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .core import Delta, GenerateRequest, InvalidRequest
+from .core import Delta, GenerateRequest, InvalidRequest, Seed
 
 
 class _Request(BaseModel):
@@ -41,7 +41,7 @@ class _Sampling(_Request):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
@@ -78,6 +78,10 @@ class ChatCompletionRequest(_Sampling):
             raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        for i, m in enumerate(self.messages):
+            if m.content is None and m.role != "assistant":  # an assistant turn may carry only tool calls
+                raise InvalidRequest(f"messages[{i}].content is required for role {m.role!r}",
+                                     param=f"messages[{i}].content")
         messages = [m.model_dump(exclude_none=True) for m in self.messages]
         return GenerateRequest(messages=messages, **self.sampling(max_tokens=max_tokens, logprobs=logprobs))
 
