@@ -107,7 +107,7 @@ def load_engines(args) -> dict:
 def run_single(args) -> int:
     from .client import LocalClient
     from .openai_api import create_app
-    from .server import run_server
+    from .server import run_server, trusted_proxies
 
     engines = load_engines(args)
     client = LocalClient(engines)
@@ -120,7 +120,7 @@ def run_single(args) -> int:
         app = maybe_mount_web(app, client, args) or app
     print(f"OpenAI-compatible API for {', '.join(engines)} on http://{args.host}:{args.port}/v1", flush=True)
     try:
-        run_server(app, args.host, args.port)
+        run_server(app, args.host, args.port, trusted_proxies=trusted_proxies(args))
     finally:
         for e in engines.values():
             e.stop()
