@@ -30,6 +30,9 @@ class ScriptedClient:
     async def list_models(self) -> list[str]:
         return list(self.answers)
 
+    def describe(self, model):
+        return None
+
     async def stream_chat(self, model, messages, **params):
         self.calls.append((model, messages, params))
         for n, word in enumerate(self.answers[model].split(" ")):

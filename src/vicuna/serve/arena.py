@@ -43,7 +43,7 @@ from ..errors import UsageError, VicunaError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MODES = ("chat", "battle", "side_by_side")
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
 FEEDBACK_KINDS = ("upvote", "downvote", "flag", "retract")
@@ -60,11 +60,13 @@ CREATE TABLE IF NOT EXISTS conversations (
     model    TEXT NOT NULL,
     messages TEXT NOT NULL,               -- JSON list of {"role", "content"}
     params   TEXT NOT NULL DEFAULT '{}',  -- JSON sampling parameters
-    finish   TEXT,                        -- 'stop', 'cancelled' or 'error' (last answer)
+    finish   TEXT,                        -- 'stop', 'stopped', 'cancelled', 'error' or 'flagged' (last answer)
     error    TEXT,                        -- what failed, as shown to the user
     ip_hash  TEXT,
     created  REAL NOT NULL,
-    updated  REAL NOT NULL
+    updated  REAL NOT NULL,
+    served_by      TEXT,                  -- 'endpoint' for an OpenAI-compatible upstream, else 'local'
+    upstream_model TEXT                   -- the upstream's model that answered (endpoints only)
 );
 CREATE INDEX IF NOT EXISTS conversations_created ON conversations (created);
 -- One vote per pair of conversations (a battle or a named side-by-side round).
@@ -151,10 +153,14 @@ class ArenaStore:
                     f"{self.path} has arena schema version {version}; this vicuna knows up to {SCHEMA_VERSION} "
                     "(upgrade vicuna)"
                 )
-            if create and version < SCHEMA_VERSION:
-                conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-            elif version == 0:
+            if version == 0 and not create:
                 raise ArenaError(f"{self.path} is not an arena database (no arena tables in it)")
+            if version == 0:
+                conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            elif version < SCHEMA_VERSION:  # version 1 (before endpoints): two nullable columns more
+                conn.executescript("BEGIN IMMEDIATE; ALTER TABLE conversations ADD COLUMN served_by TEXT; "
+                                   "ALTER TABLE conversations ADD COLUMN upstream_model TEXT; "
+                                   f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as e:
             raise ArenaError(f"cannot open arena database {self.path}: {e}") from None
 
@@ -275,18 +281,21 @@ class ArenaStore:
         finish: str | None = None,
         error: str | None = None,
         ip_hash: str | None = None,
+        served_by: str = "local",
+        upstream_model: str | None = None,
     ) -> None:
         """Insert or update one conversation (the whole message list each time)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         now = time.time()
         self._execute(
-            """INSERT INTO conversations (id, mode, model, messages, params, finish, error, ip_hash, created, updated)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO conversations (id, mode, model, messages, params, finish, error, ip_hash, created, updated,
+                                          served_by, upstream_model)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (id) DO UPDATE SET messages = excluded.messages, params = excluded.params,
                    finish = excluded.finish, error = excluded.error, updated = excluded.updated""",
             (conv_id, mode, model, json.dumps(list(messages), ensure_ascii=False), json.dumps(params or {}),
-             finish, error, ip_hash, now, now),
+             finish, error, ip_hash, now, now, served_by, upstream_model),
         )
 
     def add_vote(
@@ -372,8 +381,9 @@ class ArenaStore:
 
     def iter_votes(self) -> Iterator[dict[str, Any]]:
         """Votes with both conversations inlined (the export format)."""
-        sql = """SELECT v.*, ca.messages AS messages_a, ca.params AS params_a,
-                        cb.messages AS messages_b, cb.params AS params_b
+        sql = """SELECT v.*, ca.messages AS messages_a, ca.params AS params_a, ca.served_by AS served_by_a,
+                        ca.upstream_model AS upstream_model_a, cb.messages AS messages_b, cb.params AS params_b,
+                        cb.served_by AS served_by_b, cb.upstream_model AS upstream_model_b
                  FROM votes v JOIN conversations ca ON ca.id = v.conv_a JOIN conversations cb ON cb.id = v.conv_b
                  ORDER BY v.created, v.id"""
         for r in self._execute(sql):
@@ -393,6 +403,10 @@ class ArenaStore:
                 "conversation_b": json.loads(r["messages_b"]),
                 "params_a": json.loads(r["params_a"]),
                 "params_b": json.loads(r["params_b"]),
+                "served_by_a": r["served_by_a"] or "local",
+                "served_by_b": r["served_by_b"] or "local",
+                "upstream_model_a": r["upstream_model_a"],
+                "upstream_model_b": r["upstream_model_b"],
             }
 
     def iter_feedback(self) -> Iterator[dict[str, Any]]:

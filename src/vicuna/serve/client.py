@@ -10,6 +10,7 @@ and ``vicuna serve api --controller URL`` run exactly the same front-end code.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from .core import (
-    AuthError, ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded,
+    MAX_SEED, AuthError, ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded,
     ServeError, Unavailable,
 )
 
@@ -46,13 +47,33 @@ class ModelClient(Protocol):
     # Richer calls the OpenAI front end needs (usage, finish reasons, logprobs, embeddings).
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[Delta]: ...
 
+    def choices(self, model: str, request: GenerateRequest, n: int) -> list[AsyncIterator[Delta]]: ...
+
+    def describe(self, model: str) -> dict[str, Any] | None: ...
+
     async def embed(self, model: str, inputs: list[str]) -> Embeddings: ...
 
     async def close(self) -> None: ...
 
 
+def choice_request(base: GenerateRequest, i: int) -> GenerateRequest:
+    """Choice ``i`` of ``n``: a distinct but reproducible seed when one is given."""
+    if i == 0 or base.seed is None:
+        return base
+    return dataclasses.replace(base, seed=(base.seed + i) % (MAX_SEED + 1))
+
+
 class _ClientBase:
-    """``stream_chat`` (text deltas only, for UIs) on top of ``generate``."""
+    """``stream_chat`` (text deltas only, for UIs) and ``choices`` on top of ``generate``."""
+
+    def choices(self, model: str, request: GenerateRequest, n: int) -> list[AsyncIterator[Delta]]:
+        """``n`` answers to one request, one stream each: here ``n`` generations, seeded ``seed + i``
+        (an upstream that samples ``n`` itself gets one request, see :mod:`vicuna.serve.endpoint`)."""
+        return [self.generate(model, choice_request(request, i)) for i in range(n)]
+
+    def describe(self, model: str) -> dict[str, Any] | None:
+        """Where ``model`` is served, when it is not by our own engine (an endpoint: its upstream model)."""
+        return None
 
     async def stream_chat(self, model: str, messages: list[dict], *, temperature: float = 0.7, top_p: float = 1.0,
                           max_tokens: int | None = None, stop: list[str] | None = None, seed: int | None = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..conversation import message_text
-from ..errors import VicunaError
+from ..errors import UsageError, VicunaError
 from .arena import (
     ArenaStore, compute_leaderboard, identity_leak, leaderboard_figure, leaderboard_markdown, win_rate_markdown,
 )
@@ -65,7 +65,22 @@ class WebSettings:
     vote_limit: int = 30  # votes per client per vote_window seconds; 0 = off
     vote_window: float = 3600.0
     arena_only: bool = False  # only the blind arena and the leaderboard: no model is served by name
+    arena_weights: tuple[str, ...] = ()  # "NAME=WEIGHT": how often a model is drawn for a battle (default 1)
     title: str = "Vicuna"
+
+    def weights(self) -> dict[str, float]:
+        """``arena_weights`` as a mapping (a new model gets weight 4, say, to catch up on battles)."""
+        out = {}
+        for item in self.arena_weights:
+            name, sep, value = item.rpartition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if not sep or not name or not weight >= 0:
+                raise UsageError(f"--arena-weights: expected NAME=WEIGHT with a weight >= 0, got {item!r}")
+            out[name] = weight
+        return out
 
 
 class RateLimiter:
@@ -105,6 +120,8 @@ def describe_error(exc: BaseException, model: str) -> tuple[str, str]:
     msg = getattr(exc, "message", None) or str(exc)
     retry = getattr(exc, "retry_after", None)
     retry_hint = f" Try again in {retry:.0f} s." if retry else " Try again in a moment."
+    if code == "content_flagged":
+        return "Refused by moderation", msg
     if code == "context_length_exceeded":
         return "Context too long", f"{model}: {msg} Press Clear (or start a new round) for a shorter conversation."
     if code == "model_not_found" or status == 404:
@@ -142,6 +159,11 @@ def _messages(state: dict | None) -> list[dict]:
 
 def not_stored(problem: str) -> str:
     return f"**Not stored**: {problem}"
+
+
+def _finish_of(error: BaseException) -> str:
+    """How a failed answer is stored: "flagged" when moderation refused the input, else "error"."""
+    return "flagged" if getattr(error, "code", None) == "content_flagged" else "error"
 
 
 async def merge_streams(
@@ -319,10 +341,12 @@ class WebApp:
 
         A storage failure must not take the chat down, but it must not pass silently either.
         """
+        served = self.client.describe(model) or {}
         try:
             await asyncio.to_thread(self.store.save_conversation, conv_id, mode=mode, model=model,
                                     messages=_plain(messages), params=params, finish=finish, error=error,
-                                    ip_hash=self.store.hash_ip(ip))
+                                    ip_hash=self.store.hash_ip(ip), served_by=served.get("served_by", "local"),
+                                    upstream_model=served.get("upstream_model"))
         except Exception as e:  # noqa: BLE001 - reported to the user and logged
             log.error("could not store conversation %s: %s", conv_id, e)
             return str(e) if isinstance(e, VicunaError) else f"{type(e).__name__}: {e}"
@@ -391,7 +415,7 @@ class WebApp:
         except Exception as e:
             if not isinstance(e, VicunaError):
                 log.exception("chat with %s failed", model)
-            finish, error = "error", error_markdown(e, model)
+            finish, error = _finish_of(e), error_markdown(e, model)
             status = error
         finally:
             self._end(stop_key, stop)
@@ -457,7 +481,21 @@ class WebApp:
         if len(served) < 2:
             raise WebError("Arena unavailable",
                            f"A battle needs two models; the server has {len(served)} ({', '.join(served) or 'none'}).")
-        return self.rng.sample(served, 2)
+        return self._draw(served)
+
+    def _draw(self, served: list[str]) -> list[str]:
+        """Two distinct models, each drawn with probability proportional to its arena weight (default 1),
+        in random order (a new model with a larger weight gets more battles)."""
+        weights = self.settings.weights()
+        pool = [m for m in served if weights.get(m, 1.0) > 0]
+        if len(pool) < 2:
+            raise WebError("Arena unavailable", f"A battle needs two models with an arena weight above 0; "
+                                                f"{len(pool)} of the {len(served)} served have one.")
+        first = self.rng.choices(pool, [weights.get(m, 1.0) for m in pool])[0]
+        rest = [m for m in pool if m != first]
+        pair = [first, self.rng.choices(rest, [weights.get(m, 1.0) for m in rest])[0]]
+        self.rng.shuffle(pair)
+        return pair
 
     async def arena_stream(self, state: dict | None, temperature: float | None, top_p: float | None,
                            max_tokens: float | None, ip: str | None, stop_key: str | None = None
@@ -500,10 +538,10 @@ class WebApp:
                     if battle:
                         for j in range(2):
                             errors[i] = errors[i].replace(models[j], label(j))
-                    finish[i] = "error"
+                    finish[i] = _finish_of(err)
                 else:
                     finish[i] = "stop"
-                yield out(" ".join(e for e in errors if e) or "*Both models are answering…*")
+                yield out(" ".join(dict.fromkeys(e for e in errors if e)) or "*Both models are answering…*")
             stopped = stop.event.is_set()
             if stopped:
                 finish = ["stopped" if f == "cancelled" else f for f in finish]
@@ -511,7 +549,7 @@ class WebApp:
             if stopped and stop.reason != "stop":
                 status = None  # New round: nothing more is shown
             elif not ok:
-                status = " ".join(e for e in errors if e) or "*Stopped before both models answered.*"
+                status = " ".join(dict.fromkeys(e for e in errors if e)) or "*Stopped before both models answered.*"
             else:
                 status = ("*Stopped.* " if stopped else "") + "Vote for the better answer (or keep chatting)."
         finally:
@@ -550,7 +588,8 @@ class WebApp:
                 names = set()
             answers = {f"model {side}": [message_text(m["content"]) for m in turns if m["role"] == "assistant"]
                        for side, turns in zip("AB", state["turns"])}
-            void = identity_leak(answers, names | set(models), self.settings.identity_words)
+            upstreams = {(self.client.describe(m) or {}).get("upstream_model") for m in models} - {None}
+            void = identity_leak(answers, names | set(models) | upstreams, self.settings.identity_words)
         try:
             await asyncio.to_thread(
                 self.store.add_vote, mode=state["mode"], model_a=models[0], model_b=models[1],
