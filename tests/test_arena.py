@@ -303,3 +303,21 @@ def test_cli_export_and_leaderboard(tmp_path):
     assert zero.returncode == 2 and "--bootstrap" in zero.stderr
     helptext = run_cli("arena", "leaderboard", "--help", check=True).stdout
     assert "example" in helptext and "--bootstrap" in helptext
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path):
+    """Databases written before endpoints (schema 1) gain the two columns; their votes stay."""
+    db = tmp_path / "a.db"
+    with ArenaStore(db, salt="s") as store:
+        add_battle(store, 1, "x", "y", "model_a")
+    conn = sqlite3.connect(db)
+    conn.executescript("ALTER TABLE conversations DROP COLUMN served_by; "
+                       "ALTER TABLE conversations DROP COLUMN upstream_model; PRAGMA user_version = 1;")
+    conn.close()
+    with ArenaStore(db, salt="s") as store:
+        (vote,) = list(store.iter_votes())
+        assert (vote["model_a"], vote["served_by_a"], vote["upstream_model_b"]) == ("x", "local", None)
+        store.save_conversation("c", mode="battle", model="e", messages=[], served_by="endpoint",
+                                upstream_model="gpt-x")
+        assert store.conversation("c")["upstream_model"] == "gpt-x"
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
