@@ -7,7 +7,8 @@ The upstream model named in a request picks the behaviour:
   usage and logprobs as an upstream reports them);
 - ``slow``: like echo, ``SLOW`` seconds between words;
 - ``fail500`` / ``ratelimited`` (429, Retry-After: 7) / ``unavailable`` (503): refuses at once;
-- ``dropper``: two words, then the connection drops; ``hang``: one word, then silence;
+- ``dropper`` (and ``echo`` asked something with DROP in it): two words, then the connection
+  drops; ``hang``: one word, then silence;
 - ``locked``: requires ``Authorization: Bearer sk-right-key`` and otherwise answers 401 with the
   wrong key echoed in the message (as some hosted APIs do).
 
@@ -138,8 +139,9 @@ def create_upstream() -> FastAPI:
                 yield event({"id": rid, "object": kind, "created": created, "model": model,
                              "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None} for i in range(n)]})
+            drop = model == "dropper" or "DROP" in words_of(body)  # echo drops too when asked to
             for k in range(max(len(w) for w, _ in choices)):
-                if model == "dropper" and k == 2:
+                if drop and k == 2:
                     raise ConnectionResetError("scripted drop")  # uvicorn cuts the connection mid-stream
                 if model == "hang" and k == 1:
                     await asyncio.sleep(3600)

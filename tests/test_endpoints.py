@@ -319,3 +319,64 @@ def test_arena_weights_steer_the_draw(arena):
     assert counts["dropper"] > counts["own"] and counts["dropper"] > counts["scripted-echo"]
     with pytest.raises(UsageError, match="NAME=WEIGHT"):
         WebSettings(arena_weights=("nonsense",)).weights()
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def start_cli(*args: str, env: dict | None = None):
+    """`python -m vicuna ARGS` serving on a free port: (process, url) once /health answers."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vicuna", *args, "--port", str(port)], env={**cli_env(), **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_serve_api_and_web_with_endpoints_alone_need_no_controller(upstreams, tmp_path):
+    _, s_url, _ = upstreams
+    (tmp_path / "e.yaml").write_text(f"- {{name: scripted-echo, api_base: '{s_url}/v1', model: echo, "
+                                     "api_key_env: TEST_ENDPOINT_KEY}\n")
+    env = {"TEST_ENDPOINT_KEY": KEY}
+    procs = []
+    try:
+        proc, api = start_cli("serve", "api", "--endpoints", str(tmp_path / "e.yaml"), env=env)
+        procs.append(proc)
+        assert [m.id for m in oai(api).models.list().data] == ["scripted-echo"]
+        reply = oai(api).chat.completions.create(model="scripted-echo", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "you said: hi"
+        proc, web = start_cli("serve", "web", "--endpoints", str(tmp_path / "e.yaml"), "--arena-db",
+                              str(tmp_path / "arena.db"), env=env)
+        procs.append(proc)
+        assert httpx.get(web + "/", timeout=30).status_code == 200
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def test_cli_refuses_a_missing_key_and_explains_the_flags(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "e.yaml").write_text("- {name: a, api_base: 'http://127.0.0.1:9/v1', api_key_env: TEST_UNSET_KEY}\n")
+    out = run_cli("serve", "api", "--endpoints", str(tmp_path / "e.yaml"), "--port", str(free_port()))
+    assert out.returncode == 2 and "TEST_UNSET_KEY" in out.stderr and "Traceback" not in out.stderr
+    for verb in (("api",), ("web",), ()):
+        h = run_cli("serve", *verb, "--help")
+        assert "--endpoints" in h.stdout and "--moderation-endpoint" in h.stdout

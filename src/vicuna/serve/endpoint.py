@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
@@ -100,6 +101,22 @@ def load_endpoints(path: str | os.PathLike) -> list[Endpoint]:
     if len(set(names)) != len(names):
         raise UsageError(f"{path}: two endpoints are named {next(n for n in names if names.count(n) > 1)!r}")
     return endpoints
+
+
+@dataclass
+class EndpointsConfig:
+    """`--endpoints FILE.yaml`: OpenAI-compatible upstreams served beside our own models."""
+
+    endpoints: str | None = field(default=None, metadata={
+        "metavar": "FILE.yaml", "help": "OpenAI-compatible upstreams to serve as models beside ours: a YAML list "
+        "of {name, api_base, model, api_key_env, max_concurrency, timeout, queue_timeout, text_only} (see "
+        "docs/serving.md); API keys come from the environment variables named by api_key_env"})
+
+    def wrap(self, base: Any | None) -> Any:
+        """``base`` (our engines, a controller's workers, or None) with the endpoints beside it."""
+        if not self.endpoints:
+            return base
+        return RoutedClient(EndpointClient(load_endpoints(self.endpoints)), base)
 
 
 class _Upstream:

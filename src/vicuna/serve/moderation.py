@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -30,6 +31,29 @@ log = logging.getLogger(__name__)
 
 class Flagged(InvalidRequest):
     code = "content_flagged"
+
+
+@dataclass
+class ModerationConfig:
+    """`--moderation-endpoint URL` or `--moderation-words FILE`: what every model's input must pass."""
+
+    moderation_endpoint: str | None = field(default=None, metadata={
+        "metavar": "URL", "help": "an OpenAI-compatible moderation URL (e.g. https://api.openai.com/v1/moderations; "
+        "its key from $OPENAI_API_KEY): flagged input is refused and never sent to a model"})
+    moderation_words: str | None = field(default=None, metadata={
+        "metavar": "FILE", "help": "a local moderation list instead: one blocked word or phrase per line"})
+
+    def __post_init__(self):
+        if self.moderation_endpoint and self.moderation_words:
+            raise UsageError("give --moderation-endpoint or --moderation-words, not both")
+
+    def wrap(self, client: Any) -> Any:
+        """``client`` behind the moderator (unchanged without one)."""
+        if self.moderation_endpoint:
+            return ModeratedClient(client, ModerationEndpoint(self.moderation_endpoint))
+        if self.moderation_words:
+            return ModeratedClient(client, WordList.from_file(self.moderation_words))
+        return client
 
 
 class WordList:

@@ -922,6 +922,9 @@ def add_web_arguments(parser, *, web_flag: bool = True) -> None:
                         "replay the prompt against the named models and recognise the answers)")
     g.add_argument("--vote-limit", type=int, default=d.vote_limit,
                    help="arena votes per client per hour (0: unlimited)")
+    g.add_argument("--arena-weights", default="", metavar="NAME=W,...",
+                   help="how often each model is drawn for a battle, relative to the default 1 (e.g. new-model=4 "
+                        "to give a new model more battles, old-model=0 to retire one)")
     g.add_argument("--arena-only", action="store_true",
                    help="serve only the blind arena and the leaderboard: no Chat or named side-by-side tab, and "
                         "with `vicuna serve --web` no /v1 API on that port, so no one can query the arena's models "
@@ -949,7 +952,9 @@ def settings_from_args(args) -> WebSettings:
         battle_temperature=getattr(args, "battle_temperature", d.battle_temperature),
         vote_limit=getattr(args, "vote_limit", d.vote_limit),
         arena_only=getattr(args, "arena_only", d.arena_only),
+        arena_weights=tuple(w.strip() for w in (getattr(args, "arena_weights", "") or "").split(",") if w.strip()),
     )
+    s.weights()  # a malformed entry is a usage error now, not at the first battle
     from ..errors import UsageError
 
     for name in ("max_input_chars", "max_turns", "bootstrap_rounds", "concurrency"):
@@ -1008,14 +1013,18 @@ def create_web_app(client: Any, store: ArenaStore, settings: WebSettings | None 
 
 def run_web(args) -> int:
     """`vicuna serve web`: the UI in front of a controller."""
+    from .cli import controller_url, front_client
     from .client import ControllerClient
     from .server import run_server, trusted_proxies
 
     settings = settings_from_args(args)
     store = ArenaStore(args.arena_db)
-    client = ControllerClient(args.controller, secret=args.secret or os.environ.get("VICUNA_SECRET") or None)
-    app = create_web_app(client, store, settings)
-    print(f"web UI on http://{args.host}:{args.port} (models from {args.controller}; arena database {store.path})",
+    controller = controller_url(args)
+    base = ControllerClient(controller, secret=args.secret or os.environ.get("VICUNA_SECRET") or None) \
+        if controller else None
+    app = create_web_app(front_client(base, args), store, settings)
+    source = " and ".join(x for x in (controller, args.endpoints) if x)
+    print(f"web UI on http://{args.host}:{args.port} (models from {source}; arena database {store.path})",
           flush=True)
     # One worker process: Gradio's queue and the rate limiter live in it; run_server keeps lifespan on,
     # which starts Gradio's queue.
@@ -1043,8 +1052,12 @@ def add_web_command(verbs) -> None:
             "  # later: vicuna arena leaderboard --db arena.db"
         ),
     )
-    p.add_argument("--controller", required=True, help="controller URL, e.g. http://127.0.0.1:21001")
+    p.add_argument("--controller", default=None,
+                   help="controller URL (default http://127.0.0.1:21001; none with --endpoints alone)")
     p.add_argument("--secret", default=None, help="shared secret of the controller (or set $VICUNA_SECRET)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     add_web_arguments(p, web_flag=False)
+    from .cli import add_upstream_args
+
+    add_upstream_args(p)
