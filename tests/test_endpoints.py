@@ -333,8 +333,9 @@ def start_cli(*args: str, env: dict | None = None):
     from conftest import cli_env
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vicuna", *args, "--port", str(port)], env={**cli_env(), **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "vicuna", *args, "--port", str(port)],
+                            env={**cli_env(), **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
