@@ -40,7 +40,8 @@ class Embeddings:
 class ModelClient(Protocol):
     async def list_models(self) -> list[str]: ...
 
-    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float = 0.7, top_p: float = 1.0,
+    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float | None = None,
+                          top_p: float | None = None,
                           max_tokens: int | None = None, stop: list[str] | None = None, seed: int | None = None
                           ) -> AsyncIterator[str]: ...
 
@@ -75,7 +76,8 @@ class _ClientBase:
         """Where ``model`` is served, when it is not by our own engine (an endpoint: its upstream model)."""
         return None
 
-    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float = 0.7, top_p: float = 1.0,
+    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float | None = None,
+                          top_p: float | None = None,
                           max_tokens: int | None = None, stop: list[str] | None = None, seed: int | None = None
                           ) -> AsyncIterator[str]:
         req = GenerateRequest(messages=messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
