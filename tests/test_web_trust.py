@@ -118,3 +118,15 @@ def test_votes_are_limited_per_client(store):
     assert e.value.title == "Vote limit reached"
     asyncio.run(round_and_vote("198.51.100.2"))  # another client may vote
     assert len(list(store.iter_votes())) == 3
+
+
+def test_chat_uses_the_models_sampling_defaults_unless_the_user_sets_them(store):
+    client = ScriptedClient(dict(ANSWERS))
+    with serve_web(store, client) as url:
+        c = attacker(url)
+        c.predict(api_name="/refresh_models")
+        c.predict("hi", "alpha", True, 0.3, 0.9, 16, api_name="/chat_send")  # "Model defaults" ticked
+        c.predict(api_name="/chat_clear_fn")
+        c.predict("hi", "alpha", False, 0.3, 0.9, 16, api_name="/chat_send")
+    assert [params for _, _, params in client.calls] == [
+        {"temperature": None, "top_p": None, "max_tokens": 16}, {"temperature": 0.3, "top_p": 0.9, "max_tokens": 16}]

@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
+from ..generation import MAX_SEED
 from .core import (
-    MAX_SEED, AuthError, ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded,
+    AuthError, ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded,
     ServeError, Unavailable,
 )
 

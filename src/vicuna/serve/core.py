@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cache
-from typing import Annotated, Any, get_type_hints
+from typing import Any, get_type_hints
 
-from pydantic import ConfigDict, Field, ValidationError, create_model
+from pydantic import ConfigDict, ValidationError, create_model
 
 from ..errors import VicunaError
 
@@ -96,10 +96,6 @@ class Unavailable(ServeError):
     code = "model_unavailable"
 
 
-MAX_SEED = 2**63 - 1
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]  # what torch's generator takes; the API and workers check it
-
-
 @dataclass
 class GenerateRequest:
     """One completion to generate: chat ``messages`` or a raw ``prompt`` plus sampling settings.
@@ -116,7 +112,7 @@ class GenerateRequest:
     top_p: float | None = None
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
-    seed: Seed | None = None
+    seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
@@ -134,7 +130,8 @@ class GenerateRequest:
 
     @classmethod
     def from_wire(cls, d: Any) -> "GenerateRequest":
-        """A request received over HTTP (by a worker): exact types and ranges, or a 400 naming the field."""
+        """A request received over HTTP (by a worker): exact types, or a 400 naming the field (value
+        ranges are checked where sampling settings are built, as for every request)."""
         try:
             checked = _wire_model().model_validate(d)
         except ValidationError as e:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .core import Delta, GenerateRequest, InvalidRequest, Seed
+from .core import Delta, GenerateRequest, InvalidRequest
 
 
 class _Request(BaseModel):
@@ -41,7 +41,7 @@ class _Sampling(_Request):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: Seed | None = None
+    seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None

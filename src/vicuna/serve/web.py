@@ -301,9 +301,10 @@ class WebApp:
             raise WebError("Rate limited", f"You sent more than {s.rate_limit} messages in {s.rate_window:.0f} s. "
                                            f"Try again in {max(1, round(wait))} s.")
 
-    def params(self, temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
-        """Sampling settings from the sliders (chat and the named side-by-side)."""
-        return {"temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(max_tokens)}
+    def params(self, temperature: float | None, top_p: float | None, max_tokens: float) -> dict[str, Any]:
+        """Sampling settings from the sliders (chat and the named side-by-side); None: the model's default."""
+        return {"temperature": None if temperature is None else float(temperature),
+                "top_p": None if top_p is None else float(top_p), "max_tokens": int(max_tokens)}
 
     def battle_params(self) -> dict[str, Any]:
         """A blind battle's sampling settings: the server's, never the browser's.
@@ -646,13 +647,19 @@ class WebApp:
             return f"**{e.title}**: {e}"
 
         def sampling_controls():
+            """(model defaults?, temperature, top p, max new tokens). With "model defaults" ticked (the
+            default) temperature and top p are left to the model's generation_config; moving either
+            slider unticks it."""
             with gr.Accordion("Parameters", open=False):
+                defaults = gr.Checkbox(True, label="Model defaults", info="the model's own temperature and top p")
                 temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
                                         info="0 = always the most likely token")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
                 max_tokens = gr.Slider(1, s.max_tokens_limit, value=min(s.max_tokens, s.max_tokens_limit), step=1,
                                        label="Max new tokens")
-            return temperature, top_p, max_tokens
+            for slider in (temperature, top_p):
+                slider.input(lambda: False, None, defaults, queue=False, show_progress="hidden")
+            return defaults, temperature, top_p, max_tokens
 
         pickers: list = []  # model dropdowns: (component, which default: 0 = first model, 1 = second)
 
@@ -708,10 +715,11 @@ class WebApp:
                 chat_stop = gr.Button("Stop", elem_id="chat-stop")
                 chat_regen = gr.Button("Regenerate", elem_id="chat-regenerate")
                 chat_clear = gr.Button("Clear", elem_id="chat-clear")
-            temperature, top_p, max_tokens = sampling_controls()
+            sampling = sampling_controls()
             chat_state = gr.State(None)
 
-            async def chat_send(text, state, model, t, p, n, request: gr.Request):
+            async def chat_send(text, state, model, d, t, p, n, request: gr.Request):
+                t, p = (None, None) if d else (t, p)
                 ip = ip_of(request)
                 try:
                     box, shown, state = self.chat_add_user(text, state, ip)
@@ -722,7 +730,8 @@ class WebApp:
                 async for h, status, st in self.chat_stream(state, model, t, p, n, ip, key_of(request, "chat")):
                     yield gr.skip(), h, status, st
 
-            async def chat_regen_fn(state, model, t, p, n, request: gr.Request):
+            async def chat_regen_fn(state, model, d, t, p, n, request: gr.Request):
+                t, p = (None, None) if d else (t, p)
                 ip = ip_of(request)
                 try:
                     state = self.chat_regenerate(state, ip)
@@ -732,7 +741,7 @@ class WebApp:
                 async for out in self.chat_stream(state, model, t, p, n, ip, key_of(request, "chat")):
                     yield out
 
-            params_in = [chat_model, temperature, top_p, max_tokens]
+            params_in = [chat_model, *sampling]
             for trigger in (chat_box.submit, chat_send_btn.click):
                 trigger(chat_send, [chat_box, chat_state, *params_in], [chat_box, chatbot, chat_status, chat_state],
                         show_progress="hidden")
@@ -818,7 +827,8 @@ class WebApp:
                     async for out in send_round(text, st, None, None, None, None, None, request):
                         yield out
             else:
-                async def send_fn(text, st, model_a, model_b, t, p, n, request: gr.Request):
+                async def send_fn(text, st, model_a, model_b, d, t, p, n, request: gr.Request):
+                    t, p = (None, None) if d else (t, p)
                     async for out in send_round(text, st, model_a, model_b, t, p, n, request):
                         yield out
 
