@@ -381,3 +381,37 @@ def test_cli_refuses_a_missing_key_and_explains_the_flags(tmp_path):
     for verb in (("api",), ("web",), ()):
         h = run_cli("serve", *verb, "--help")
         assert "--endpoints" in h.stdout and "--moderation-endpoint" in h.stdout
+
+
+def test_a_controller_serves_endpoints_to_its_front_ends(upstreams, tmp_path):
+    """`serve controller --endpoints FILE`: front ends get the upstreams through the controller, with
+    neither the file nor the keys."""
+    from vicuna.serve.client import ControllerClient
+    from vicuna.serve.controller import create_controller_app
+
+    scripted, s_url, _ = upstreams
+    (tmp_path / "e.yaml").write_text(
+        f"- {{name: scripted-echo, api_base: '{s_url}/v1', model: echo, api_key_env: TEST_ENDPOINT_KEY}}\n"
+        f"- {{name: limited, api_base: '{s_url}/v1', model: ratelimited}}\n"
+        f"- {{name: down, api_base: 'http://127.0.0.1:{free_port()}/v1', model: echo}}\n")
+    endpoints = EndpointClient(load_endpoints(tmp_path / "e.yaml"), environ={"TEST_ENDPOINT_KEY": KEY})
+    limited_before = sum(call["body"].get("model") == "ratelimited" for call in scripted.state.calls)
+    with ServerThread(create_controller_app(secret="s", endpoints=endpoints)) as ctl, \
+            ServerThread(create_app(ControllerClient(ctl, secret="s"))) as api:
+        c = oai(api)
+        reply = c.chat.completions.create(model="scripted-echo", messages=[{"role": "user", "content": "via ctl"}])
+        assert reply.choices[0].message.content == "you said: via ctl"
+        chunks = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="scripted-echo", messages=[{"role": "user", "content": "streamed"}], stream=True) if ch.choices]
+        assert "".join(chunks) == "you said: streamed"
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="limited", messages=HELLO)
+        assert e.value.response.headers["retry-after"] == "7"
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model="down", messages=HELLO)
+        assert e.value.status_code == 503
+        assert {"scripted-echo", "limited"} <= {m.id for m in c.models.list().data}
+        assert httpx.post(ctl + "/get_worker_address", json={"model": "scripted-echo"}).status_code == 401
+    via = [call for call in scripted.state.calls if "via ctl" in str(call["body"])]
+    assert len(via) == 1 and via[0]["auth"] == f"Bearer {KEY}"  # one call: the 429 was not retried either
+    assert sum(call["body"].get("model") == "ratelimited" for call in scripted.state.calls) == limited_before + 1

@@ -171,7 +171,10 @@ def run_controller(args) -> int:
     from .controller import create_controller_app
     from .server import run_server
 
-    app = create_controller_app(secret=_secret(args), heartbeat_expiry=args.heartbeat_expiry)
+    from .endpoint import EndpointClient, load_endpoints
+
+    endpoints = EndpointClient(load_endpoints(args.endpoints)) if args.endpoints else None
+    app = create_controller_app(secret=_secret(args), heartbeat_expiry=args.heartbeat_expiry, endpoints=endpoints)
     print(f"controller on http://{args.host}:{args.port}", flush=True)
     run_server(app, args.host, args.port)
     return 0
@@ -237,6 +240,9 @@ Example:
     p.add_argument("--heartbeat-expiry", type=float, default=15.0,
                    help="drop a worker after this many seconds without a heartbeat")
     p.add_argument("--secret", default=None, help=f"require this shared secret (or set ${SECRET_ENV})")
+    p.add_argument("--endpoints", default=None, metavar="FILE.yaml",
+                   help="OpenAI-compatible upstreams to list and serve beside the workers' models: front ends "
+                        "reach them through this controller (the keys come from this process's environment)")
 
     p = command(verbs, "api", run_api, "OpenAI-compatible API in front of a controller", description="""\
 The same OpenAI-compatible API as `vicuna serve`, answering from the workers

@@ -201,6 +201,10 @@ class ControllerClient(_ClientBase):
         address = found.get("address") or ""
         if address:
             return address
+        if found.get("endpoint"):  # an upstream the controller serves itself (`serve controller --endpoints`)
+            return self.controller_url + found["endpoint"]
+        if found.get("endpoint_down"):
+            raise Unavailable(f"the endpoint serving {model!r} is down; retry later", retry_after=10)
         models = found.get("models")
         if found.get("warming_up"):  # a restarted controller: the workers are re-registering
             raise Unavailable(f"no worker for model {model!r} yet: the controller has just started and its "
@@ -249,6 +253,8 @@ class ControllerClient(_ClientBase):
                 if last is not None:
                     raise last from None
                 raise
+            if address in exclude:  # the only one there is (an endpoint the controller serves) just failed
+                raise last
             started = False
             r = None
             try:

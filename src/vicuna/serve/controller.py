@@ -102,7 +102,10 @@ class Registry:
         return chosen.address
 
 
-def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float = 15.0) -> FastAPI:
+def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float = 15.0, endpoints=None) -> FastAPI:
+    """The controller; with ``endpoints`` (an EndpointClient) it also serves those upstreams as models,
+    each through a worker app of its own under ``/endpoints/N``, so front ends need no endpoints file
+    and no keys (the keys are in this process's environment)."""
     registry = Registry(heartbeat_expiry)
 
     async def sweeper():
@@ -164,14 +167,31 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
     async def remove(body: WorkerAddress):
         return {"removed": registry.workers.pop(body.worker_address, None) is not None}
 
+    routes = {}  # endpoint name -> the path of its worker app
+    if endpoints is not None:
+        from .endpoint import EndpointEngine
+        from .worker import create_worker_app
+
+        for i, name in enumerate(endpoints.names):
+            routes[name] = f"/endpoints/{i}"
+            app.mount(routes[name], create_worker_app(EndpointEngine(endpoints, name), secret=secret))
+
+    async def all_models() -> list[str]:
+        ours = registry.models()
+        return ours + [m for m in (await endpoints.list_models() if endpoints else []) if m not in ours]
+
     @app.get("/list_models")
     @app.post("/list_models")
     async def list_models():
-        return {"models": registry.models()}
+        return {"models": await all_models()}
 
     @app.post("/get_worker_address")
     async def get_worker_address(body: GetWorker):
-        return {"address": registry.pick(body.model, body.exclude), "models": registry.models(),
+        if body.model in routes:  # an endpoint's name is the endpoint's (as for front ends with the file)
+            up = body.model in await endpoints.list_models()
+            return {"address": "", "endpoint": routes[body.model] if up else None, "endpoint_down": not up,
+                    "models": await all_models()}
+        return {"address": registry.pick(body.model, body.exclude), "models": await all_models(),
                 "warming_up": warming_up()}
 
     @app.get("/workers")

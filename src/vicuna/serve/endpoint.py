@@ -467,6 +467,43 @@ def _transport_error(u: _Upstream, err: Exception, *, started: bool) -> ServeErr
                       status=502, code="upstream_error")
 
 
+class EndpointEngine:
+    """One endpoint as the engine of a worker app: how a controller (`vicuna serve controller
+    --endpoints FILE`) serves it to its front ends, which then reach it like any worker."""
+
+    backend = "endpoint"
+    template = None
+
+    def __init__(self, client: EndpointClient, name: str):
+        self.client, self.name = client, name
+        self.upstream = client.upstreams[name]
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        return self.client.generate(self.name, request)
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        result = await self.client.embed(self.name, texts)
+        return result.vectors, result.prompt_tokens
+
+    def prepare(self, request: GenerateRequest):
+        raise InvalidRequest(f"{self.name} is an endpoint: its tokenizer is the upstream's, not counted here")
+
+    count_tokens = prepare
+
+    @property
+    def queue_length(self) -> int:  # requests holding or waiting for one of its slots
+        slots = self.upstream.slots
+        return self.upstream.endpoint.max_concurrency - slots._value + len(slots._waiters or ())
+
+    def stats(self):
+        from .engine import EngineStats
+
+        return EngineStats(running=self.queue_length)
+
+    def info(self) -> dict[str, Any]:
+        return {"model": self.name, "backend": self.backend, **self.client.describe(self.name)}
+
+
 class RoutedClient(_ClientBase):
     """One ModelClient over the endpoints and our own models (engines in this process, or a controller's
     workers): an endpoint's name routes to it, any other to ``base``. With no ``base``, the endpoints only
