@@ -14,13 +14,13 @@ import random
 import httpx
 import openai
 import pytest
-from scripted_upstream import RIGHT_KEY, create_upstream
+from scripted_upstream import create_upstream
+from test_hostile import engine  # noqa: F401 - the module's tiny engine (a fixture)
 
 from vicuna.errors import UsageError
 from vicuna.serve.arena import ArenaStore
 from vicuna.serve.client import LocalClient
 from vicuna.serve.endpoint import EndpointClient, RoutedClient, load_endpoints
-from vicuna.serve.engine import EngineConfig, HFEngine
 from vicuna.serve.moderation import ModeratedClient, ModerationEndpoint, WordList
 from vicuna.serve.openai_api import create_app
 from vicuna.serve.server import ServerThread, free_port
@@ -28,15 +28,6 @@ from vicuna.serve.web import WebApp, WebError, WebSettings
 
 KEY = "sk-endpoint-SECRET-4242"
 HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from vicuna.model import load_model
-
-    eng = HFEngine(load_model(tiny_model_dir, device="cpu", model_name="tiny"), EngineConfig(max_batch_size=8)).start()
-    yield eng
-    eng.stop()
 
 
 @pytest.fixture(scope="module")

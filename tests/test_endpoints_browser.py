@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 
 import httpx
 import pytest
-from conftest import ROOT, cli_env
 from scripted_upstream import create_upstream
-from test_web_browser import CHROMIUM, CHROMIUM_ARGS, db_rows
+from test_web_browser import browser_page, db_rows, web_process
 
-from vicuna.serve.server import ServerThread, free_port
+from vicuna.serve.server import ServerThread
 
 pytestmark = pytest.mark.slow
 
@@ -46,53 +42,18 @@ def server(tiny_model_dir, upstream, tmp_path_factory):
     (tmp / "endpoints.yaml").write_text(
         f"- {{name: remote-qz, api_base: '{up_url}/v1', model: echo, api_key_env: TEST_REMOTE_KEY}}\n"
         f"- {{name: locked-qz, api_base: '{up_url}/v1', model: locked, api_key_env: TEST_LOCKED_KEY}}\n")
-    db, log_path, port = tmp / "arena.db", tmp / "server.log", free_port()
-    env = {**cli_env(), "TEST_REMOTE_KEY": KEY, "TEST_LOCKED_KEY": WRONG_KEY}
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "--debug", "serve", "--model-path", str(tiny_model_dir), "--model-name",
-         LOCAL, "--default-max-tokens", "24", "--web", "--arena-db", str(db), "--endpoints",
-         str(tmp / "endpoints.yaml"), "--arena-weights", "locked-qz=0", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200 and urllib.request.urlopen(url + "/", timeout=5).status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up in 180 s"
-            time.sleep(0.5)
+    db, log_path = tmp / "arena.db", tmp / "server.log"
+    with web_process(["--debug", "serve", "--model-path", str(tiny_model_dir), "--model-name", LOCAL,
+                      "--default-max-tokens", "24", "--web", "--arena-db", str(db), "--endpoints",
+                      str(tmp / "endpoints.yaml"), "--arena-weights", "locked-qz=0"], log_path,
+                     env={"TEST_REMOTE_KEY": KEY, "TEST_LOCKED_KEY": WRONG_KEY}) as url:
         yield url, db, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    if not CHROMIUM.exists():
-        pytest.fail("Debian's chromium is needed for the browser test: `make browser`")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        page.set_default_timeout(60_000)
-        page.goto(server[0] + "/")
+    with browser_page(server[0] + "/") as page:
         yield page
-        browser.close()
 
 
 def send(page, text: str) -> None:
