@@ -122,6 +122,14 @@ PROBES = [
     Probe("repetition_penalty 0", "POST", CHAT, chat(repetition_penalty=0), JSON_CT, 400, "repetition_penalty"),
     Probe("repetition_penalty NaN", "POST", CHAT, raw('{"model":"tiny","messages":[{"role":"user","content":"hi"}],'
                                                  '"repetition_penalty":NaN}'), JSON_CT, 400, "repetition_penalty"),
+    # issue 19 #1: a tiny penalty overflowed the logits and failed every row of the batch
+    Probe("repetition_penalty 1.585e-39, streamed", "POST", CHAT,
+          chat(temperature=1, seed=1, repetition_penalty=1.585e-39, stream=True, max_tokens=32), JSON_CT, 400,
+          "repetition_penalty"),
+    Probe("repetition_penalty 9.55e-38", "POST", CHAT, chat(repetition_penalty=9.55e-38), JSON_CT, 400,
+          "repetition_penalty"),
+    Probe("repetition_penalty 1e30", "POST", CHAT, chat(repetition_penalty=1e30), JSON_CT, 400,
+          "repetition_penalty"),
     Probe("n 0", "POST", CHAT, chat(n=0), JSON_CT, 400, "n"),
     Probe("n 10^20", "POST", CHAT, chat(n=10**20), JSON_CT, 400, "n"),
     Probe("top_logprobs 21", "POST", CHAT, chat(logprobs=True, top_logprobs=21), JSON_CT, 400, "top_logprobs"),
