@@ -439,8 +439,9 @@ def _status_error(u: _Upstream, status: int, body: bytes, retry_after: str | Non
     if status == 429:
         return Overloaded(f"endpoint {name!r} is rate limited: {message}", retry_after=retry or 1)
     if status in (400, 413, 422):
-        param = err.get("param") if isinstance(err, dict) else None
-        code = "context_length_exceeded" if "context" in message.lower() and "length" in message.lower() else None
+        param, code = (err.get("param"), err.get("code")) if isinstance(err, dict) else (None, None)
+        if code is None and "context" in message.lower() and "length" in message.lower():
+            code = "context_length_exceeded"  # an upstream that says so only in words
         return InvalidRequest(f"{name}: {message}", param=param, code=code)
     if status == 503:
         return Unavailable(f"endpoint {name!r} is unavailable: {message}", retry_after=retry or 5)
@@ -536,11 +537,6 @@ class RoutedClient(_ClientBase):
 
     async def embed(self, model: str, inputs: list[str]) -> Embeddings:
         return await self._for(model).embed(model, inputs)
-
-    async def model_info(self, model: str) -> dict[str, Any]:
-        if model in self.endpoints.upstreams:
-            return {"model": model, **self.endpoints.describe(model)}
-        return await self.base.model_info(model)
 
     async def close(self) -> None:
         await self.endpoints.close()
