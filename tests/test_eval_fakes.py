@@ -122,8 +122,9 @@ def test_client_retries_then_records(caplog):
               3: Reply(delay=1.5, text="late"), 4: Reply(status=429), 5: Reply(raw=b'{"choices": []}')}
     with ScriptedServer(lambda body, n: script.get(n, "finally")) as s:
         ep = Endpoint(api_base=s.base_url, model="m", timeout=0.5, retries=5, backoff=0.01)
-        text, attempts = chat(ep, [{"role": "user", "content": "q"}])
-        assert (text, attempts) == ("finally", 6)
+        reply = chat(ep, [{"role": "user", "content": "q"}])
+        assert (reply.text, reply.attempts) == ("finally", 6)
+        assert reply.usage == {"prompt_tokens": 1, "completion_tokens": 1}
     with ScriptedServer(lambda body, n: Reply(status=503)) as s:
         ep = Endpoint(api_base=s.base_url, model="m", timeout=5, retries=2, backoff=0.01)
         try:
