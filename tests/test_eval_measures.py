@@ -12,7 +12,7 @@ import pytest
 
 from conftest import run_cli
 from test_eval_fakes import ScriptedServer, usage, user_text
-from test_eval_pipeline import QUESTIONS, answered, judge, prompt_parts, score_judge  # noqa: F401 -- a fixture
+from test_eval_pipeline import QUESTIONS, answered, judge, prompt_parts  # noqa: F401 -- `answered` is a fixture
 from vicuna.eval.report import length_controlled_win_rate
 
 

@@ -214,3 +214,24 @@ def test_mt_bench_protocol_needs_references_and_skips_later_turns():
         resolve_setup(protocol="vicuna-blog", judge_prompts=PROMPTS / "vicuna_blog_prompts.jsonl")
     with pytest.raises(EvalUsageError, match="judges in mode single, not --mode pairwise"):
         resolve_setup(protocol="mt-bench-single", mode="pairwise", judge_prompts=PROMPTS / "fastchat_judge_prompts.jsonl")
+
+
+def test_prompts_command_checks_fastchat_files(tmp_path):
+    proc = run_cli("eval", "prompts", PROMPTS / "fastchat_judge_prompts.jsonl", check=True)
+    assert "mt-bench prompts for mode single, pairwise" in proc.stdout
+    assert len(re.findall(r"^(single|pair)-\S+  sha [0-9a-f]{12}$", proc.stdout, re.M)) == 8
+    proc = run_cli("eval", "prompts", PROMPTS / "vicuna_blog_prompts.jsonl", "--judge-reviewers",
+                   PROMPTS / "vicuna_blog_reviewers.jsonl", check=True)
+    assert "general: gpt-4-0328-default  sha" in proc.stdout and "math: gpt-4-0328-math" in proc.stdout
+    broken = tmp_path / "judge_prompts.jsonl"
+    rows = [json.loads(x) for x in (PROMPTS / "fastchat_judge_prompts.jsonl").read_text().splitlines()]
+    rows[0]["prompt_template"] += "\n{answer_c}"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("eval", "prompts", broken)
+    assert proc.returncode == 2 and "prompt pair-v2 has a placeholder 'answer_c'" in proc.stderr
+    rows[0]["prompt_template"] = rows[0]["prompt_template"].replace("\n{answer_c}", "")
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows if r["name"] != "pair-v2-multi-turn"))
+    proc = run_cli("eval", "prompts", broken, check=True)  # the single-answer set is still complete
+    assert "mt-bench prompts for mode single\n" in proc.stdout
+    with pytest.raises(EvalUsageError, match="holds no prompts for --mode pairwise; it has: single"):
+        resolve_setup(mode="pairwise", judge_prompts=broken)

@@ -209,6 +209,8 @@ examples:
     _report_args(p)
     p.add_argument("-o", "--output", type=Path, help="output folder (default: eval-out)" + _OWN_DEFAULT)
     p.add_argument("--parallel", type=int, help="concurrent requests (default 4)" + _OWN_DEFAULT)
+    p.add_argument("--timeout", type=float, help="seconds before one request (answer or judgment) times out "
+                   "(default 120)" + _OWN_DEFAULT)
     p.add_argument("--force", action="store_true", help="start every step over, replacing earlier outputs")
 
     p = command(verbs, "agreement", _agreement, "how often two judges, or a judge and arena voters, agree",

@@ -80,8 +80,7 @@ def config_from_flags(args, *, prices: tuple[float, float] | None) -> dict[str, 
         if not (args.model and args.api_base):
             raise EvalUsageError("--model and --api-base go together: the model to answer and where it is served")
         models.append({"name": args.model_id or args.model.replace("/", "_"), "model": args.model,
-                       "api_base": args.api_base,
-                       **({"max_tokens": args.max_answer_tokens} if args.max_answer_tokens else {})})
+                       "api_base": args.api_base, "max_tokens": args.max_answer_tokens, "timeout": args.timeout})
     if args.models:
         if not args.answers:
             raise EvalUsageError("--models names answer files: give their folder with --answers")
@@ -93,10 +92,12 @@ def config_from_flags(args, *, prices: tuple[float, float] | None) -> dict[str, 
              "protocol": args.protocol, "judge_prompts": args.judge_prompts, "judge_reviewers": args.judge_reviewers,
              "prompts": args.prompts, "mode": args.mode, "baseline": args.baseline, "reference": args.reference,
              "reference_categories": [c for c in args.reference_categories.split(",") if c],
-             "swap": False if args.no_swap else None, "max_tokens": args.max_tokens, "min_parsed": args.min_parsed}
+             "swap": False if args.no_swap else None, "max_tokens": args.max_tokens, "min_parsed": args.min_parsed,
+             "timeout": args.timeout}
     report = {"bootstrap_rounds": args.bootstrap_rounds, "relative_to": args.relative_to}
     if prices:
         report.update(price_input=prices[0], price_output=prices[1])
+    models = [{k: v for k, v in m.items() if v is not None} for m in models]
     cfg = {"questions": str(args.questions or BUILTIN_QUESTIONS), "output_dir": str(args.output or "eval-out"),
            "parallel": args.parallel or 4, "models": models,
            "judge": {k: str(v) if isinstance(v, Path) else v for k, v in judge.items() if v is not None},
