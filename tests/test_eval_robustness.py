@@ -22,6 +22,13 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "vicuna", *map(str, args)]
 
 
+def _start(cmd: list[str]) -> subprocess.Popen:
+    # A child of a background job inherits SIGINT ignored, and Python then installs no Ctrl+C
+    # handler: give the run what a terminal user's process has.
+    return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -65,7 +72,7 @@ def test_one_ctrl_c_stops_a_run_against_a_hung_endpoint(tmp_path, answered, verb
                                      for i in range(8)))
             cmd = _cli("eval", "answer", "--questions", qfile, "--model", "m", "--api-base", s.base_url, "--timeout",
                        "300", "--parallel", "2", "-o", out)
-        proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = _start(cmd)
         try:
             # three calls answered and written, two more hanging in flight
             _wait_for(lambda: len(_lines(out)) == 3 and len(s.requests) == 5, proc, "3 records and 2 hung calls")
@@ -89,10 +96,9 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, answered):  # noqa
     reply, release = hanging_after(2, score_judge())
     out = tmp_path / "j.jsonl"
     with ScriptedServer(reply) as s:
-        first = subprocess.Popen(
-            _cli("eval", "judge", "--questions", answered, "--answers", tmp_path / "answers", "--models", "alpha,beta",
-                 "--judge-model", "judge-x", "--judge-api-base", s.base_url, "--parallel", "1", "-o", out),
-            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = _start(_cli("eval", "judge", "--questions", answered, "--answers", tmp_path / "answers", "--models",
+                            "alpha,beta", "--judge-model", "judge-x", "--judge-api-base", s.base_url, "--parallel", "1",
+                            "-o", out))
         try:
             _wait_for(lambda: len(s.requests) == 3, first, "the first run to hang on its third call")
             second = judge(tmp_path, s, answered, out="j.jsonl")
