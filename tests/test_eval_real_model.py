@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +24,6 @@ from test_eval_shared_data import fill
 pytestmark = [pytest.mark.real_model, pytest.mark.slow,
               pytest.mark.skipif(not (SHARED_DATA / "mt_bench").is_dir(), reason=f"no shared data at {SHARED_DATA}")]
 
-FALLBACK_MODEL = Path("/work/models/SmolLM2-135M-Instruct")  # until the session fixture real_model_dir lands
 MT = SHARED_DATA / "mt_bench"
 PROMPTS = SHARED_DATA / "judge_prompts" / "fastchat_judge_prompts.jsonl"
 QUESTION_IDS = (81, 91, 101, 111, 121)  # writing, roleplay, reasoning, math, coding
@@ -38,19 +36,9 @@ GRADES = {(81, 1): 7, (81, 2): 5, (91, 1): 6, (91, 2): 8, (101, 1): 3, (101, 2):
 
 
 @pytest.fixture(scope="module")
-def real_model(request) -> Path:
-    try:
-        return request.getfixturevalue("real_model_dir")
-    except pytest.FixtureLookupError:
-        if not (FALLBACK_MODEL / "config.json").exists():
-            pytest.skip(f"no real model: neither the real_model_dir fixture nor {FALLBACK_MODEL}")
-        return FALLBACK_MODEL
-
-
-@pytest.fixture(scope="module")
-def served(real_model):
+def served(real_model_dir):
     """`vicuna serve` on the real model, once for the module (a small KV budget: short prompts only)."""
-    with served_model(real_model, "smollm2", "--max-batch-size", "4", "--max-model-len", "4096") as url:
+    with served_model(real_model_dir, "smollm2", "--max-batch-size", "4", "--max-model-len", "4096") as url:
         yield url
 
 

@@ -47,7 +47,8 @@ example:
     p.add_argument("--questions", default=BUILTIN_QUESTIONS, help=_QUESTIONS_HELP)
     p.add_argument("--model", help="model name sent to the API (required with --api-base)")
     p.add_argument("--model-path", help="answer with this local model, served in-process on 127.0.0.1 "
-                   "(default when neither --api-base nor $OPENAI_BASE_URL is set: the bundled demo model)")
+                   "(default when neither --api-base nor $OPENAI_BASE_URL is set: the default real model, "
+                   "SmolLM2-135M-Instruct; 'demo' = the bundled 1.4M demo model)")
     p.add_argument("--model-id", help="name recorded in the answers and used by `eval judge --models` "
                    "(default: --model with '/' replaced by '_')" + _OWN_DEFAULT)
     _endpoint_args(p, "")
