@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 
 from . import launch as L
+from .endpoint import EndpointsConfig
 from .engine import EngineConfig
+from .moderation import ModerationConfig
 from .web import WebSettings
 
 SINGLE_DESCRIPTION = """\
@@ -75,10 +77,14 @@ example:
 WEB_UI = "web UI (chat, arena, leaderboard)"
 
 
+UPSTREAMS = "endpoints and moderation"
+
+
 def run_single(args) -> int:
     web = L.from_flags(L.WebConfig, args) if args.web else None
     return L.serve_single(L.model_configs(args), L.from_flags(EngineConfig, args), L.from_flags(L.HttpConfig, args),
-                          L.from_flags(L.ApiConfig, args), web, L.from_flags(WebSettings, args))
+                          L.from_flags(L.ApiConfig, args), web, L.from_flags(WebSettings, args),
+                          L.from_flags(EndpointsConfig, args), L.from_flags(ModerationConfig, args))
 
 
 def run_worker(args) -> int:
@@ -89,18 +95,26 @@ def run_worker(args) -> int:
 
 def run_controller(args) -> int:
     return L.serve_controller(L.from_flags(L.HttpConfig, args), L.from_flags(L.ClusterConfig, args),
-                              L.from_flags(L.ControllerConfig, args))
+                              L.from_flags(L.ControllerConfig, args), L.from_flags(EndpointsConfig, args))
 
 
 def run_api(args) -> int:
     return L.serve_api(L.from_flags(L.HttpConfig, args), L.from_flags(L.ApiConfig, args),
-                       L.from_flags(L.ClusterConfig, args))
+                       L.from_flags(L.ClusterConfig, args), L.from_flags(EndpointsConfig, args),
+                       L.from_flags(ModerationConfig, args))
 
 
 def run_web(args) -> int:
     return L.serve_web(L.from_flags(L.HttpConfig, args), L.from_flags(L.ClusterConfig, args),
                        L.from_flags(L.WebConfig, args), L.from_flags(WebSettings, args),
+                       L.from_flags(EndpointsConfig, args), L.from_flags(ModerationConfig, args),
                        "info" if args.debug else "warning")
+
+
+def _upstreams(p: argparse.ArgumentParser, *, moderation: bool = True) -> None:
+    L.add_flags(p, EndpointsConfig, UPSTREAMS)
+    if moderation:
+        L.add_flags(p, ModerationConfig, UPSTREAMS)
 
 
 def _http(p: argparse.ArgumentParser, role: str) -> None:
@@ -119,6 +133,7 @@ def add_commands(sub) -> None:
     top.add_argument("--web", action="store_true", help="also serve the chat web UI at / on the same port")
     L.add_flags(top, L.WebConfig, WEB_UI)
     L.add_flags(top, WebSettings, WEB_UI)
+    _upstreams(top)
     top.set_defaults(func=run_single)
 
     p = command(verbs, "worker", run_worker, "hold a model and serve it to a controller",
@@ -134,11 +149,13 @@ def add_commands(sub) -> None:
     _http(p, "controller")
     L.add_flags(p, L.ClusterConfig, "cluster", skip=("controller",))
     L.add_flags(p, L.ControllerConfig, "cluster")
+    _upstreams(p, moderation=False)  # front ends moderate; the controller only lists and routes
 
     p = command(verbs, "api", run_api, "OpenAI-compatible API in front of a controller", description=API_DESCRIPTION)
     L.add_flags(p, L.ClusterConfig, "cluster")
     _http(p, "api")
     L.add_flags(p, L.ApiConfig, "api")
+    _upstreams(p)
 
     p = command(verbs, "web", run_web, "web UI (chat, arena, leaderboard) in front of a controller",
                 description=WEB_DESCRIPTION)
@@ -146,3 +163,4 @@ def add_commands(sub) -> None:
     _http(p, "web")
     L.add_flags(p, L.WebConfig, WEB_UI)
     L.add_flags(p, WebSettings, WEB_UI)
+    _upstreams(p)

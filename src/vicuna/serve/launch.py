@@ -23,7 +23,9 @@ from typing import Any, Iterator
 
 from ..errors import UsageError, VicunaError
 from ..model import DEFAULT_MODEL_NAME, DEVICES, DTYPES
+from .endpoint import EndpointsConfig
 from .engine import EngineConfig
+from .moderation import ModerationConfig
 from .openai_api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N
 from .web import WebSettings
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 SECRET_ENV = "VICUNA_SECRET"
 BACKENDS = ("hf", "llamacpp", "vllm")
 PORTS = {"api": 8000, "worker": 21002, "controller": 21001, "web": 7860}
+DEFAULT_CONTROLLER = f"http://127.0.0.1:{PORTS['controller']}"
 
 
 def _f(default, help: str, **meta):
@@ -86,6 +89,10 @@ class ModelConfig:
 class HttpConfig:
     host: str = _f("127.0.0.1", "address to bind (0.0.0.0 to accept other machines)")
     port: int = _f(PORTS["api"], "port to listen on")
+    trusted_proxies: tuple[str, ...] = _f((), "comma-separated addresses of reverse proxies whose X-Forwarded-For "
+                                              "header names the client (e.g. 127.0.0.1 for an nginx on this host); "
+                                              "from anyone else the header is ignored, so rate and vote limits "
+                                              "cannot be dodged by forging it (default: none)", metavar="ADDRS")
 
     @property
     def url(self) -> str:
@@ -106,12 +113,17 @@ class ApiConfig:
 class ClusterConfig:
     """Where the controller is and the secret shared by controller, workers and front ends."""
 
-    controller: str = _f(f"http://127.0.0.1:{PORTS['controller']}", "controller URL")
+    controller: str | None = _f(None, f"controller URL (default {DEFAULT_CONTROLLER}; front ends given only "
+                                      "--endpoints use none)", metavar="URL")
     secret: str | None = _f(None, f"shared secret for controller/worker traffic (or set ${SECRET_ENV}); "
                                   "default: none")
 
     def __post_init__(self):
         self.secret = self.secret or os.environ.get(SECRET_ENV) or None
+
+    def url(self, *, optional: bool = False) -> str | None:
+        """The controller to use; with ``optional`` (a front end that has --endpoints) none unless given."""
+        return self.controller or (None if optional else DEFAULT_CONTROLLER)
 
 
 @dataclass
@@ -254,19 +266,36 @@ def web_store(web: WebConfig):
     return ArenaStore(web.arena_db)
 
 
-def local_app(engines: dict[str, Any], api: ApiConfig | None = None, web: WebConfig | None = None,
-              settings: WebSettings | None = None):
-    """The API over ``engines`` in this process; with ``web``, the web UI mounted at / of the same app."""
-    from .client import LocalClient
-    from .web import mount_web
+def front_client(base, endpoints: EndpointsConfig | None = None, moderation: ModerationConfig | None = None):
+    """What an API or web UI serves: ``base`` (engines here, a controller's workers, or None) with the
+    endpoints beside it and the moderation in front."""
+    client = (endpoints or EndpointsConfig()).wrap(base)
+    if client is None:
+        raise UsageError("nothing to serve: give --controller (workers) or --endpoints FILE.yaml (or both)")
+    return (moderation or ModerationConfig()).wrap(client)
 
-    client = LocalClient(engines)
+
+def with_web(app, client, web: WebConfig, settings: WebSettings | None = None):
+    """``app`` (the API) with the web UI mounted at /; under --arena-only its /v1 answers 404."""
+    from .web import ArenaOnlyMiddleware, mount_web
+
+    store = web_store(web)
+    log.info("web UI at / (arena database %s)", store.path)
+    if settings is not None and settings.arena_only:
+        app.add_middleware(ArenaOnlyMiddleware)
+    return mount_web(app, client, store, settings)
+
+
+def local_app(engines: dict[str, Any], api: ApiConfig | None = None, web: WebConfig | None = None,
+              settings: WebSettings | None = None, endpoints: EndpointsConfig | None = None,
+              moderation: ModerationConfig | None = None):
+    """The API over ``engines`` in this process (plus endpoints, behind moderation); with ``web``, the
+    web UI mounted at / of the same app."""
+    from .client import LocalClient
+
+    client = front_client(LocalClient(engines), endpoints, moderation)
     app = api_app(client, api)
-    if web is not None:
-        store = web_store(web)
-        log.info("web UI at / (arena database %s)", store.path)
-        app = mount_web(app, client, store, settings)
-    return app
+    return app if web is None else with_web(app, client, web, settings)
 
 
 @contextlib.contextmanager
@@ -291,15 +320,16 @@ def local_api(models: ModelConfig | list[ModelConfig], engine: EngineConfig | No
 
 
 def serve_single(models: list[ModelConfig], engine: EngineConfig, http: HttpConfig, api: ApiConfig,
-                 web: WebConfig | None = None, settings: WebSettings | None = None) -> int:
+                 web: WebConfig | None = None, settings: WebSettings | None = None,
+                 endpoints: EndpointsConfig | None = None, moderation: ModerationConfig | None = None) -> int:
     """`vicuna serve`: engines and the OpenAI API (and the web UI) in this process."""
     from .server import run_server
 
     engines = load_engines(models, engine)
     try:
-        app = local_app(engines, api, web, settings)
+        app = local_app(engines, api, web, settings, endpoints, moderation)
         print(f"OpenAI-compatible API for {', '.join(engines)} on {http.url}/v1", flush=True)
-        run_server(app, http.host, http.port)
+        run_server(app, http.host, http.port, trusted_proxies=list(http.trusted_proxies))
     finally:
         stop_engines(engines)
     return 0
@@ -319,9 +349,8 @@ def serve_worker(model: ModelConfig, engine: EngineConfig, http: HttpConfig, clu
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per heartbeat
     eng = load_engine(model, engine)
     address = worker_address(http, worker)
-    beat = Heartbeater(cluster.controller, address, eng, secret=cluster.secret,
-                       interval=worker.heartbeat_interval).start()
-    print(f"worker for {eng.name} on {address}, controller {cluster.controller}", flush=True)
+    beat = Heartbeater(cluster.url(), address, eng, secret=cluster.secret, interval=worker.heartbeat_interval).start()
+    print(f"worker for {eng.name} on {address}, controller {cluster.url()}", flush=True)
     try:
         run_server(create_worker_app(eng, secret=cluster.secret), http.host, http.port)
     finally:
@@ -330,39 +359,55 @@ def serve_worker(model: ModelConfig, engine: EngineConfig, http: HttpConfig, clu
     return 0
 
 
-def serve_controller(http: HttpConfig, cluster: ClusterConfig, controller: ControllerConfig) -> int:
+def serve_controller(http: HttpConfig, cluster: ClusterConfig, controller: ControllerConfig,
+                     endpoints: EndpointsConfig | None = None) -> int:
+    """`vicuna serve controller`; with --endpoints it serves those upstreams to its front ends like
+    workers of its own (the file and the keys stay on the controller's host)."""
     from .controller import create_controller_app
+    from .endpoint import EndpointClient, load_endpoints
     from .server import run_server
 
-    app = create_controller_app(secret=cluster.secret, heartbeat_expiry=controller.heartbeat_expiry)
+    upstreams = EndpointClient(load_endpoints(endpoints.endpoints)) if endpoints and endpoints.endpoints else None
+    app = create_controller_app(secret=cluster.secret, heartbeat_expiry=controller.heartbeat_expiry,
+                                endpoints=upstreams)
     print(f"controller on {http.url}", flush=True)
     run_server(app, http.host, http.port)
     return 0
 
 
-def serve_api(http: HttpConfig, api: ApiConfig, cluster: ClusterConfig) -> int:
-    """`vicuna serve api`: the OpenAI API in front of a controller's workers."""
+def _front(cluster: ClusterConfig, endpoints: EndpointsConfig, moderation: ModerationConfig):
+    """A front end's client (a controller's workers and/or the endpoints) and a description of its source."""
     from .client import ControllerClient
+
+    controller = cluster.url(optional=bool(endpoints.endpoints))
+    base = ControllerClient(controller, secret=cluster.secret) if controller else None
+    return front_client(base, endpoints, moderation), " and ".join(x for x in (controller, endpoints.endpoints) if x)
+
+
+def serve_api(http: HttpConfig, api: ApiConfig, cluster: ClusterConfig, endpoints: EndpointsConfig | None = None,
+              moderation: ModerationConfig | None = None) -> int:
+    """`vicuna serve api`: the OpenAI API in front of a controller's workers and/or endpoints."""
     from .server import run_server
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per routed request
-    app = api_app(ControllerClient(cluster.controller, secret=cluster.secret), api)
-    print(f"OpenAI-compatible API via {cluster.controller} on {http.url}/v1", flush=True)
-    run_server(app, http.host, http.port)
+    client, source = _front(cluster, endpoints or EndpointsConfig(), moderation or ModerationConfig())
+    print(f"OpenAI-compatible API via {source} on {http.url}/v1", flush=True)
+    run_server(api_app(client, api), http.host, http.port, trusted_proxies=list(http.trusted_proxies))
     return 0
 
 
 def serve_web(http: HttpConfig, cluster: ClusterConfig, web: WebConfig, settings: WebSettings,
+              endpoints: EndpointsConfig | None = None, moderation: ModerationConfig | None = None,
               log_level: str = "warning") -> int:
-    """`vicuna serve web`: the web UI in front of a controller's workers."""
-    from .client import ControllerClient
+    """`vicuna serve web`: the web UI in front of a controller's workers and/or endpoints."""
     from .server import run_server
     from .web import create_web_app
 
+    client, source = _front(cluster, endpoints or EndpointsConfig(), moderation or ModerationConfig())
     store = web_store(web)
-    app = create_web_app(ControllerClient(cluster.controller, secret=cluster.secret), store, settings)
-    print(f"web UI on {http.url} (models from {cluster.controller}; arena database {store.path})", flush=True)
+    app = create_web_app(client, store, settings)
+    print(f"web UI on {http.url} (models from {source}; arena database {store.path})", flush=True)
     # One worker process: Gradio's queue and the rate limiter live in it; run_server keeps lifespan on,
     # which starts Gradio's queue.
-    run_server(app, http.host, http.port, log_level)
+    run_server(app, http.host, http.port, log_level, trusted_proxies=list(http.trusted_proxies))
     return 0
