@@ -78,9 +78,9 @@ class Served:
     def __init__(self, check):
         self.check, self.apps = check, []
 
-    def __call__(self, app, host, port, log_level="info"):
+    def __call__(self, app, host, port, log_level="info", *, trusted_proxies=None):
         self.apps.append(app)
-        with server_mod.ServerThread(app, host, port) as url:
+        with server_mod.ServerThread(app, host, port, trusted_proxies=trusted_proxies) as url:
             self.check(url)
 
 
