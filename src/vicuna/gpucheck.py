@@ -183,16 +183,18 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> bool:
 
 def check_resume(ctx: Context, r: Result) -> None:
     precision = "bf16" if ctx.device == "cuda" else "fp32"
-    steps = ctx.steps
-    common = ("--max-steps", steps, "--save-steps", max(1, steps // 4), "--precision", precision, "--no-packing")
+    steps = max(2, ctx.steps)
+    every = max(1, steps // 4)
+    mid_step = every * max(1, steps // every // 2)  # a checkpoint before the last step: the kill lands mid-run
+    common = ("--max-steps", steps, "--save-steps", every, "--precision", precision, "--no-packing")
     for label, path in ctx.models:
         ref, out = ctx.work / f"resume-ref-{label}", ctx.work / f"resume-{label}"
         p = vicuna(*train_args(ctx, path, ref, *common))
         r.expect(p.returncode == 0, f"{label}: {precision} full fine-tuning, {steps} steps uninterrupted"
                  + ("" if p.returncode == 0 else f": {p.stderr[-500:]}"))
         proc = _popen(train_args(ctx, path, out, *common, "--throttle", 0.5))
-        mid = out / f"checkpoint-{max(1, steps // 4) * 2}"
-        reached = _wait_for(mid, proc)
+        mid = out / f"checkpoint-{mid_step}"
+        reached = _wait_for(mid / "trainer_state.json", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         r.expect(reached, f"{label}: SIGKILLed after {mid.name} was saved")
