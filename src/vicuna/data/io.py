@@ -112,8 +112,18 @@ def _read_jsonl(f) -> Iterator[tuple[int, Any]]:
 _WS = re.compile(r"[ \t\n\r]*")
 # Bytes that are not UTF-8 decode (surrogateescape) to lone surrogates U+DC80..U+DCFF.
 _BAD_BYTES = re.compile("[\udc80-\udcff]")
-# Where a new top-level element may start after a malformed one.
-_RESYNC = re.compile(r",[ \t\n\r]*\{")
+# Recovery scans a bad record leniently: the structural characters outside strings, and inside one.
+_STRUCTURE = re.compile(r'["{}\[\],]')
+_IN_STRING = re.compile(r'["\\]')
+# The first key of an object as written, e.g. `{"id":`: how the records of a file begin.
+_FIRST_KEY = re.compile(r'\{[ \t\n\r]*"((?:[^"\\]|\\.){1,200})"[ \t\n\r]*:')
+# ... and where a damaged record's first key is still readable (`""id":` once its '{' became a quote).
+_LEADING_KEY = re.compile(r'[{"\s]{0,8}?"((?:[^"\\]|\\.){1,200})"[ \t\n\r]*:')
+_ANY_START = re.compile(r',[ \t\n\r]*(?=\{[ \t\n\r]*"(?:[^"\\]|\\.){1,200}"[ \t\n\r]*:)')
+# What follows a ']' that closes a list inside a record: never the array's end.
+_AFTER_INNER_CLOSE = ("}", "]", ",")
+MAX_SKIP = 16 << 20  # characters a lenient scan of one bad record may hold in memory
+CHAIN = 1 << 20  # characters read on after a candidate record start to tell a record from an inner object
 
 
 class _ArrayReader:
@@ -122,8 +132,9 @@ class _ArrayReader:
     We keep a text buffer and let ``json.JSONDecoder.raw_decode`` (C speed) parse
     one element at a time, refilling when an element runs past the buffer end.
     Invalid UTF-8 is decoded with ``surrogateescape`` so one bad byte spoils only
-    its record, and a syntax error is skipped by resynchronising at the next
-    ``, {`` that parses as an object like the records seen before.
+    its record.  A record that does not parse is skipped *alone*: recovery only
+    ever lands between two elements of the top-level array (see :meth:`skip_bad`),
+    never on an object nested inside the bad record.
     """
 
     def __init__(self, f, name: str):
@@ -132,15 +143,20 @@ class _ArrayReader:
         self.buf, self.pos, self.eof = "", 0, False
         self.line_base = 1  # line number of buf[0]
         self.raw_decode = json.JSONDecoder().raw_decode
-        self.keys: frozenset | None = None  # keys of the first good object (for resync)
+        self.first_keys: list[str] = []  # how records begin (`{"id":`), learnt from the file
+        self.starts: re.Pattern | None = None  # `,` before such a beginning
+        self.new_key: str | None = None  # first key of the element just parsed (learnt once it proves top-level)
+        self.element_key: str | None = None  # the first key-like text of that element, while no key is known
 
     def fill(self, want: int = 0) -> bool:
-        """Append at least ``want`` more bytes (decoded) to the buffer; False at EOF."""
+        """Append at least ``want`` more bytes (decoded) to the buffer; False at EOF.
+
+        The buffer is first trimmed to ``self.pos``; while ``self.pos`` is 0 positions stay valid.
+        """
         if self.eof:
             return False
         if self.pos:
-            self.line_base += self.buf.count("\n", 0, self.pos)
-            self.buf, self.pos = self.buf[self.pos:], 0
+            self.pin()
         data = self.f.read(max(want, CHUNK))
         if not data:
             self.eof = True
@@ -149,17 +165,30 @@ class _ArrayReader:
         self.buf += self.decoder.decode(data)
         return True
 
+    def pin(self) -> None:
+        """Drop the buffer before ``self.pos`` (which becomes 0)."""
+        self.line_base += self.buf.count("\n", 0, self.pos)
+        self.buf, self.pos = self.buf[self.pos:], 0
+
     def line_at(self, pos: int) -> int:
         return self.line_base + self.buf.count("\n", 0, pos)
 
     def skip_ws(self) -> str:
         """Skip whitespace; return the next character ('' at EOF)."""
+        c, self.pos = self.peek(self.pos)
+        return c
+
+    def peek(self, i: int) -> tuple[str, int]:
+        """The first non-whitespace character at or after ``buf[i]`` and its position ('' at EOF)."""
         while True:
-            self.pos = _WS.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf):
-                return self.buf[self.pos]
-            if not self.fill():
-                return ""
+            i = _WS.match(self.buf, i).end()
+            if i < len(self.buf):
+                return self.buf[i], i
+            before = self.pos
+            more = self.fill()
+            i -= before - self.pos  # the buffer was trimmed to self.pos
+            if not more and i >= len(self.buf):
+                return "", i
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         if not self.fill():
@@ -171,54 +200,73 @@ class _ArrayReader:
             hint = "; for one record per line use the .jsonl extension" if first == "{" else ""
             raise DataError(f"{self.name}: expected a JSON array ('[' ...) at the start of the file{hint}")
         self.pos += 1
-        n = 0
-        if self.skip_ws() == "]":
-            self.pos += 1
-            return self._check_trailing()
+        n, item = 0, None
+        c = self.skip_ws()
         while True:
-            n += 1
-            item = self.parse_one(n)
+            if c == "]":
+                after = self.peek(self.pos + 1)[0]
+                if not after:
+                    self.learn(self.new_key)
+                    return
+                line = self.line_at(self.pos)
+                if after in "[{":
+                    raise DataError(f"{self.name}: line {line}: more records after the closing ']' of the array; "
+                                    "either two arrays were concatenated (use `vicuna data merge`) or the file is "
+                                    "corrupt there")
+                # a ']' inside a record (recovery landed in one) or junk after the array
+                self.skip_bad(self.pos)
+                if self.skip_ws() == "" and after not in _AFTER_INNER_CLOSE:
+                    log.warning("%s: ignoring data after the closing ']' (line %d)", self.name, line)
+                    return
+                n += 1
+                item = RecordError(n, line, "malformed JSON: a ']' inside a record")
+            elif c == "":
+                if not isinstance(item, RecordError):  # a bad record that ran into EOF was reported already
+                    yield n + 1, RecordError(n + 1, self.line_at(self.pos), "file ends before the closing ']' "
+                                             "(truncated?)")
+                return
+            else:
+                n += 1
+                self.new_key = None
+                item = self.parse_one(n)
+                c = self.skip_ws()
+                if c not in (",", "]", "") and not isinstance(item, RecordError):
+                    if c == "{" and self.record_starts_here():
+                        log.warning("%s: line %d: missing ',' before record %d", self.name, self.line_at(self.pos),
+                                    n + 1)
+                        yield n, item
+                        continue
+                    # the value was only the start of a malformed record, e.g. `{"id": "a"} "conversations": ...`
+                    item = RecordError(n, self.line_at(self.pos), f"malformed JSON: expected ',' or ']' after a "
+                                       f"value, found {c!r}")
+                    self.skip_bad(self.pos)
             yield n, item
             c = self.skip_ws()
             if c == ",":
+                self.learn(self.new_key)
                 self.pos += 1
-                continue
-            if c == "]":
-                self.pos += 1
-                return self._check_trailing()
-            if c == "":
-                if isinstance(item, RecordError) and self.pos >= len(self.buf):
-                    return  # already reported: the file ended inside the bad record
-                yield n + 1, RecordError(n + 1, self.line_at(self.pos), "file ends before the closing ']' (truncated?)")
-                return
-            # garbage between records
-            n += 1
-            err = RecordError(n, self.line_at(self.pos), f"expected ',' or ']' after record {n - 1}, found {c!r}")
-            yield n, err
-            if not self.resync():
-                return
-
-    def _check_trailing(self):
-        if self.skip_ws():
-            log.warning("%s: ignoring data after the closing ']' (line %d)", self.name, self.line_at(self.pos))
+                c = self.skip_ws()
+                if c == "]":
+                    log.warning("%s: line %d: a ',' before the closing ']'", self.name, self.line_at(self.pos))
 
     def parse_one(self, n: int) -> Any:
-        self.skip_ws()
+        """Parse the element at ``self.pos``; a malformed one comes back as a :class:`RecordError`."""
         while True:
             start = self.pos
+            if not self.first_keys:  # until a record is read: its first key, from the text, in case it is bad
+                m = _LEADING_KEY.match(self.buf, start)
+                self.element_key = m and m.group(1)
             try:
                 obj, end = self.raw_decode(self.buf, start)
             except json.JSONDecodeError as e:
                 if _maybe_truncated(e, self.buf) and self.fill(len(self.buf) - self.pos):
                     continue  # the record runs past the buffer: read more (doubling) and retry
                 err = RecordError(n, self.line_at(e.pos), f"malformed JSON: {e.msg}")
-                self.pos = max(e.pos, start + 1)
-                self.resync()
+                self.skip_bad(start)
                 return err
             except RecursionError:
                 err = RecordError(n, self.line_at(start), "malformed JSON: nested too deeply")
-                self.pos = start + 1
-                self.resync()
+                self.skip_bad(start)
                 return err
             if end >= len(self.buf) and not self.eof and not isinstance(obj, (dict, list, str)):
                 # a bare number at the buffer end may continue in the next chunk
@@ -227,36 +275,177 @@ class _ArrayReader:
             self.pos = end
             if _BAD_BYTES.search(self.buf, start, end):
                 return RecordError(n, self.line_at(start), "invalid UTF-8 in the record")
-            if self.keys is None and isinstance(obj, dict):
-                self.keys = frozenset(obj)
+            if isinstance(obj, dict) and len(self.first_keys) < 8:
+                m = _FIRST_KEY.match(self.buf, start)
+                self.new_key = m and m.group(1)
             return obj
 
-    def resync(self) -> bool:
-        """Move to the next plausible record start (just before its '{'); False at EOF."""
+    def learn(self, key: str | None) -> None:
+        """Remember that records of this file begin with ``{"KEY":``, to find them after a bad record."""
+        if key and key not in self.first_keys:
+            self.first_keys.append(key)
+            keys = "|".join(map(re.escape, self.first_keys))
+            self.starts = re.compile(r',[ \t\n\r]*(?=\{[ \t\n\r]*"(?:' + keys + r')"[ \t\n\r]*:)')
+
+    # -------------------------------------------------------------- recovery
+
+    def skip_bad(self, start: int) -> None:
+        """Move to the ',' or ']' that ends the bad record at ``buf[start]`` (or to EOF).
+
+        Two views, so that one damaged record never takes good ones with it: a
+        lenient scan of the record's brackets and strings (exact unless the damage
+        is to a quote, bracket or escape), and the places where a record begins
+        (`, {"id":` ...) that parses and goes on as an element of the top-level array
+        (:meth:`is_record_start`).  A record start before the scan's end wins (the
+        scan went too far); a scan end that no element can follow means the scan
+        stopped inside the bad record (a damaged quote turns strings inside out), and
+        we read on to the next record start.
+        """
+        self.pos = start
+        self.pin()
+        self.new_key = None
+        if not self.first_keys:
+            self.learn(self.element_key)  # the bad record's own first key, if it still has one
+        end = self.lenient_end(0)
+        hi = end if end is not None else len(self.buf)
+        hit = self.find_start(self.starts, 1, hi)
+        if hit is None:
+            hit = self.find_start(_ANY_START, 1, hi)
+        if hit is not None:
+            self.pos = hit
+        elif end is not None and (self.buf[end] == "]" or self.plausible_element(end + 1)):
+            self.pos = end
+        else:
+            self.slide_to_start(1)
+
+    def lenient_end(self, i: int, stray: bool = True) -> int | None:
+        """Where the value at ``buf[i]`` ends, counting brackets outside strings (None: EOF or too long).
+
+        Anything inside a string is accepted (the usual damage: control characters, bad
+        escapes); with ``stray``, a closer with nothing open is skipped, except the array's
+        own ']' at the end of the file.
+        """
+        depth, in_string = 0, False
         while True:
-            m = _RESYNC.search(self.buf, self.pos)
+            m = (_IN_STRING if in_string else _STRUCTURE).search(self.buf, i)
             if m is None:
-                keep = max(self.pos, len(self.buf) - 64)  # a match may straddle chunks
-                self.pos = keep
-                if not self.fill():
-                    self.pos = len(self.buf)
-                    return False
+                i = max(i, len(self.buf))
+                if len(self.buf) > MAX_SKIP or (not self.fill() and i >= len(self.buf)):
+                    return None
                 continue
-            brace = m.end() - 1
-            try:
-                obj, _ = self.raw_decode(self.buf, brace)
-            except json.JSONDecodeError as e:
-                if _maybe_truncated(e, self.buf) and self.fill(len(self.buf) - self.pos):
+            j, ch = m.start(), m.group()
+            i = j + 1
+            if in_string:
+                if ch == "\\":
+                    i = j + 2
+                else:
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch in "{[":
+                depth += 1
+            elif depth:
+                depth -= ch != ","
+            elif ch == "," or (ch == "]" and (not stray or not self.peek(j + 1)[0])):
+                return j
+
+    def find_start(self, starts: re.Pattern | None, lo: int, hi: int) -> int | None:
+        """The first ',' in ``buf[lo:hi]`` that ``starts`` matches and a plausible top-level record follows."""
+        while starts is not None:
+            m = starts.search(self.buf, lo, min(len(self.buf), hi + 256))
+            if m is None or m.start() >= hi:
+                return None
+            if self.is_record_start(m.end()):
+                return m.start()
+            lo = m.start() + 1
+        return None
+
+    def is_record_start(self, i: int) -> bool:
+        """Does an element of the top-level array begin at ``buf[i]``?
+
+        It must be an object followed by ',' or ']'.  An object inside the bad record
+        shows itself soon after: its list closes into its parent (a ']' that is not the
+        end of the file), or a ':' shows that it sits in an object.  So we read on,
+        element by element, up to ``CHAIN`` characters.  That evidence may also come
+        from damage to the next record, so an object that begins as this file's records
+        do (`{"id":`) is trusted anyway.
+        """
+        value = self.decode_at(i)
+        if value is None or not isinstance(value[0], dict):
+            return False
+        m = _FIRST_KEY.match(self.buf, i)
+        known = bool(m and m.group(1) in self.first_keys)
+        first, end, skipped = i, value[1], False
+        while end - first < CHAIN:
+            c, j = self.peek(end)
+            if c == "]" and not self.peek(j + 1)[0]:
+                return True  # the end of the file: the top-level array closed
+            if c in "]:":
+                return known or (skipped and not self.first_keys)
+            if c == ",":
+                i = self.peek(j + 1)[1]
+                value = self.decode_at(i)
+                if value is not None:
+                    end = value[1]
                     continue
-                self.pos = brace + 1
-                continue
+            else:
+                i = j
+            end, skipped = self.lenient_end(i, stray=False), True  # read over a bad element
+            if end is None:
+                break
+        return known or not skipped or not self.first_keys
+
+    def plausible_element(self, i: int) -> bool:
+        """Can the next element be one of the top-level array? (A bad one can: it is reported on its own.)
+
+        A value followed by something other than ',' or ']', or an object of a list
+        inside a record, shows that the scan ended inside the bad record instead.
+        """
+        i = self.peek(i)[1]
+        value = self.decode_at(i)
+        if value is None:
+            return True
+        if isinstance(value[0], dict):
+            return self.is_record_start(i)
+        return self.peek(value[1])[0] in (",", "]")
+
+    def decode_at(self, i: int) -> tuple[Any, int] | None:
+        while True:
+            try:
+                return self.raw_decode(self.buf, i)
+            except json.JSONDecodeError as e:
+                if _maybe_truncated(e, self.buf) and len(self.buf) < MAX_SKIP and self.fill(len(self.buf)):
+                    continue
+                return None
             except RecursionError:
-                self.pos = brace + 1
-                continue
-            if isinstance(obj, dict) and (self.keys is None or self.keys & obj.keys()):
-                self.pos = m.start()  # at the ',': the main loop then reads the record
-                return True
-            self.pos = brace + 1
+                return None
+
+    def slide_to_start(self, lo: int) -> None:
+        """Read on (in bounded memory) to the next record start; EOF if there is none.
+
+        A record beginning as the file's records do is preferred; failing that, any object
+        that continues as an element of the top-level array.
+        """
+        while True:
+            hit = self.find_start(self.starts, lo, len(self.buf))
+            if hit is None:
+                hit = self.find_start(_ANY_START, lo, len(self.buf))
+            if hit is not None:
+                self.pos = hit
+                return
+            if self.eof:
+                self.pos = len(self.buf)
+                return
+            self.pos = max(lo, len(self.buf) - 256)  # a start may straddle the chunk boundary
+            self.pin()
+            lo = 0
+            self.fill()
+
+    def record_starts_here(self) -> bool:
+        """Does a record like the one before begin at ``self.pos`` (with the ',' between them missing)?"""
+        self.pin()
+        m = _FIRST_KEY.match(self.buf, 0)
+        return bool(m and m.group(1) in (*self.first_keys, self.new_key) and self.is_record_start(0))
 
 
 def _maybe_truncated(e: json.JSONDecodeError, buf: str) -> bool:
