@@ -10,9 +10,9 @@ from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vicuna.data import DataError
-from vicuna.data import io as dio
-from vicuna.data.io import RecordError, RecordWriter, atomic_write_records, read_records
+from vicuna import files as dio
+from vicuna.errors import DataError
+from vicuna.files import RecordError, RecordWriter, read_records, write_records
 
 GOOD = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
 
@@ -25,11 +25,11 @@ def test_json_and_jsonl_roundtrip(tmp_path):
     data = [dict(GOOD, id=str(i)) for i in range(5)] + [{"id": "ü", "conversations": [], "x": "日本 😀"}]
     for name in ("a.json", "a.jsonl"):
         path = tmp_path / name
-        assert atomic_write_records(path, data) == len(data)
+        assert write_records(path, data) == len(data)
         assert [obj for _, obj in records(path)] == data
     assert json.loads((tmp_path / "a.json").read_text(encoding="utf-8")) == data  # a real JSON array
     empty = tmp_path / "e.json"
-    atomic_write_records(empty, [])
+    write_records(empty, [])
     assert json.loads(empty.read_text()) == [] and records(empty) == []
 
 
@@ -141,7 +141,7 @@ def test_json_array_reader_memory_is_bounded(tmp_path, monkeypatch):
     """The reader holds about one chunk plus one record, never the file."""
     monkeypatch.setattr(dio, "CHUNK", 4096)
     path = tmp_path / "big.json"
-    atomic_write_records(path, ({"id": str(i), "conversations": [], "pad": "y" * 300} for i in range(3000)))
+    write_records(path, ({"id": str(i), "conversations": [], "pad": "y" * 300} for i in range(3000)))
     size = path.stat().st_size
     with open(path, "rb") as f:
         reader = dio._ArrayReader(f, str(path))

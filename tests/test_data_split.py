@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA, run_cli
 
 from vicuna.conversation import get_template, tokenize_conversation
-from vicuna.data import DataError
+from vicuna.errors import DataError
 from vicuna.data.filter import FilterConfig, filter_file
 from vicuna.data.sharegpt import to_messages
 from vicuna.data.split import split_file

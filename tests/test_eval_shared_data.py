@@ -97,7 +97,8 @@ def test_mt_bench_reference_guided_jobs():
 
 
 def test_blog_answer_file_lookup(tmp_path):
-    from vicuna.eval.io import EvalUsageError, find_answer_file
+    from vicuna.errors import EvalUsageError
+    from vicuna.eval.io import find_answer_file
 
     assert find_answer_file(BLOG, "gpt35").name == "answer_gpt35.jsonl"
     with pytest.raises(EvalUsageError, match="no answers for model 'nobody'"):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import cli_env, run_cli
 from vicuna.conversation import get_template, render_prompt, resolve_template, stop_token_ids
-from vicuna.train import TrainInputError
+from vicuna.errors import TrainInputError
 from vicuna.train.config import load_recipe, make_config
 from vicuna.train.trainer import train
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 ROLES = ("system", "user", "assistant")
@@ -446,11 +446,6 @@ class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 def tokenize_conversation(

@@ -17,17 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .conversation import JinjaTemplate, Template, TemplateError, resolve_template, stop_token_ids
-from .errors import VicunaError
+from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-class ModelLoadError(VicunaError):
-    """The model cannot be loaded as asked; the message says why and what to do."""
 
 
 @dataclass

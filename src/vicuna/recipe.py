@@ -19,15 +19,12 @@ import time
 from pathlib import Path
 
 from .cli import area_parser, command
-from .errors import VicunaError
+from .errors import RecipeError
+from .files import replace_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_NAME, DEMO_ORG = "Vicuna-Demo", "the vicuna project"
 TEMPLATE = "vicuna_v1.1"
-
-
-class RecipeError(VicunaError):
-    pass
 
 
 def add_commands(sub) -> None:
@@ -294,6 +291,4 @@ def install(model_dir: Path, target: Path) -> None:
     gen = json.loads((tmp / "generation_config.json").read_text())
     gen["do_sample"] = False
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    replace_dir(tmp, target)

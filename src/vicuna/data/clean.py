@@ -22,10 +22,10 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from . import DataError
+from ..errors import DataError
+from ..files import RecordError, RecordWriter, check_output, progress, read_records, record_format, write_json
 from .html2md import html_to_markdown, looks_like_html
-from .io import RecordError, RecordWriter, atomic_write_json, check_output, progress, read_records, record_format
-from .sharegpt import GPT, HUMAN, SYSTEM, BadSample, check_alternating, parse_sample
+from .sharegpt import GPT, SYSTEM, BadSample, parse_sample, trim_turns
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +159,13 @@ class Cleaner:
             return Outcome(None, "clean_error", f"{type(e).__name__}: {e}", sid)
 
     def _clean(self, sample: dict) -> Outcome:
-        turns = sample["conversations"]
-        system = turns[0] if turns and turns[0]["from"] == SYSTEM else None
-        body = turns[1:] if system else turns
-        changes = []
-        if body and body[0]["from"] == GPT:
-            body = body[1:]  # the page sometimes captured the end of an earlier answer first
-            changes.append("leading_gpt_dropped")
-        stray = next((i for i, t in enumerate(body) if t["from"] == SYSTEM), None)
-        if stray is not None:  # found by hypothesis: [gpt, system] became a kept system-only sample
-            raise BadSample("roles_not_alternating", f"turn {stray + (len(turns) - len(body))} is a system "
-                            "turn; a system turn is only allowed first")
-        check_alternating(body)
-        if body and body[-1]["from"] == HUMAN:
-            body = body[:-1]  # a question without an answer teaches nothing
-            changes.append("trailing_human_dropped")
+        system, body, trimmed = trim_turns(sample["conversations"])
+        changes = list(trimmed)
         if not body:
             raise BadSample("too_short", "no complete human/gpt exchange")
         out_turns = []
         chars = 0
-        for i, turn in enumerate(([system] if system else []) + body):
+        for i, turn in enumerate(system + body):
             is_gpt = turn["from"] == GPT
             value, converted = clean_value(turn["value"], is_gpt)
             if converted:
@@ -221,8 +208,9 @@ def _init_worker(config: CleanConfig, pool_worker: bool = False) -> None:
     global _WORKER
     _WORKER = Cleaner(config)
     if pool_worker:
-        # Ctrl-C is the parent's business: it stops the pool and removes the partial output
+        # Ctrl-C and SIGTERM are the parent's business: it stops the pool and removes the partial output
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _clean_batch(batch: list[tuple[int, Any]]) -> list[tuple]:
@@ -357,5 +345,5 @@ def clean_file(inp: str, out: str, *, config: CleanConfig = CleanConfig(), worke
                 report.kept += 1
     log.info("%s", report.summary())
     if report_path:
-        atomic_write_json(report_path, report.to_dict(), force=force)
+        write_json(report_path, report.to_dict())
     return report

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from ..errors import EvalUsageError
+from ..files import write_records
 from .client import CompletionFailed, Endpoint, chat
-from .io import (
-    AppendLog, EvalUsageError, Question, answer_turns, prepare_output, read_log, run_parallel, write_records,
-)
+from .io import AppendLog, Question, answer_turns, prepare_output, read_log, run_parallel
 
 log = logging.getLogger(__name__)
 
@@ -137,4 +137,4 @@ def _compact(output: Path, questions: list[Question], model_id: str) -> None:
             best[qid] = rec
     order = {q.question_id: i for i, q in enumerate(questions)}
     records = sorted(best.values(), key=lambda r: (order.get(r.get("question_id"), len(order)), str(r.get("question_id"))))
-    write_records(output, records)
+    write_records(output, records, force=True)

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..cli import area_parser, command
-from .io import BUILTIN_QUESTIONS, EvalUsageError, load_questions, load_references
+from ..errors import EvalUsageError
+from .io import BUILTIN_QUESTIONS, load_questions, load_references
 from .parse import MODES, parse_judgment
 
 log = logging.getLogger(__name__)

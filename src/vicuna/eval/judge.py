@@ -19,11 +19,10 @@ from typing import Any
 
 import yaml
 
+from ..errors import EvalUsageError
+from ..files import write_records
 from .client import CompletionFailed, Endpoint, chat
-from .io import (
-    AppendLog, EvalUsageError, Question, find_answer_file, load_answers, prepare_output, read_log, run_parallel,
-    write_records,
-)
+from .io import AppendLog, Question, find_answer_file, load_answers, prepare_output, read_log, run_parallel
 from .parse import MODES, OK, parse_judgment
 
 log = logging.getLogger(__name__)
@@ -306,4 +305,5 @@ def _compact(output: Path, order: list[str]) -> None:
         if k not in best or rec.get("status") in FINAL or best[k].get("status") not in FINAL:
             best[k] = rec
     rank = {k: i for i, k in enumerate(order)}
-    write_records(output, sorted(best.values(), key=lambda r: rank.get(r.get("judgment_id"), len(rank))))
+    ordered = sorted(best.values(), key=lambda r: rank.get(r.get("judgment_id"), len(rank)))
+    write_records(output, ordered, force=True)

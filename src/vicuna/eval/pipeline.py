@@ -9,9 +9,10 @@ from typing import Any
 
 import yaml
 
+from ..errors import EvalUsageError
 from .answer import AnswerSettings, parse_temperatures, run_answers
 from .client import DEFAULT_API_KEY_ENV, Endpoint
-from .io import BUILTIN_QUESTIONS, EvalUsageError, load_questions, load_references
+from .io import BUILTIN_QUESTIONS, load_questions, load_references
 from .judge import REFERENCE_CATEGORIES, load_prompts, run_judge
 from .parse import MODES
 from .report import write_report

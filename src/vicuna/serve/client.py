@@ -14,15 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
-from .core import (
-    AuthError, ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded,
-    ServeError, Unavailable,
-)
+from ..errors import ModelNotFound, ServeError, Unavailable
+from .core import Delta, GenerateRequest
 
-__all__ = [
-    "ServeError", "InvalidRequest", "ContextLengthExceeded", "AuthError", "ModelNotFound", "Overloaded",
-    "Unavailable", "GenerateRequest", "Delta", "Embeddings", "ModelClient", "LocalClient", "ControllerClient",
-]
+__all__ = ["GenerateRequest", "Delta", "Embeddings", "ModelClient", "LocalClient", "ControllerClient"]
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from typing import Any, AsyncIterator, Callable
 
 from ..conversation import TemplateError, encode, render_prompt
 from ..generation import ContextLengthError, GenerationError, SamplingParams, Sequence, fit_max_new_tokens
-from .core import ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, Overloaded, ServeError
+from ..errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServeError
+from .core import Delta, GenerateRequest
 
 log = logging.getLogger(__name__)
 

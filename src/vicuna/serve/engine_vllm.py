@@ -17,8 +17,9 @@ import uuid
 from typing import Any, AsyncIterator
 
 from ..conversation import TemplateError, resolve_template, stop_token_ids
-from ..model import ModelLoadError, context_length_of
-from .core import Delta, GenerateRequest, InvalidRequest, Overloaded
+from ..errors import InvalidRequest, ModelLoadError, Overloaded
+from ..model import context_length_of
+from .core import Delta, GenerateRequest
 from .engine import EngineBase, EngineConfig, EngineStats
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException
 
 from . import protocol as P
 from .client import ModelClient
-from .core import Delta, GenerateRequest, InvalidRequest, ServeError
+from ..errors import InvalidRequest, ServeError
+from .core import Delta, GenerateRequest
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -4,16 +4,3 @@
 trainer; ``trainer`` is a plain loop over it; ``config`` holds the flags and
 YAML recipes; ``cli`` is the thin `vicuna train` shim.
 """
-
-from ..errors import UsageError, VicunaError
-
-
-class TrainError(VicunaError):
-    """Training failed (the message says why and what to do)."""
-
-
-class TrainInputError(UsageError):
-    """Bad training input: data file, recipe or flags (exit code 2)."""
-
-
-__all__ = ["TrainError", "TrainInputError"]

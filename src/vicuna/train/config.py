@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import TrainInputError
+from ..errors import TrainInputError
 
 
 def _f(default, help, **kw):

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import IGNORE_INDEX, JinjaTemplate, TemplateError, get_template, resolve_template, stop_token_ids
-from . import TrainError, TrainInputError
+from ..errors import TrainError, TrainInputError
+from ..files import write_figure, write_json, write_text
 from .config import TrainConfig, parse_rope_scaling
 from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
 
@@ -431,7 +432,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
         torch.save(osd, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rngs, tmp / "rng.pt")
-        _write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": d.world})
+        write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": d.world}, default=str)
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(out)
@@ -461,12 +462,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig, d
         log.warning("checkpoint was written by %s processes, now %d: RNG not restored, global batch differs",
                     state.get("world_size"), d.world)
     return state
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -512,7 +507,7 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
         gen.save_pretrained(tmp)
         meta = {"conv_template": template.name, "base_model": cfg.model_path, "lora": cfg.lora,
                 "stop_token_ids": stops, "data": stats.to_dict(), "train": summary, "config": asdict(cfg)}
-        _write_json(tmp / MODEL_META, meta)
+        write_json(tmp / MODEL_META, meta, default=str)
         # a stale chat_template.jinja (from an earlier run with --force) would override the embedded one
         (out / "chat_template.jinja").unlink(missing_ok=True)
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_META):
@@ -538,10 +533,8 @@ def plot_loss(out: Path) -> None:
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / (PLOT_FILE + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_figure(out / PLOT_FILE, fig, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out / PLOT_FILE)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -593,9 +586,7 @@ class _Reporter:
         if self.path.exists():  # drop rows past the resumed step: they will be redone
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
                     and json.loads(ln)["step"] <= start_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(k + "\n" for k in keep))
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 

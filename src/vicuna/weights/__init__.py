@@ -9,18 +9,6 @@ is fast; the work lives in the submodules.
 
 from __future__ import annotations
 
-from ..errors import VicunaError
-
-
-class WeightsError(VicunaError):
-    """The work failed (exit code 1)."""
-
-
-class CheckpointError(WeightsError):
-    """An input checkpoint is unusable: missing or truncated shard, shape mismatch, ... (exit code 2)."""
-
-    exit_code = 2
-
 
 def add_commands(sub) -> None:
     from .cli import add_commands as _add

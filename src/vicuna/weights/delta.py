@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from . import CheckpointError
+from ..errors import CheckpointError
+from ..files import progress
 from .checkpoint import (
     Checkpoint,
     ShardWriter,
     atomic_output_dir,
     copy_other_files,
     fingerprint,
-    progress,
     resolve_shard_size,
 )
 
@@ -117,7 +117,8 @@ def apply_delta(base_path, delta_path, target_path, *, low_mem: bool = False, ma
         with ShardWriter(tmp, _layout(delta, names), shard_bytes) as writer:
             report.resumed = writer.resumed_tensors
             todo = len(names) - report.resumed
-            for name, b, d in progress(_stream(base, delta, low_mem, writer.done), todo, "apply-delta"):
+            tensors = _stream(base, delta, low_mem, writer.done)
+            for name, b, d in progress(tensors, total=todo, desc="apply-delta", unit="tensor"):
                 writer.add(name, _combine(d, b, +1))
                 report.tensors += 1
                 report.values += d.numel()
@@ -140,7 +141,8 @@ def make_delta(base_path, target_path, delta_path, *, low_mem: bool = False, max
         with ShardWriter(tmp, _layout(target, names), shard_bytes) as writer:
             report.resumed = writer.resumed_tensors
             todo = len(names) - report.resumed
-            for name, b, t in progress(_stream(base, target, low_mem, writer.done), todo, "make-delta"):
+            tensors = _stream(base, target, low_mem, writer.done)
+            for name, b, t in progress(tensors, total=todo, desc="make-delta", unit="tensor"):
                 d = _combine(t.clone(), b, -1)
                 if d.is_floating_point():
                     _count_round_trip(report, t, d, b)

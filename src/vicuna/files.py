@@ -1,38 +1,280 @@
-"""Streaming JSON / JSONL records and atomic writes, shared by every area.
+"""Files: atomic writes, streaming JSON / JSONL records, progress bars — one implementation for every area.
 
-The format is chosen by extension: ``.jsonl`` / ``.ndjson`` hold one JSON value
-per line, ``.json`` holds one JSON array.  Both are read incrementally, so a
-1 GB ShareGPT dump is never held in memory (``json.load`` would hold the text
-*and* the objects).
+Writing: everything goes to a temporary file in the target's folder, which is
+flushed, fsynced and renamed over the target (then the folder is fsynced), so a
+reader sees the old file or the new one, never half of one, even after a crash or a
+power cut.  On any failure — an exception, a full disk, Ctrl-C, SIGTERM (see
+:func:`raise_on_sigterm`) — the temporary file is removed, and a full disk or a
+read-only place is reported as an :class:`~vicuna.errors.OutputError` naming the file.
 
-Bad input never stops a reader: :func:`read_records` yields a
+Reading: the format comes from the extension: ``.jsonl`` / ``.ndjson`` hold one JSON
+value per line, ``.json`` one JSON array.  Both are read incrementally, so a 1 GB
+ShareGPT dump is never held in memory (``json.load`` would hold the text *and* the
+objects).  Bad records never stop a reader: :func:`read_records` yields a
 :class:`RecordError` (record number, line, reason) in place of the record and
-carries on, so commands can count, report and skip it (or stop, with
-``--strict``).  Outputs are written to a temporary file next to the target and
-renamed into place, so a crash never leaves a half-written file behind and an
-existing output is only replaced with ``force=True``.
+carries on, so commands can count, report and skip it (or stop, with ``--strict``).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
-from . import DataError
+from .errors import DataError, OutputError
 
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 CHUNK = 1 << 20  # bytes read at a time from a JSON array
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, permissions: int | None = None,
+                replace: bool = True) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; it becomes ``path`` only when the block ends without an error.
+
+    ``mode`` is "w" (UTF-8 text) or "wb".  ``permissions`` default to what a plain
+    ``open`` would give (0666 less the umask); secrets pass 0o600.  With
+    ``replace=False`` an existing ``path`` is never replaced (``FileExistsError``):
+    the file is linked into place, so of two processes racing, one wins whole.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(e, path) from None
+    f = None
+    try:
+        f = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8", buffering=1 << 20)
+        try:
+            yield f
+        except OSError as e:  # the caller's writes: only a full disk is ours to explain
+            raise (_output_error(e, path) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e) from None
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.chmod(tmp, _default_permissions() if permissions is None else permissions)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # FileExistsError when another process was first
+                os.unlink(tmp)
+            tmp = None
+        except FileExistsError:
+            raise
+        except OSError as e:
+            raise _output_error(e, path) from None
+        _fsync_dir(path.parent)
+    finally:
+        if f is None:
+            os.close(fd)
+        elif not f.closed:
+            with contextlib.suppress(OSError):  # flushing what is about to be deleted may fail (disk full)
+                f.close()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str, **options) -> Path:
+    """Write a text file (UTF-8) atomically; ``options`` as for :func:`atomic_open`."""
+    with atomic_open(path, "w", **options) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, **options) -> Path:
+    """Write a binary file atomically; ``options`` as for :func:`atomic_open`."""
+    with atomic_open(path, "wb", **options) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, default=None) -> Path:
+    """Write one JSON document (indented, UTF-8) atomically; ``default`` as for ``json.dumps``."""
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=default) + "\n")
+
+
+def write_figure(path: str | os.PathLike, fig, **savefig) -> Path:
+    """Save a matplotlib figure atomically, in the format of the extension (.png, .svg, .pdf)."""
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", **savefig)
+    return path
+
+
+def write_records(path: str | os.PathLike, records: Iterable[Any], *, force: bool = False,
+                  inputs: Iterable = ()) -> int:
+    """Write ``records`` (streamed) to ``path`` atomically, as JSON lines or a JSON array by extension.
+
+    Returns how many were written; see :class:`RecordWriter` for ``force`` and ``inputs``.
+    """
+    with RecordWriter(path, force=force, inputs=inputs) as w:
+        for r in records:
+            w.write(r)
+    return w.count
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder ``new`` onto ``target``, replacing it whole: never a mix of both.
+
+    POSIX cannot swap two folders atomically, so the old one is renamed aside first
+    (``target`` is missing for an instant, never half-written), then removed.
+    """
+    new, target = Path(new), Path(target)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+    _fsync_dir(target.parent)
+
+
+def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Fail early (before any work) if ``path`` exists without ``force`` or is an input."""
+    out = Path(path)
+    for inp in inputs:
+        same = Path(inp).resolve() == out.resolve()
+        try:
+            same = same or (out.exists() and os.path.samefile(out, inp))
+        except OSError:
+            pass
+        if same:
+            raise DataError(f"{out} is also given as an input or another output; inputs are never modified, "
+                            "choose another path")
+    if out.is_dir():
+        raise DataError(f"{out} is a directory; give a file path")
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise DataError(f"{out.parent} does not exist; create the directory first")
+    return out
+
+
+class RecordWriter:
+    """Write records to ``path`` (JSON array or JSONL by extension) atomically, one at a time.
+
+    Use as a context manager (see :func:`atomic_open`).  An existing ``path`` is
+    replaced only with ``force``, and never when it is one of ``inputs``.  A JSON
+    array is written one record per line, so it stays greppable and diffable.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Iterable = ()):
+        self.path = check_output(path, force=force, inputs=inputs)
+        self.fmt = record_format(self.path)
+        self.count = 0
+        self._f: IO[bytes] | None = None
+        self._session = self._open()
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator["RecordWriter"]:
+        with atomic_open(self.path, "wb") as self._f:
+            if self.fmt == "json":
+                self._f.write(b"[")
+            yield self
+            if self.fmt == "json":
+                self._f.write(b"\n]\n" if self.count else b"]\n")
+
+    def __enter__(self) -> "RecordWriter":
+        return self._session.__enter__()
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._session.__exit__(*exc)
+
+    def write(self, record: Any) -> None:
+        """Serialise and write one record."""
+        try:
+            data = json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: keep them, as \\u escapes (still valid JSON)
+            data = json.dumps(record).encode("ascii")
+        self._write(data)
+
+    def write_json(self, text: str) -> None:
+        """Write one record already serialised as JSON text (e.g. by a worker process)."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            data = json.dumps(json.loads(text)).encode("ascii")
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        f = self._f
+        if self.fmt == "json":
+            f.write(b"\n" if self.count == 0 else b",\n")
+        f.write(data)
+        if self.fmt == "jsonl":
+            f.write(b"\n")
+        self.count += 1
+
+
+def _output_error(e: OSError, path: Path) -> OSError | OutputError:
+    """A clear error for what the user can act on (disk full, read-only, forbidden); others unchanged."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"disk full writing {path}: free some space (or write elsewhere) and run again")
+    if e.errno == errno.EROFS:
+        return OutputError(f"read-only file system: cannot write {path}; choose another output path", exit_code=2)
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return OutputError(f"permission denied: cannot write {path}; choose another output path", exit_code=2)
+    if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
+        return OutputError(f"cannot write {path}: the folder {path.parent} does not exist", exit_code=2)
+    return e
+
+
+def _default_permissions() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C, so every clean-up that runs on Ctrl-C (temporary files) runs on it too."""
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (by default it kills with no clean-up)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 @dataclass(frozen=True)
@@ -62,8 +304,6 @@ def record_format(path: str | os.PathLike) -> str:
     raise DataError(f"{path}: unknown extension {suffix!r}; use .json (one JSON array) or .jsonl (one record per line)")
 
 
-# ----------------------------------------------------------------------------- reading
-
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(record_number, value_or_RecordError)`` for every record of ``path``.
@@ -83,10 +323,6 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         else:
             yield from _read_json_array(f, str(path))
 
-
-def count_records(path: str | os.PathLike) -> int:
-    """Number of records (good or bad) in ``path``, streaming."""
-    return sum(1 for _ in read_records(path))
 
 
 def _read_jsonl(f) -> Iterator[tuple[int, Any]]:
@@ -457,138 +693,14 @@ def _read_json_array(f, name: str) -> Iterator[tuple[int, Any]]:
     yield from _ArrayReader(f, name)
 
 
-# ----------------------------------------------------------------------------- writing
-
-
-def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Fail early (before any work) if ``path`` exists without ``force`` or is an input."""
-    out = Path(path)
-    for inp in inputs:
-        same = Path(inp).resolve() == out.resolve()
-        try:
-            same = same or (out.exists() and os.path.samefile(out, inp))
-        except OSError:
-            pass
-        if same:
-            raise DataError(f"{out} is also given as an input or another output; inputs are never modified, "
-                            "choose another path")
-    if out.is_dir():
-        raise DataError(f"{out} is a directory; give a file path")
-    if out.exists() and not force:
-        raise DataError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise DataError(f"{out.parent} does not exist; create the directory first")
-    return out
-
-
-class RecordWriter:
-    """Write records to ``path`` (JSON array or JSONL by extension) atomically.
-
-    Use as a context manager; records go to a hidden temporary file in the same
-    directory, which replaces ``path`` only when the block ends without an
-    exception.  A JSON array is written one record per line, so it stays
-    greppable and diffable.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, force: bool = False, inputs: Iterable = ()):
-        self.path = check_output(path, force=force, inputs=inputs)
-        self.fmt = record_format(self.path)
-        self.count = 0
-        self._f = None
-        self._tmp: str | None = None
-
-    def __enter__(self) -> "RecordWriter":
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
-        if self.fmt == "json":
-            self._f.write(b"[")
-        return self
-
-    def write(self, record: Any) -> None:
-        """Serialise and write one record."""
-        try:
-            data = json.dumps(record, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: keep them, as \\u escapes (still valid JSON)
-            data = json.dumps(record).encode("ascii")
-        self._write(data)
-
-    def write_json(self, text: str) -> None:
-        """Write one record already serialised as JSON text (e.g. by a worker process)."""
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            data = json.dumps(json.loads(text)).encode("ascii")
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        f = self._f
-        if self.fmt == "json":
-            f.write(b"\n" if self.count == 0 else b",\n")
-        f.write(data)
-        if self.fmt == "jsonl":
-            f.write(b"\n")
-        self.count += 1
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        f, tmp = self._f, self._tmp
-        try:
-            if exc_type is None:
-                if self.fmt == "json":
-                    f.write(b"\n]\n" if self.count else b"]\n")
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-                os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, self.path)
-                tmp = None
-        finally:
-            if not f.closed:
-                f.close()
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_records(path: str | os.PathLike, records: Iterable[Any], *, force: bool = False,
-                         inputs: Iterable = ()) -> int:
-    """Write ``records`` (streamed) to ``path`` atomically; returns how many were written."""
-    with RecordWriter(path, force=force, inputs=inputs) as w:
-        for r in records:
-            w.write(r)
-    return w.count
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, *, force: bool = False) -> Path:
-    """Write a small text file (a report, a summary) atomically."""
-    out = check_output(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, force: bool = False) -> Path:
-    """Write one JSON document (indented) atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", force=force)
-
-
 # ----------------------------------------------------------------------------- progress
 
 
-def progress(iterable, *, desc: str, total: int | None = None, unit: str = "rec"):
-    """A tqdm progress bar on stderr, silent when stderr is not a terminal."""
+def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "rec"):
+    """A tqdm progress bar on stderr, silent when stderr is not a terminal.
+
+    With no ``iterable``, call ``update()`` on the bar yourself.
+    """
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(),
