@@ -13,7 +13,9 @@ import pytest
 from conftest import cli_env, run_cli
 
 from vicuna.errors import OutputError
-from vicuna.files import RecordWriter, atomic_open, write_bytes, write_json, write_records, write_text
+from vicuna.files import (
+    RecordWriter, Terminated, atomic_open, raise_on_sigterm, write_bytes, write_json, write_records, write_text,
+)
 
 RECORD = {"id": "a", "conversations": [{"from": "human", "value": "hi " * 40}, {"from": "gpt", "value": "ho " * 40}]}
 
@@ -133,3 +135,16 @@ def test_a_signal_mid_write_removes_the_temporary_file(tmp_path, command, sig, c
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert leftovers(out.parent) == [] and "Traceback" not in err
+
+
+def test_only_the_first_sigterm_is_caught():
+    """The first SIGTERM raises (clean-up runs); should that hang, a second one kills as usual."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        raise_on_sigterm()
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs before this returns
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -13,6 +13,11 @@ ShareGPT dump is never held in memory (``json.load`` would hold the text *and* t
 objects).  Bad records never stop a reader: :func:`read_records` yields a
 :class:`RecordError` (record number, line, reason) in place of the record and
 carries on, so commands can count, report and skip it (or stop, with ``--strict``).
+
+Why our own: the atomic write is a few lines of the standard library, and the packages
+for it either stopped being maintained or skip the folder fsync; streaming JSON parsers
+(ijson, json-stream) stop at the first syntax error, where a scraped dump needs the bad
+record skipped and the rest read, at the C decoder's speed.
 """
 
 from __future__ import annotations
@@ -240,10 +245,17 @@ def _output_error(e: OSError, path: Path) -> OSError | OutputError:
     return e
 
 
-def _default_permissions() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it: done once, at import
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _default_permissions() -> int:
+    return 0o666 & ~_UMASK
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -265,12 +277,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread (by default it kills with no clean-up)."""
+    """Make SIGTERM raise :class:`Terminated` in the main thread (by default it kills with no clean-up).
+
+    Only the first one: a second SIGTERM kills at once, should the clean-up itself hang.
+    """
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 
