@@ -395,7 +395,8 @@ class _ArrayReader:
         self.buf, self.pos, self.eof = "", 0, False
         self.line_base = 1  # line number of buf[0]
         self.raw_decode = json.JSONDecoder().raw_decode
-        self.first_keys: list[str] = []  # how records begin (`{"id":`), learnt from the file
+        self.first_keys: list[str] = []  # how records begin (`{"id":`), learnt from the file's good records
+        self.guessed_keys: list[str] = []  # ... and from bad ones, while no good one is known (may be damaged)
         self.starts: re.Pattern | None = None  # `,` before such a beginning
         self.new_key: str | None = None  # first key of the element just parsed (learnt once it proves top-level)
         self.element_key: str | None = None  # the first key-like text of that element, while no key is known
@@ -532,11 +533,12 @@ class _ArrayReader:
                 self.new_key = m and m.group(1)
             return obj
 
-    def learn(self, key: str | None) -> None:
+    def learn(self, key: str | None, guessed: bool = False) -> None:
         """Remember that records of this file begin with ``{"KEY":``, to find them after a bad record."""
-        if key and key not in self.first_keys:
-            self.first_keys.append(key)
-            keys = "|".join(map(re.escape, self.first_keys))
+        known = self.guessed_keys if guessed else self.first_keys
+        if key and key not in known:
+            known.append(key)
+            keys = "|".join(map(re.escape, self.first_keys + self.guessed_keys))
             self.starts = re.compile(r',[ \t\n\r]*(?=\{[ \t\n\r]*"(?:' + keys + r')"[ \t\n\r]*:)')
 
     # -------------------------------------------------------------- recovery
@@ -557,7 +559,7 @@ class _ArrayReader:
         self.pin()
         self.new_key = None
         if not self.first_keys:
-            self.learn(self.element_key)  # the bad record's own first key, if it still has one
+            self.learn(self.element_key, guessed=True)  # the bad record's own first key, if it still has one
         end = self.lenient_end(0)
         hi = end if end is not None else len(self.buf)
         hit = self.find_start(self.starts, 1, hi)
@@ -626,7 +628,7 @@ class _ArrayReader:
         if value is None or not isinstance(value[0], dict):
             return False
         m = _FIRST_KEY.match(self.buf, i)
-        known = bool(m and m.group(1) in self.first_keys)
+        known = bool(m and m.group(1) in self.first_keys + self.guessed_keys)
         first, end, skipped = i, value[1], False
         while end - first < CHAIN:
             c, j = self.peek(end)
