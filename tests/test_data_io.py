@@ -7,7 +7,7 @@ import os
 
 import pytest
 from conftest import run_cli
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vicuna import files as dio
@@ -233,7 +233,21 @@ def damage(text: bytes, op: str, at: int, byte: bytes) -> tuple[bytes, bool]:
     return new, spared
 
 
+def _convs(*values):
+    return {"id": "", "conversations": [{"from": "human", "value": v} for v in values]}
+
+
 @settings(max_examples=300, deadline=None)
+# cases hypothesis found while the recovery was written (each broke a version of it)
+@example(data=[_convs("", "", "\x01😀")], bad={0: ("replace", 278, b",")}, style="compact", ascii=True,
+         structural=False)  # an inner turn taken for a record
+@example(data=[{"id": "00\x1f𐀀", "conversations": []}, _convs(), _convs()],
+         bad={0: ("replace", 5199, b'"'), 2: ("replace", 0, b'"')}, style="indent", ascii=False,
+         structural=True)  # a damaged first key learnt as the file's
+@example(data=[_convs(), _convs(), _convs('"')], bad={0: ("replace", 0, b'"'), 2: ("replace", 0, b'"')},
+         style="compact", ascii=False, structural=True)  # strings turned inside out by a quote
+@example(data=[{"id": "", "conversations": [], "meta": {"nested": [{"a": 1}, {"b": [2]}]}}],
+         bad={0: ("replace", 316, b":")}, style="indent", ascii=False, structural=False)  # a ':' after ']'
 @given(data=st.lists(RECORD, min_size=1, max_size=8), bad=st.dictionaries(st.integers(0, 7), DAMAGE, min_size=1),
        style=st.sampled_from(["compact", "indent", "lines"]), ascii=st.booleans(), structural=st.booleans())
 def test_json_array_damage_spoils_only_its_records(tmp_path_factory, data, bad, style, ascii, structural):

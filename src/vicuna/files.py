@@ -563,8 +563,8 @@ class _ArrayReader:
         end = self.lenient_end(0)
         hi = end if end is not None else len(self.buf)
         hit = self.find_start(self.starts, 1, hi)
-        if hit is None:
-            hit = self.find_start(_ANY_START, 1, hi)
+        if hit is None:  # any object, if it proves to be top-level: the scan is exact unless quotes were hit
+            hit = self.find_start(_ANY_START, 1, hi, proven=True)
         if hit is not None:
             self.pos = hit
         elif end is not None and (self.buf[end] == "]" or self.plausible_element(end + 1)):
@@ -603,18 +603,18 @@ class _ArrayReader:
             elif ch == "," or (ch == "]" and (not stray or not self.peek(j + 1)[0])):
                 return j
 
-    def find_start(self, starts: re.Pattern | None, lo: int, hi: int) -> int | None:
+    def find_start(self, starts: re.Pattern | None, lo: int, hi: int, proven: bool = False) -> int | None:
         """The first ',' in ``buf[lo:hi]`` that ``starts`` matches and a plausible top-level record follows."""
         while starts is not None:
             m = starts.search(self.buf, lo, min(len(self.buf), hi + 256))
             if m is None or m.start() >= hi:
                 return None
-            if self.is_record_start(m.end()):
+            if self.is_record_start(m.end(), proven):
                 return m.start()
             lo = m.start() + 1
         return None
 
-    def is_record_start(self, i: int) -> bool:
+    def is_record_start(self, i: int, proven: bool = False) -> bool:
         """Does an element of the top-level array begin at ``buf[i]``?
 
         It must be an object followed by ',' or ']'.  An object inside the bad record
@@ -622,7 +622,9 @@ class _ArrayReader:
         end of the file), or a ':' shows that it sits in an object.  So we read on,
         element by element, up to ``CHAIN`` characters.  That evidence may also come
         from damage to the next record, so an object that begins as this file's records
-        do (`{"id":`) is trusted anyway.
+        do (`{"id":`) is trusted anyway, and so is any object while no good record is known
+        yet — unless the start must be ``proven``: no evidence against it up to the end of
+        the file, or ``CHAIN`` characters without reading over damage.
         """
         value = self.decode_at(i)
         if value is None or not isinstance(value[0], dict):
@@ -635,7 +637,7 @@ class _ArrayReader:
             if c == "]" and not self.peek(j + 1)[0]:
                 return True  # the end of the file: the top-level array closed
             if c in "]:":
-                return known or (skipped and not self.first_keys)
+                return known or (skipped and not self.first_keys and not proven)
             if c == ",":
                 i = self.peek(j + 1)[1]
                 value = self.decode_at(i)
@@ -646,8 +648,8 @@ class _ArrayReader:
                 i = j
             end, skipped = self.lenient_end(i, stray=False), True  # read over a bad element
             if end is None:
-                break
-        return known or not skipped or not self.first_keys
+                return True  # to the end of the file, and nothing showed it is inside a record
+        return known or not skipped or (not self.first_keys and not proven)
 
     def plausible_element(self, i: int) -> bool:
         """Can the next element be one of the top-level array? (A bad one can: it is reported on its own.)
