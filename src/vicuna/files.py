@@ -623,21 +623,24 @@ class _ArrayReader:
         element by element, up to ``CHAIN`` characters.  That evidence may also come
         from damage to the next record, so an object that begins as this file's records
         do (`{"id":`) is trusted anyway, and so is any object while no good record is known
-        yet — unless the start must be ``proven``: no evidence against it up to the end of
-        the file, or ``CHAIN`` characters without reading over damage.
+        yet; a start that must be ``proven`` (one inside the bad record's own scan) needs
+        no record shape known at all, or no evidence against it up to the end of the file,
+        or ``CHAIN`` characters without reading over damage.
         """
         value = self.decode_at(i)
         if value is None or not isinstance(value[0], dict):
             return False
         m = _FIRST_KEY.match(self.buf, i)
         known = bool(m and m.group(1) in self.first_keys + self.guessed_keys)
+        # with no record shape known, nothing tells an inner object from a record: trust it
+        shapeless = not (self.first_keys + self.guessed_keys if proven else self.first_keys)
         first, end, skipped = i, value[1], False
         while end - first < CHAIN:
             c, j = self.peek(end)
             if c == "]" and not self.peek(j + 1)[0]:
                 return True  # the end of the file: the top-level array closed
             if c in "]:":
-                return known or (skipped and not self.first_keys and not proven)
+                return known or (skipped and shapeless)
             if c == ",":
                 i = self.peek(j + 1)[1]
                 value = self.decode_at(i)
@@ -649,7 +652,7 @@ class _ArrayReader:
             end, skipped = self.lenient_end(i, stray=False), True  # read over a bad element
             if end is None:
                 return True  # to the end of the file, and nothing showed it is inside a record
-        return known or not skipped or (not self.first_keys and not proven)
+        return known or not skipped or shapeless
 
     def plausible_element(self, i: int) -> bool:
         """Can the next element be one of the top-level array? (A bad one can: it is reported on its own.)
