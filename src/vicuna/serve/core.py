@@ -9,6 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# Transitional: importable here until the branches written before errors.py have landed; import from vicuna.errors.
+from ..errors import (  # noqa: F401
+    AuthError, ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable,
+)
+
+
 @dataclass
 class GenerateRequest:
     """One completion to generate: chat ``messages`` or a raw ``prompt`` plus sampling settings.

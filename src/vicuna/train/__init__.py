@@ -4,3 +4,6 @@
 trainer; ``trainer`` is a plain loop over it; ``config`` holds the flags and
 YAML recipes; ``cli`` is the thin `vicuna train` shim.
 """
+
+# Transitional: importable here until the branches written before errors.py have landed; import from vicuna.errors.
+from ..errors import TrainError, TrainInputError  # noqa: F401
