@@ -249,6 +249,9 @@ def _convs(*values):
 @example(data=[_convs(), _convs(), {"id": '"', "conversations": []}],
          bad={0: ("replace", 1, b"\\"), 2: ("replace", 0, b'"')}, style="compact", ascii=False,
          structural=True)  # an intact record between two damaged ones
+@example(data=[{"id": "0\r", "conversations": [{"from": "gpt", "value": '""""'}], "meta": ""}],
+         bad={0: ("replace", 77, b",")}, style="compact", ascii=False,
+         structural=False)  # an error near the end of the buffer: recovery started inside the record
 @example(data=[{"id": "", "conversations": [], "meta": {"nested": [{"a": 1}, {"b": [2]}]}}],
          bad={0: ("replace", 316, b":")}, style="indent", ascii=False, structural=False)  # a ':' after ']'
 @given(data=st.lists(RECORD, min_size=1, max_size=8), bad=st.dictionaries(st.integers(0, 7), DAMAGE, min_size=1),

@@ -512,10 +512,10 @@ class _ArrayReader:
             try:
                 obj, end = self.raw_decode(self.buf, start)
             except json.JSONDecodeError as e:
+                err = RecordError(n, self.line_at(e.pos), f"malformed JSON: {e.msg}")
                 if _maybe_truncated(e, self.buf) and self.fill(len(self.buf) - self.pos):
                     continue  # the record runs past the buffer: read more (doubling) and retry
-                err = RecordError(n, self.line_at(e.pos), f"malformed JSON: {e.msg}")
-                self.skip_bad(start)
+                self.skip_bad(self.pos)  # (not `start`: fill() trimmed the buffer to the element's start)
                 return err
             except RecursionError:
                 err = RecordError(n, self.line_at(start), "malformed JSON: nested too deeply")
