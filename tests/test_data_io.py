@@ -253,6 +253,8 @@ def _convs(*values):
          bad={0: ("replace", 77, b",")}, style="compact", ascii=False,
          structural=False)  # an error near the end of the buffer: recovery started inside the record
 @example(data=[{"id": "", "conversations": [], "meta": {"nested": [{"a": 1}, {"b": [2]}]}}],
+         bad={0: ("replace", 38, b",")}, style="compact", ascii=False, structural=False)  # `"meta", {...}}`
+@example(data=[{"id": "", "conversations": [], "meta": {"nested": [{"a": 1}, {"b": [2]}]}}],
          bad={0: ("replace", 316, b":")}, style="indent", ascii=False, structural=False)  # a ':' after ']'
 @given(data=st.lists(RECORD, min_size=1, max_size=8), bad=st.dictionaries(st.integers(0, 7), DAMAGE, min_size=1),
        style=st.sampled_from(["compact", "indent", "lines"]), ascii=st.booleans(), structural=st.booleans())

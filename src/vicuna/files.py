@@ -619,7 +619,7 @@ class _ArrayReader:
 
         It must be an object followed by ',' or ']'.  An object inside the bad record
         shows itself soon after: its list closes into its parent (a ']' that is not the
-        end of the file), or a ':' shows that it sits in an object.  So we read on,
+        end of the file), or a ':' or '}' shows that it sits in an object.  So we read on,
         element by element, up to ``CHAIN`` characters.  That evidence may also come
         from damage to the next record, so an object that begins as this file's records
         do (`{"id":`) is trusted anyway, and so is any object while no good record is known
@@ -639,7 +639,7 @@ class _ArrayReader:
             c, j = self.peek(end)
             if c == "]" and not self.peek(j + 1)[0]:
                 return True  # the end of the file: the top-level array closed
-            if c in "]:":
+            if c in "]:}":  # a list closing into its parent, a key, an object's end: inside a record
                 return known or (skipped and shapeless)
             if c == ",":
                 i = self.peek(j + 1)[1]
