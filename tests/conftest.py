@@ -16,7 +16,9 @@ settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; a worktree under /work/wt/NAME finds it one level higher.
+SHARED_DATA = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if p.is_dir()),
+                   ROOT.parent / "shared" / "data")
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -86,6 +88,25 @@ def sp_model_dir(tmp_path_factory, sp_tokenizer):
 
     path = tmp_path_factory.mktemp("tiny-llama-sp")
     return save_model(make_tiny_llama(sp_tokenizer, seed=1), sp_tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The default real model (SmolLM2-135M-Instruct, float32 HF folder), imported once per machine.
+
+    `make install` imports it; when run outside make the first use imports it (about a minute).
+    """
+    from vicuna.weights.gguf import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_dir):
+    """The real model loaded once per test session (tests must not change its weights)."""
+    from vicuna.model import load_model
+
+    return load_model(real_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
