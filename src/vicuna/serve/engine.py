@@ -1,4 +1,4 @@
-"""The inference engine: iteration-level (continuous) batching over a Hugging Face model.
+"""The inference engine: iteration-level (continuous) batching over a Hugging Face model, KV paged by a budget.
 
 Requests join the running batch between decode steps and leave as soon as they
 finish; each keeps its own sampling settings, seed, stops and token budget
@@ -7,20 +7,28 @@ generation uses). The model runs in one background thread; the asyncio side
 hands requests in through a thread-safe inbox and gets deltas back through
 ``loop.call_soon_threadsafe``. The engine knows nothing of HTTP.
 
+Memory is a budget, not a shape: the KV cache (:mod:`vicuna.serve.kv`) is a
+pool of fixed-size blocks; a request is admitted when the blocks for its
+prompt are free and takes one more block each time it crosses a block
+boundary. When a decode step needs a block and none is free, the most
+recently admitted request is preempted: its blocks are freed and it goes back
+to the front of the queue; when readmitted, its prompt and everything it has
+generated are prefilled again (recompute, as vLLM does) and its stream goes on
+where it stopped. ``max_batch_size`` only caps how many rows decode together.
+
+Each iteration: free what finished or was cancelled, run a bounded chunk of
+embedding work, reserve the next slot of every running row (preempting if
+needed), admit waiting requests and prefill them together in one left-padded
+forward, then decode every running row in one forward. Each row gets its true
+``position_ids`` and a mask over its own tokens only, so a request's output
+does not depend on who else is in the batch. A row whose scores are not finite,
+or whose sampling fails, fails alone; the others go on.
+
 Why our own scheduler and not ``transformers``' ``init_continuous_batching``:
 on CPU the latter packs every request into one sequence with a dense
 block-diagonal mask, which measured at about half of static batching here and
-applies one set of sampling settings to the whole batch. This scheduler keeps
-a preallocated KV cache of ``max_batch_size`` rows in which every row ends at
-the same column ``T`` (rows are right-aligned; the left is masked padding).
-A decode step writes one column for all rows in place — no ``torch.cat`` of
-the cache — and each row gets its true ``position_ids``, so a request's
-outputs do not depend on who else is in the batch. New requests are
-prefilled alone (exactly like single-request generation) and their KV copied
-into a free row; finished rows are replaced by the last row (one row copy).
-When ``T`` hits the buffer end, or enough shared padding piles up, the cache
-is shifted left by the padding every row has. On CUDA at scale, use the vLLM
-backend (:mod:`vicuna.serve.engine_vllm`): paged KV and fused kernels.
+applies one set of sampling settings to the whole batch. On CUDA at scale, use
+the vLLM backend (:mod:`vicuna.serve.engine_vllm`): paged-attention kernels.
 """
 
 from __future__ import annotations
@@ -32,29 +40,49 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from ..conversation import TemplateError, encode, render_prompt
 from ..generation import ContextLengthError, GenerationError, SamplingParams, Sequence, fit_max_new_tokens
 from .core import ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, Overloaded, ServeError
+from .kv import BlockAllocator, KVPlan, KVShape, PagedKVCache, default_budget, format_size, parse_size
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EngineConfig:
-    """Scheduler limits. ``max_batch_size=1`` gives the reference worker's one-at-a-time behaviour."""
+    """Scheduler and memory limits (the engine's command-line flags are generated from these fields)."""
 
-    max_batch_size: int = 32  # sequences decoded together (rows of the KV buffer)
-    max_queue: int = 256  # requests waiting for a row; beyond this: 429 with Retry-After
-    max_model_len: int | None = None  # prompt + completion; default: the model's context length
-    default_max_tokens: int = 512  # when a request gives no max_tokens
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled per iteration (bounds decode stalls)
+    max_batch_size: int = field(default=32, metadata={
+        "help": "most sequences decoded together (1 = one request at a time); memory is set by --kv-cache-memory"})
+    max_queue: int = field(default=256, metadata={
+        "help": "requests that may wait for the batch; more are refused with 429 + Retry-After"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "prompt + completion token limit (default: the model's context length, at most what the KV "
+                "cache holds)"})
+    default_max_tokens: int = field(default=512, metadata={"help": "completion budget when a request sets none"})
+    max_prefill_tokens: int = field(default=2048, metadata={
+        "help": "prompt tokens (padding included) prefilled together in one forward; bounds how long "
+                "decoding pauses for newcomers (one longer prompt still runs alone)"})
+    kv_cache_memory: str | None = field(default=None, metadata={
+        "help": "KV cache budget, e.g. 4GiB or 512MiB (K/M/G are powers of 1024); default: on CUDA up to 90 "
+                "percent of the GPU less what is already in use, on CPU min(a quarter of available RAM, 4 GiB)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    max_embedding_inputs: int = field(default=256, metadata={
+        "help": "most inputs one /v1/embeddings request may carry (more: 400)"})
+    max_embedding_tokens: int = field(default=65536, metadata={
+        "help": "most tokens one /v1/embeddings request may carry, all inputs together (more: 400)"})
+    embedding_chunk_tokens: int = field(default=512, metadata={
+        "help": "embedding tokens computed between two decode steps (bounds the pause embeddings cause)"})
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_prefill_tokens"):
+        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_prefill_tokens", "block_size",
+                     "max_embedding_inputs", "max_embedding_tokens", "embedding_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ServeError(f"engine setting {name} must be >= 1, got {getattr(self, name)}", status=500)
+        if self.kv_cache_memory is not None:
+            parse_size(self.kv_cache_memory)  # fail at startup on an unreadable size
 
 
 @dataclass
@@ -64,12 +92,15 @@ class EngineStats:
     requests_finished: int = 0
     requests_aborted: int = 0
     generated_tokens: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens prefilled (a preempted request's are counted again when recomputed)
     tokens_per_second: float = 0.0  # over the last few seconds
     ttft_count: int = 0  # time to first token, summed, for a mean
     ttft_sum: float = 0.0
     decode_steps: int = 0
-    cache_shifts: int = 0  # right shifts for long joiners + left compactions
+    prefill_forwards: int = 0
+    preemptions: int = 0
+    kv_blocks: int = 0  # usable blocks of the KV cache
+    kv_blocks_free: int = 0
 
 
 @dataclass
@@ -81,10 +112,22 @@ class _Request:
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
-    length: int = 0  # tokens in the KV cache for this row
+    blocks: list[int] = field(default_factory=list)  # the block table: block i holds tokens [i*bs, (i+1)*bs)
+    length: int = 0  # tokens of this request in the KV cache
     last_token: int = -1  # sampled, not yet in the cache
     logprobs_sent: int = 0
     first_token_at: float | None = None
+
+    def context(self) -> list[int]:
+        """What a prefill runs: the prompt and, after a preemption, everything generated so far."""
+        return self.prompt_ids + self.seq.output_ids
+
+
+@dataclass
+class _EmbedJob:
+    inputs: list[list[int]]
+    future: concurrent.futures.Future
+    vectors: list[list[float]] = field(default_factory=list)
 
 
 def _deliver(items: list[tuple[_Request, Any]]) -> None:
@@ -92,51 +135,10 @@ def _deliver(items: list[tuple[_Request, Any]]) -> None:
         r.queue.put_nowait(item)
 
 
-class _SlotCache:
-    """KV cache of fixed rows; every forward writes columns [T, T+n) of rows [0, B).
-
-    Presents the ``transformers`` Cache interface the attention layers call
-    (``update(k, v, layer_idx)``); the mask is built by the engine as a 4-D
-    tensor, so the model's own mask logic is skipped.
-    """
-
-    def __init__(self, num_layers: int):
-        from transformers.cache_utils import Cache, DynamicLayer
-
-        cache = self
-
-        class SlotLayer(DynamicLayer):
-            def __init__(self, idx: int):
-                super().__init__()
-                self.idx = idx
-
-            def update(self, key_states, value_states, *args, **kwargs):
-                k, v = cache.k[self.idx], cache.v[self.idx]
-                b, t, n = cache.batch, cache.length, key_states.shape[-2]
-                k[:b, :, t:t + n] = key_states
-                v[:b, :, t:t + n] = value_states
-                return k[:b, :, :t + n], v[:b, :, :t + n]
-
-            def get_seq_length(self) -> int:
-                return cache.length
-
-        self.inner = Cache(layers=[SlotLayer(i) for i in range(num_layers)])
-        self.k: list = []
-        self.v: list = []
-        self.batch = 0
-        self.length = 0
-
-    def allocate(self, like_layers, rows: int, cols: int) -> None:
-        import torch
-
-        for layer in like_layers:
-            _, heads, _, dim = layer.keys.shape
-            self.k.append(torch.zeros(rows, heads, cols, dim, dtype=layer.keys.dtype, device=layer.keys.device))
-            self.v.append(torch.zeros(rows, heads, cols, dim, dtype=layer.values.dtype, device=layer.values.device))
-
-    @property
-    def allocated(self) -> bool:
-        return bool(self.k)
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Rows the batched argmax serves without calling the sampler."""
+    return p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not (
+        p.presence_penalty or p.frequency_penalty)
 
 
 class EngineBase:
@@ -196,7 +198,7 @@ class EngineBase:
 
 
 class HFEngine(EngineBase):
-    """Continuous-batching engine over a :class:`vicuna.model.LoadedModel`."""
+    """Continuous-batching engine over a :class:`vicuna.model.LoadedModel`, its KV cache paged by a budget."""
 
     backend = "hf"
 
@@ -208,32 +210,53 @@ class HFEngine(EngineBase):
         self.template = loaded.template
         self.stop_token_ids = list(loaded.stop_token_ids)
         self.config = config or EngineConfig()
+        param = next(self.model.parameters())
+        self._device, self._dtype = param.device, param.dtype
+        self.kv_plan, how = self._plan_kv()
         self.max_model_len = min(self.config.max_model_len or loaded.context_length, loaded.context_length)
-        self._inbox: collections.deque[_Request] = collections.deque()
-        self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        if self.kv_plan.tokens < self.max_model_len:
+            log.warning("%s: the KV cache (%s) holds %d tokens, less than the %d-token context: requests are "
+                        "limited to %d tokens; raise --kv-cache-memory for longer ones", self.name,
+                        format_size(self.kv_plan.bytes), self.kv_plan.tokens, self.max_model_len, self.kv_plan.tokens)
+            self.max_model_len = self.kv_plan.tokens
+        log.info("%s: KV cache %s (%s): %d blocks of %d tokens, %d tokens in all", self.name,
+                 format_size(self.kv_plan.bytes), how, self.kv_plan.num_blocks, self.kv_plan.block_size,
+                 self.kv_plan.tokens)
+        self._kv = PagedKVCache(self.kv_plan, self._dtype, self._device)
+        self._blocks = BlockAllocator(self.kv_plan.num_blocks)
+        self._inbox: collections.deque[_Request] = collections.deque()  # waiting; preempted ones go first
+        self._running: list[_Request] = []  # in admission order: the last is preempted first
+        self._embeds: collections.deque[_EmbedJob] = collections.deque()
         self._cv = threading.Condition()
-        self._rows: list[_Request] = []
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Any]]] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._cache: _SlotCache | None = None
-        self._mask = None
         self._stats = EngineStats()
         self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (step time, tokens)
         self._step_time = 0.0
         self._lock = threading.Lock()
         attn = getattr(self.model.config, "_attn_implementation", "sdpa")
         if attn not in ("sdpa", "eager"):
-            # The scheduler passes its own 4-D padding mask, which flash/flex kernels do not take.
+            # The scheduler passes its own 4-D mask, which flash/flex kernels do not take.
             log.warning("attention %r does not take a 4-D padding mask; the HF engine switches to sdpa "
                         "(use --backend vllm for flash attention)", attn)
             self.model.set_attn_implementation("sdpa")
             attn = "sdpa"
         self._float_mask = attn == "eager"  # eager adds the mask; sdpa takes a boolean one
 
+    def _plan_kv(self) -> tuple[KVPlan, str]:
+        shape = KVShape.of(self.model.config, self._dtype)
+        if self.config.kv_cache_memory is not None:
+            budget, how = parse_size(self.config.kv_cache_memory), "--kv-cache-memory"
+        else:
+            budget, how = default_budget(self._device)
+            how = f"default: {how}"
+        return KVPlan.for_budget(shape, budget, self.config.block_size), how
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "HFEngine":
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
             self._thread.start()
         return self
@@ -250,10 +273,20 @@ class HFEngine(EngineBase):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         """Stream deltas for one request. Closing the iterator aborts it in the engine."""
         prompt_ids, params = self.prepare(request)
+        stream = self.stream(prompt_ids, params)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream deltas for already validated prompt ids and settings (what ``generate`` runs)."""
         if self._thread is None:
             raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
         queue: asyncio.Queue = asyncio.Queue()
-        req = _Request(prompt_ids, Sequence(self.tokenizer, prompt_ids, params), asyncio.get_running_loop(), queue)
+        req = _Request(list(prompt_ids), Sequence(self.tokenizer, prompt_ids, params), asyncio.get_running_loop(),
+                       queue)
         with self._cv:
             if len(self._inbox) >= self.config.max_queue:
                 raise Overloaded(
@@ -287,7 +320,12 @@ class HFEngine(EngineBase):
         return round(min(30.0, max(1.0, len(self._inbox) * self.config.default_max_tokens / rate / 4)), 1)
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Mean-pooled last hidden state, L2-normalised; run between decode steps."""
+        """Mean-pooled last hidden state, L2-normalised; computed in bounded chunks between decode steps."""
+        cfg = self.config
+        if len(texts) > cfg.max_embedding_inputs:
+            raise InvalidRequest(f"input has {len(texts)} items; this server embeds at most "
+                                 f"{cfg.max_embedding_inputs} per request: split it into several requests",
+                                 param="input")
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t:
                 raise InvalidRequest(f"input[{i}] must be a non-empty string", param="input")
@@ -297,48 +335,34 @@ class HFEngine(EngineBase):
                 raise ContextLengthExceeded(
                     f"input[{i}] has {len(x)} tokens; this model's maximum context length is "
                     f"{self.max_model_len} tokens", param="input")
-        return await asyncio.wrap_future(self._call(lambda: self._embed(ids))), sum(map(len, ids))
-
-    def _embed(self, batch: list[list[int]]) -> list[list[float]]:
-        import torch
-
-        out = []
-        device = next(self.model.parameters()).device
-        for ids in batch:
-            hidden = self.model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True,
-                                use_cache=False, logits_to_keep=1).hidden_states[-1][0]
-            vec = torch.nn.functional.normalize(hidden.float().mean(dim=0), dim=-1)
-            out.append(vec.cpu().tolist())
-        return out
-
-    def _call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self._thread is None:
-            fut.set_exception(ServeError("the engine is not running", status=503, code="model_unavailable"))
-            return fut
+        total = sum(map(len, ids))
+        if total > cfg.max_embedding_tokens:
+            raise InvalidRequest(f"input has {total} tokens in all; this server embeds at most "
+                                 f"{cfg.max_embedding_tokens} tokens per request: split it into several requests",
+                                 param="input")
+        job = _EmbedJob(ids, concurrent.futures.Future())
         with self._cv:
-            self._calls.append((fn, fut))
+            if self._thread is None:
+                raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
+            self._embeds.append(job)
             self._cv.notify()
-        return fut
+        return await asyncio.wrap_future(job.future), total
 
     # ------------------------------------------------------------------ state
     def stats(self) -> EngineStats:
         with self._lock:
             s = EngineStats(**vars(self._stats))
-        s.waiting, s.running = len(self._inbox), len(self._rows)
-        now = time.perf_counter()
-        with self._lock:
-            window = [(t, n) for t, n in self._rate if now - t <= 10.0]
+            window = [(t, n) for t, n in self._rate if time.perf_counter() - t <= 10.0]
+        s.waiting, s.running = len(self._inbox), len(self._running)
+        s.kv_blocks, s.kv_blocks_free = self._blocks.num_blocks, self._blocks.num_free
         if window:
-            span = max(now - window[0][0], 1e-3)
+            span = max(time.perf_counter() - window[0][0], 1e-3)
             s.tokens_per_second = sum(n for _, n in window) / span
-        else:
-            s.tokens_per_second = 0.0
         return s
 
     @property
     def queue_length(self) -> int:
-        return len(self._inbox) + len(self._rows)
+        return len(self._inbox) + len(self._running)
 
     def info(self) -> dict[str, Any]:
         t = self.template
@@ -346,7 +370,8 @@ class HFEngine(EngineBase):
             "model": self.name, "backend": self.backend, "context_length": self.max_model_len,
             "conv_template": getattr(t, "name", "jinja"), "device": self.loaded.device,
             "num_parameters": self.loaded.num_parameters, "max_batch_size": self.config.max_batch_size,
-            "max_queue": self.config.max_queue,
+            "max_queue": self.config.max_queue, "kv_cache_tokens": self.kv_plan.tokens,
+            "kv_cache_bytes": self.kv_plan.bytes, "kv_block_size": self.kv_plan.block_size,
         }
 
     # ------------------------------------------------------------------ the model thread
@@ -356,167 +381,227 @@ class HFEngine(EngineBase):
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._inbox or self._rows or self._calls):
+                    while not (self._stopping or self._inbox or self._running or self._embeds):
                         self._cv.wait(timeout=1.0)
                     if self._stopping:
                         break
                 try:
                     self._iteration()
-                except Exception as e:  # a real fault: fail every request in flight, keep serving
+                except Exception as e:  # a fault of the whole step: fail what was in it, keep serving
                     log.exception("engine step failed")
                     err = ServeError(f"internal engine error: {type(e).__name__}: {e}", status=500)
-                    for r in self._rows:
+                    for r in self._running:
                         self._fail(r, err)
-                    self._rows.clear()
-                    if self._cache is not None:
-                        self._cache.batch = self._cache.length = 0
-        for r in list(self._rows) + list(self._inbox):
-            self._fail(r, ServeError("the engine stopped", status=503, code="model_unavailable"))
-        self._rows.clear()
+                    self._running.clear()
+                    self._flush()
+        stopped = ServeError("the engine stopped", status=503, code="model_unavailable")
+        for r in self._running + list(self._inbox):
+            self._fail(r, stopped)
+        self._running.clear()
         self._inbox.clear()
-
-    def _fail(self, r: _Request, err: ServeError) -> None:
-        r.done = True
-        self._send(r, err)
         self._flush()
-
-    def _send(self, r: _Request, item: Any) -> None:
-        self._outbox.setdefault(r.loop, []).append((r, item))
-
-    def _flush(self) -> None:
-        """Hand this iteration's deltas to their event loops: one wake-up per loop, not one per row."""
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                for r, _ in items:
-                    r.cancelled = True
+        while self._embeds:
+            self._embeds.popleft().future.set_exception(stopped)
 
     def _iteration(self) -> None:
         self._step_time = time.perf_counter()  # tokens of one iteration share one rate entry
-        while self._calls:
-            fn, fut = self._calls.popleft()
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(e)
-        self._drop_cancelled()
-        budget = self.config.max_prefill_tokens
-        admitted = 0
-        while self._inbox and len(self._rows) < self.config.max_batch_size:
+        for r in self._running:
+            if r.cancelled and not r.done:
+                self._abort(r)
+        self._drop_finished()
+        self._embed_chunk()
+        preempted = self._reserve_decode_slots()
+        group = [] if preempted else self._admit()  # vLLM's rule: no newcomers in a step that preempted
+        if group:
+            self._prefill(group)
+        if self._running:
+            self._decode()
+        self._flush()
+
+    # ---- scheduling
+    def _reserve_decode_slots(self) -> bool:
+        """Give every running row a slot for its next token; preempt the latest admitted when blocks run out."""
+        preempted, i = False, 0
+        while i < len(self._running):
+            r = self._running[i]
+            if r.length < len(r.blocks) * self.kv_plan.block_size:
+                i += 1
+                continue
+            block = self._blocks.allocate(1)
+            if block is not None:
+                r.blocks += block
+                i += 1
+                continue
+            self._preempt(self._running.pop())  # may be r itself: then the loop ends
+            preempted = True
+        return preempted
+
+    def _preempt(self, r: _Request) -> None:
+        """Free ``r``'s blocks and queue it first; its context is recomputed when it is readmitted."""
+        self._release(r)
+        r.length = 0
+        with self._lock:
+            self._stats.preemptions += 1
+        with self._cv:
+            self._inbox.appendleft(r)
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests whose blocks are free, in arrival order, within the prefill token budget."""
+        group: list[_Request] = []
+        width = 0
+        while self._inbox and len(self._running) + len(group) < self.config.max_batch_size:
             r = self._inbox[0]
             if r.cancelled:
                 self._inbox.popleft()
                 self._abort(r)
                 continue
-            if admitted and len(r.prompt_ids) > budget:
+            n = len(r.prompt_ids) + len(r.seq.output_ids)
+            if group and max(width, n) * (len(group) + 1) > self.config.max_prefill_tokens:
+                break
+            blocks = self._blocks.allocate(self.kv_plan.blocks_for(n + 1))  # + the slot of its next token
+            if blocks is None:
                 break
             self._inbox.popleft()
-            budget -= len(r.prompt_ids)
-            admitted += 1
-            try:
-                self._prefill(r)
-            except Exception as e:  # e.g. out of memory on one long prompt: fail it, keep the batch
-                log.exception("prefill failed")
-                if r not in self._rows:
-                    self._fail(r, ServeError(f"internal engine error: {type(e).__name__}: {e}", status=500))
-                else:
-                    raise
-        if self._rows:
-            self._decode()
-        self._flush()
+            r.blocks = blocks
+            group.append(r)
+            width = max(width, n)
+        return group
 
-    def _prefill(self, r: _Request) -> None:
-        """Run the prompt alone (as single-request generation does) and move its KV into a row."""
-        import torch
-        from transformers import DynamicCache
-
-        device = next(self.model.parameters()).device
-        past = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=torch.tensor([r.prompt_ids], device=device), cache=past, use_cache=True,
-                         logits_to_keep=1)
-        with self._lock:
-            self._stats.prompt_tokens += len(r.prompt_ids)
-        token = r.seq.sample(out.logits[0, -1])
-        self._emit(r, token)
-        if r.done:
-            return
-        past = out.cache
-        if self._cache is None:
-            self._cache = _SlotCache(len(past.layers))
-        c = self._cache
-        if not c.allocated:
-            c.allocate(past.layers, self.config.max_batch_size, self.max_model_len)
-            self._mask = torch.zeros(self.config.max_batch_size, self.max_model_len, dtype=torch.bool,
-                                     device=c.k[0].device)
-        p, b, t = len(r.prompt_ids), c.batch, c.length
-        if p > t:  # the new row is longer than the batch: shift everyone right
-            self._shift(-(p - t))
-            t = c.length
-        for layer, (k, v) in enumerate(zip(c.k, c.v)):
-            k[b, :, t - p:t] = past.layers[layer].keys[0]
-            v[b, :, t - p:t] = past.layers[layer].values[0]
-        self._mask[b].zero_()
-        self._mask[b, t - p:t] = True
-        r.length = p
-        self._rows.append(r)
-        c.batch = b + 1
-
-    def _shift(self, s: int) -> None:
-        """Move every row's columns left by ``s`` (or right by ``-s``); rows stay right-aligned."""
-        c, b, t = self._cache, self._cache.batch, self._cache.length
-        if b == 0:
-            c.length = max(0, t - s)
-            return
-        new_t = t - s
-        with self._lock:
-            self._stats.cache_shifts += 1
-        for buf in (*c.k, *c.v):
-            if s > 0:
-                buf[:b, :, :new_t] = buf[:b, :, s:t].clone()
-            else:
-                buf[:b, :, -s:new_t] = buf[:b, :, :t].clone()
-        m = self._mask
-        if s > 0:
-            m[:b, :new_t] = m[:b, s:t].clone()
-        else:
-            m[:b, -s:new_t] = m[:b, :t].clone()
-            m[:b, :-s] = False
-        c.length = new_t
-
-    def _decode(self) -> None:
+    # ---- forwards
+    def _slots(self, blocks: list[int], end: int):
+        """Slot of each of the first ``end`` tokens of a sequence holding ``blocks``."""
         import torch
 
-        c, rows = self._cache, self._rows
-        b = len(rows)
-        c.batch = b
-        pad = c.length - max(r.length for r in rows)  # columns every row has as padding
-        if pad and (c.length >= self.max_model_len or pad >= max(64, c.length // 4)):
-            self._shift(pad)
-        t = c.length
-        device = c.k[0].device
-        ids = torch.tensor([[r.last_token] for r in rows], device=device)
-        pos = torch.tensor([[r.length] for r in rows], device=device)
-        self._mask[:b, t] = True
-        mask = self._mask[:b, :t + 1][:, None, None, :]
+        bs = self.kv_plan.block_size
+        j = torch.arange(end)
+        return torch.tensor(blocks)[j // bs] * bs + j % bs
+
+    def _forward(self, ids, positions, mask):
+        import torch
+
+        d = self._device
+        mask = mask.to(d)
         if self._float_mask:
-            mask = torch.zeros(mask.shape, dtype=c.k[0].dtype, device=device).masked_fill(
-                ~mask, torch.finfo(c.k[0].dtype).min)
-        logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=c.inner, use_cache=True,
-                            logits_to_keep=1).logits[:, -1]
-        c.length = t + 1
-        greedy = torch.argmax(logits, dim=-1).tolist()  # one batched argmax for plain greedy rows
+            mask = torch.zeros(mask.shape, dtype=self._dtype, device=d).masked_fill(~mask, torch.finfo(self._dtype).min)
+        out = self.model(input_ids=ids.to(d), position_ids=positions.to(d), attention_mask=mask, cache=self._kv,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _prefill(self, group: list[_Request]) -> None:
+        """Prefill ``group`` in one forward: left-padded, each row attending to its own tokens only."""
+        import torch
+
+        contexts = [r.context() for r in group]
+        n, width = len(group), max(map(len, contexts))
+        ids = torch.zeros(n, width, dtype=torch.long)
+        positions = torch.zeros(n, width, dtype=torch.long)
+        valid = torch.zeros(n, width, dtype=torch.bool)
+        write = torch.zeros(n, width, dtype=torch.long)  # padding writes to slot 0
+        for i, (r, ctx) in enumerate(zip(group, contexts)):
+            pad = width - len(ctx)
+            ids[i, pad:] = torch.tensor(ctx)
+            positions[i, pad:] = torch.arange(len(ctx))
+            valid[i, pad:] = True
+            write[i, pad:] = self._slots(r.blocks, len(ctx))
+        # causal over real tokens; a padding position sees itself, so no row of the mask is empty
+        mask = torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, :] | torch.eye(width, dtype=torch.bool)
+        self._kv.plan_forward(write.view(-1).to(self._device))
+        try:
+            logits = self._forward(ids, positions, mask[:, None])
+        except Exception as e:  # e.g. out of memory on a long prompt: fail these, keep the batch
+            log.exception("prefill failed")
+            for r in group:
+                self._fail(r, ServeError(f"internal engine error: {type(e).__name__}: {e}", status=500))
+            return
         with self._lock:
-            self._stats.decode_steps += 1
-        for i, r in enumerate(rows):
-            r.length += 1
-            p = r.seq.params
-            plain = p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not (
-                p.presence_penalty or p.frequency_penalty)
-            self._emit(r, greedy[i] if plain else r.seq.sample(logits[i]))
+            self._stats.prompt_tokens += sum(map(len, contexts))
+            self._stats.prefill_forwards += 1
+        for r, ctx in zip(group, contexts):
+            r.length = len(ctx)
+        self._running += group
+        self._sample(group, logits)
         self._drop_finished()
 
+    def _decode(self) -> None:
+        """One token for every running row, in one forward over their gathered blocks."""
+        import torch
+
+        rows, bs = self._running, self.kv_plan.block_size
+        lengths = torch.tensor([r.length for r in rows])
+        width = max(len(r.blocks) for r in rows)
+        table = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in rows])
+        j = torch.arange(int(lengths.max()) + 1)
+        valid = j[None, :] <= lengths[:, None]  # the row's tokens and the one being added
+        slots = torch.where(valid, table[:, j // bs] * bs + j % bs, 0)
+        write = slots.gather(1, lengths[:, None]).view(-1)
+        self._kv.plan_forward(write.to(self._device), slots.to(self._device))
+        logits = self._forward(torch.tensor([[r.last_token] for r in rows]), lengths[:, None],
+                               valid[:, None, None, :])
+        for r in rows:
+            r.length += 1
+        with self._lock:
+            self._stats.decode_steps += 1
+        self._sample(rows, logits)
+        self._drop_finished()
+
+    def _sample(self, rows: list[_Request], logits) -> None:
+        """Next token of each row; a row whose scores are not finite or whose sampling fails fails alone."""
+        import torch
+
+        greedy = torch.argmax(logits, dim=-1).tolist()  # one batched argmax for plain greedy rows
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        for i, r in enumerate(rows):
+            if not finite[i]:
+                self._fail(r, ServeError("the model produced non-finite scores (inf/NaN) for this request; its "
+                                         "generation was stopped", status=500))
+                continue
+            try:
+                token = greedy[i] if _plain_greedy(r.seq.params) else r.seq.sample(logits[i])
+            except GenerationError as e:  # this request's own settings broke sampling
+                self._fail(r, InvalidRequest(f"sampling failed: {e}", param=e.param))
+                continue
+            except Exception as e:  # noqa: BLE001 - isolate the row, keep the batch
+                log.exception("sampling failed for one request")
+                self._fail(r, ServeError(f"sampling failed: {type(e).__name__}: {e}", status=500))
+                continue
+            self._emit(r, token)
+
+    # ---- embeddings
+    def _embed_chunk(self) -> None:
+        """Embed inputs of the oldest jobs until ``embedding_chunk_tokens`` tokens are done (at least one input)."""
+        budget = self.config.embedding_chunk_tokens
+        while self._embeds and budget > 0:
+            job = self._embeds[0]
+            if job.future.cancelled():  # the client went away
+                self._embeds.popleft()
+                continue
+            ids = job.inputs[len(job.vectors)]
+            try:
+                job.vectors.append(self._embed_one(ids))
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                self._embeds.popleft()
+                self._settle(job.future, exception=e)
+                continue
+            budget -= len(ids)
+            if len(job.vectors) == len(job.inputs):
+                self._embeds.popleft()
+                self._settle(job.future, result=job.vectors)
+
+    @staticmethod
+    def _settle(future: concurrent.futures.Future, result: Any = None, exception: BaseException | None = None):
+        try:
+            future.set_exception(exception) if exception is not None else future.set_result(result)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
+
+    def _embed_one(self, ids: list[int]) -> list[float]:
+        import torch
+
+        hidden = self.model(input_ids=torch.tensor([ids], device=self._device), output_hidden_states=True,
+                            use_cache=False, logits_to_keep=1).hidden_states[-1][0]
+        return torch.nn.functional.normalize(hidden.float().mean(dim=0), dim=-1).cpu().tolist()
+
+    # ---- rows
     def _emit(self, r: _Request, token: int) -> None:
         seq = r.seq
         text = seq.append(token)
@@ -544,38 +629,38 @@ class HFEngine(EngineBase):
             self._send(r, Delta(text, seq.finish_reason, len(r.prompt_ids), len(seq.output_ids), logprobs))
         if seq.finished:
             r.done = True
+            self._release(r)
             with self._lock:
                 self._stats.requests_finished += 1
+
+    def _release(self, r: _Request) -> None:
+        self._blocks.free(r.blocks)
+        r.blocks = []
 
     def _abort(self, r: _Request) -> None:
         r.seq.finish("abort")
         r.done = True
+        self._release(r)
         with self._lock:
             self._stats.requests_aborted += 1
 
-    def _drop_cancelled(self) -> None:
-        for r in [r for r in self._rows if r.cancelled and not r.done]:
-            self._abort(r)
-        self._drop_finished()
+    def _fail(self, r: _Request, err: ServeError) -> None:
+        r.done = True
+        self._release(r)
+        self._send(r, err)
 
     def _drop_finished(self) -> None:
-        """Remove finished rows: the last row moves into the freed one (a single row copy)."""
-        c = self._cache
-        if c is None:
-            return
-        i = 0
-        while i < len(self._rows):
-            if not self._rows[i].done:
-                i += 1
-                continue
-            last = len(self._rows) - 1
-            if i != last:
-                t = c.length
-                for buf in (*c.k, *c.v):
-                    buf[i, :, :t] = buf[last, :, :t]
-                self._mask[i, :t] = self._mask[last, :t]
-                self._rows[i] = self._rows[last]
-            self._rows.pop()
-        c.batch = len(self._rows)
-        if not self._rows:
-            c.length = 0
+        self._running = [r for r in self._running if not r.done]
+
+    def _send(self, r: _Request, item: Any) -> None:
+        self._outbox.setdefault(r.loop, []).append((r, item))
+
+    def _flush(self) -> None:
+        """Hand this iteration's deltas to their event loops: one wake-up per loop, not one per row."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for r, _ in items:
+                    r.cancelled = True
