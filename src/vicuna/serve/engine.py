@@ -548,8 +548,10 @@ class HFEngine(EngineBase):
         """Next token of each row; a row whose scores are not finite or whose sampling fails fails alone."""
         import torch
 
-        greedy = torch.argmax(logits, dim=-1).tolist()  # one batched argmax for plain greedy rows
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        # one pass gives plain greedy rows their token (the first maximum, as argmax) and flags rows whose
+        # best score is NaN or inf (NaN propagates through max)
+        best, greedy = logits.max(dim=-1)
+        finite, greedy = torch.isfinite(best).tolist(), greedy.tolist()
         for i, r in enumerate(rows):
             if not finite[i]:
                 self._fail(r, ServeError("the model produced non-finite scores (inf/NaN) for this request; its "
