@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -50,7 +51,6 @@ QUESTIONS = [
     "Tell me everything you know about the French Revolution.", "Describe a day in the life of a astronaut.",
 ]
 DEFAULT_HF_DIR = "/work/models/SmolLM2-135M-Instruct"
-ARGS = argparse.Namespace(max_tokens=128)
 
 
 # ---------------------------------------------------------------------- the machine's limits
@@ -162,6 +162,23 @@ def start_ours(model_dir: Path, tmp: Path, sizes: tuple[int, int]) -> Server:
     return s
 
 
+def fastchat_view(model_dir: Path, tmp: Path) -> Path:
+    """The same files, but with the tokenizer class named the way FastChat's transformers 4.x reads it.
+
+    A tokenizer saved by transformers 5 says ``"tokenizer_class": "TokenizersBackend"``, unknown to 4.x.
+    """
+    out = tmp / "fastchat-model"
+    out.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer_config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
 def start_fastchat(model_dir: Path, tmp: Path, sizes: tuple[int, int], python: str) -> Server:
     if not Path(python).exists():
         raise RuntimeError(f"no FastChat venv at {python} (see docs/benchmarks.md for the install line)")
@@ -175,7 +192,8 @@ def start_fastchat(model_dir: Path, tmp: Path, sizes: tuple[int, int], python: s
     s.procs = [spawn([python, "-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(cport)],
                      tmp / "fc-controller.log")]
     time.sleep(3)
-    s.procs.append(spawn([python, "-m", "fastchat.serve.model_worker", "--model-path", str(model_dir),
+    view = fastchat_view(model_dir, tmp)
+    s.procs.append(spawn([python, "-m", "fastchat.serve.model_worker", "--model-path", str(view),
                           "--model-names", "bench", "--device", "cpu", "--host", "127.0.0.1", "--port", str(wport),
                           "--controller-address", controller, "--worker-address", f"http://127.0.0.1:{wport}"],
                          tmp / "fc-worker.log"))
@@ -237,10 +255,10 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-async def one_request(client, server: Server, question: str, count) -> tuple[int, float]:
+async def one_request(client, server: Server, question: str, count, max_tokens: int) -> tuple[int, float]:
     start, first, parts = time.perf_counter(), None, []
     stream = await client.chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": question}], max_tokens=ARGS.max_tokens,
+        model=server.model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
         temperature=0, stream=True)
     async for chunk in stream:
         text = chunk.choices[0].delta.content if chunk.choices else None
@@ -251,7 +269,7 @@ async def one_request(client, server: Server, question: str, count) -> tuple[int
     return count("".join(parts)), first if first is not None else time.perf_counter() - start
 
 
-async def drive(server: Server, concurrency: int, requests: int, count) -> dict:
+async def drive(server: Server, concurrency: int, requests: int, count, max_tokens: int) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=1200)
@@ -269,7 +287,7 @@ async def drive(server: Server, concurrency: int, requests: int, count) -> dict:
         nonlocal tokens
         while todo:
             i = todo.pop()
-            n, ttft = await one_request(client, server, QUESTIONS[i % len(QUESTIONS)], count)
+            n, ttft = await one_request(client, server, QUESTIONS[i % len(QUESTIONS)], count, max_tokens)
             tokens += n
             ttfts.append(ttft)
 
@@ -347,7 +365,6 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x C))")
     args = ap.parse_args()
-    ARGS.max_tokens = args.max_tokens
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still ends its servers
     levels = [int(x) for x in args.levels.split(",")]
     model_dir = Path(args.model_dir)
@@ -399,7 +416,7 @@ def main() -> None:
             for c in levels:
                 for rep in range(args.repeats):
                     for s in servers:
-                        r = asyncio.run(drive(s, c, args.requests or max(8, 2 * c), count))
+                        r = asyncio.run(drive(s, c, args.requests or max(8, 2 * c), count, args.max_tokens))
                         if c not in s.results or r["tok_s"] > s.results[c]["tok_s"]:
                             s.results[c] = r
                         print(f"{s.name:>42} c={c:<3} run {rep + 1}: {r['tok_s']:6.1f} tok/s  ttft p50 "

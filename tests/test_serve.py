@@ -467,7 +467,8 @@ def test_health_and_prometheus_metrics(server, client):
                    'vicuna_time_to_first_token_seconds_count{model="tiny"}',
                    'vicuna_requests_total{endpoint="/v1/chat/completions",status="200"}',
                    'vicuna_requests_total{endpoint="/v1/chat/completions",status="400"}',
-                   'vicuna_engine_requests_aborted_total{model="tiny"}'):
+                   'vicuna_engine_requests_aborted_total{model="tiny"}', 'vicuna_kv_cache_free_blocks{model="tiny"}',
+                   'vicuna_engine_preemptions_total{model="tiny"}'):
         assert needle in text, needle
 
 

@@ -378,6 +378,7 @@ class HFEngine(EngineBase):
         import torch
 
         with torch.inference_mode():
+            self._warm_up()
             while True:
                 with self._cv:
                     while not (self._stopping or self._inbox or self._running or self._embeds):
@@ -400,7 +401,27 @@ class HFEngine(EngineBase):
         self._inbox.clear()
         self._flush()
         while self._embeds:
-            self._embeds.popleft().future.set_exception(stopped)
+            self._settle(self._embeds.popleft().future, exception=stopped)
+
+    def _warm_up(self) -> None:
+        """One tiny prefill and decode at start, so the first request does not pay the kernels' set-up."""
+        import torch
+
+        blocks = self._blocks.allocate(self.kv_plan.blocks_for(9))
+        if blocks is None:
+            return
+        try:
+            slots, n = self._slots(blocks, 9).to(self._device), 8
+            self._kv.plan_forward(slots[:n])
+            self._forward(torch.zeros(1, n, dtype=torch.long), torch.arange(n)[None],
+                          torch.ones(n, n, dtype=torch.bool).tril()[None, None])
+            self._kv.plan_forward(slots[n:], slots[None])
+            self._forward(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[n]]),
+                          torch.ones(1, 1, 1, n + 1, dtype=torch.bool))
+        except Exception:  # noqa: BLE001 - a failed warm-up is only slower; real requests report errors
+            log.warning("engine warm-up failed", exc_info=True)
+        finally:
+            self._blocks.free(blocks)
 
     def _iteration(self) -> None:
         self._step_time = time.perf_counter()  # tokens of one iteration share one rate entry
@@ -502,8 +523,9 @@ class HFEngine(EngineBase):
             positions[i, pad:] = torch.arange(len(ctx))
             valid[i, pad:] = True
             write[i, pad:] = self._slots(r.blocks, len(ctx))
-        # causal over real tokens; a padding position sees itself, so no row of the mask is empty
-        mask = torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, :] | torch.eye(width, dtype=torch.bool)
+        mask = torch.ones(width, width, dtype=torch.bool).tril()[None]
+        if not valid.all():  # causal over real tokens; a padding position sees itself (no empty mask row)
+            mask = mask & valid[:, None, :] | torch.eye(width, dtype=torch.bool)
         self._kv.plan_forward(write.view(-1).to(self._device))
         try:
             logits = self._forward(ids, positions, mask[:, None])

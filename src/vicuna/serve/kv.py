@@ -24,7 +24,9 @@ of a growing cache (a fifth of the step at batch 16) or the old shifts and row
 copies. The gather reads token slots, not whole blocks, so a block's unused
 tail is never read and blocks need no zeroing; slot 0 (in block 0, which is
 never handed out) is kept finite and is where padding reads from and writes
-to. On CUDA at scale use the vLLM backend, whose kernels read blocks in place.
+to. The scratch holds one layer's gathered K/V for the batch, ``batch × longest row``
+slots: about the cache in use divided by the layers, more when one long row pads many short
+ones. On CUDA at scale use the vLLM backend, whose kernels read blocks in place.
 """
 
 from __future__ import annotations
