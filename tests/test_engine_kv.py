@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from vicuna.conversation import encode, render_prompt
-from vicuna.generation import SamplingParams, generate
+from vicuna.generation import SamplingParams, generate, sampling_params
 from vicuna.model import load_model
 from vicuna.serve.client import LocalClient
 from vicuna.serve.core import InvalidRequest, ServeError
@@ -70,6 +70,14 @@ def test_parse_size_and_errors():
             parse_size(bad)
     with pytest.raises(KVCacheError, match="raise --kv-cache-memory"):
         KVPlan.for_budget(KVShape(30, 3, 64, 4), 1000)
+
+
+def test_serve_refuses_an_unreadable_or_too_small_budget_with_exit_2(tiny_model_dir):
+    from conftest import run_cli
+
+    for size, says in (("lots", "cannot read 'lots' as a memory size"), ("1KiB", "raise --kv-cache-memory")):
+        out = run_cli("serve", "--model-path", str(tiny_model_dir), "--kv-cache-memory", size, "--port", "0")
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_block_allocator_all_or_nothing_and_reuses_freed_blocks_first():
@@ -357,3 +365,37 @@ def test_embedding_caps_are_400s_naming_input(loaded):
             assert httpx.get(url + "/health").status_code == 200
     finally:
         engine.stop()
+
+
+# ---------------------------------------------------------------------- the real model
+
+
+@pytest.mark.real_model
+def test_real_model_batched_greedy_and_a_poisoned_neighbour(real_model):
+    """SmolLM2: four streams decoded together across 16-token blocks equal each alone, and the issue's
+    repro (repetition_penalty 1.585e-39 beside a greedy stream) fails only the poisoned request."""
+    engine = HFEngine(real_model, EngineConfig()).start()
+    questions = ["What is the capital of France?", "Name three colours.", "Count to five.", "Say hello."]
+    prompts = [chat_ids(real_model, q) for q in questions]
+    greedy = sampling_params(real_model.defaults, max_new_tokens=24, temperature=0)  # the model's stop ids
+    bad = sampling_params(real_model.defaults, max_new_tokens=8, temperature=1, seed=1)
+    bad.repetition_penalty = 1.585e-39  # past the API's validation (the engine must not rely on it)
+    try:
+        async def run_all():
+            async def poisoned():
+                try:
+                    await collect(engine, chat_ids(real_model, "Hi"), bad)
+                except ServeError as e:
+                    return e
+
+            return await asyncio.gather(
+                *(collect(engine, ids, greedy) for ids in prompts),
+                poisoned())
+
+        *texts, err = asyncio.run(run_all())
+    finally:
+        engine.stop()
+    assert texts[0].startswith("The capital of France is Paris.")
+    for ids, text in zip(prompts, texts):
+        assert text == generate(real_model.model, real_model.tokenizer, ids, greedy)[0]
+    assert isinstance(err, InvalidRequest) and err.param == "repetition_penalty"

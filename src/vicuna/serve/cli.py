@@ -49,6 +49,18 @@ def _add_engine_args(p) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion token limit (default: the model's context length)")
     g.add_argument("--default-max-tokens", type=int, default=512, help="completion budget when a request sets none")
+    from dataclasses import fields
+
+    from .engine import EngineConfig
+
+    for f in fields(EngineConfig):  # until the launch path generates every flag from EngineConfig
+        if f.name in _PAGED_ENGINE_FIELDS:
+            g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not None else str,
+                           default=f.default, help=f.metadata["help"])
+
+
+_PAGED_ENGINE_FIELDS = ("kv_cache_memory", "block_size", "max_prefill_tokens", "max_embedding_inputs",
+                        "max_embedding_tokens", "embedding_chunk_tokens")
 
 
 def _add_http_args(p, port: int, host: str = "127.0.0.1") -> None:
@@ -75,7 +87,8 @@ def build_engine(loaded, args):
     from .engine import EngineConfig, HFEngine
 
     config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                          max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens)
+                          max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
+                          **{name: getattr(args, name) for name in _PAGED_ENGINE_FIELDS})
     if args.backend == "vllm":
         from .engine_vllm import VLLMEngine
 

@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UsageError
+
 GiB = 1024 ** 3
 CPU_FRACTION, CPU_CAP = 0.25, 4 * GiB  # default on CPU: min(a quarter of available RAM, 4 GiB)
 GPU_UTILIZATION = 0.90  # default on CUDA: the cache fills the device up to 90% of its total memory
@@ -43,8 +45,8 @@ GPU_UTILIZATION = 0.90  # default on CUDA: the cache fills the device up to 90% 
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": GiB, "t": 1024 ** 4}
 
 
-class KVCacheError(ValueError):
-    """A KV cache setting that cannot work; the message says what to change."""
+class KVCacheError(UsageError):
+    """A KV cache setting that cannot work; the message says what to change (exit code 2)."""
 
 
 def parse_size(text: str | int) -> int:
