@@ -549,8 +549,12 @@ def test_cli_controller_and_api_front_end():
         assert httpx.get(f"http://127.0.0.1:{cport}/workers").status_code == 401  # the secret is required
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{aport}/v1", api_key="x", max_retries=0)
         assert c.models.list().data == []
-        with pytest.raises(openai.NotFoundError):
+        # Right after a controller (re)start its workers may not have registered yet: 503 + Retry-After,
+        # which clients retry, not a 404 they give up on.
+        with pytest.raises(openai.APIStatusError) as e:
             c.chat.completions.create(model="tiny", messages=HELLO)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"]
+        assert e.value.body["code"] == "model_unavailable" and "just started" in e.value.body["message"]
     finally:
         for p in procs:
             p.terminate()

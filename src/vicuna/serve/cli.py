@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 
@@ -11,6 +12,7 @@ from ..errors import UsageError
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "VICUNA_SECRET"  # shared with `vicuna serve web`
+DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
 
 SINGLE_DESCRIPTION = """\
 Serve one or more models with an OpenAI-compatible API from this process.
@@ -77,6 +79,38 @@ def _add_api_args(p) -> None:
     g.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
 
 
+def add_upstream_args(p) -> None:
+    """--endpoints and the moderation flags (their help is on the config fields)."""
+    from .endpoint import EndpointsConfig
+    from .moderation import ModerationConfig
+
+    g = p.add_argument_group("endpoints and moderation")
+    for cls in (EndpointsConfig, ModerationConfig):
+        for f in dataclasses.fields(cls):
+            g.add_argument("--" + f.name.replace("_", "-"), default=None, metavar=f.metadata["metavar"],
+                           help=f.metadata["help"])
+
+
+def front_client(base, args):
+    """What the API and the web UI serve: ``base`` (our engines, a controller's workers, or None) with
+    the endpoints beside it and the moderation in front."""
+    from .endpoint import EndpointsConfig
+    from .moderation import ModerationConfig
+
+    client = EndpointsConfig(getattr(args, "endpoints", None)).wrap(base)
+    if client is None:
+        raise UsageError("nothing to serve: give --controller (workers) or --endpoints FILE.yaml (or both)")
+    return ModerationConfig(getattr(args, "moderation_endpoint", None),
+                            getattr(args, "moderation_words", None)).wrap(client)
+
+
+def controller_url(args) -> str | None:
+    """--controller, by default the local one; none when only --endpoints are served."""
+    if args.controller:
+        return args.controller
+    return None if getattr(args, "endpoints", None) else DEFAULT_CONTROLLER
+
+
 def _api_keys(args) -> list[str] | None:
     keys = [k.strip() for k in (args.api_keys or "").split(",") if k.strip()]
     return keys or None
@@ -120,10 +154,10 @@ def load_engines(args) -> dict:
 def run_single(args) -> int:
     from .client import LocalClient
     from .openai_api import create_app
-    from .server import run_server
+    from .server import run_server, trusted_proxies
 
     engines = load_engines(args)
-    client = LocalClient(engines)
+    client = front_client(LocalClient(engines), args)
     app = create_app(client, api_keys=_api_keys(args), max_body_bytes=args.max_body_bytes, max_n=args.max_n)
     if args.web:
         try:
@@ -133,7 +167,7 @@ def run_single(args) -> int:
         app = maybe_mount_web(app, client, args) or app
     print(f"OpenAI-compatible API for {', '.join(engines)} on http://{args.host}:{args.port}/v1", flush=True)
     try:
-        run_server(app, args.host, args.port)
+        run_server(app, args.host, args.port, trusted_proxies=trusted_proxies(args))
     finally:
         for e in engines.values():
             e.stop()
@@ -150,7 +184,10 @@ def run_controller(args) -> int:
     from .controller import create_controller_app
     from .server import run_server
 
-    app = create_controller_app(secret=_secret(args), heartbeat_expiry=args.heartbeat_expiry)
+    from .endpoint import EndpointClient, load_endpoints
+
+    endpoints = EndpointClient(load_endpoints(args.endpoints)) if args.endpoints else None
+    app = create_controller_app(secret=_secret(args), heartbeat_expiry=args.heartbeat_expiry, endpoints=endpoints)
     print(f"controller on http://{args.host}:{args.port}", flush=True)
     run_server(app, args.host, args.port)
     return 0
@@ -162,9 +199,11 @@ def run_api(args) -> int:
     from .server import run_server
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per routed request
-    client = ControllerClient(args.controller, secret=_secret(args))
+    controller = controller_url(args)
+    client = front_client(ControllerClient(controller, secret=_secret(args)) if controller else None, args)
     app = create_app(client, api_keys=_api_keys(args), max_body_bytes=args.max_body_bytes, max_n=args.max_n)
-    print(f"OpenAI-compatible API via {args.controller} on http://{args.host}:{args.port}/v1", flush=True)
+    source = " and ".join(x for x in (controller, args.endpoints) if x)
+    print(f"OpenAI-compatible API via {source} on http://{args.host}:{args.port}/v1", flush=True)
     run_server(app, args.host, args.port)
     return 0
 
@@ -179,6 +218,7 @@ def add_commands(sub) -> None:
     _add_http_args(top, 8000)
     _add_api_args(top)
     top.add_argument("--web", action="store_true", help="also serve the chat web UI on the same port")
+    add_upstream_args(top)
     top.set_defaults(func=run_single)
 
     p = command(verbs, "worker", run_worker, "hold a model and serve it to a controller", description="""\
@@ -213,6 +253,9 @@ Example:
     p.add_argument("--heartbeat-expiry", type=float, default=15.0,
                    help="drop a worker after this many seconds without a heartbeat")
     p.add_argument("--secret", default=None, help=f"require this shared secret (or set ${SECRET_ENV})")
+    p.add_argument("--endpoints", default=None, metavar="FILE.yaml",
+                   help="OpenAI-compatible upstreams to list and serve beside the workers' models: front ends "
+                        "reach them through this controller (the keys come from this process's environment)")
 
     p = command(verbs, "api", run_api, "OpenAI-compatible API in front of a controller", description="""\
 The same OpenAI-compatible API as `vicuna serve`, answering from the workers
@@ -222,10 +265,12 @@ response has started).
 Example:
   vicuna serve api --controller http://ctl:21001 --host 0.0.0.0 --port 8000 --api-keys sk-a,sk-b
 """)
-    p.add_argument("--controller", default="http://127.0.0.1:21001", help="controller URL")
+    p.add_argument("--controller", default=None,
+                   help=f"controller URL (default {DEFAULT_CONTROLLER}; none with --endpoints alone)")
     p.add_argument("--secret", default=None, help=f"shared secret of the controller (or set ${SECRET_ENV})")
     _add_http_args(p, 8000)
     _add_api_args(p)
+    add_upstream_args(p)
 
     try:  # the web UI registers its own verb (`vicuna serve web`) when it is installed
         from . import web

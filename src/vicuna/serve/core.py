@@ -6,8 +6,11 @@ and the OpenAI front end can all speak it (and send it over the wire as JSON).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cache
+from typing import Any, get_type_hints
+
+from pydantic import ConfigDict, ValidationError, create_model
 
 from ..errors import VicunaError
 
@@ -124,6 +127,28 @@ class GenerateRequest:
     def from_dict(cls, d: dict[str, Any]) -> "GenerateRequest":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_wire(cls, d: Any) -> "GenerateRequest":
+        """A request received over HTTP (by a worker): exact types, or a 400 naming the field (value
+        ranges are checked where sampling settings are built, as for every request)."""
+        try:
+            checked = _wire_model().model_validate(d)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            where = f"{param}: " if param else ""
+            raise InvalidRequest(f"invalid generate request: {where}{first['msg']}", param=param) from None
+        return cls(**dict(checked))
+
+
+@cache
+def _wire_model():
+    """A strict pydantic model of :class:`GenerateRequest`'s fields (built from them, so never out of step)."""
+    hints = get_type_hints(GenerateRequest, include_extras=True)
+    return create_model("GenerateRequestWire", __config__=ConfigDict(strict=True, extra="ignore"), **{
+        f.name: (hints[f.name], f.default_factory() if f.default is MISSING else f.default)
+        for f in fields(GenerateRequest)})
 
 
 @dataclass

@@ -122,7 +122,15 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(InvalidRequest(f"invalid worker request: {exc.errors()[:1]}"))
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(InvalidRequest(f"invalid worker request: {where or 'body'}: {first.get('msg')}",
+                                             param=where or None))
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(ServeError(f"internal worker error: {type(exc).__name__}", status=500))
 
     def check_model(model: str | None) -> None:
         if model is not None and model != engine.name:
@@ -131,10 +139,7 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateBody):
         check_model(body.model)
-        try:
-            request = GenerateRequest.from_dict(body.request)
-        except TypeError as e:
-            raise InvalidRequest(f"invalid generate request: {e}") from None
+        request = GenerateRequest.from_wire(body.request)
         stream = engine.generate(request)
         try:
             first = await stream.__anext__()  # validation / overload errors become statuses
