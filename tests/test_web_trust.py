@@ -8,7 +8,6 @@ subject here), so everything it was asked is on record.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 
@@ -20,7 +19,8 @@ from test_web import ScriptedClient
 from vicuna.serve.arena import ArenaStore
 from vicuna.serve.openai_api import create_app
 from vicuna.serve.server import ServerThread
-from vicuna.serve.web import WebApp, WebError, WebSettings, create_web_app, maybe_mount_web
+from vicuna.serve import launch
+from vicuna.serve.web import WebApp, WebError, WebSettings, create_web_app
 
 ANSWERS = {"alpha": "Paris is the capital of France", "bravo": "It is Paris"}
 
@@ -88,8 +88,8 @@ def test_arena_only_serves_no_model_by_name(store, tmp_path):
     client = ScriptedClient(dict(ANSWERS))
 
     def app(arena_only: bool):
-        args = argparse.Namespace(web=True, arena_db=str(tmp_path / f"{arena_only}.db"), arena_only=arena_only)
-        return maybe_mount_web(create_app(client), client, args)
+        web = launch.WebConfig(arena_db=str(tmp_path / f"{arena_only}.db"))
+        return launch.with_web(create_app(client), client, web, WebSettings(arena_only=arena_only))
 
     with ServerThread(app(True)) as url:
         r = httpx.get(url + "/v1/models")

@@ -347,19 +347,10 @@ def _local_server(model_path: str | None):
     The answers then go through exactly the path a remote model's do: our OpenAI API, the same
     batching engine, the same retries.
     """
-    from ..model import load_model, resolve_model_path
-    from ..serve.client import LocalClient
-    from ..serve.engine import EngineConfig, HFEngine
-    from ..serve.openai_api import create_app
-    from ..serve.server import ServerThread
+    from ..serve.launch import ModelConfig, local_api
 
-    loaded = load_model(resolve_model_path(model_path))
-    engine = HFEngine(loaded, EngineConfig()).start()
-    try:
-        with ServerThread(create_app(LocalClient({loaded.name: engine}))) as url:
-            yield f"{url}/v1", loaded.name
-    finally:
-        engine.stop()
+    with local_api(ModelConfig(model_path=model_path)) as (api_base, engines):
+        yield api_base, next(iter(engines))
 
 
 def _split(text: str) -> list[str]:

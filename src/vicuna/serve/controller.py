@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .core import bearer_ok
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,7 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if secret and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token, secret):
+            if not bearer_ok(request.headers.get("authorization"), [secret]):
                 return JSONResponse({"error": {"message": "missing or wrong controller secret", "type":
                                                "authentication_error", "param": None, "code": "invalid_secret"}},
                                     status_code=401)

@@ -6,9 +6,11 @@ and the OpenAI front end can all speak it (and send it over the wire as JSON).
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cache
-from typing import Any, get_type_hints
+from typing import Any, AsyncIterator, Sequence, get_type_hints
 
 from pydantic import ConfigDict, ValidationError, create_model
 
@@ -180,3 +182,49 @@ class Delta:
     def from_dict(cls, d: dict[str, Any]) -> "Delta":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def bearer_ok(authorization: str | None, keys: Sequence[str]) -> bool:
+    """Whether an ``Authorization: Bearer TOKEN`` header carries one of ``keys`` (constant-time compare).
+
+    The one check behind the API keys of the OpenAI API and the shared secret of workers and controller.
+    """
+    header = authorization or ""
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    return any(secrets.compare_digest(token.encode(), k.encode()) for k in keys if k)
+
+
+async def merge_streams(streams: Sequence[AsyncIterator]) -> AsyncIterator[tuple[int, Any, BaseException | None]]:
+    """Interleave async streams as they produce: ``(index, item, None)`` per item, then
+    ``(index, None, error or None)`` when that stream ends.
+
+    Used wherever several answers stream at once (the API's ``n`` choices, the arena's two sides), so
+    none waits for another. Each stream is closed when it ends or when the consumer stops early
+    (which aborts its generation in the engine).
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which reports it for that stream
+            await queue.put((i, None, e))
+        else:
+            await queue.put((i, None, None))
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            running -= item[1] is None
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from typing import Any, AsyncIterator
 
@@ -26,12 +25,13 @@ from starlette.exceptions import HTTPException
 
 from . import protocol as P
 from .client import ModelClient
-from .core import Delta, GenerateRequest, InvalidRequest, ServeError
+from .core import Delta, GenerateRequest, InvalidRequest, ServeError, bearer_ok, merge_streams
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_N = 8
 # What --api-keys protects: the API and its description (the schema names every route and field).
 # /health and /metrics stay open for probes; a mounted web UI has its own limits.
 KEYED_PATHS = ("/v1/", "/openapi.json", "/docs", "/redoc")
@@ -104,9 +104,7 @@ class _Guard:
             self.metrics.requests.labels(endpoint, str(status_seen[0] if status_seen else 499)).inc()
 
     def _authorized(self, scope) -> bool:
-        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        return any(secrets.compare_digest(token, k) for k in self.keys)
+        return bearer_ok(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"), self.keys)
 
     def _too_large(self, size: int) -> ServeError:
         return ServeError(f"request body of {size} bytes exceeds the limit of {self.max_body} bytes",
@@ -161,7 +159,7 @@ class _Usage:
 
 
 def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 8, engines: dict | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = DEFAULT_MAX_N, engines: dict | None = None,
                title: str = "vicuna OpenAI-compatible API") -> FastAPI:
     """The API app. ``engines`` (default: a LocalClient's) feed the engine gauges in /metrics."""
     if engines is None:
@@ -242,38 +240,22 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                 await stream.aclose()
                 metrics.latency.labels(model).observe(time.perf_counter() - started)
             return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream, first: Delta):
-            try:
-                await queue.put((i, first))
-                if not first.finish_reason:
-                    async for d in stream:
-                        await queue.put((i, d))
-                        if d.finish_reason:
-                            break
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                await queue.put((i, e))
-            finally:
-                await stream.aclose()
-
-        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
-        pending, first_text = len(tasks), True
+        pending, first_text = len(streams), True
         try:
-            while pending:
-                i, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for i, item, error in merge_streams([_prepend(f, s) for s, f in zip(streams, firsts)]):
+                if error is not None:
+                    raise error
+                if item is None:
+                    continue
                 if first_text and item.text:
                     metrics.ttft.labels(model).observe(time.perf_counter() - started)
                     first_text = False
                 if item.finish_reason:
                     pending -= 1
                 yield i, item
+                if not pending:
+                    return
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             metrics.latency.labels(model).observe(time.perf_counter() - started)
 
     async def unless_disconnected(request: Request, work) -> None:
@@ -441,3 +423,12 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
     return app
 
 
+async def _prepend(first: Delta, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    """``first`` (already read to learn the status), then the rest of ``stream``."""
+    try:
+        yield first
+        if not first.finish_reason:
+            async for d in stream:
+                yield d
+    finally:
+        await stream.aclose()

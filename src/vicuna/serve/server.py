@@ -24,11 +24,6 @@ def _config(app, host: str, port: int, log_level: str, trusted_proxies: list[str
                           forwarded_allow_ips=list(trusted_proxies or []))
 
 
-def trusted_proxies(args) -> list[str]:
-    """The --trusted-proxies addresses (comma-separated; none when the command has no such flag)."""
-    return [a.strip() for a in (getattr(args, "trusted_proxies", "") or "").split(",") if a.strip()]
-
-
 def run_server(app, host: str, port: int, log_level: str = "info", *, trusted_proxies: list[str] | None = None
                ) -> None:
     import uvicorn
