@@ -332,6 +332,16 @@ def test_two_process_fsdp_matches_one_process(tiny_model_dir, data_file, tmp_pat
     p = subprocess.run(cmd, env={**cli_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
     assert_same_weights(fsdp, resumed, atol=1e-6)
+    # ... and in one process: DCP reshards the 2-rank checkpoint, the run ends on the same weights
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", one / "checkpoint-2")
+    train(_cfg_from_args(args_for(tiny_model_dir, data_file, one, *common, "--gradient-accumulation-steps", 2)))
+    assert_same_weights(fsdp, one, atol=1e-5)
+    # the 2-rank checkpoint consolidates to the weights of the single process's checkpoint at the same step
+    for run in (fsdp, single):
+        run_cli("weights", "consolidate", run / "checkpoint-2", "-o", run / "step-2", check=True)
+    assert_same_weights(fsdp / "step-2", single / "step-2", atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- it learns

@@ -37,7 +37,6 @@ import re
 import shutil
 import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +56,13 @@ HASH_CHECKED_BYTES = 2**20  # on resume, files up to this size (the JSON ones) a
 
 class CheckpointLoadError(Exception):
     """This checkpoint cannot be loaded (the message says why); an older one may still be."""
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a failed checkpoint read or write raises: DCP's CheckpointException derives from BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return Exception, CheckpointException
 
 
 # ----------------------------------------------------------------------------- completeness
@@ -274,12 +280,10 @@ def _describe_failure(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- saving and loading
 
 
-@contextmanager
-def _quiet_single_process():
-    """DCP warns on every single-process save/load, even when asked for one (``no_dist=True``)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
-        yield
+def _quiet_dcp() -> None:
+    """DCP warns on every single-process save and load, even when asked for one (``no_dist=True``); background
+    saves warn from their own thread, out of reach of ``warnings.catch_warnings``. (Idempotent.)"""
+    warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized, assuming")
 
 
 def _everywhere(fn: Callable[[], Any], d: Dist) -> tuple[Any, str | None]:
@@ -292,7 +296,7 @@ def _everywhere(fn: Callable[[], Any], d: Dist) -> tuple[Any, str | None]:
         result, error = fn(), None
     except CheckpointLoadError as e:
         result, error = None, str(e)
-    except Exception as e:  # noqa: BLE001 - every rank re-raises it as a clear error
+    except _failures() as e:  # every rank re-raises it as a clear error
         result, error = None, _describe_failure(e)
     errors = [e for e in gather_objects(error, d) if e]
     return result, (errors[0] if errors else None)
@@ -338,6 +342,7 @@ class Checkpointer:
         pending = _Pending(self.out / f"checkpoint-{step}", step)
         path = pending.path
         tensors, osd = _training_tensors(self.model, self.optimizer, self.lora)
+        _quiet_dcp()
 
         def prepare() -> None:
             if d.main:
@@ -368,10 +373,9 @@ class Checkpointer:
                                           save_distributed=True)
         if background:
             try:
-                with _quiet_single_process():
-                    response = dcp.async_save(tensors, storage_writer=writer, process_group=self._group,
-                                              no_dist=not d.on)
-            except Exception as e:  # noqa: BLE001 - staging failed (e.g. host memory): nothing is in flight
+                response = dcp.async_save(tensors, storage_writer=writer, process_group=self._group,
+                                          no_dist=not d.on)
+            except _failures() as e:  # staging failed (e.g. host memory): nothing is in flight
                 pending.error = _describe_failure(e)
             else:
                 future = getattr(response, "upload_completion", response)
@@ -379,11 +383,7 @@ class Checkpointer:
                                                   name=f"checkpoint-{step}")
                 pending.thread.start()
         else:
-            def write():
-                with _quiet_single_process():
-                    dcp.save(tensors, storage_writer=writer, no_dist=not d.on)
-
-            self._complete(pending, write)
+            self._complete(pending, lambda: dcp.save(tensors, storage_writer=writer, no_dist=not d.on))
         self.pending = pending
         if not background:
             self.finish()
@@ -395,7 +395,7 @@ class Checkpointer:
             write()
             mine = sorted((pending.path / STATE_DIR).glob(f"shard-{self.d.rank + 1:05d}-*.safetensors"))
             pending.files.update(_entries(pending.path, mine))
-        except Exception as e:  # noqa: BLE001 - reported on every rank by finish()
+        except _failures() as e:  # reported on every rank by finish()
             pending.error = _describe_failure(e)
 
     def busy(self) -> bool:
@@ -479,10 +479,10 @@ class Checkpointer:
             raise CheckpointLoadError(error)
         state, groups, schedule, rng = result
         tensors, osd = _training_tensors(self.model, self.optimizer, self.lora)
+        _quiet_dcp()
         try:
-            with _quiet_single_process():
-                dcp.load(tensors, storage_reader=_reader(path / STATE_DIR), no_dist=not d.on)
-        except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure; safetensors and planner errors vary
+            dcp.load(tensors, storage_reader=_reader(path / STATE_DIR), no_dist=not d.on)
+        except _failures() as e:  # DCP gathers every rank's failure; safetensors and planner errors vary
             raise CheckpointLoadError(f"its shards do not load ({_load_failure(e)})") from None
         groups, error = _everywhere(lambda: _restore_groups(groups, osd["param_groups"]), d)
         if error:
@@ -555,8 +555,8 @@ def load_pretrained_shards(model, path: Path, d: Dist) -> None:
     rows it holds, converted to the parameters' dtype, so no rank ever holds the whole model."""
     import torch.distributed.checkpoint as dcp
 
-    with _quiet_single_process():
-        dcp.load(model_tensors(model), storage_reader=_reader(path), no_dist=not d.on)
+    _quiet_dcp()
+    dcp.load(model_tensors(model), storage_reader=_reader(path), no_dist=not d.on)
 
 
 def full_tensors(model, d: Dist, trainable_only: bool = False):
@@ -606,6 +606,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, *, dtype: str | None
         return name.replace(".default.", ".") if adapter else name  # PEFT files drop the adapter name
 
     plan = [(out_name(k), tuple(meta[k].size), want or meta[k].properties.dtype) for k in names]
+    _quiet_dcp()
     with atomic_output_dir(output, force=force, inputs=(ckpt,)) as tmp:
         for f in sorted(files_dir.iterdir()):
             if f.is_file():
@@ -613,8 +614,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, *, dtype: str | None
         with ShardWriter(tmp, plan, parse_size(max_shard_size)) as writer:
             for group in _read_groups(names, meta):
                 buf = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in group}
-                with _quiet_single_process():
-                    dcp.load(buf, storage_reader=_reader(ckpt / STATE_DIR), no_dist=True)
+                dcp.load(buf, storage_reader=_reader(ckpt / STATE_DIR), no_dist=True)
                 for k in group:
                     writer.add(out_name(k), buf[k].to(want) if want else buf[k])
             files = writer.close()

@@ -5,8 +5,10 @@ settings. Its terms, per rank, for AdamW with fp32 master weights:
 
 - parameters 4 B, gradients 4 B, optimizer 8 B (two moments) per trainable parameter; divided by the world size
   under FSDP. Frozen (LoRA base) parameters cost only their 4 B.
-- FSDP working set: the parameters and gradients FSDP gathers unsharded — the root unit (embeddings, final norm,
-  and a tied ``lm_head``) for the whole step, plus two decoder layers (the running one and the prefetched one).
+- FSDP working set: what FSDP holds unsharded — the root unit's parameters (final norm, and tied embeddings,
+  which both ends of the model use) for the whole step, their gradient and its fp32 reduce-scatter copy at the end
+  of backward; and for the largest other unit (a decoder layer, or untied embeddings) two gathered copies (the
+  running and the prefetched one), one gradient and its copy.
 - activations: what autograd saves for backward, per token and decoder layer, counted op by op for a LLaMA block
   and checked against ``torch.autograd.graph.saved_tensors_hooks`` (tests/test_train_scale.py)::
 
@@ -17,8 +19,10 @@ settings. Its terms, per rank, for AdamW with fp32 master weights:
   with b the compute dtype's bytes; SDPA repeats the KV heads when it gets a mask (packing on CPU), flash-attention
   does not. The loss adds ~12 B x vocab per token (fp32 log-softmax, its gradient, the logits' gradient). With
   gradient checkpointing only each layer's input (b h per token) is kept, plus one layer recomputed in backward.
-- peak = the sum: with gradient accumulation the gradients of earlier micro-batches are alive while the next one's
-  activations are, so the sum is what a step reaches (a step without accumulation peaks a little lower).
+- peak = parameters + optimizer + working set + activations + gradients when gradients of earlier micro-batches
+  are alive during the next one's forward (gradient accumulation); without accumulation the gradients grow as
+  backward frees the activations, so the step peaks at the larger of the two (plus the output layer's gradient,
+  which backward makes first).
 
 Not counted: the CUDA context and allocator slack (~1-3 GB on a GPU), communication buffers, and on CPU the
 interpreter and libraries (the measured figure subtracts them: RSS growth from just before the model is built).
@@ -26,6 +30,8 @@ interpreter and libraries (the measured figure subtracts them: RSS growth from j
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +39,22 @@ GB = 1e9
 
 
 # ----------------------------------------------------------------------------- measuring
+
+
+def limit_heap_fragmentation() -> None:
+    """On CPU, give every allocation above 64 KiB its own mapping (glibc's ``M_MMAP_THRESHOLD``).
+
+    glibc raises that threshold (up to 32 MiB) each time the process frees a large block; from then on layer-sized
+    tensors come from the heap, which fragments and never shrinks. A 2-rank FSDP run of SmolLM2 held 2.7 GB per
+    rank that way instead of 1.6 GB. A fixed threshold keeps RSS near what is allocated, for some more page faults.
+    Left alone when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice) or the C library is not glibc.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _status_kib(field: str) -> int | None:
@@ -97,6 +119,14 @@ class MemoryPlan:
     activations_checkpointed: float
     gradient_checkpointing: bool
     tokens: int
+    accumulation: int = 1
+    first_grads: float = 0.0  # the output layer's gradient, made at the start of backward (not sharded)
+    offload: bool = False  # FSDP CPU offload: parameters, gradients and optimizer in host RAM
+
+    @property
+    def host(self) -> float:
+        """Bytes per rank in host RAM with CPU offload (parameters, gradients, optimizer)."""
+        return self.params + self.grads + self.optimizer if self.offload else 0.0
 
     @property
     def active_activations(self) -> float:
@@ -104,7 +134,11 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.fsdp_working + self.active_activations
+        act = self.active_activations
+        if self.offload:
+            return self.fsdp_working + act
+        moving = self.grads + act if self.accumulation > 1 else max(self.grads, act + self.first_grads)
+        return self.params + self.optimizer + self.fsdp_working + moving
 
     def to_dict(self) -> dict:
         return {"world_size": self.world, "sharded": self.sharded, "parameters": self.parameters,
@@ -112,18 +146,21 @@ class MemoryPlan:
                 "optimizer_gb": self.optimizer / GB, "fsdp_working_gb": self.fsdp_working / GB,
                 "activations_gb": self.activations / GB,
                 "activations_checkpointed_gb": self.activations_checkpointed / GB,
-                "gradient_checkpointing": self.gradient_checkpointing, "total_gb": self.total / GB}
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "gradient_accumulation_steps": self.accumulation, "offload": self.offload,
+                "host_gb": self.host / GB, "total_gb": self.total / GB}
 
     def table(self) -> str:
         this = "  <- this run"
         gc = self.gradient_checkpointing
-        rows = [("parameters (fp32 master)", self.params, ""), ("gradients", self.grads, ""),
-                ("optimizer (AdamW moments)", self.optimizer, "")]
+        where = "  (host RAM)" if self.offload else ""
+        rows = [("parameters (fp32 master)", self.params, where), ("gradients", self.grads, where),
+                ("optimizer (AdamW moments)", self.optimizer, where)]
         if self.sharded:
             rows.append(("FSDP unsharded working set", self.fsdp_working, ""))
         rows += [("activations, no checkpointing", self.activations, "" if gc else this),
                  ("activations, gradient checkpointing", self.activations_checkpointed, this if gc else ""),
-                 ("peak per rank (estimate)", self.total, "")]
+                 ("peak per rank (estimate)", self.total, "  (GPU; host RAM above)" if self.offload else "")]
         width = max(len(r[0]) for r in rows) + 2
         return "\n".join(f"{name:<{width}}{value / GB:9.2f} GB{note}" for name, value, note in rows)
 
@@ -150,25 +187,30 @@ def activation_bytes(shape: dict, tokens: int, *, compute_bytes: int, kv_repeate
     return tokens * (kept + head)
 
 
-def estimate(model, config, *, world: int, sharded: bool, tokens: int, compute_bytes: int, kv_repeated: bool,
-             gradient_checkpointing: bool, frozen_bytes: float = 4) -> MemoryPlan:
+def estimate(model, config, *, world: int, units: list, tokens: int, compute_bytes: int, kv_repeated: bool,
+             gradient_checkpointing: bool, accumulation: int = 1, frozen_bytes: float = 4,
+             offload: bool = False) -> MemoryPlan:
     """Per-rank memory of one training step of ``model`` (real or on the meta device).
 
+    ``units``: the modules FSDP shards on their own (empty: no FSDP); everything else is the root unit.
     ``frozen_bytes``: bytes per frozen parameter (4 for a LoRA base in fp32, ~0.56 for QLoRA's NF4 with its scales).
     """
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
+    sharded = bool(units) and world > 1
     div = world if sharded else 1
+    b = compute_bytes
     working = 0.0
     if sharded:
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        in_layers = {id(p) for m in layers for p in m.parameters()}
-        root = sum(p.numel() for p in params if id(p) not in in_layers)
-        layer = max((sum(p.numel() for p in m.parameters()) for m in layers), default=0)
-        # unsharded: root params (compute dtype) + their grads (fp32) for the whole step, two layers' params, one
-        # layer's grads
-        working = root * (compute_bytes + 4) + layer * (2 * compute_bytes + 4)
+        in_units = {id(p) for m in units for p in m.parameters()}
+        root = sum(p.numel() for p in params if id(p) not in in_units)
+        largest = max(sum(p.numel() for p in m.parameters()) for m in units)
+        # gathered for the whole step: the root's parameters; at the end of backward its gradient (compute dtype)
+        # and that gradient's fp32 reduce-scatter copy. Per unit: two gathered (running, prefetched), one gradient.
+        working = root * (2 * b + 4) + largest * (3 * b + 4)
+    out = model.get_output_embeddings()
+    first = 4 * out.weight.numel() if not sharded and out is not None and out.weight.requires_grad else 0
     shape = layer_shape(config)
     kw = {"compute_bytes": compute_bytes, "kv_repeated": kv_repeated}
     return MemoryPlan(
@@ -177,4 +219,5 @@ def estimate(model, config, *, world: int, sharded: bool, tokens: int, compute_b
         grads=4 * trainable / div, optimizer=8 * trainable / div, fsdp_working=working,
         activations=activation_bytes(shape, tokens, checkpointed=False, **kw),
         activations_checkpointed=activation_bytes(shape, tokens, checkpointed=True, **kw),
-        gradient_checkpointing=gradient_checkpointing, tokens=tokens)
+        gradient_checkpointing=gradient_checkpointing, tokens=tokens, accumulation=accumulation,
+        first_grads=first, offload=offload and sharded)

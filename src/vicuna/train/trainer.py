@@ -35,7 +35,7 @@ from .checkpoint import (CHECKPOINT_RE, CheckpointLoadError, Checkpointer, check
 from .config import TrainConfig, parse_rope_scaling
 from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
 from .distributed import Dist, all_reduce, barrier, broadcast_object, gather_objects, init_distributed
-from .memory import GB, MemoryPlan, PeakMeter, estimate
+from .memory import GB, MemoryPlan, PeakMeter, estimate, limit_heap_fragmentation
 
 log = logging.getLogger("vicuna.train")
 
@@ -341,13 +341,18 @@ def wrap_distributed(model, cfg: TrainConfig, d: Dist, dtype):
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     if cfg.fsdp_cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    units = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    if not tied_embeddings(model) and not cfg.lora:
-        units += [model.get_input_embeddings(), model.get_output_embeddings()]
-    for m in units:
+    for m in fsdp_units(model, cfg):
         fully_shard(m, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def fsdp_units(model, cfg: TrainConfig) -> list:
+    """The modules sharded as their own FSDP units; the root unit holds the rest."""
+    units = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not tied_embeddings(model) and not cfg.lora:
+        units += [model.get_input_embeddings(), model.get_output_embeddings()]
+    return units
 
 
 def materialize(model, cfg: TrainConfig, d: Dist) -> None:
@@ -357,9 +362,11 @@ def materialize(model, cfg: TrainConfig, d: Dist) -> None:
     for name, buf in buffers.items():
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = buf.to(d.device)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         load_pretrained_shards(model, Path(cfg.model_path), d)
-    except Exception as e:  # DCP wraps every rank's failure; safetensors raises its own errors
+    except (Exception, CheckpointException) as e:  # DCP wraps every rank's failure (a BaseException)
         raise TrainError(f"cannot load the model from {cfg.model_path}: {type(e).__name__}: {e}") from e
     if getattr(model.config, "tie_word_embeddings", False) and not tied_embeddings(model):
         raise TrainError("internal error: the tied embeddings came apart while sharding the model")
@@ -623,10 +630,12 @@ def memory_plan(model, cfg: TrainConfig, world: int, device) -> MemoryPlan:
     """The per-rank estimate for ``model`` (real or on the meta device) under ``cfg`` at ``world`` ranks."""
     dtype = pick_dtype(cfg, device)
     inner = unwrap(model)
-    return estimate(inner, inner.config, world=world, sharded=world > 1 and cfg.fsdp != "none",
+    sharded = world > 1 and cfg.fsdp != "none"
+    return estimate(inner, inner.config, world=world, units=fsdp_units(inner, cfg) if sharded else [],
                     tokens=cfg.per_device_batch_size * cfg.max_length, compute_bytes=4 if dtype is None else 2,
                     kv_repeated=pick_attention(cfg, device) != "flash_attention_2",
-                    gradient_checkpointing=cfg.gradient_checkpointing, frozen_bytes=0.56 if cfg.qlora else 4)
+                    gradient_checkpointing=cfg.gradient_checkpointing, accumulation=cfg.gradient_accumulation_steps,
+                    frozen_bytes=0.56 if cfg.qlora else 4, offload=cfg.fsdp_cpu_offload)
 
 
 def memory_summary(meter: PeakMeter, planned: MemoryPlan, d: Dist) -> dict:
@@ -665,9 +674,6 @@ def dry_run(cfg: TrainConfig, world: int | None = None) -> tuple[MemoryPlan, str
             "per rank:"]
     notes = ["not counted: the CUDA context and allocator slack (~1-3 GB per GPU), communication buffers;"
              " on CPU, the interpreter and libraries"]
-    if cfg.fsdp_cpu_offload and plan.sharded:
-        notes.append("with --fsdp-cpu-offload the parameters, gradients and optimizer live in host RAM; the GPU "
-                     "holds the working set and activations")
     return plan, "\n".join([*head, plan.table(), *notes])
 
 
@@ -679,6 +685,8 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainInputError("--qlora does not combine with FSDP here (its 4-bit weights are not sharded); use "
                               "--fsdp none (DDP: each GPU holds the 4-bit base, small by design) or --lora")
     d = init_distributed()
+    if d.device.type == "cpu":
+        limit_heap_fragmentation()
     try:
         return _train(cfg, d, torch)
     finally:
@@ -781,7 +789,6 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
     prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     model.train()
     plans: dict[int, list] = {}
-    state = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "data": stats.to_dict()}
     progress = None
     if d.main:
         from tqdm import tqdm
