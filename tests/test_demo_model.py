@@ -6,7 +6,7 @@ import random
 import pytest
 
 from conftest import run_cli
-from vicuna.model import default_model_path, demo_model_path, load_model
+from vicuna.model import demo_model_path, load_model, resolve_model_path
 from vicuna.recipe import _first_exchanges, answer_matches, build_demo_data, evaluate_demo, normalise
 
 SHIPPED = demo_model_path()
@@ -18,15 +18,15 @@ def test_the_demo_model_is_shipped_small_and_self_describing():
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "report.md",
             "eval.json", "loss.png"} <= files
     assert (SHIPPED / "model.safetensors").stat().st_size < 10 * 2**20  # a few MB
-    lm = load_model(default_model_path(announce=False))
+    lm = load_model(resolve_model_path("demo", announce=False))
     assert lm.template.name == "vicuna_v1.1" and lm.stop_token_ids == [lm.tokenizer.eos_token_id]
     assert "chat_template" in json.loads((SHIPPED / "tokenizer_config.json").read_text()) or \
         (SHIPPED / "chat_template.jinja").exists()
 
 
-def test_chat_with_no_model_path_uses_the_demo_and_answers_hello_and_identity():
-    """What `make chat` does, as a user types it: no flags at all (the demo model ships greedy defaults)."""
-    proc = run_cli("chat", input="Hello\nWho are you?\n")
+def test_chat_with_model_path_demo_answers_hello_and_identity():
+    """`vicuna chat --model-path demo`: the bundled demo model (it ships greedy defaults)."""
+    proc = run_cli("chat", "--model-path", "demo", input="Hello\nWho are you?\n")
     assert proc.returncode == 0, proc.stderr
     assert "Using the bundled demo model" in proc.stderr
     hello, who = proc.stdout.strip().split("\n")
@@ -71,9 +71,9 @@ def test_report_card_numbers_reproduce_on_the_shipped_model(demo_data):
     assert f"| held-out perplexity | {shipped['heldout_perplexity']} |" in report
 
 
-def test_eval_answer_defaults_to_the_demo_model(tmp_path):
+def test_eval_answer_with_the_demo_model(tmp_path):
     out = tmp_path / "answers.jsonl"
-    proc = run_cli("eval", "answer", "--max-tokens", "16", "-o", out, cwd=tmp_path)
+    proc = run_cli("eval", "answer", "--model-path", "demo", "--max-tokens", "16", "-o", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 20 and all(r["status"] == "ok" and r["model_id"] == "demo-model" for r in rows)

@@ -139,3 +139,33 @@ def test_generate_stream_on_a_real_model(lm):
     assert len(others) > 1
     with pytest.raises(ContextLengthError):
         next(generate_stream(lm.model, lm.tokenizer, ids, greedy.with_(max_new_tokens=600), context_length=512))
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"repetition_penalty": 1.585e-39}, "repetition_penalty"), ({"repetition_penalty": 1e6}, "repetition_penalty"),
+    ({"temperature": float("nan")}, "temperature"), ({"top_p": float("inf")}, "top_p"),
+    ({"seed": 2**64}, "seed"), ({"seed": -1}, "seed"), ({"top_k": 1.5}, "top_k"), ({"max_new_tokens": True}, "max_tokens"),
+])
+def test_sampling_values_outside_sane_ranges_are_refused(kwargs, param):
+    """A repetition penalty of 1.6e-39 turns logits into inf and would poison a whole batch (issue 19)."""
+    with pytest.raises(GenerationError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
+
+
+def test_sampling_params_take_model_defaults_unless_the_request_sets_them():
+    from vicuna.generation import ModelDefaults, sampling_params
+
+    shipped = ModelDefaults(stop_token_ids=(2, 7), stop_strs=("###",), temperature=0.0, top_p=0.9, top_k=40,
+                            repetition_penalty=1.2)
+    p = sampling_params(shipped, max_new_tokens=8)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.0, 0.9, 40, 1.2)
+    assert p.stop_token_ids == (2, 7) and p.stop == ("###",)
+    p = sampling_params(shipped, max_new_tokens=8, temperature=0.5, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                        stop=["END", "###"])
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.5, 1.0, 0, 1.0)
+    assert p.stop == ("END", "###") and p.stop_token_ids == (2, 7)  # a request adds stops, never removes the model's
+    assert sampling_params(ModelDefaults(), max_new_tokens=1).temperature == 0.7  # FastChat's default
+    with pytest.raises(GenerationError) as e:
+        sampling_params(shipped, max_new_tokens=8, repetition_penalty=0.0)
+    assert e.value.param == "repetition_penalty"

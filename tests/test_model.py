@@ -114,13 +114,24 @@ def test_lora_adapter_is_loaded_on_its_base(tiny_model_dir, tmp_path):
         load_model(tmp_path / "adapter")
 
 
-def test_sampling_defaults_come_from_an_explicit_generation_config(model_copy):
-    from vicuna.model import sampling_defaults
+def test_model_defaults_come_from_generation_config(model_copy):
+    """Stops: EOS + template + generation_config eos_token_id (int or list); sampling: what the file sets."""
+    from vicuna.model import model_defaults
 
     path = model_copy / "generation_config.json"
     cfg = json.loads(path.read_text())
-    assert "do_sample" not in cfg and sampling_defaults(model_copy) == {}  # library default: not a choice
-    path.write_text(json.dumps({**cfg, "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
-    assert sampling_defaults(model_copy) == {"temperature": 0.6, "top_p": 0.9}
-    path.write_text(json.dumps({**cfg, "do_sample": False}))
-    assert sampling_defaults(model_copy) == {"temperature": 0.0}
+    lm = load_model(model_copy)
+    eos = lm.tokenizer.eos_token_id
+    d = model_defaults(model_copy, lm.tokenizer, lm.template)
+    assert d.stop_token_ids == (eos,) and (d.temperature, d.top_p, d.top_k) == (0.7, 1.0, 0)  # nothing shipped
+    path.write_text(json.dumps({**cfg, "eos_token_id": [eos, 17, 23], "temperature": 0.6, "top_p": 0.9,
+                                "top_k": 20, "repetition_penalty": 1.1}))
+    d = model_defaults(model_copy, lm.tokenizer, lm.template)
+    assert d.stop_token_ids == (eos, 17, 23)
+    assert (d.temperature, d.top_p, d.top_k, d.repetition_penalty) == (0.6, 0.9, 20, 1.1)
+    path.write_text(json.dumps({**cfg, "eos_token_id": 31, "do_sample": False, "temperature": 0.6}))
+    d = model_defaults(model_copy, lm.tokenizer, lm.template)
+    assert d.stop_token_ids == (eos, 31) and d.temperature == 0.0  # do_sample false: greedy
+    path.write_text(json.dumps({**cfg, "top_p": 7}))  # out of range: ignored with a warning, not every request a 400
+    assert model_defaults(model_copy, lm.tokenizer, lm.template).top_p == 1.0
+    assert load_model(model_copy).defaults.stop_token_ids == (eos,)

@@ -40,6 +40,10 @@ class ContextLengthError(GenerationError):
         self.context_length = context_length
 
 
+MAX_REPETITION_PENALTY = 10.0  # [0.1, 10]: beyond, logits scale into overflow
+MAX_SEED = 2**63 - 1  # what torch.Generator and every client language take
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings; ``temperature == 0`` means greedy."""
@@ -66,20 +70,29 @@ class SamplingParams:
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
         self.stop_token_ids = tuple(self.stop_token_ids)
-        # (ok, API parameter name, its value, rule): errors name the parameter as clients spell it
+        # (API parameter name, its value, rule, ok): errors name the parameter as clients spell it.
+        # The ranges are sane, not just legal: a repetition penalty of 1e-38 divides logits into
+        # inf and poisons the sampler, and one request must never be able to do that to a batch.
         checks = [
-            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", self.temperature, ">= 0"),
-            (0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]"),
-            (self.top_k >= 0, "top_k", self.top_k, ">= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]"),
-            (self.max_new_tokens >= 1, "max_tokens", self.max_new_tokens, ">= 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs", self.logprobs, "in [0, 20]"),
+            ("temperature", self.temperature, ">= 0 (0 = greedy)", lambda v: v >= 0),
+            ("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1),
+            ("top_k", self.top_k, "an integer >= 0 (0 = off)", lambda v: isinstance(v, int) and v >= 0),
+            ("repetition_penalty", self.repetition_penalty, f"in [{1 / MAX_REPETITION_PENALTY:g}, "
+             f"{MAX_REPETITION_PENALTY:g}] (1 = off)", lambda v: 1 / MAX_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY),
+            ("presence_penalty", self.presence_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2),
+            ("frequency_penalty", self.frequency_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2),
+            ("max_tokens", self.max_new_tokens, "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+            ("seed", self.seed, f"an integer in [0, {MAX_SEED}]",
+             lambda v: v is None or (isinstance(v, int) and 0 <= v <= MAX_SEED)),
+            ("top_logprobs", self.logprobs, "an integer in [0, 20]",
+             lambda v: v is None or (isinstance(v, int) and 0 <= v <= 20)),
         ]
-        for ok, param, value, rule in checks:
-            if not ok:
+        for param, value, rule, ok in checks:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and (not number or not math.isfinite(value) or not ok(value)):
                 raise GenerationError(f"{param} must be {rule}, got {value!r}", param=param)
+            if value is None and param not in ("seed", "top_logprobs"):
+                raise GenerationError(f"{param} must be {rule}, got None", param=param)
 
     @property
     def greedy(self) -> bool:
@@ -87,6 +100,69 @@ class SamplingParams:
 
     def with_(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """How a model wants to generate, as its authors shipped it.
+
+    ``stop_token_ids`` is the union of the tokenizer's EOS, the template's end-of-turn tokens and
+    ``generation_config.json``'s ``eos_token_id`` (an int or a list): a model whose turns end on
+    ``<|eot_id|>`` or ``<end_of_turn>`` stops there. The sampling fields are what a request gets
+    when it does not set them (see :func:`vicuna.model.model_defaults` for where they come from).
+    """
+
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strs: tuple[str, ...] = ()  # the template's text stops ("###" for the old formats)
+    temperature: float = 0.7  # FastChat's default for chat models that ship none
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def describe(self) -> str:
+        if self.temperature < 1e-5:
+            return "greedy"
+        extra = "".join(f", {k} {v:g}" for k, v, off in (("top_p", self.top_p, 1.0), ("top_k", self.top_k, 0),
+                        ("repetition_penalty", self.repetition_penalty, 1.0)) if v != off)
+        return f"temperature {self.temperature:g}{extra}"
+
+
+def sampling_params(
+    defaults: ModelDefaults,
+    *,
+    max_new_tokens: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Seq[str] | str | None = (),
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    strip_leading: bool = False,
+) -> SamplingParams:
+    """The one place a request's settings meet the model's defaults.
+
+    ``None`` means "not set by the request": the model's shipped default applies. Stops are
+    always the request's plus the model's — a request cannot switch off the end of a turn
+    (only ``ignore_eos`` can, for benchmarks). Raises :class:`GenerationError` naming the
+    offending parameter.
+    """
+    d = defaults
+    request_stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return SamplingParams(
+        temperature=d.temperature if temperature is None else temperature,
+        top_p=d.top_p if top_p is None else top_p,
+        top_k=d.top_k if top_k is None else top_k,
+        repetition_penalty=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        max_new_tokens=max_new_tokens, seed=seed,
+        stop=request_stops + tuple(s for s in d.stop_strs if s not in request_stops),
+        stop_token_ids=d.stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs, strip_leading=strip_leading,
+    )
 
 
 def fit_max_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int, default: int = 512) -> int:

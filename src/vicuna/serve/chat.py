@@ -20,8 +20,8 @@ from pathlib import Path
 from ..cli import command
 from ..conversation import TemplateError, encode, render_prompt, split_system
 from ..errors import UsageError, VicunaError
-from ..generation import GenerationError, SamplingParams, generate_stream
-from ..model import LoadedModel, add_model_args, load_from_args, sampling_defaults
+from ..generation import GenerationError, SamplingParams, generate_stream, sampling_params
+from ..model import DEFAULT_MODEL_NAME, LoadedModel, add_model_args, load_from_args
 
 HELP = """Commands:
   /help                 this help
@@ -46,7 +46,8 @@ def add_commands(sub) -> None:
         sub, "chat", run, "chat with a model in the terminal",
         description="Chat with a model in the terminal, streaming its answers.\n\n"
         "examples:\n"
-        "  vicuna chat                                  # the bundled demo model\n"
+        f"  vicuna chat                                  # the default model, {DEFAULT_MODEL_NAME}\n"
+        "  vicuna chat --model-path demo                # the tiny bundled demo model\n"
         "  vicuna chat --model-path lmsys/vicuna-7b-v1.5 --device cuda\n"
         "  echo 'Hello' | vicuna chat --model-path DIR  # answer piped lines, then exit\n\n" + HELP,
     )
@@ -54,12 +55,13 @@ def add_commands(sub) -> None:
     g = p.add_argument_group("chat")
     g.add_argument("--system", default=None, help="system prompt (default: the template's)")
     g.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default: the model's generation_config.json if it sets do_sample, else 0.7)")
+                   help="0 = greedy (default: the model's generation_config.json, else 0.7)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
                    "whose probabilities sum to P (default: the model's, else 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages tokens already in the prompt or answer")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample among the K most likely tokens; 0 = off (default: the model's, else 0)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages tokens already in the prompt or answer (default: the model's, else 1)")
     g.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--multiline", action="store_true", help="multi-line input; submit with Esc then Enter")
@@ -74,9 +76,10 @@ def add_commands(sub) -> None:
 class ChatSession:
     """The conversation state and the slash commands, independent of the terminal."""
 
-    def __init__(self, lm: LoadedModel, params: SamplingParams, system: str | None = None):
+    def __init__(self, lm: LoadedModel, settings: dict, system: str | None = None):
         self.lm = lm
-        self.params = params
+        self.settings = {k: v for k, v in settings.items() if v is not None}  # what the user set
+        self.params = self._params(self.settings)  # validates them
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.last_stats: dict[str, float] = {}
@@ -108,9 +111,7 @@ class ChatSession:
         if debug:
             debug(f"[prompt, {len(ids)} tokens]\n{text}")
         room = self.lm.context_length - len(ids)
-        params = self.params.with_(max_new_tokens=min(self.params.max_new_tokens, room),
-                                   stop_token_ids=tuple(self.lm.stop_token_ids),
-                                   stop=tuple(self.lm.template.stop_strs), strip_leading=True)
+        params = self.params.with_(max_new_tokens=min(self.params.max_new_tokens, room))
         answer, start, count = [], time.perf_counter(), 0
         self.messages.append({"role": "assistant", "content": ""})
         try:
@@ -132,8 +133,18 @@ class ChatSession:
             parsed = SETTABLE[key](value)
         except ValueError:
             raise UsageError(f"{key} needs a {SETTABLE[key].__name__}, got {value!r}") from None
-        self.params = self.params.with_(**{key: parsed})
+        try:
+            self.params = self._params({**self.settings, key: parsed})
+        except GenerationError as e:
+            raise UsageError(f"/set {key}: {e}") from None
+        self.settings[key] = parsed
         return f"{key} = {parsed}"
+
+    def _params(self, settings: dict) -> SamplingParams:
+        """The model's defaults under the user's settings (the one builder every path uses)."""
+        settings = dict(settings)
+        return sampling_params(self.lm.defaults, max_new_tokens=settings.pop("max_new_tokens", 512),
+                               strip_leading=True, **settings)
 
     def save(self, path: str) -> str:
         data = {"model": self.lm.name, "template": self.lm.template.name, "system": self.system,
@@ -229,16 +240,17 @@ class Terminal:
 
 def run(args) -> int:
     lm = load_from_args(args)
-    shipped = sampling_defaults(lm.path)
-    params = SamplingParams(
-        temperature=args.temperature if args.temperature is not None else shipped.get("temperature", 0.7),
-        top_p=args.top_p if args.top_p is not None else shipped.get("top_p", 1.0), top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    session = ChatSession(lm, params, args.system)
+    try:
+        session = ChatSession(lm, {k: getattr(args, k) for k in SETTABLE}, args.system)
+    except GenerationError as e:
+        raise UsageError(f"--{e.param.replace('_', '-')}: {e}") from None
+    params = session.params
     term = Terminal(args)
     debug = term.info if getattr(args, "debug", False) else None
     if term.interactive:
         how = "greedy" if params.greedy else f"temperature {params.temperature:g}"
+        if params.top_p < 1:
+            how += f", top_p {params.top_p:g}"
         term.info(f"Chatting with {lm.name} (template {lm.template.name}, {lm.device}, {how}). "
                   "Type /help for commands.")
     while True:

@@ -37,7 +37,8 @@ class Embeddings:
 class ModelClient(Protocol):
     async def list_models(self) -> list[str]: ...
 
-    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float = 0.7, top_p: float = 1.0,
+    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float | None = None,
+                          top_p: float | None = None,
                           max_tokens: int | None = None, stop: list[str] | None = None, seed: int | None = None
                           ) -> AsyncIterator[str]: ...
 
@@ -52,7 +53,8 @@ class ModelClient(Protocol):
 class _ClientBase:
     """``stream_chat`` (text deltas only, for UIs) on top of ``generate``."""
 
-    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float = 0.7, top_p: float = 1.0,
+    async def stream_chat(self, model: str, messages: list[dict], *, temperature: float | None = None,
+                          top_p: float | None = None,
                           max_tokens: int | None = None, stop: list[str] | None = None, seed: int | None = None
                           ) -> AsyncIterator[str]:
         req = GenerateRequest(messages=messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens,

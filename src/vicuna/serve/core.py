@@ -98,20 +98,22 @@ class GenerateRequest:
     """One completion to generate: chat ``messages`` or a raw ``prompt`` plus sampling settings.
 
     ``max_tokens=None`` means "as much as the context allows (up to the
-    engine's default)"; an explicit value that does not fit is a 400.
+    engine's default)"; an explicit value that does not fit is a 400. Unset
+    sampling fields (None) take the model's shipped defaults.
     """
 
     messages: list[dict] | None = None
     prompt: str | None = None
-    temperature: float = 0.7
-    top_p: float = 1.0
+    # sampling: None = not set by the client, the model's defaults apply (vicuna.generation.sampling_params)
+    temperature: float | None = None
+    top_p: float | None = None
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    top_k: int = 0
+    repetition_penalty: float | None = None
+    top_k: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 

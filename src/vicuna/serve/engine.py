@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from ..conversation import TemplateError, encode, render_prompt
-from ..generation import ContextLengthError, GenerationError, SamplingParams, Sequence, fit_max_new_tokens
+from ..generation import (ContextLengthError, GenerationError, ModelDefaults, SamplingParams, Sequence,
+                          fit_max_new_tokens, sampling_params)
 from .core import ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, Overloaded, ServeError
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class EngineBase:
     """What every backend shares: turning a request into prompt ids and validated sampling settings.
 
     Subclasses set ``name``, ``tokenizer``, ``template``, ``max_model_len``,
-    ``stop_token_ids`` and ``config``, and implement ``generate``, ``embed``,
+    ``defaults`` (the model's stop ids and sampling defaults) and ``config``, and implement ``generate``, ``embed``,
     ``stats``, ``info``, ``start`` and ``stop``.
     """
 
@@ -151,7 +152,7 @@ class EngineBase:
     tokenizer: Any
     template: Any
     max_model_len: int
-    stop_token_ids: list[int]
+    defaults: ModelDefaults
     config: EngineConfig
 
     def prepare(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
@@ -176,13 +177,11 @@ class EngineBase:
         try:
             max_new = fit_max_new_tokens(len(ids), request.max_tokens, self.max_model_len,
                                          default=self.config.default_max_tokens)
-            params = SamplingParams(
-                temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty, max_new_tokens=max_new, seed=request.seed,
-                stop=tuple(request.stop or ()) + tuple(getattr(self.template, "stop_strs", ())),
-                stop_token_ids=tuple(self.stop_token_ids),
-                ignore_eos=request.ignore_eos, logprobs=request.logprobs,
+            params = sampling_params(
+                self.defaults, max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p,
+                top_k=request.top_k, repetition_penalty=request.repetition_penalty,
+                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                seed=request.seed, stop=request.stop, ignore_eos=request.ignore_eos, logprobs=request.logprobs,
                 strip_leading=request.messages is not None,
             )
         except ContextLengthError as e:
@@ -206,7 +205,7 @@ class HFEngine(EngineBase):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.template = loaded.template
-        self.stop_token_ids = list(loaded.stop_token_ids)
+        self.defaults = loaded.defaults
         self.config = config or EngineConfig()
         self.max_model_len = min(self.config.max_model_len or loaded.context_length, loaded.context_length)
         self._inbox: collections.deque[_Request] = collections.deque()

@@ -16,8 +16,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from ..conversation import TemplateError, resolve_template, stop_token_ids
-from ..model import ModelLoadError, context_length_of
+from ..conversation import TemplateError, resolve_template
+from ..model import ModelLoadError, context_length_of, model_defaults
 from .core import Delta, GenerateRequest, InvalidRequest, Overloaded
 from .engine import EngineBase, EngineConfig, EngineStats
 
@@ -27,11 +27,12 @@ log = logging.getLogger(__name__)
 class VLLMEngine(EngineBase):
     backend = "vllm"
 
-    def __init__(self, engine, *, name: str, tokenizer, template, context_length: int, config: EngineConfig):
+    def __init__(self, engine, *, name: str, path: str, tokenizer, template, context_length: int,
+                 config: EngineConfig):
         self.engine, self.name, self.tokenizer, self.template = engine, name, tokenizer, template
         self.config = config
         self.max_model_len = min(config.max_model_len or context_length, context_length)
-        self.stop_token_ids = stop_token_ids(template, tokenizer)
+        self.defaults = model_defaults(path, tokenizer, template)
         self._inflight = 0
         self._stats = EngineStats()
 
@@ -58,7 +59,7 @@ class VLLMEngine(EngineBase):
             max_num_seqs=config.max_batch_size, trust_remote_code=args.trust_remote_code,
         )
         engine = AsyncLLMEngine.from_engine_args(engine_args)
-        return cls(engine, name=name, tokenizer=tokenizer, template=template,
+        return cls(engine, name=name, path=str(path), tokenizer=tokenizer, template=template,
                    context_length=config.max_model_len or context_length_of(hf_config), config=config)
 
     def start(self) -> "VLLMEngine":

