@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import TrainError
-from .distributed import Dist, broadcast_object, gather_objects
+from .distributed import Dist, gather_objects
 
 log = logging.getLogger("vicuna.train")
 

@@ -16,8 +16,8 @@ settings. Its terms, per rank, for AdamW with fp32 master weights:
       attention         b (2 a + 2 a_kv) d       q, k, v as SDPA sees them and its output
       SwiGLU MLP        4 b f                     gate, SiLU(gate), up, their product
 
-  with b the compute dtype's bytes; SDPA repeats the KV heads when it gets a mask (packing on CPU), flash-attention
-  does not. The loss adds ~12 B x vocab per token (fp32 log-softmax, its gradient, the logits' gradient). With
+  with b the compute dtype's bytes; when SDPA gets a mask (packing, padding) it repeats the KV heads and keeps
+  the mask (row length x b per token); flash-attention does neither. The loss adds ~12 B x vocab per token (fp32 log-softmax, its gradient, the logits' gradient). With
   gradient checkpointing only each layer's input (b h per token) is kept, plus one layer recomputed in backward.
 - peak = parameters + optimizer + working set + activations + gradients when gradients of earlier micro-batches
   are alive during the next one's forward (gradient accumulation); without accumulation the gradients grow as
@@ -175,24 +175,32 @@ def layer_shape(config) -> dict:
             "layers": config.num_hidden_layers, "vocab": config.vocab_size}
 
 
-def activation_bytes(shape: dict, tokens: int, *, compute_bytes: int, kv_repeated: bool,
+def layer_activation_bytes(shape: dict, *, compute_bytes: int, masked: bool, row_tokens: int) -> int:
+    """Bytes autograd saves per token in one decoder layer (see the module docstring for the terms)."""
+    h, f, d, b = shape["h"], shape["f"], shape["head_dim"], compute_bytes
+    a, kv = shape["heads"], shape["heads"] if masked else shape["kv_heads"]
+    mask = b * row_tokens if masked else 0  # SDPA keeps its (row x row) mask, per layer
+    return 2 * (4 * h + 2 * b * h) + b * (2 * a + 2 * kv) * d + 4 * b * f + mask
+
+
+def activation_bytes(shape: dict, tokens: int, *, compute_bytes: int, masked: bool, row_tokens: int,
                      checkpointed: bool) -> float:
     """Bytes autograd keeps for backward, at the loss (the step's high point), for ``tokens`` tokens per rank."""
-    h, f, d = shape["h"], shape["f"], shape["head_dim"]
-    a, kv = shape["heads"], shape["heads"] if kv_repeated else shape["kv_heads"]
-    b = compute_bytes
-    per_layer = 2 * (4 * h + 2 * b * h) + b * (2 * a + 2 * kv) * d + 4 * b * f
+    h, b = shape["h"], compute_bytes
+    per_layer = layer_activation_bytes(shape, compute_bytes=b, masked=masked, row_tokens=row_tokens)
     head = 12 * shape["vocab"] + (2 if b == 2 else 0) * shape["vocab"] + 2 * (4 * h + 2 * b * h)
     kept = shape["layers"] * (b * h if checkpointed else per_layer) + (per_layer if checkpointed else 0)
     return tokens * (kept + head)
 
 
-def estimate(model, config, *, world: int, units: list, tokens: int, compute_bytes: int, kv_repeated: bool,
-             gradient_checkpointing: bool, accumulation: int = 1, frozen_bytes: float = 4,
+def estimate(model, config, *, world: int, units: list, rows: int, row_tokens: int, compute_bytes: int,
+             masked: bool, gradient_checkpointing: bool, accumulation: int = 1, frozen_bytes: float = 4,
              offload: bool = False) -> MemoryPlan:
     """Per-rank memory of one training step of ``model`` (real or on the meta device).
 
     ``units``: the modules FSDP shards on their own (empty: no FSDP); everything else is the root unit.
+    ``rows`` x ``row_tokens``: a micro-batch. ``masked``: attention gets a mask (SDPA with packing or padding),
+    so SDPA repeats the KV heads and keeps the mask; flash-attention takes the packed rows without one.
     ``frozen_bytes``: bytes per frozen parameter (4 for a LoRA base in fp32, ~0.56 for QLoRA's NF4 with its scales).
     """
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
@@ -212,7 +220,8 @@ def estimate(model, config, *, world: int, units: list, tokens: int, compute_byt
     out = model.get_output_embeddings()
     first = 4 * out.weight.numel() if not sharded and out is not None and out.weight.requires_grad else 0
     shape = layer_shape(config)
-    kw = {"compute_bytes": compute_bytes, "kv_repeated": kv_repeated}
+    tokens = rows * row_tokens
+    kw = {"compute_bytes": compute_bytes, "masked": masked, "row_tokens": row_tokens}
     return MemoryPlan(
         world=world, sharded=sharded, parameters=total, trainable=trainable,
         params=(frozen_bytes * (total - trainable) + 4 * trainable) / div,

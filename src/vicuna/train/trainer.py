@@ -632,8 +632,8 @@ def memory_plan(model, cfg: TrainConfig, world: int, device) -> MemoryPlan:
     inner = unwrap(model)
     sharded = world > 1 and cfg.fsdp != "none"
     return estimate(inner, inner.config, world=world, units=fsdp_units(inner, cfg) if sharded else [],
-                    tokens=cfg.per_device_batch_size * cfg.max_length, compute_bytes=4 if dtype is None else 2,
-                    kv_repeated=pick_attention(cfg, device) != "flash_attention_2",
+                    rows=cfg.per_device_batch_size, row_tokens=cfg.max_length, compute_bytes=4 if dtype is None else 2,
+                    masked=pick_attention(cfg, device) != "flash_attention_2",
                     gradient_checkpointing=cfg.gradient_checkpointing, accumulation=cfg.gradient_accumulation_steps,
                     frozen_bytes=0.56 if cfg.qlora else 4, offload=cfg.fsdp_cpu_offload)
 
