@@ -470,9 +470,11 @@ class Checkpointer:
             groups = _read_json(path / OPTIMIZER)
             if not isinstance(groups, dict) or not isinstance(groups.get("param_groups"), list):
                 raise CheckpointLoadError(f"{OPTIMIZER} holds no param_groups list")
+            schedule = _read_json(path / SCHEDULER)
+            if not isinstance(schedule, dict):
+                raise CheckpointLoadError(f"{SCHEDULER} is not a scheduler state")
             same_world = state.get("world_size") == d.world and rng_file.exists()
-            return state, groups["param_groups"], _read_json(path / SCHEDULER), (
-                _read_json(rng_file) if same_world else None)
+            return state, groups["param_groups"], schedule, _read_json(rng_file) if same_world else None
 
         result, error = _everywhere(read, d)
         if error:
@@ -492,9 +494,12 @@ class Checkpointer:
         current = self.scheduler.state_dict()  # only known keys: a scheduler takes any attribute it is given
         self.scheduler.load_state_dict({**current, **{k: v for k, v in schedule.items()
                                                       if k in current and k != "lr_lambdas"}})
-        if rng is not None:
-            set_rng_state(rng)
-        elif d.main:
+        try:
+            if rng is not None:
+                set_rng_state(rng)
+        except (KeyError, TypeError, ValueError) as e:  # the weights loaded; a run without dropout does not care
+            log.warning("%s: rank %d's RNG state is unreadable (%s); not restored", path.name, d.rank, e)
+        if rng is None and d.main:
             log.warning("%s was written by %s processes, now %d: RNG state not restored", path.name,
                         state.get("world_size"), d.world)
         return state
