@@ -298,6 +298,10 @@ def test_lora_adapter_is_saved_alone_and_loads_on_the_base(tiny_model_dir, data_
     ids = torch.tensor([base.tokenizer("USER: hi ASSISTANT:", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert not torch.allclose(base.model(ids).logits, tuned.model(ids).logits)
+    # a LoRA checkpoint consolidates to an adapter folder in PEFT's own naming, which loads on the base
+    run_cli("weights", "consolidate", out / "checkpoint-2", "-o", tmp_path / "step-2", check=True)
+    assert load_file(str(tmp_path / "step-2" / "adapter_model.safetensors")).keys() == adapter.keys()
+    load_model(tiny_model_dir, device="cpu", lora=tmp_path / "step-2")
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -219,11 +219,12 @@ def _torchrun(*args, **kw):
 
 @pytest.mark.slow
 def test_fsdp_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tiny_model_dir, data_file, tmp_path):
-    common = ("--max-steps", 8, "--save-steps", 2, "--fsdp", "full_shard")
-    ref = tmp_path / "ref"  # one process, two accumulation steps: the same global batch (tested equal elsewhere)
-    train(_cfg_from_args(args_for(tiny_model_dir, data_file, ref, *common, "--gradient-accumulation-steps", 2)))
+    common = ("--max-steps", 8, "--save-steps", 2, "--fsdp", "full_shard", "--per-device-batch-size", 1)
+    ref = tmp_path / "ref"  # one process, 4 accumulation steps: the global batch of 2 ranks x 2
+    train(_cfg_from_args(args_for(tiny_model_dir, data_file, ref, *common, "--gradient-accumulation-steps", 4)))
     out = tmp_path / "out"
     env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+    common = (*common, "--gradient-accumulation-steps", 2)  # FSDP reduce-scatters after each micro-batch
     cmd = _torchrun(*args_for(tiny_model_dir, data_file, out, *common, "--throttle", 0.5)[1:])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
