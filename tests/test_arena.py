@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import subprocess
 import sys
@@ -108,6 +110,74 @@ def test_unusable_path_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArenaError, match="cannot create the folder"):
         ArenaStore(tmp_path / "file" / "arena.db")
+
+
+def test_database_and_its_wal_and_shm_are_private(tmp_path):
+    """Conversations are in the file: it and SQLite's side files are the server user's only (0600)."""
+    old = os.umask(0o022)
+    try:
+        store = ArenaStore(tmp_path / "a.db", salt="s")
+        add_battle(store, 1, "x", "y", "model_a")  # writes: the -wal and -shm files exist now
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        store.close()
+    finally:
+        os.umask(old)
+    assert {"a.db", "a.db-wal", "a.db-shm"} <= set(modes), modes
+    assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+def test_locked_database_is_retried_a_bounded_number_of_times(tmp_path, caplog):
+    store = ArenaStore(tmp_path / "a.db", busy_timeout=0.05, attempts=3)
+    holder = sqlite3.connect(tmp_path / "a.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # another process (a sqlite3 shell) holds the write lock
+    with pytest.raises(ArenaError, match=r"is locked by another process \(tried 3 times"):
+        store.save_conversation("c1", mode="chat", model="m", messages=[])
+    assert caplog.text.count("is locked (attempt") == 2
+    holder.execute("COMMIT")
+    store.save_conversation("c1", mode="chat", model="m", messages=[])  # works again at once
+
+    # A lock released while we retry: the write goes through.
+    released = threading.Event()
+
+    class ReleaseOnRetry(logging.Handler):
+        def emit(self, record):
+            if "is locked (attempt 1" in record.getMessage() and not released.is_set():
+                holder.execute("COMMIT")
+                released.set()
+
+    holder.execute("BEGIN EXCLUSIVE")
+    handler = ReleaseOnRetry()
+    logging.getLogger("vicuna.serve.arena").addHandler(handler)
+    try:
+        store.save_conversation("c2", mode="chat", model="m", messages=[])
+    finally:
+        logging.getLogger("vicuna.serve.arena").removeHandler(handler)
+    assert released.is_set() and store.conversation("c2") is not None
+    holder.close()
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_deleted_or_replaced_database_fails_loudly_and_is_not_recreated(tmp_path, how):
+    db = tmp_path / "a.db"
+    store = ArenaStore(db, salt="s")
+    add_battle(store, 1, "x", "y", "model_a")
+    for p in tmp_path.glob("a.db*"):  # rm arena.db*
+        p.unlink()
+    if how == "replaced":  # e.g. a backup copied into place
+        with ArenaStore(tmp_path / "backup.db", salt="s") as other:
+            add_battle(other, 7, "p", "q", "model_b")
+        os.replace(tmp_path / "backup.db", db)
+    for use in (lambda: store.save_conversation("c", mode="chat", model="m", messages=[]),
+                lambda: add_battle(store, 2, "x", "y", "tie"), store.battles, store.counts):
+        with pytest.raises(ArenaError, match=f"was {how}.* while the server was running"):
+            use()
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(ArenaError, store.battles)))
+    worker.start()  # a thread that never had a connection must not create an empty database either
+    worker.join()
+    assert errors and db.exists() == (how == "replaced")
+    store.close()
 
 
 def test_concurrent_writers_threads_and_processes(tmp_path):
@@ -233,3 +303,21 @@ def test_cli_export_and_leaderboard(tmp_path):
     assert zero.returncode == 2 and "--bootstrap" in zero.stderr
     helptext = run_cli("arena", "leaderboard", "--help", check=True).stdout
     assert "example" in helptext and "--bootstrap" in helptext
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path):
+    """Databases written before endpoints (schema 1) gain the two columns; their votes stay."""
+    db = tmp_path / "a.db"
+    with ArenaStore(db, salt="s") as store:
+        add_battle(store, 1, "x", "y", "model_a")
+    conn = sqlite3.connect(db)
+    conn.executescript("ALTER TABLE conversations DROP COLUMN served_by; "
+                       "ALTER TABLE conversations DROP COLUMN upstream_model; PRAGMA user_version = 1;")
+    conn.close()
+    with ArenaStore(db, salt="s") as store:
+        (vote,) = list(store.iter_votes())
+        assert (vote["model_a"], vote["served_by_a"], vote["upstream_model_b"]) == ("x", "local", None)
+        store.save_conversation("c", mode="battle", model="e", messages=[], served_by="endpoint",
+                                upstream_model="gpt-x")
+        assert store.conversation("c")["upstream_model"] == "gpt-x"
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2

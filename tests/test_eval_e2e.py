@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -29,15 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def tiny_server(tiny_model_dir):
+@contextlib.contextmanager
+def served_model(model_dir, name: str, *extra: str, start_timeout: float = 300):
+    """`vicuna serve MODEL` in a subprocess on a free loopback port; yields its /v1 base URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "serve", "--model-path", str(tiny_model_dir), "--model-name", "tiny",
-         "--port", str(port)], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "vicuna", "serve", "--model-path", str(model_dir), "--model-name", name,
+         "--port", str(port), *extra], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"vicuna serve exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
@@ -47,15 +49,21 @@ def tiny_server(tiny_model_dir):
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
-                raise AssertionError("vicuna serve did not come up in 120 s")
+                raise AssertionError(f"vicuna serve did not come up in {start_timeout:.0f} s")
             time.sleep(0.3)
         yield f"{base}/v1"
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def tiny_server(tiny_model_dir):
+    with served_model(tiny_model_dir, "tiny", start_timeout=120) as url:
+        yield url
 
 
 def _answers_in(prompt: str) -> list[str]:

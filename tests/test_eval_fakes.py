@@ -76,7 +76,7 @@ class ScriptedServer:
                     err = {"error": {"message": f"scripted failure {reply.status}", "type": "server_error"}}
                     self._send(reply.status, json.dumps(err).encode())
                 else:
-                    self._send(200, json.dumps(completion(body.get("model", server.model), reply.text)).encode())
+                    self._send(200, json.dumps(completion(body, reply.text)).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -92,12 +92,20 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
-def completion(model: str, text: str) -> dict:
+def completion(body: dict, text: str) -> dict:
     return {
-        "id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model", "scripted"),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "usage": usage(body, text),
     }
+
+
+def usage(body: dict, text: str) -> dict:
+    """Token usage as the scripted server reports it: one token per whitespace-separated word."""
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    completion = len(text.split())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def user_text(body: dict) -> str:
@@ -122,8 +130,9 @@ def test_client_retries_then_records(caplog):
               3: Reply(delay=1.5, text="late"), 4: Reply(status=429), 5: Reply(raw=b'{"choices": []}')}
     with ScriptedServer(lambda body, n: script.get(n, "finally")) as s:
         ep = Endpoint(api_base=s.base_url, model="m", timeout=0.5, retries=5, backoff=0.01)
-        text, attempts = chat(ep, [{"role": "user", "content": "q"}])
-        assert (text, attempts) == ("finally", 6)
+        reply = chat(ep, [{"role": "user", "content": "q"}])
+        assert (reply.text, reply.attempts) == ("finally", 6)
+        assert reply.usage == {"prompt_tokens": 1, "completion_tokens": 1}  # "q" in, "finally" out
     with ScriptedServer(lambda body, n: Reply(status=503)) as s:
         ep = Endpoint(api_base=s.base_url, model="m", timeout=5, retries=2, backoff=0.01)
         try:

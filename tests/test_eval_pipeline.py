@@ -380,7 +380,7 @@ def test_bad_inputs_are_named(tmp_path):
                    "--judge-model", "j", "--judge-api-base", "http://127.0.0.1:9/v1")
     assert proc.returncode == 2 and "nothing to judge" in proc.stderr
     help_ = run_cli("eval", "judge", "--help", check=True).stdout
-    assert "pairwise-score" in help_ and "example:" in help_
+    assert "pairwise-score" in help_ and "examples:" in help_ and "--protocol" in help_
 
 
 def test_run_config_with_existing_answers_and_config_errors(tmp_path, answered):

@@ -2,6 +2,10 @@
 
 A tiny random LLaMA answers gibberish, which is fine: the tests check the
 protocol, the batching invariants and the error handling, not the prose.
+The API's conformance tests run once per backend: ``hf`` (our engine, the tiny
+model) and ``llamacpp`` (the real SmolLM2 GGUF through llama.cpp, served under
+the same name and context limit; skipped with the reason when xllamacpp or the
+GGUF is not installed).
 """
 
 from __future__ import annotations
@@ -32,9 +36,29 @@ def loaded(tiny_model_dir):
     return load_model(tiny_model_dir, device="cpu", model_name="tiny")
 
 
-@pytest.fixture(scope="module")
-def engine(loaded):
-    eng = HFEngine(loaded, EngineConfig(max_batch_size=32)).start()
+def start_engine(backend: str, loaded, **config):
+    """An engine of ``backend`` serving as "tiny" with a 512-token context, like the tiny model's."""
+    if backend == "hf":
+        return HFEngine(loaded, EngineConfig(**config)).start()
+    pytest.importorskip("xllamacpp", reason="the llamacpp backend needs the xllamacpp wheel (.[llamacpp])")
+    from vicuna.serve.launch import ModelConfig, load_engine
+
+    return load_engine(ModelConfig(model_path=str(smollm2_gguf()), model_name="tiny", backend="llamacpp", threads=2),
+                       EngineConfig(**{"max_model_len": 512, **config}))
+
+
+def smollm2_gguf():
+    from vicuna.weights.gguf import WeightsError, default_gguf
+
+    try:
+        return default_gguf()
+    except WeightsError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module", params=["hf", "llamacpp"])
+def engine(request, loaded):
+    eng = start_engine(request.param, loaded, max_batch_size=32)
     yield eng
     eng.stop()
 
@@ -60,17 +84,18 @@ def wait_idle(engine, timeout=10.0):
     raise AssertionError(f"engine still busy: {engine.stats()}")
 
 
-def prompt_tokens(loaded, messages):
-    return len(encode(loaded.tokenizer, render_prompt(loaded.template, messages, loaded.tokenizer)))
+def prompt_tokens(model, messages):
+    """Prompt length as the model's own tokenizer and template give it (a LoadedModel or an engine)."""
+    return len(encode(model.tokenizer, render_prompt(model.template, messages, model.tokenizer)))
 
 
 # ---------------------------------------------------------------------- the engine alone
 
 
 def test_engine_greedy_batched_equals_single_request_generation(loaded):
-    """Rows join mid-batch, leave at different times, and the small max_model_len forces the cache to move;
-    every output must equal plain one-request generation."""
-    engine = HFEngine(loaded, EngineConfig(max_batch_size=8, max_model_len=176)).start()
+    """Rows join mid-batch (prefilled together when they arrive together), leave at different times and cross
+    many 4-token block boundaries; every output must equal plain one-request generation."""
+    engine = HFEngine(loaded, EngineConfig(max_batch_size=8, max_model_len=176, block_size=4)).start()
     prompts = [[{"role": "user", "content": "word " * (1 + i)}] for i in range(12)]
     lengths = [prompt_tokens(loaded, m) for m in prompts]
     budgets = [min(b, 176 - n) for b, n in zip([100] + [40 - 2 * i for i in range(1, 12)], lengths)]
@@ -97,11 +122,10 @@ def test_engine_greedy_batched_equals_single_request_generation(loaded):
     assert steps < sum(budgets) / 3  # requests really shared decode steps
 
 
-def test_engine_cache_shifts_keep_outputs_exact(loaded):
-    """A much longer prompt joining a running row shifts the cache right; when it leaves, the padding it
-    left is compacted away (a left shift). Both happen whatever the machine's speed: the long prompt is
-    ~95 tokens longer than the short one, and it joins right after the short one's first token."""
-    engine = HFEngine(loaded, EngineConfig(max_batch_size=4, max_model_len=256)).start()
+def test_engine_long_joiner_keeps_outputs_exact(loaded):
+    """A much longer prompt joins a running short row right after its first token: the decode step then
+    gathers rows of very different lengths (many blocks against a few); both outputs stay exact."""
+    engine = HFEngine(loaded, EngineConfig(max_batch_size=4, max_model_len=256, block_size=8)).start()
     short, long = [{"role": "user", "content": "word"}], [{"role": "user", "content": "word " * 20}]
 
     async def run_both():
@@ -122,9 +146,7 @@ def test_engine_cache_shifts_keep_outputs_exact(loaded):
         return await a, b
 
     try:
-        before = engine.stats().cache_shifts
         got = asyncio.run(run_both())
-        shifts = engine.stats().cache_shifts - before
     finally:
         engine.stop()
     for msgs, n, text in zip((short, long), (120, 3), got):
@@ -132,7 +154,6 @@ def test_engine_cache_shifts_keep_outputs_exact(loaded):
         want, _, _ = generate(loaded.model, loaded.tokenizer, ids,
                               SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, strip_leading=True))
         assert text == want
-    assert shifts >= 2, shifts  # right for the long joiner, left once it left
 
 
 def test_engine_eager_attention_float_mask_matches(tiny_model_dir):
@@ -160,6 +181,9 @@ def test_engine_eager_attention_float_mask_matches(tiny_model_dir):
 
 
 def test_engine_seeded_sampling_is_independent_of_batch(loaded, engine):
+    if engine.backend == "llamacpp":
+        pytest.skip("llama.cpp's kernels are not batch-invariant: an answer may change with what else is in the "
+                    "batch (docs/serving.md, Backends)")
     req = GenerateRequest(messages=HELLO, temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
     others = [GenerateRequest(messages=[{"role": "user", "content": f"other {i}" * i}], temperature=1.0,
                               max_tokens=30, ignore_eos=True) for i in range(1, 6)]
@@ -178,25 +202,27 @@ def test_engine_seeded_sampling_is_independent_of_batch(loaded, engine):
 # ---------------------------------------------------------------------- official OpenAI client
 
 
-def test_models_chat_and_usage_from_real_tokenizer(client, loaded):
+def test_models_chat_and_usage_from_real_tokenizer(client, engine):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason in ("stop", "length")
-    assert r.usage.prompt_tokens == prompt_tokens(loaded, HELLO)
+    assert r.usage.prompt_tokens == prompt_tokens(engine, HELLO)
     assert 1 <= r.usage.completion_tokens <= 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_system_message_replaces_default_system_prompt(client, loaded):
+def test_system_message_replaces_default_system_prompt(client, engine):
     msgs = [{"role": "system", "content": "Be brief."}, *HELLO]
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, temperature=0)
-    assert r.usage.prompt_tokens == prompt_tokens(loaded, msgs)
-    assert "Be brief." in render_prompt(loaded.template, msgs, loaded.tokenizer)
-    assert loaded.template.system not in render_prompt(loaded.template, msgs, loaded.tokenizer)
+    assert r.usage.prompt_tokens == prompt_tokens(engine, msgs)
+    with_system = render_prompt(engine.template, msgs, engine.tokenizer)
+    default = render_prompt(engine.template, HELLO, engine.tokenizer)
+    # both templates have a long default system prompt: replaced by "Be brief.", the prompt gets shorter
+    assert "Be brief." in with_system and len(with_system) < len(default)
 
 
-def test_streaming_role_first_content_finish_usage_done(client, server, loaded):
+def test_streaming_role_first_content_finish_usage_done(client, server, engine):
     full = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20, temperature=0)
     chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
@@ -206,15 +232,15 @@ def test_streaming_role_first_content_finish_usage_done(client, server, loaded):
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
-    assert chunks[-1].usage.prompt_tokens == prompt_tokens(loaded, HELLO)
-    raw = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens(engine, HELLO)
+    raw = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
                      json={"model": "tiny", "messages": HELLO, "max_tokens": 3, "stream": True}).text
     events = [e for e in raw.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert "usage" not in json.loads(events[1][6:])  # only with include_usage
 
 
-def test_async_client_n2_seed_and_stop_list(server):
+def test_async_client_n2_seed_and_stop_list(server, engine):
     async def main():
         ac = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
         r = await ac.chat.completions.create(model="tiny", messages=HELLO, n=2, temperature=1.0, seed=7,
@@ -233,7 +259,8 @@ def test_async_client_n2_seed_and_stop_list(server):
 
     r, again, per_choice, greedy = asyncio.run(main())
     assert [c.index for c in r.choices] == [0, 1]
-    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]  # seeded
+    if engine.backend == "hf":  # llama.cpp is not batch-invariant: the two choices, batched, may drift
+        assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]  # seeded
     assert r.choices[0].message.content != r.choices[1].message.content  # distinct seeds per choice
     assert r.usage.completion_tokens == 32
     assert all(reasons[-1] in ("stop", "length") for reasons in per_choice.values())
@@ -252,7 +279,7 @@ def test_parameters_and_unknown_fields(server, client):
         model="tiny", messages=HELLO, max_completion_tokens=3, presence_penalty=1.5, frequency_penalty=0.5,
         top_p=0.9, user="someone", extra_body={"ignore_eos": True, "logit_bias": {}, "no_such_field": [1, 2]})
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
-    r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+    r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
                    json={"model": "tiny", "messages": HELLO, "max_tokens": 2, "stop": "x", "whatever": True})
     assert r.status_code == 200
 
@@ -273,7 +300,11 @@ def test_completions_echo_and_logprobs(client):
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
 
 
-def test_embeddings_base64_default_and_float(client, loaded):
+def test_embeddings_base64_default_and_float(client, loaded, engine):
+    if engine.backend != "hf":  # a clear 400, not a crash or a silent zero vector
+        with pytest.raises(openai.BadRequestError, match="embeddings are served by the hf backend"):
+            client.embeddings.create(model="tiny", input=["hello world"])
+        return
     default = client.embeddings.create(model="tiny", input=["hello world", "Paris"])  # the client asks for base64
     floats = client.embeddings.create(model="tiny", input=["hello world", "Paris"], encoding_format="float")
     assert len(default.data) == 2 and len(default.data[0].embedding) == loaded.model.config.hidden_size
@@ -328,6 +359,9 @@ def test_32_concurrent_streams_equal_one_by_one(server, engine):
 
     before = engine.stats().decode_steps
     concurrent = asyncio.run(main())
+    if engine.backend == "llamacpp":  # not batch-invariant: batched greedy answers drift from solo ones
+        assert len(concurrent) == 32 and all(concurrent), concurrent  # every stream was served
+        return
     assert concurrent == one_by_one
     assert engine.stats().decode_steps - before < 24 * 32 / 4  # they were decoded together
 
@@ -366,8 +400,9 @@ def test_disconnect_mid_stream_frees_the_slot(server, engine):
     assert after.generated_tokens - before.generated_tokens < 4 * 400
 
 
-def test_full_queue_answers_429_with_retry_after(loaded):
-    engine = HFEngine(loaded, EngineConfig(max_batch_size=1, max_queue=1)).start()
+@pytest.mark.parametrize("backend", ["hf", "llamacpp"])
+def test_full_queue_answers_429_with_retry_after(loaded, backend):
+    engine = start_engine(backend, loaded, max_batch_size=1, max_queue=1)
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 300, "stream": True, "ignore_eos": True}
     try:
         with ServerThread(create_app(LocalClient({"tiny": engine}))) as url:
@@ -471,7 +506,8 @@ def test_health_and_prometheus_metrics(server, client):
                    'vicuna_time_to_first_token_seconds_count{model="tiny"}',
                    'vicuna_requests_total{endpoint="/v1/chat/completions",status="200"}',
                    'vicuna_requests_total{endpoint="/v1/chat/completions",status="400"}',
-                   'vicuna_engine_requests_aborted_total{model="tiny"}'):
+                   'vicuna_engine_requests_aborted_total{model="tiny"}', 'vicuna_kv_cache_free_blocks{model="tiny"}',
+                   'vicuna_engine_preemptions_total{model="tiny"}'):
         assert needle in text, needle
 
 
@@ -552,8 +588,12 @@ def test_cli_controller_and_api_front_end():
         assert httpx.get(f"http://127.0.0.1:{cport}/workers").status_code == 401  # the secret is required
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{aport}/v1", api_key="x", max_retries=0)
         assert c.models.list().data == []
-        with pytest.raises(openai.NotFoundError):
+        # Right after a controller (re)start its workers may not have registered yet: 503 + Retry-After,
+        # which clients retry, not a 404 they give up on.
+        with pytest.raises(openai.APIStatusError) as e:
             c.chat.completions.create(model="tiny", messages=HELLO)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"]
+        assert e.value.body["code"] == "model_unavailable" and "just started" in e.value.body["message"]
     finally:
         for p in procs:
             p.terminate()

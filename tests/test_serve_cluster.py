@@ -122,6 +122,52 @@ def test_two_workers_share_load_through_the_api(cluster):
         client.chat.completions.create(model="other", messages=HELLO)
 
 
+def test_sigstopped_worker_does_not_hang_clients(cluster):
+    """A hung worker (SIGSTOP: its port still accepts connections, nothing answers) must not hang anyone:
+    its started stream ends with an error event, requests routed to it are retried on the other worker,
+    and it is avoided from then on."""
+    import asyncio
+
+    auth = cluster["auth"]
+
+    def front_end():  # short silences, to keep the test quick; the defaults are 10 s (and 5 s for /health)
+        client = ControllerClient(cluster["controller"], secret=SECRET, first_byte_timeout=1, chunk_timeout=1,
+                                  probe_timeout=1)
+        return client, ServerThread(create_app(client))
+
+    def running(address):
+        return httpx.post(address + "/worker_get_status", headers=auth, timeout=5).json()["running"]
+
+    client, api = front_end()
+    other, other_api = front_end()
+    with api, other_api:
+        oc = openai.OpenAI(base_url=api.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = iter(oc.chat.completions.create(model="tiny", messages=HELLO, max_tokens=400, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+        next(stream), next(stream)
+        ((proc, address),) = [(p, a) for p, a in cluster["workers"] if running(a)]
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            # Until its heartbeats expire the controller still hands out the stopped worker (its queue is
+            # the shorter one as soon as the other has two requests): those requests have not started,
+            # so they are retried on the other worker; nothing fails, nothing hangs.
+            async def batch():
+                ac = openai.AsyncOpenAI(base_url=other_api.url + "/v1", api_key="x", max_retries=0, timeout=60)
+                return await asyncio.gather(*(ac.chat.completions.create(
+                    model="tiny", messages=HELLO, max_tokens=4) for _ in range(6)))
+
+            assert all(r.choices for r in asyncio.run(batch()))
+            assert other.hung_workers() == [address]  # some were routed there, and it is avoided now
+            # The stream that had started on it ends with an error event.
+            with pytest.raises(openai.APIError, match="stopped responding"):
+                for _ in stream:
+                    pass
+            assert client.hung_workers() == [address]
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(cluster["live"]()) == 2, EXPIRY + 10, "the resumed worker to register again")
+
+
 def test_sigkill_worker_is_dropped_and_requests_go_to_the_other(cluster):
     client = openai.OpenAI(base_url=cluster["api"] + "/v1", api_key="x", max_retries=0)
     proc, dead = cluster["workers"][0]

@@ -30,6 +30,9 @@ class ScriptedClient:
     async def list_models(self) -> list[str]:
         return list(self.answers)
 
+    def describe(self, model):
+        return None
+
     async def stream_chat(self, model, messages, **params):
         self.calls.append((model, messages, params))
         for n, word in enumerate(self.answers[model].split(" ")):
@@ -56,6 +59,11 @@ def store(tmp_path):
     s.close()
 
 
+def session(*messages: dict) -> dict:
+    """A chat session's server-held state holding ``messages``."""
+    return {"messages": list(messages)}
+
+
 def make_app(store, client=None, **settings) -> WebApp:
     client = client or ScriptedClient({"alpha": "Hello there, first answer", "bravo": "A second answer"})
     return WebApp(client, store, WebSettings(**settings), rng=random.Random(0))
@@ -64,23 +72,23 @@ def make_app(store, client=None, **settings) -> WebApp:
 def test_limits_are_specific(store):
     app = make_app(store, max_input_chars=20, max_turns=2, rate_limit=3)
     with pytest.raises(WebError) as e:
-        app.chat_add_user("   ", [], IP)
+        app.chat_add_user("   ", None, IP)
     assert e.value.title == "Empty message"
     with pytest.raises(WebError, match="has 21 characters; the limit is 20") as e:
-        app.chat_add_user("x" * 21, [], IP)
+        app.chat_add_user("x" * 21, None, IP)
     assert e.value.title == "Message too long"
     two_turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
     with pytest.raises(WebError, match="limit of 2 turns") as e:
-        app.chat_add_user("hi", two_turns, IP)
+        app.chat_add_user("hi", session(*two_turns), IP)
     assert e.value.title == "Too many turns"
-    box, history = app.chat_add_user("  hi ", [], IP)
-    assert box == "" and history == [{"role": "user", "content": "hi"}]
-    app.chat_add_user("hi", [], IP)
-    app.chat_add_user("hi", [], IP)  # refused messages did not count: this is the third
+    box, shown, state = app.chat_add_user("  hi ", None, IP)
+    assert box == "" and shown == state["messages"] == [{"role": "user", "content": "hi"}]
+    app.chat_add_user("hi", None, IP)
+    app.chat_add_user("hi", None, IP)  # refused messages did not count: this is the third
     with pytest.raises(WebError, match=r"more than 3 messages in 60 s\. Try again in \d+ s") as e:
-        app.chat_add_user("hi", [], IP)
+        app.chat_add_user("hi", None, IP)
     assert e.value.title == "Rate limited"
-    app.chat_add_user("hi", [], "192.0.2.1")  # another client is not limited
+    app.chat_add_user("hi", None, "192.0.2.1")  # another client is not limited
 
 
 def test_rate_limiter_window():
@@ -94,8 +102,8 @@ def test_rate_limiter_window():
 def test_chat_streams_and_stores(store):
     client = ScriptedClient({"alpha": "one two three four"})
     app = make_app(store, client)
-    _, history = app.chat_add_user("Count please", [], IP)
-    outs = collect(app.chat_stream(history, None, "alpha", 0.3, 0.9, 64, IP))
+    _, _, state = app.chat_add_user("Count please", None, IP)
+    outs = collect(app.chat_stream(state, "alpha", 0.3, 0.9, 64, IP))
     texts = [h[-1]["content"] for h, _, _ in outs if h[-1]["role"] == "assistant"]
     assert texts[-1] == "one two three four"
     assert len(set(texts)) >= 4  # streamed piece by piece, not in one block
@@ -109,15 +117,15 @@ def test_chat_streams_and_stores(store):
     assert conv["params"] == {"temperature": 0.3, "top_p": 0.9, "max_tokens": 64}
     assert conv["ip_hash"] == store.hash_ip(IP) and IP not in str(conv)
 
-    # Gradio 6 sends content back as a list of text parts; regenerate replaces the last answer.
-    gradio_history = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in outs[-1][0]]
-    regen = app.chat_regenerate(gradio_history, IP)
-    assert regen[-1]["role"] == "user"
-    outs2 = collect(app.chat_stream(regen, state, "alpha", 0.3, 0.9, 64, IP))
+    assert state["messages"] == outs[-1][0]  # the server's copy is what was shown
+    # Regenerate replaces the last answer.
+    regen = app.chat_regenerate(state, IP)
+    assert regen["messages"][-1]["role"] == "user"
+    outs2 = collect(app.chat_stream(regen, "alpha", 0.3, 0.9, 64, IP))
     assert outs2[-1][2]["conv_id"] == state["conv_id"]
     assert client.calls[1][1] == [{"role": "user", "content": "Count please"}]
     with pytest.raises(WebError, match="Send a message first"):
-        app.chat_regenerate([], IP)
+        app.chat_regenerate(None, IP)
 
     # Feedback on the answer at index 1.
     assert "👍" in app.feedback(state, 1, True, IP)
@@ -128,8 +136,8 @@ def test_chat_streams_and_stores(store):
 
     # Switching the model starts a new stored conversation (the history stays on screen).
     client.answers["bravo"] = "bravo here"
-    _, history = app.chat_add_user("again", outs2[-1][0], IP)
-    outs3 = collect(app.chat_stream(history, outs2[-1][2], "bravo", 0.7, 1, 8, IP))
+    _, _, state2 = app.chat_add_user("again", outs2[-1][2], IP)
+    outs3 = collect(app.chat_stream(state2, "bravo", 0.7, 1, 8, IP))
     new_state = outs3[-1][2]
     assert new_state["conv_id"] != state["conv_id"] and new_state["model"] == "bravo"
     assert store.conversation(new_state["conv_id"])["messages"][-1]["content"] == "bravo here"
@@ -140,7 +148,7 @@ def test_client_gone_keeps_partial_answer_as_cancelled(store):
     app = make_app(store, ScriptedClient({"alpha": "a b c d e f g h"}, delay=0.01))
 
     async def run():
-        agen = app.chat_stream([{"role": "user", "content": "go"}], None, "alpha", 0.7, 1, 16, IP)
+        agen = app.chat_stream(session({"role": "user", "content": "go"}), "alpha", 0.7, 1, 16, IP)
         seen = []
         async for out in agen:
             seen.append(out)
@@ -174,7 +182,7 @@ def test_stop_button_ends_a_stalled_stream_and_keeps_the_text(store):
     async def run(reason):
         outs = []
         async def consume():
-            async for out in app.chat_stream([{"role": "user", "content": "go"}], None, "alpha", 0.7, 1, 16, IP,
+            async for out in app.chat_stream(session({"role": "user", "content": "go"}), "alpha", 0.7, 1, 16, IP,
                                               stop_key="s1:chat"):
                 outs.append(copy.deepcopy(out))
         task = asyncio.create_task(consume())
@@ -201,10 +209,10 @@ def test_stopped_battle_can_still_be_voted_on(store):
     app = make_app(store, StallingClient({"alpha": "", "bravo": ""}))
 
     async def run():
-        _, ha, hb, state = await app.arena_add_user("hi", [], [], None, None, None, anonymous=True, ip=IP)
+        _, ha, hb, state = await app.arena_add_user("hi", None, None, None, anonymous=True, ip=IP)
         outs = []
         async def consume():
-            async for out in app.arena_stream(ha, hb, state, 0.7, 1, 16, IP, stop_key="s:arena"):
+            async for out in app.arena_stream(state, 0.7, 1, 16, IP, stop_key="s:arena"):
                 outs.append(copy.deepcopy(out))
         task = asyncio.create_task(consume())
         while not outs or outs[-1][0][-1]["content"] != "one two" or outs[-1][1][-1]["content"] != "one two":
@@ -215,7 +223,7 @@ def test_stopped_battle_can_still_be_voted_on(store):
 
     ha, hb, status, state = asyncio.run(run())[-1]
     assert state["answered"] and status.startswith("*Stopped.* Vote")
-    reveal, _ = asyncio.run(app.vote(state, ha, hb, "model_a", IP))
+    reveal, _ = asyncio.run(app.vote(state, "model_a", IP))
     assert "A is better" in reveal
     assert [c["finish"] for c in store.iter_conversations()] == ["stopped", "stopped"]
 
@@ -236,7 +244,7 @@ def test_stopped_battle_can_still_be_voted_on(store):
 def test_generation_errors_say_what_failed(store, error, title, words):
     assert describe_error(error, "alpha")[0] == title
     app = make_app(store, ScriptedClient({"alpha": "partial answer here"}, errors={"alpha": error}, fail_after=2))
-    outs = collect(app.chat_stream([{"role": "user", "content": "hi"}], None, "alpha", 0.7, 1, 16, IP))
+    outs = collect(app.chat_stream(session({"role": "user", "content": "hi"}), "alpha", 0.7, 1, 16, IP))
     history, status, state = outs[-1]
     assert status.startswith(f"**Error — {title}**")
     assert all(w in status for w in words), status
@@ -247,13 +255,14 @@ def test_generation_errors_say_what_failed(store, error, title, words):
 
 def test_failed_chat_before_any_text_keeps_prompt_for_retry(store):
     app = make_app(store, ScriptedClient({"alpha": "x"}, errors={"alpha": Unavailable("down")}))
-    outs = collect(app.chat_stream([{"role": "user", "content": "hi"}], None, "alpha", 0.7, 1, 16, IP))
-    assert outs[-1][0] == [{"role": "user", "content": "hi"}]
+    outs = collect(app.chat_stream(session({"role": "user", "content": "hi"}), "alpha", 0.7, 1, 16, IP))
+    assert outs[-1][0] == outs[-1][2]["messages"] == [{"role": "user", "content": "hi"}]
     # Sending again replaces the unanswered prompt (roles keep alternating).
-    _, history = app.chat_add_user("hello", outs[-1][0], IP)
-    assert history == [{"role": "user", "content": "hello"}]
-    assert app.chat_regenerate(outs[-1][0], IP) == [{"role": "user", "content": "hi"}]  # or Regenerate retries it
-    assert "No model selected" in collect(app.chat_stream(history, None, None, 0.7, 1, 16, IP))[-1][1]
+    _, shown, state = app.chat_add_user("hello", outs[-1][2], IP)
+    assert shown == state["messages"] == [{"role": "user", "content": "hello"}]
+    retry = app.chat_regenerate(outs[-1][2], IP)  # or Regenerate retries it
+    assert retry["messages"] == [{"role": "user", "content": "hi"}]
+    assert "No model selected" in collect(app.chat_stream(state, None, 0.7, 1, 16, IP))[-1][1]
 
 
 def test_merge_streams_interleaves():
@@ -276,18 +285,16 @@ def test_merge_streams_interleaves():
     assert any(i == 0 and isinstance(e, Unavailable) for i, _, e in items)
 
 
-def run_round(app, text, hist_a, hist_b, state, model_a=None, model_b=None, anonymous=True):
-    _, ha, hb, state = asyncio.run(app.arena_add_user(text, hist_a, hist_b, state, model_a, model_b,
-                                                      anonymous=anonymous, ip=IP))
-    outs = collect(app.arena_stream(ha, hb, state, 0.7, 1.0, 32, IP))
-    return outs
+def run_round(app, text, state, model_a=None, model_b=None, anonymous=True, ip=IP, sampling=(0.7, 1.0, 32)):
+    _, ha, hb, state = asyncio.run(app.arena_add_user(text, state, model_a, model_b, anonymous=anonymous, ip=ip))
+    return collect(app.arena_stream(state, *sampling, ip))
 
 
 def test_battle_is_anonymous_until_vote(store):
     client = ScriptedClient({"alpha": "Paris is the capital", "bravo": "It is Paris", "charlie": "Lyon"},
                             delay=0.001)
     app = make_app(store, client)
-    outs = run_round(app, "Capital of France?", [], [], None)
+    outs = run_round(app, "Capital of France?", None)
     ha, hb, status, state = outs[-1]
     a, b = state["models"]
     assert a != b and {a, b} <= {"alpha", "bravo", "charlie"}
@@ -300,11 +307,11 @@ def test_battle_is_anonymous_until_vote(store):
                for x in outs if x[0][-1]["role"] == "assistant")
 
     # A second turn in the same round keeps the same pair and conversations.
-    outs = run_round(app, "And of Italy?", ha, hb, state)
+    outs = run_round(app, "And of Italy?", state)
     ha, hb, _, state2 = outs[-1]
     assert state2["conv_ids"] == state["conv_ids"] and len(ha) == 4
 
-    reveal, state3 = asyncio.run(app.vote(state2, ha, hb, "model_b", IP))
+    reveal, state3 = asyncio.run(app.vote(state2, "model_b", IP))
     assert f"Model A: **{a}**" in reveal and f"Model B: **{b}**" in reveal and "B is better" in reveal
     assert "void" not in reveal
     (vote,) = list(store.iter_votes())
@@ -313,10 +320,10 @@ def test_battle_is_anonymous_until_vote(store):
     assert vote["turn"] == 2 and vote["conversation_b"][-1]["content"] == client.answers[b]
     assert vote["judge"] == store.hash_ip(IP)
     with pytest.raises(WebError, match="already has a vote|send a new prompt"):
-        asyncio.run(app.vote(state3, ha, hb, "model_a", IP))
+        asyncio.run(app.vote(state3, "model_a", IP))
 
     # After the vote a new prompt starts a fresh round with empty histories.
-    outs = run_round(app, "Next", ha, hb, state3)
+    outs = run_round(app, "Next", state3)
     assert len(outs[-1][0]) == 2 and outs[-1][3]["conv_ids"] != state["conv_ids"]
     assert not outs[-1][3]["voted"]
 
@@ -324,8 +331,8 @@ def test_battle_is_anonymous_until_vote(store):
 def test_identity_leak_voids_vote(store):
     client = ScriptedClient({"alpha": "As alpha, I think 4", "bravo": "4"})
     app = make_app(store, client)
-    ha, hb, _, state = run_round(app, "2+2?", [], [], None)[-1]
-    reveal, _ = asyncio.run(app.vote(state, ha, hb, "tie", IP))
+    ha, hb, _, state = run_round(app, "2+2?", None)[-1]
+    reveal, _ = asyncio.run(app.vote(state, "tie", IP))
     assert "void" in reveal and "mentions 'alpha'" in reveal
     (vote,) = list(store.iter_votes())
     assert vote["void"] and "alpha" in vote["void_reason"]
@@ -336,34 +343,34 @@ def test_identity_leak_voids_vote(store):
 def test_battle_needs_two_models_and_answers(store):
     app = make_app(store, ScriptedClient({"solo": "x"}))
     with pytest.raises(WebError, match="needs two models; the server has 1 \\(solo\\)"):
-        asyncio.run(app.arena_add_user("hi", [], [], None, None, None, anonymous=True, ip=IP))
+        asyncio.run(app.arena_add_user("hi", None, None, None, anonymous=True, ip=IP))
     with pytest.raises(WebError, match="wait for both answers"):
-        asyncio.run(make_app(store).vote(None, [], [], "tie", IP))
+        asyncio.run(make_app(store).vote(None, "tie", IP))
 
 
 def test_battle_error_hides_names_and_blocks_vote(store):
     client = ScriptedClient({"alpha": "fine answer", "bravo": "x"}, errors={"bravo": Unavailable("bravo crashed")})
     app = make_app(store, client)
-    ha, hb, status, state = run_round(app, "hi", [], [], None)[-1]
+    ha, hb, status, state = run_round(app, "hi", None)[-1]
     side = "A" if state["models"][0] == "bravo" else "B"
     assert f"model {side} cannot answer" in status and "bravo" not in status and "alpha" not in status
     assert not state["answered"] and ha[-1]["role"] == "user" and hb[-1]["role"] == "user"
     with pytest.raises(WebError):
-        asyncio.run(app.vote(state, ha, hb, "tie", IP))
+        asyncio.run(app.vote(state, "tie", IP))
 
 
 def test_side_by_side_named(store):
     app = make_app(store)
     with pytest.raises(WebError, match="two different models"):
-        asyncio.run(app.arena_add_user("hi", [], [], None, "alpha", "alpha", anonymous=False, ip=IP))
-    ha, hb, _, state = run_round(app, "hi", [], [], None, "bravo", "alpha", anonymous=False)[-1]
+        asyncio.run(app.arena_add_user("hi", None, "alpha", "alpha", anonymous=False, ip=IP))
+    ha, hb, _, state = run_round(app, "hi", None, "bravo", "alpha", anonymous=False)[-1]
     assert state["models"] == ["bravo", "alpha"] and state["mode"] == "side_by_side"
-    asyncio.run(app.vote(state, ha, hb, "model_a", IP))
+    asyncio.run(app.vote(state, "model_a", IP))
     (vote,) = list(store.iter_votes())
     assert vote["mode"] == "side_by_side" and vote["anony"] is False and vote["model_a"] == "bravo"
     assert store.battles() == [] and len(store.battles(include_named=True)) == 1
     # Picking other models starts a new round.
-    _, _, _, state2 = asyncio.run(app.arena_add_user("x", ha, hb, {**state, "voted": False}, "alpha", "bravo",
+    _, _, _, state2 = asyncio.run(app.arena_add_user("x", {**state, "voted": False}, "alpha", "bravo",
                                                      anonymous=False, ip=IP))
     assert state2["models"] == ["alpha", "bravo"] and state2["conv_ids"] != state["conv_ids"]
 
@@ -373,9 +380,9 @@ def test_leaderboard_view(store):
     table, matrix, fig = app.leaderboard(50, False, False)
     assert "No votes yet" in table
     for k in range(6):
-        ha, hb, _, state = run_round(app, f"q{k}", [], [], None)[-1]
+        ha, hb, _, state = run_round(app, f"q{k}", None)[-1]
         winner = "model_a" if state["models"][0] == "alpha" else "model_b"  # alpha always wins
-        asyncio.run(app.vote(state, ha, hb, winner, IP))
+        asyncio.run(app.vote(state, winner, IP))
     table, matrix, fig = app.leaderboard(50, False, True)
     lines = table.splitlines()
     assert lines[2].startswith("| 1 | alpha |") and "Online Elo" in lines[0]
@@ -402,14 +409,14 @@ class ContextClient(ScriptedClient):
 def test_max_tokens_slider_is_an_upper_bound(store):
     client = ContextClient({"alpha": ""})
     app = make_app(store, client)
-    outs = collect(app.chat_stream([{"role": "user", "content": "hi"}], None, "alpha", 0.7, 1, 3, IP))
+    outs = collect(app.chat_stream(session({"role": "user", "content": "hi"}), "alpha", 0.7, 1, 3, IP))
     assert outs[-1][0][-1]["content"] == "t0 t1 t2 " and len(client.calls) == 1  # fits: used as given
-    outs = collect(app.chat_stream([{"role": "user", "content": "hi"}], None, "alpha", 0.7, 1, 512, IP))
+    outs = collect(app.chat_stream(session({"role": "user", "content": "hi"}), "alpha", 0.7, 1, 512, IP))
     assert outs[-1][0][-1]["content"].split() == [f"t{i}" for i in range(6)]  # what is left of the context
     assert [c[2]["max_tokens"] for c in client.calls[1:]] == [512, None]
     long = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
     long.append({"role": "user", "content": "c"})
-    history, status, _ = collect(app.chat_stream(long, None, "alpha", 0.7, 1, 512, IP))[-1]
+    history, status, _ = collect(app.chat_stream(session(*long), "alpha", 0.7, 1, 512, IP))[-1]
     assert status.startswith("**Error — Context too long**") and "10 tokens" in status
 
 
@@ -421,7 +428,7 @@ def test_browser_gone_while_waiting_closes_the_model_stream(store):
     async def run():
         outs = []
         async def consume():
-            async for out in app.chat_stream([{"role": "user", "content": "go"}], None, "alpha", 0.7, 1, 16, IP,
+            async for out in app.chat_stream(session({"role": "user", "content": "go"}), "alpha", 0.7, 1, 16, IP,
                                               stop_key="s2:chat"):
                 outs.append(copy.deepcopy(out))
         task = asyncio.create_task(consume())
@@ -437,3 +444,50 @@ def test_browser_gone_while_waiting_closes_the_model_stream(store):
     conv = store.conversation(outs[-1][2]["conv_id"])
     assert conv["finish"] == "cancelled" and conv["messages"][-1]["content"] == "one two"
     assert not app.request_stop("s2:chat")
+
+
+# ---------------------------------------------------------------------- storage failures
+
+
+def test_round_that_cannot_be_stored_offers_no_vote(tmp_path):
+    """A locked database: both conversations fail to store after bounded retries; the UI says so, no vote."""
+    import sqlite3
+
+    store = ArenaStore(tmp_path / "arena.db", salt="s", busy_timeout=0.05, attempts=2)
+    app = make_app(store)
+    holder = sqlite3.connect(tmp_path / "arena.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # e.g. an open sqlite3 shell in a write transaction
+    ha, hb, status, state = run_round(app, "hi", None)[-1]
+    assert status.startswith("**Not stored**") and "locked by another process" in status
+    assert "No vote can be cast" in status and not state["answered"]
+    with pytest.raises(WebError, match="wait for both answers"):
+        asyncio.run(app.vote(state, "model_a", IP))
+    outs = collect(app.chat_stream(session({"role": "user", "content": "hi"}), "alpha", 0.7, 1, 16, IP))
+    assert outs[-1][0][-1]["content"] == "Hello there, first answer"  # the chat still answers...
+    assert "**Not stored**" in outs[-1][1]  # ...and says it could not keep it
+    holder.execute("COMMIT")
+    holder.close()
+    ha, hb, status, state = run_round(app, "again", state)[-1]  # the same round, now stored: votable
+    assert state["answered"] and "Not stored" not in status
+    asyncio.run(app.vote(state, "model_a", IP))
+    (vote,) = list(store.iter_votes())
+    assert len(vote["conversation_a"]) == 4  # both turns were stored
+    store.close()
+
+
+def test_deleted_database_is_named_in_the_ui_and_blocks_votes(tmp_path):
+    store = ArenaStore(tmp_path / "arena.db", salt="s")
+    app = make_app(store)
+    *_, state = run_round(app, "hi", None)[-1]
+    assert state["answered"]
+    for p in tmp_path.glob("arena.db*"):
+        p.unlink()
+    with pytest.raises(WebError, match="was deleted while the server was running") as e:
+        asyncio.run(app.vote(state, "model_a", IP))
+    assert e.value.title == "Vote not stored"
+    ha, hb, status, state = run_round(app, "next", None)[-1]
+    assert "was deleted" in status and not state["answered"]
+    with pytest.raises(WebError, match="Leaderboard unavailable|was deleted"):
+        app.leaderboard(10, False, False)
+    assert not (tmp_path / "arena.db").exists()
+    store.close()

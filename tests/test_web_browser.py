@@ -7,6 +7,7 @@ votes, sees the names revealed, and the test finds that vote in the SQLite file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -35,21 +36,16 @@ def second_model_dir(tmp_path_factory, bpe_tokenizer):
     return save_model(make_tiny_llama(bpe_tokenizer, seed=7), bpe_tokenizer, path)
 
 
-@pytest.fixture(scope="module")
-def web_server(tiny_model_dir, second_model_dir, tmp_path_factory):
-    """`vicuna serve --model-path A --model-path B --web` in a subprocess; yields (url, arena db path)."""
+@contextlib.contextmanager
+def web_process(args: list[str], log_path: Path, env: dict | None = None):
+    """`python -m vicuna ARGS --port P` (a web UI server) in a subprocess, logging to ``log_path``;
+    yields its URL once /health and / answer."""
     from vicuna.serve.server import free_port
 
-    tmp = tmp_path_factory.mktemp("web")
-    db = tmp / "arena.db"
     port = free_port()
-    log = open(tmp / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "serve", "--model-path", str(tiny_model_dir), "--model-path",
-         str(second_model_dir), "--model-name", NAMES[0], "--model-name", NAMES[1], "--default-max-tokens", "48",
-         "--web", "--arena-db", str(db), "--max-input-chars", "200", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-    )
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "vicuna", *args, "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, env={**cli_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -66,7 +62,7 @@ def web_server(tiny_model_dir, second_model_dir, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail("server did not come up in 180 s")
             time.sleep(0.5)
-        yield url, db
+        yield url
     finally:
         proc.terminate()
         try:
@@ -78,7 +74,19 @@ def web_server(tiny_model_dir, second_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(web_server):
+def web_server(tiny_model_dir, second_model_dir, tmp_path_factory):
+    """`vicuna serve --model-path A --model-path B --web` in a subprocess; yields (url, arena db path)."""
+    tmp = tmp_path_factory.mktemp("web")
+    db = tmp / "arena.db"
+    with web_process(["serve", "--model-path", str(tiny_model_dir), "--model-path", str(second_model_dir),
+                      "--model-name", NAMES[0], "--model-name", NAMES[1], "--default-max-tokens", "48", "--web",
+                      "--arena-db", str(db), "--max-input-chars", "200"], tmp / "server.log") as url:
+        yield url, db
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A headless Chromium page opened at ``url``."""
     if not CHROMIUM.exists():
         pytest.fail("Debian's chromium is needed for the browser test: `make browser` "
                     "(or apt-get install -y chromium); never `playwright install`")
@@ -88,9 +96,15 @@ def page(web_server):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         page.set_default_timeout(60_000)
-        page.goto(web_server[0] + "/")
+        page.goto(url)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(web_server):
+    with browser_page(web_server[0] + "/") as page:
+        yield page
 
 
 def db_rows(db: Path, sql: str) -> list[sqlite3.Row]:

@@ -56,13 +56,12 @@ def test_battle_through_controller(controller, tmp_path):
         app = WebApp(client, store, WebSettings(), rng=random.Random(1))
         try:
             assert sorted(await app.models()) == ["bpe-model", "sp-model"]
-            _, ha, hb, state = await app.arena_add_user("Hello there!", [], [], None, None, None, anonymous=True,
-                                                        ip=IP)
-            outs = [x async for x in app.arena_stream(ha, hb, state, 0.7, 1.0, 16, IP)]
+            _, ha, hb, state = await app.arena_add_user("Hello there!", None, None, None, anonymous=True, ip=IP)
+            outs = [x async for x in app.arena_stream(state, None, None, None, IP)]
             ha, hb, status, state = outs[-1]
             assert state["answered"], status
             assert ha[-1]["role"] == hb[-1]["role"] == "assistant" and ha[-1]["content"] and hb[-1]["content"]
-            reveal, _ = await app.vote(state, ha, hb, "tie (bothbad)", IP)
+            reveal, _ = await app.vote(state, "tie (bothbad)", IP)
             assert "Both are bad" in reveal
             (vote,) = list(store.iter_votes())
             assert {vote["model_a"], vote["model_b"]} == {"bpe-model", "sp-model"}
@@ -82,9 +81,10 @@ def test_unreachable_controller_is_named(tmp_path):
         app = WebApp(client, ArenaStore(tmp_path / "arena.db", salt="s"))
         try:
             with pytest.raises(WebError) as e:
-                await app.arena_add_user("hi", [], [], None, None, None, anonymous=True, ip=IP)
+                await app.arena_add_user("hi", None, None, None, anonymous=True, ip=IP)
             assert e.value.title == "Model unavailable" and "cannot reach the controller" in str(e.value)
-            outs = [x async for x in app.chat_stream([{"role": "user", "content": "hi"}], None, "m", 0.7, 1, 8, IP)]
+            outs = [x async for x in app.chat_stream({"messages": [{"role": "user", "content": "hi"}]}, "m", 0.7, 1, 8,
+                                                    IP)]
             assert outs[-1][1].startswith("**Error — Model unavailable**")
         finally:
             await client.close()

@@ -9,10 +9,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .client import CompletionFailed, Endpoint, chat
 from .io import (
-    AppendLog, EvalUsageError, Question, answer_turns, prepare_output, read_log, run_parallel, write_records,
+    AppendLog, EvalUsageError, OutputLock, Question, answer_turns, interrupt_note, prepare_output, read_log,
+    run_parallel, write_records,
 )
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,18 @@ def answer_question(endpoint: Endpoint, q: Question, settings: AnswerSettings, c
     messages = [{"role": "system", "content": settings.system}] if settings.system else []
     turns: list[str] = []
     status, error, attempts = "ok", None, 0
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
     for user in q.turns:
         messages.append({"role": "user", "content": user})
         try:
-            text, n = chat(endpoint, messages, temperature=temperature, max_tokens=settings.max_tokens, client=client)
+            reply = chat(endpoint, messages, temperature=temperature, max_tokens=settings.max_tokens, client=client)
         except CompletionFailed as e:
             status, error, attempts = "error", f"turn {len(turns) + 1}: {e}", attempts + e.attempts
             break
-        attempts += n
-        turns.append(text)
-        messages.append({"role": "assistant", "content": text})
+        attempts += reply.attempts
+        usage = _add_usage(usage, reply.usage)
+        turns.append(reply.text)
+        messages.append({"role": "assistant", "content": reply.text})
     return {
         "question_id": q.question_id,
         "answer_id": uuid.uuid4().hex,
@@ -82,9 +84,17 @@ def answer_question(endpoint: Endpoint, q: Question, settings: AnswerSettings, c
         "status": status,
         "error": error,
         "attempts": attempts,
+        "usage": usage,
         "generation": {"api_model": endpoint.model, "temperature": temperature, "max_tokens": settings.max_tokens},
         "tstamp": time.time(),
     }
+
+
+def _add_usage(total: dict | None, more: dict | None) -> dict | None:
+    """Token counts summed over turns; unknown (None) as soon as one turn's are unknown."""
+    if total is None or more is None:
+        return None
+    return {k: total[k] + more[k] for k in total}
 
 
 def run_answers(
@@ -99,6 +109,13 @@ def run_answers(
 ) -> dict[str, int]:
     """Answer the questions not answered yet in ``output``; returns counts."""
     output = Path(output)
+    with OutputLock(output):
+        return _run_answers(questions, endpoint, output, model_id=model_id, settings=settings, parallel=parallel,
+                            force=force)
+
+
+def _run_answers(questions: list[Question], endpoint: Endpoint, output: Path, *, model_id: str,
+                 settings: AnswerSettings, parallel: int, force: bool) -> dict[str, int]:
     prepare_output(output, force)
     done = {}
     for rec in read_log(output):
@@ -114,7 +131,7 @@ def run_answers(
     client = endpoint.client()
     errors = 0
     calls = [functools.partial(answer_question, endpoint, q, settings, client) for q in todo]
-    with AppendLog(output) as out:
+    with AppendLog(output) as out, interrupt_note(output, out):
         for rec in run_parallel(calls, parallel, f"answer {model_id}", "q"):
             rec["model_id"] = model_id
             out.append(rec)

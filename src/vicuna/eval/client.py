@@ -70,6 +70,15 @@ def _retry_after(e: Exception) -> float | None:
         return None
 
 
+@dataclass
+class Reply:
+    """A completion's text, the attempts it took, and the token usage the endpoint reported."""
+
+    text: str
+    attempts: int
+    usage: dict[str, int] | None = None
+
+
 def _text(completion) -> str:
     try:
         text = completion.choices[0].message.content
@@ -80,6 +89,14 @@ def _text(completion) -> str:
     return text
 
 
+def _usage(completion) -> dict[str, int] | None:
+    usage = getattr(completion, "usage", None)
+    try:
+        return {"prompt_tokens": int(usage.prompt_tokens), "completion_tokens": int(usage.completion_tokens)}
+    except (AttributeError, TypeError, ValueError):
+        return None  # not every OpenAI-compatible server reports usage
+
+
 def chat(
     endpoint: Endpoint,
     messages: list[dict],
@@ -87,8 +104,8 @@ def chat(
     temperature: float = 0.0,
     max_tokens: int = 1024,
     client: openai.OpenAI | None = None,
-) -> tuple[str, int]:
-    """Return (text, attempts). Retries timeouts, 408/409/429/5xx and garbage with backoff."""
+) -> Reply:
+    """One completion. Retries timeouts, 408/409/429/5xx and garbage with backoff."""
     client = client or endpoint.client()
     attempts = 0
     while True:
@@ -97,7 +114,7 @@ def chat(
             completion = client.chat.completions.create(
                 model=endpoint.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
             )
-            return _text(completion), attempts
+            return Reply(_text(completion), attempts, _usage(completion))
         except Exception as e:  # noqa: BLE001 -- classified right below
             if not _is_retryable(e):
                 raise CompletionFailed(_describe(e), attempts) from e

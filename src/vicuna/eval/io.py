@@ -7,13 +7,16 @@ question order, when the job finishes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import queue
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -115,10 +118,12 @@ class AppendLog:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write("\n")
         self._f = open(self.path, "a", encoding="utf-8")
+        self.count = 0  # records appended by this run
 
     def append(self, record: dict) -> None:
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._f.flush()
+        self.count += 1
 
     def close(self) -> None:
         self._f.close()
@@ -128,6 +133,17 @@ class AppendLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextlib.contextmanager
+def interrupt_note(output: Path, log_file: AppendLog):
+    """On Ctrl+C, say what was kept and how to go on (the CLI then exits 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.warning("interrupted: the %d records finished in this run are saved in %s; run the same command "
+                    "again to resume", log_file.count, output)
+        raise
 
 
 def prepare_output(path: Path, force: bool) -> None:
@@ -269,21 +285,84 @@ def load_references(path: Path) -> dict[Any, list[str]]:
 def run_parallel(calls: list[Callable[[], Any]], parallel: int, desc: str, unit: str) -> Iterator[Any]:
     """Run ``calls`` on ``parallel`` threads; yield each result as it finishes, with a progress bar.
 
-    Interrupting the run (Ctrl+C, or the consumer stopping) cancels the calls not yet started;
-    every finished one was already appended to its log by the consumer, so a re-run resumes.
+    Why not ``ThreadPoolExecutor``: its workers are joined at interpreter exit, so a Ctrl+C
+    would wait for every call in flight -- against a hung endpoint, its timeout times its
+    retries. Here the workers are daemon threads: an interrupt (or the consumer stopping)
+    stops handing out calls, abandons the ones in flight (their client timeouts end them,
+    or the process exit does), and every result already yielded is the consumer's to keep.
     """
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        bar = tqdm(total=len(calls), desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty())
-        try:
-            for fut in as_completed(futures):
-                yield fut.result()
-                bar.update()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            bar.close()
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for call in calls:
+        todo.put(call)
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                call = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                finished.put((True, call()))
+            except BaseException as e:  # noqa: BLE001 -- handed to the consumer, re-raised there
+                finished.put((False, e))
+
+    for i in range(min(max(1, parallel), len(calls))):
+        threading.Thread(target=work, name=f"{desc}-{i}", daemon=True).start()
+    bar = tqdm(total=len(calls), desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty())
+    try:
+        for _ in calls:
+            ok, value = finished.get()  # interruptible: Ctrl+C lands here at once
+            if not ok:
+                raise value
+            yield value
+            bar.update()
+    finally:
+        stop.set()
+        bar.close()
+
+
+class OutputLock:
+    """An advisory lock on an output file, held while a run writes it.
+
+    Two runs on one output would make every (paid) judge call twice and interleave their
+    records. The lock is a ``flock`` on a hidden file beside the output (the output itself
+    is replaced by renames, so its inode cannot carry the lock); the kernel drops it when the
+    process dies, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, output: Path):
+        self.output = Path(output)
+        self.path = self.output.with_name(f".{self.output.name}.lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise EvalUsageError(f"{self.output} is being written by another run (pid {holder}); wait for it to "
+                                     "finish, or write to another -o") from None
+            try:  # the previous holder may have removed the file between our open and our lock
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None

@@ -8,118 +8,70 @@ everything needed to audit or re-parse a verdict without asking the judge again.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .client import CompletionFailed, Endpoint, chat
 from .io import (
-    AppendLog, EvalUsageError, Question, find_answer_file, load_answers, prepare_output, read_log, run_parallel,
-    write_records,
+    AppendLog, EvalUsageError, OutputLock, Question, find_answer_file, interrupt_note, load_answers, prepare_output,
+    read_log, run_parallel, write_records,
+)
+from .judge_prompts import (
+    DEFAULT_PROMPTS, PROTOCOLS, REFERENCE_CATEGORIES, JudgePrompt, MissingReference, load_judge_prompts, load_prompts,
 )
 from .parse import MODES, OK, parse_judgment
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = "vicuna-judge-v1"
-REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 FINAL = ("ok", "unparsed")  # statuses that a resumed run does not redo; "error" is retried
 
 
-# ---------------------------------------------------------------- prompts
+# ---------------------------------------------------------------- protocols
 
 
 @dataclass(frozen=True)
-class PromptSet:
-    """Judge prompts loaded from a YAML data file; ``version`` is recorded in every judgment."""
+class JudgeSetup:
+    """What a judge run does: mode, prompt book, position swap, and the protocol it follows."""
 
-    name: str
-    version: str  # e.g. "vicuna-judge-v1"
-    sha: str  # first 12 hex digits of the file's sha256: catches unversioned edits
-    prompts: dict
-    reference_block: str
-    history_block: str
-
-    def render(self, mode: str, *, question: str, answers: list[str], histories: list[list[tuple[str, str]]],
-               reference: str | None) -> list[dict]:
-        p = self.prompts[mode]
-        who = ["Assistant A", "Assistant B"] if mode == "pairwise" else ["Assistant 1", "Assistant 2"]
-        if mode == "single":
-            who = ["the Assistant"]
-        hist = [self._history(h, w) for h, w in zip(histories, who)]
-        fields = {
-            "question": question,
-            "reference_block": self.reference_block.format(reference=reference) + "\n" if reference else "",
-        }
-        if mode == "single":
-            fields.update(answer=answers[0], history=hist[0])
-        else:
-            fields.update(answer_1=answers[0], answer_2=answers[1], history_1=hist[0], history_2=hist[1])
-        return [{"role": "system", "content": p["system"].strip()},
-                {"role": "user", "content": p["user"].format(**fields).strip()}]
-
-    def _history(self, turns: list[tuple[str, str]], who: str) -> str:
-        if not turns:
-            return ""
-        text = "\n\n".join(f"User: {q}\n\n{who}: {a}" for q, a in turns)
-        return self.history_block.format(who=who, history=text) + "\n"
+    mode: str
+    book: Any  # PromptSet | MTBenchBook | BlogBook
+    swap: bool
+    protocol: str | None = None
 
 
-def list_prompt_sets() -> list[str]:
-    folder = resources.files("vicuna.eval") / "prompts"
-    return sorted(p.name.rsplit(".", 1)[0] for p in folder.iterdir() if p.name.endswith((".yaml", ".yml")))
-
-
-def load_prompts(name_or_path: str = DEFAULT_PROMPTS) -> PromptSet:
-    """A bundled prompt set by name (``vicuna eval prompts`` lists them) or a YAML file path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        bundled = resources.files("vicuna.eval") / "prompts" / f"{name_or_path}.yaml"
-        if not bundled.is_file():
-            raise EvalUsageError(f"unknown judge prompt set {name_or_path!r}; bundled: {', '.join(list_prompt_sets())} "
-                                 "(or give the path of a YAML file)")
-        raw = bundled.read_bytes()
-        where = f"bundled prompt set {name_or_path}"
-    else:
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise EvalUsageError(f"cannot read judge prompts {path}: {e.strerror or e}") from None
-        where = str(path)
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise EvalUsageError(f"{where}: not valid YAML: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("prompts"), dict):
-        raise EvalUsageError(f"{where}: expected a mapping with name, version and prompts")
-    for key in ("name", "version"):
-        if key not in data:
-            raise EvalUsageError(f"{where}: missing {key!r}")
-    for mode in MODES:
-        p = data["prompts"].get(mode)
-        if not isinstance(p, dict) or not isinstance(p.get("system"), str) or not isinstance(p.get("user"), str):
-            raise EvalUsageError(f"{where}: prompts.{mode} needs 'system' and 'user' strings")
-    ps = PromptSet(
-        name=str(data["name"]), version=f"{data['name']}-v{data['version']}", sha=hashlib.sha256(raw).hexdigest()[:12],
-        prompts=data["prompts"], reference_block=str(data.get("reference_block", "[Reference Answer]\n{reference}\n")),
-        history_block=str(data.get("history_block", "{history}\n")),
-    )
-    # Fail now, naming the template, rather than in a worker thread halfway through a run.
-    for mode in MODES:
-        try:
-            ps.render(mode, question="q", answers=["a", "b"], histories=[[("q0", "a0")], [("q0", "b0")]], reference="r")
-        except (KeyError, IndexError, ValueError) as e:
-            raise EvalUsageError(f"{where}: prompts.{mode} (or a block it uses) has a bad placeholder {e}; "
-                                 "allowed: {question} {answer} {answer_1} {answer_2} {history} {history_1} "
-                                 "{history_2} {reference_block} {reference} {who}; write literal braces as {{ }}") from None
-    return ps
+def resolve_setup(*, protocol: str | None = None, mode: str | None = None, judge_prompts: Path | None = None,
+                  judge_reviewers: Path | None = None, prompts: str | None = None,
+                  swap: bool | None = None) -> JudgeSetup:
+    """Options of `eval judge` / `eval run` -> a consistent setup, or a usage error that says why."""
+    if prompts and judge_prompts:
+        raise EvalUsageError("give either --prompts (our YAML prompt sets) or --judge-prompts (a FastChat file), not both")
+    if judge_reviewers and not judge_prompts:
+        raise EvalUsageError("--judge-reviewers goes with --judge-prompts (the Vicuna-blog prompt.jsonl)")
+    book = load_judge_prompts(judge_prompts, judge_reviewers) if judge_prompts else load_prompts(prompts or DEFAULT_PROMPTS)
+    if protocol is None:
+        mode = mode or book.modes[0]  # ours: pairwise-score; MT-bench: single (FastChat's default)
+        if mode not in book.modes:
+            raise EvalUsageError(f"{judge_prompts} holds no prompts for --mode {mode}; it has: {', '.join(book.modes)}")
+        return JudgeSetup(mode, book, True if swap is None else swap)
+    if protocol not in PROTOCOLS:
+        raise EvalUsageError(f"unknown --protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    p = PROTOCOLS[protocol]
+    if not judge_prompts or book.kind != p.prompts:
+        what = ("FastChat's MT-bench judge_prompts.jsonl" if p.prompts == "mt-bench" else
+                "the Vicuna blog's prompt.jsonl (and --judge-reviewers reviewer.jsonl)")
+        raise EvalUsageError(f"--protocol {protocol} needs --judge-prompts with {what}")
+    if mode and mode != p.mode:
+        raise EvalUsageError(f"--protocol {protocol} judges in mode {p.mode}, not --mode {mode}")
+    if p.mode not in book.modes:
+        raise EvalUsageError(f"{judge_prompts} lacks the {p.mode} prompts that --protocol {protocol} needs")
+    if swap is not None and swap != p.swap and p.mode != "single":
+        raise EvalUsageError(f"--protocol {protocol} {'always' if p.swap else 'never'} judges both answer orders; "
+                             "drop the swap option")
+    return JudgeSetup(p.mode, book, p.swap, protocol)
 
 
 # ---------------------------------------------------------------- jobs
@@ -132,7 +84,8 @@ class Job:
     model_a: str  # the canonical pair (model_b is the baseline when there is one)
     model_b: str | None
     order: str | None  # "AB": model_a shown first; "BA": swapped; None in single mode
-    reference: str | None
+    reference: list[str] | None  # the question's reference turns when this judgment is reference-guided
+    prompt: JudgePrompt
 
     @property
     def positions(self) -> list[str]:
@@ -152,31 +105,38 @@ def model_pairs(models: list[str], baseline: str | None) -> list[tuple[str, str]
 
 
 def build_jobs(questions: list[Question], answers: dict[str, dict], mode: str, *, baseline: str | None,
-               swap: bool, references: dict, reference_categories) -> tuple[list[Job], int]:
-    """All judge calls to make, and how many were impossible for lack of an answer."""
+               swap: bool, references: dict, reference_categories, book=None) -> tuple[list[Job], int]:
+    """All judge calls to make, and how many were impossible for lack of an answer.
+
+    The prompt book decides which turns are judged, with which prompt and reference.
+    """
+    book = book or load_prompts()
     models = list(answers)
     units = [(m, None) for m in models] if mode == "single" else model_pairs(models, baseline)
     orders = [None] if mode == "single" else (["AB", "BA"] if swap else ["AB"])
-    jobs, missing = [], 0
+    jobs, missing, no_reference = [], 0, []
     for q in questions:
         ref_turns = references.get(q.question_id) or q.reference
         for turn in range(1, len(q.turns) + 1):
-            ref = None
-            if ref_turns and q.category in reference_categories and len(ref_turns) >= turn:
-                ref = ref_turns[turn - 1].strip() or None  # MT-bench has "" for some second turns
+            try:
+                ref = book.reference_for(q.category, turn, ref_turns, reference_categories)
+            except MissingReference:
+                no_reference.append(q.question_id)
+                continue
+            prompt = book.choose(mode, category=q.category, turn=turn, n_turns=len(q.turns), guided=ref is not None)
+            if prompt is None:
+                continue  # the protocol does not judge this turn
             for a, b in units:
                 if any(len(answers[m].get(q.question_id) or []) < turn for m in (a, b) if m):
                     missing += len(orders)
                     continue
-                jobs.extend(Job(q, turn, a, b, o, ref) for o in orders)
+                jobs.extend(Job(q, turn, a, b, o, ref, prompt) for o in orders)
+    if no_reference:
+        ids = ", ".join(map(str, dict.fromkeys(no_reference)))
+        raise EvalUsageError(f"the {book.kind} protocol grades {', '.join(reference_categories)} questions against a "
+                             f"reference answer, and these have none (or too few turns): {ids}; pass the reference "
+                             "file with --reference (MT-bench: reference_answer/gpt-4.jsonl)")
     return jobs, missing
-
-
-def _histories(job: Job, answers: dict[str, dict]) -> tuple[list[str], list[list[tuple[str, str]]]]:
-    q, t = job.question, job.turn
-    current = [answers[m][q.question_id][t - 1] for m in job.positions]
-    hist = [list(zip(q.turns[: t - 1], answers[m][q.question_id][: t - 1])) for m in job.positions]
-    return current, hist
 
 
 def to_canonical(mode: str, job: Job, parsed: dict) -> dict | None:
@@ -197,35 +157,42 @@ def to_canonical(mode: str, job: Job, parsed: dict) -> dict | None:
     return {"winner": "model_a" if shown_first == first_is_a else "model_b"}
 
 
-def judge_one(job: Job, mode: str, answers: dict, prompts: PromptSet, endpoint: Endpoint, *, client=None,
-              max_tokens: int = 2048, baseline: str | None = None) -> dict:
-    current, hist = _histories(job, answers)
-    messages = prompts.render(mode, question=job.question.turns[job.turn - 1], answers=current, histories=hist,
-                              reference=job.reference)
+def judge_one(job: Job, mode: str, answers: dict, book, endpoint: Endpoint, *, client=None,
+              max_tokens: int | None = None, baseline: str | None = None, protocol: str | None = None) -> dict:
+    q, t = job.question, job.turn
+    shown = [answers[m][q.question_id][:t] for m in job.positions]
+    messages = book.render(job.prompt, mode, questions=q.turns[:t], answers=shown, reference=job.reference)
+    max_tokens = max_tokens or job.prompt.max_tokens
     rec: dict[str, Any] = {
         "judgment_id": job.key(mode),
-        "question_id": job.question.question_id,
-        "category": job.question.category,
-        "turn": job.turn,
+        "question_id": q.question_id,
+        "category": q.category,
+        "turn": t,
         "mode": mode,
+        "protocol": protocol,
         "model_a": job.model_a,
         "model_b": job.model_b,
         "order": job.order,
         "positions": job.positions,
         "baseline": baseline,
         "judge_model": endpoint.model,
-        "prompt_version": prompts.version,
-        "prompt_sha": prompts.sha,
+        "prompt_version": book.version,
+        "prompt_name": job.prompt.name,
+        "prompt_sha": job.prompt.sha,
+        "temperature": job.prompt.temperature,
+        "max_tokens": max_tokens,
         "reference_guided": job.reference is not None,
+        # characters of each model's answer to this turn: the length-controlled win rate needs them
+        "answer_lengths": {m: len(answers[m][q.question_id][t - 1]) for m in dict.fromkeys(job.positions)},
     }
     try:
-        text, attempts = chat(endpoint, messages, temperature=0.0, max_tokens=max_tokens, client=client)
+        reply = chat(endpoint, messages, temperature=job.prompt.temperature, max_tokens=max_tokens, client=client)
     except CompletionFailed as e:
-        return {**rec, "status": "error", "error": str(e), "attempts": e.attempts, "raw": None, "parsed": None,
-                "result": None, "tstamp": time.time()}
-    parsed = parse_judgment(mode, text)
-    return {**rec, "status": parsed["status"], "error": None, "attempts": attempts, "raw": text, "parsed": parsed,
-            "result": to_canonical(mode, job, parsed), "tstamp": time.time()}
+        return {**rec, "status": "error", "error": str(e), "attempts": e.attempts, "usage": None, "raw": None,
+                "parsed": None, "result": None, "tstamp": time.time()}
+    parsed = parse_judgment(mode, reply.text)
+    return {**rec, "status": parsed["status"], "error": None, "attempts": reply.attempts, "usage": reply.usage,
+            "raw": reply.text, "parsed": parsed, "result": to_canonical(mode, job, parsed), "tstamp": time.time()}
 
 
 # ---------------------------------------------------------------- the command
@@ -238,17 +205,23 @@ def run_judge(
     endpoint: Endpoint,
     output: Path,
     *,
-    mode: str,
+    mode: str | None = None,
+    setup: JudgeSetup | None = None,
     baseline: str | None = None,
     references: dict | None = None,
     reference_categories=REFERENCE_CATEGORIES,
     swap: bool = True,
-    prompts: PromptSet | None = None,
     parallel: int = 1,
     force: bool = False,
-    max_tokens: int = 2048,
-) -> dict[str, int]:
-    """Judge what is not judged yet in ``output``; returns counts."""
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Judge what is not judged yet in ``output``; returns counts.
+
+    ``setup`` (see ``resolve_setup``) gives the mode, prompts and swap; without it, ``mode``
+    and ``swap`` with our own default prompts. ``max_tokens`` overrides the prompts' own.
+    """
+    setup = setup or JudgeSetup(mode or "pairwise-score", load_prompts(), swap)
+    mode = setup.mode
     if mode not in MODES:
         raise EvalUsageError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     if len(set(models)) != len(models) or not models:
@@ -257,22 +230,33 @@ def run_judge(
         raise EvalUsageError(f"--mode {mode} compares models: give at least two in --models")
     if baseline and baseline not in models:
         raise EvalUsageError(f"--baseline {baseline!r} must be one of --models ({', '.join(models)})")
-    prompts = prompts or load_prompts()
+    if setup.protocol and PROTOCOLS[setup.protocol].needs_baseline and not baseline:
+        raise EvalUsageError(f"--protocol {setup.protocol} compares every model with one --baseline "
+                             "(shown second, as the blog's Vicuna-13B was)")
     output = Path(output)
     answers = {m: load_answers(find_answer_file(Path(answers_dir), m)) for m in models}
-    jobs, missing = build_jobs(questions, answers, mode, baseline=baseline, swap=swap, references=references or {},
-                               reference_categories=set(reference_categories))
+    jobs, missing = build_jobs(questions, answers, mode, baseline=baseline, swap=setup.swap,
+                               references=references or {}, reference_categories=set(reference_categories),
+                               book=setup.book)
     if not jobs:
         raise EvalUsageError(f"nothing to judge: no question in the question file has answers from "
                              f"{'every model' if mode == 'single' else 'both models of a pair'} in {answers_dir} "
                              "(do --questions and the answer files match? compare their question_id values)")
     if missing:
         log.warning("%d judgments skipped: an answer is missing or failed (see the answer files' 'status')", missing)
+    with OutputLock(output):
+        counts = _run_jobs(jobs, setup, answers, endpoint, output, baseline=baseline, parallel=parallel, force=force,
+                           max_tokens=max_tokens)
+    return {"jobs": len(jobs), "missing_answers": missing, **counts}
 
+
+def _run_jobs(jobs: list[Job], setup: JudgeSetup, answers: dict, endpoint: Endpoint, output: Path, *,
+              baseline: str | None, parallel: int, force: bool, max_tokens: int | None) -> dict[str, Any]:
+    mode = setup.mode
     prepare_output(output, force)
     done: dict[str, dict] = {}
     for rec in read_log(output):
-        for field, want in (("judge_model", endpoint.model), ("prompt_version", prompts.version), ("mode", mode)):
+        for field, want in (("judge_model", endpoint.model), ("prompt_version", setup.book.version), ("mode", mode)):
             if rec.get(field) != want:
                 raise EvalUsageError(f"{output} holds judgments with {field}={rec.get(field)!r}, not {want!r}; "
                                      "use another -o or --force to start over")
@@ -284,9 +268,9 @@ def run_judge(
 
     client = endpoint.client()
     counts = {"ok": 0, "unparsed": 0, "error": 0}
-    calls = [functools.partial(judge_one, j, mode, answers, prompts, endpoint, client=client, max_tokens=max_tokens,
-                               baseline=baseline) for j in todo]
-    with AppendLog(output) as out:
+    calls = [functools.partial(judge_one, j, mode, answers, setup.book, endpoint, client=client, max_tokens=max_tokens,
+                               baseline=baseline, protocol=setup.protocol) for j in todo]
+    with AppendLog(output) as out, interrupt_note(output, out):
         for rec in run_parallel(calls, parallel, "judge", "call"):
             out.append(rec)
             counts[rec["status"]] += 1
@@ -294,11 +278,26 @@ def run_judge(
                 log.warning("judgment %s failed: %s", rec["judgment_id"], rec["error"])
             elif rec["status"] == "unparsed":
                 log.warning("judgment %s unparsed: %s", rec["judgment_id"], rec["parsed"].get("reason"))
-    _compact(output, [j.key(mode) for j in jobs])
-    return {"jobs": len(jobs), "skipped_done": len(jobs) - len(todo), "missing_answers": missing, **counts}
+    final = _compact(output, [j.key(mode) for j in jobs])
+    totals = {s: sum(r.get("status") == s for r in final) for s in ("ok", "unparsed", "error")}
+    return {"skipped_done": len(jobs) - len(todo), **counts, "file": totals}
 
 
-def _compact(output: Path, order: list[str]) -> None:
+def judged_exit_code(totals: dict[str, int], min_parsed: float, output: Path) -> int:
+    """1 when judgments failed or too few parsed (a judge ignoring the format is failed work)."""
+    answered = totals["ok"] + totals["unparsed"]
+    if totals["unparsed"]:
+        share = totals["ok"] / answered
+        log.warning("%d of %d judgments in %s could not be parsed (%.0f%% parsed); they are kept and counted, never "
+                    "scored -- inspect them with `vicuna eval parse`", totals["unparsed"], answered, output, 100 * share)
+        if share < min_parsed:
+            log.error("only %.0f%% of the judgments parsed, below --min-parsed %g: the judge does not follow the "
+                      "prompt's output format", 100 * share, min_parsed)
+            return 1
+    return 1 if totals["error"] else 0
+
+
+def _compact(output: Path, order: list[str]) -> list[dict]:
     """One record per judgment (a final status beats an error; later beats earlier), in job order."""
     best: dict[str, dict] = {}
     for rec in read_log(output):
@@ -306,4 +305,6 @@ def _compact(output: Path, order: list[str]) -> None:
         if k not in best or rec.get("status") in FINAL or best[k].get("status") not in FINAL:
             best[k] = rec
     rank = {k: i for i, k in enumerate(order)}
-    write_records(output, sorted(best.values(), key=lambda r: rank.get(r.get("judgment_id"), len(rank))))
+    records = sorted(best.values(), key=lambda r: rank.get(r.get("judgment_id"), len(rank)))
+    write_records(output, records)
+    return records

@@ -1,11 +1,21 @@
 """Reading a verdict out of a judge's free text.
 
 Judges do not follow formats exactly, and the text they write quotes the answers under
-review (which may themselves say "Score: 10"). So every rule below is anchored: a score
-counts only on the first line when that line holds nothing but scores (the Vicuna
-protocol), in an explicit ``[[...]]`` verdict, or on a line that *starts* with a label
-("Assistant 1: 8", "Rating: 7"). When several anchored verdicts appear, the last one wins
-(judges revise; quotes of the answers come before the verdict). Anything else is
+review (which may themselves say "Score: 10") and sometimes the instructions they were
+given ('"[[A]]" if assistant A is better'). So every rule below is anchored, in tiers:
+
+1. the bracketed form the prompts ask for (``[[8, 7]]``, ``[[7]]``, ``[[A]]``), except
+   when it stands in quotes (a quoted format example, not a verdict);
+2. labelled or line-anchored forms: scores alone on the first line (the Vicuna protocol),
+   lines that start with a label ("Assistant 1: 8", "Rating: 7", "Verdict: A"), a
+   labelled tuple ("The output tuple is (10, 4)", "the scores are (1, 5) for Assistant 1
+   and Assistant 2, respectively", "Output: (1, 7)") or a line that is only a tuple;
+3. a few fixed sentence forms ("I would give Assistant 1 a score of 10 and Assistant 2 a
+   score of 1", "8/10 for Assistant 1", "I would rate the response 6/10", a last line
+   "Assistant B is better").
+
+The first tier that finds anything decides; within a tier the verdict written last wins
+(judges revise, and quotes of the answers come before the verdict). Anything else is
 ``unparsed`` -- never guessed, never scored as 0.
 """
 
@@ -18,39 +28,73 @@ MODES = ("pairwise-score", "pairwise", "single")
 
 OK, UNPARSED = "ok", "unparsed"
 
+_I = re.IGNORECASE
+_IM = re.IGNORECASE | re.MULTILINE
 _NUM = r"(\d{1,2}(?:\.\d+)?)"
-_OUT_OF = r"(?:\s*(?:/|out\s+of)\s*10)?"
-_SEP = r"(?:\s*(?:,|;|&|\band\b|\bvs\.?|\||-|–)\s*|\s+)"
-# Line starts with optional markdown (**, -, #, >) and maybe "Scores:".
-_LEAD = r"^[\s*#>\-_`]*"
+_OUT_OF = r"(?:\s*(?:/|out\s+of)\s*10(?![\d.]*\d))?"
+_NOT_MORE = r"(?![\d.]*\d)"
+_LEAD = r"^[\s*#>\-_`|]*"  # optional markdown before a label: bullets, bold, quotes, table bars
+_WHO = r"(?:assistant|answer|response)\s*#?\s*([12])"
+# "8 tips", "3 of the 5 steps", "2 points higher": a number that counts things is no score.
+_NOT_A_COUNT = r"(?!\s*(?:of\b|points?\b|tips?\b|steps?\b|examples?\b|reasons?\b|items?\b|ways?\b|paragraphs?\b))"
 
-# "8 7", "8, 7", "8/10 and 7/10", "Scores: 8 and 7", "**8** | **7**"
+# tier 1 -----------------------------------------------------------------------------
+_QUOTED = r"(?<![\"'“])"  # a quoted bracket form is a format example, not a verdict
+_BRACKET_PAIR = re.compile(_QUOTED + r"\[\[\s*" + _NUM + r"\s*(?:,|\s)\s*" + _NUM + r"\s*\]\](?![\"'”])")
+_BRACKET_ONE = re.compile(_QUOTED + r"(?<![\"'“]rating: )\[\[\s*" + _NUM + _OUT_OF + r"\s*\]\](?![\"'”])", _I)
+_BRACKET_VERDICT = re.compile(_QUOTED + r"\[\[\s*(A|B|C|tie)\s*\]\](?![\"'”])", _I)
+
+# tier 2: pairwise-score -------------------------------------------------------------
+_SEP = r"(?:\s*(?:,|;|&|\band\b|\bvs\.?|\||-|–)\s*|\s+)"
+# "8 7", "8, 7", "8/10 and 7/10", "Scores: 8 and 7", "**8** | **7**", "(8, 7)"
 _FIRST_LINE_PAIR = re.compile(
-    _LEAD + r"(?:scores?\s*[:\-]?\s*)?\**" + _NUM + _OUT_OF + r"\**" + _SEP + r"\**" + _NUM + _OUT_OF + r"[\s*.`]*$",
-    re.IGNORECASE,
-)
-_FIRST_LINE_SINGLE = re.compile(
-    _LEAD + r"(?:(?:score|rating)\s*[:\-]?\s*)?\**" + _NUM + _OUT_OF + r"[\s*.`]*$", re.IGNORECASE
-)
-_BRACKET_PAIR = re.compile(r"\[\[\s*" + _NUM + r"\s*(?:,|\s)\s*" + _NUM + r"\s*\]\]")
-_BRACKET_ONE = re.compile(r"\[\[\s*" + _NUM + _OUT_OF + r"\s*\]\]")
-# "Assistant 1: 8", "**Assistant 2's score:** 7/10", "- Answer 1 - 6"
-_LABELLED = re.compile(
-    _LEAD + r"(?:assistant|answer)\s*([12])(?:'s)?(?:\s+(?:score|rating|answer))?\s*\**\s*[:=\-–]\s*\**\s*"
-    + _NUM + _OUT_OF + r"(?![\d.]*\d)",
-    re.IGNORECASE | re.MULTILINE,
-)
+    _LEAD + r"(?:scores?\s*[:\-]?\s*)?[(\[]?\**" + _NUM + _OUT_OF + r"\**" + _SEP + r"\**" + _NUM + _OUT_OF
+    + r"\**[)\]]?[\s*.`]*$", _I)
+# "Assistant 1: 8", "**Assistant 2's score:** 7/10", "- Answer 1 - 6", "| Assistant 1 | 8 |",
+# "Assistant 1: 8/10, Assistant 2: 7/10" (a label at a line start or after a separator)
+_LABEL_VALUE = re.compile(
+    r"(?:" + _LEAD + r"|[,;]\s*\**|\band\s+\**)" + _WHO + r"(?:'s)?(?:\s+(?:overall\s+|final\s+)?(?:score|rating))?"
+    + r"\**[ \t]*(?:[:=|]|[-–—])[ \t]*\**[ \t]*" + _NUM + _OUT_OF + _NOT_MORE + _NOT_A_COUNT, _IM)
+# "(10, 4)" after "tuple", "scores are", "Output:" -- or alone on its line
+_CUED_TUPLE = re.compile(
+    r"(?:\b(?:tuple|scores?|ratings?)\b(?!\s*\()|^\W*output\s*:)[^()\[\]\n]{0,60}?[(\[]\s*" + _NUM + r"\s*,\s*"
+    + _NUM + r"\s*[)\]]", _IM)
+_TUPLE_LINE = re.compile(r"^[\s*`>]*\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)[\s*.`]*$", re.MULTILINE)
+
+# tier 3: pairwise-score -------------------------------------------------------------
+# "give Assistant 1 a score of 10", "Assistant 2 receives 6/10", "Assistant 1 gets an 8"
+_WHO_GETS = re.compile(
+    r"\b" + _WHO + r"\s+(?:(?:a|an)\s+(?:overall\s+)?(?:score|rating)\s+of\s+|(?:gets|receives|earns|deserves|scores|"
+    r"is\s+(?:given|rated|scored)|would\s+(?:get|receive|earn|score))\s+(?:(?:a|an)\s+)?(?:(?:score|rating)\s+of\s+)?)"
+    + _NUM + _OUT_OF + _NOT_MORE + _NOT_A_COUNT, _I)
+# "8/10 for Assistant 1", "a score of 8 for Assistant 1"
+_VALUE_FOR_WHO = re.compile(
+    r"(?:(?:score|rating)\s+of\s+" + _NUM + r"(?:\s*(?:/|out\s+of)\s*10)?|" + _NUM + r"\s*(?:/|out\s+of)\s*10)"
+    r"\s+(?:points\s+)?(?:for|to)\s+" + _WHO, _I)
+
+# tier 2 and 3: single ----------------------------------------------------------------
+_FIRST_LINE_SINGLE = re.compile(_LEAD + r"(?:(?:score|rating)\s*[:\-]?\s*)?\**" + _NUM + _OUT_OF + r"[\s*.`]*$", _I)
+# "Rating: 7", "**Overall rating:** 6.5/10", "Final Score - 8", "Grade: [7]"
 _RATING_LINE = re.compile(
-    _LEAD + r"(?:overall\s+|final\s+)?(?:score|rating)\s*\**\s*[:=\-–]\s*\**\s*\[?\[?\s*" + _NUM + _OUT_OF
-    + r"(?![\d.]*\d)",
-    re.IGNORECASE | re.MULTILINE,
-)
-_VERDICT_BRACKET = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
-# "Verdict: A" at the start of a line, or "final verdict: Assistant A" anywhere.
+    _LEAD + r"(?:overall\s+|final\s+|my\s+)?(?:score|rating|grade)[ \t]*\**[ \t]*[:=\-–][ \t]*\**[ \t]*\[?\[?[ \t]*" + _NUM + _OUT_OF
+    + _NOT_MORE, _IM)
+# "I would rate the response 6/10", "I give it a score of 4", "a rating of 7 out of 10"
+_RATE_SENTENCE = re.compile(
+    r"\b(?:(?:rate|grade)\s+(?:(?:it|this|the|assistant's|response|answer)\s+){0,3}(?:(?:as|at)\s+)?(?:(?:a|an)\s+)?"
+    + _NUM + r"\s*(?:/|out\s+of)\s*10|(?:score|rating)\s+of\s+" + _NUM + _OUT_OF + _NOT_MORE + _NOT_A_COUNT + r")", _I)
+
+# tier 2 and 3: pairwise verdicts -----------------------------------------------------
+# "Verdict: A", "**Final verdict:** [B]", "Winner: Assistant A", "final verdict is tie"
 _VERDICT_LINE = re.compile(
-    r"(?:" + _LEAD + r"|\bfinal\s+)verdict(?:\s+is)?\s*\**\s*[:=\-–]?\s*\**\s*(?:assistant\s+)?\[?\[?\s*(A|B|C|tie)\b",
-    re.IGNORECASE | re.MULTILINE,
-)
+    r"(?:" + _LEAD + r"|\bfinal\s+)(?:verdict|winner|decision)(?:\s+is)?\s*\**\s*[:=\-–]?\s*\**\s*(?:assistant\s+)?"
+    r"\[?\[?\s*(A|B|C|tie)\b", _IM)
+_VERDICT_ALONE = re.compile(r"^[\s*`>]*\[\s*(A|B|C)\s*\][\s*.`]*$", re.MULTILINE)
+# last line only: "Therefore, Assistant B is better." / "Overall, it is a tie."
+_BETTER = re.compile(r"\bassistant\s+(A|B)\b[^.\n]{0,40}?\b(?:is|was|provides|gives|wins)\s+(?:the\s+)?"
+                     r"(?:clearly\s+|slightly\s+|much\s+|overall\s+)?(?:better|superior|stronger|preferred|winner)"
+                     r"(?:\s+(?:answer|response|one))?(?=\s*(?:[.!;]|$|than\b|overall\b))", _I)
+_TIE = re.compile(r"\b(?:it(?:'s| is) a tie|(?:are|were|is) (?:a )?tie\b|equally (?:good|bad|helpful|strong))", _I)
+_NEGATED = re.compile(r"\b(?:neither|not|n't|nor)\b", _I)
 
 
 def _score(text: str) -> float | None:
@@ -65,6 +109,13 @@ def _first_line(text: str) -> str:
     return ""
 
 
+def _last_line(text: str) -> str:
+    for line in reversed(text.splitlines()):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
 def _result(status: str, reason: str | None = None, **fields) -> dict[str, Any]:
     out: dict[str, Any] = {"status": status, **fields}
     if reason:
@@ -72,43 +123,51 @@ def _result(status: str, reason: str | None = None, **fields) -> dict[str, Any]:
     return out
 
 
+def _last(candidates: list[tuple[int, Any]]) -> Any:
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def _labelled_pair(matches) -> list[tuple[int, tuple[str, str]]]:
+    """Per-assistant labels -> one (position, (s1, s2)) when both assistants got a score."""
+    last: dict[str, tuple[int, str]] = {}
+    for m in matches:
+        groups = [g for g in m.groups() if g is not None]
+        value, who = (groups[0], groups[1]) if m.re is _VALUE_FOR_WHO else (groups[1], groups[0])
+        last[who] = (m.start(), value)  # the last label of each assistant wins
+    if "1" in last and "2" in last:
+        return [(max(last["1"][0], last["2"][0]), (last["1"][1], last["2"][1]))]
+    return []
+
+
 def parse_pairwise_score(text: str) -> dict[str, Any]:
     """Two 1-10 scores (Assistant 1 first) -> ``{"status", "scores": [s1, s2]}``."""
-    candidates: list[tuple[str, str]] = []
-    brackets = _BRACKET_PAIR.findall(text)
-    if brackets:
-        candidates.append(brackets[-1])
+    tier1 = [(m.start(), m.groups()) for m in _BRACKET_PAIR.finditer(text)]
+    tier2 = []
     m = _FIRST_LINE_PAIR.match(_first_line(text))
     if m:
-        candidates.append((m.group(1), m.group(2)))
-    labelled: dict[str, str] = {}
-    for who, value in _LABELLED.findall(text):
-        labelled[who] = value  # last one wins
-    if "1" in labelled and "2" in labelled:
-        candidates.append((labelled["1"], labelled["2"]))
-    if not candidates:
+        tier2.append((0, m.groups()))
+    tier2 += _labelled_pair(_LABEL_VALUE.finditer(text))
+    tier2 += [(m.start(), m.groups()) for r in (_CUED_TUPLE, _TUPLE_LINE) for m in r.finditer(text)]
+    tier3 = _labelled_pair([*_WHO_GETS.finditer(text), *_VALUE_FOR_WHO.finditer(text)])
+    found = _last(tier1) or _last(tier2) or _last(tier3)
+    if not found:
         return _result(UNPARSED, "no scores found: expected '8 7' on the first line, "
-                       "'Assistant 1: 8' / 'Assistant 2: 7' lines or [[8, 7]]")
-    s1, s2 = _score(candidates[0][0]), _score(candidates[0][1])
+                       "'Assistant 1: 8' / 'Assistant 2: 7' lines, a labelled tuple '(8, 7)' or [[8, 7]]")
+    s1, s2 = _score(found[0]), _score(found[1])
     if s1 is None or s2 is None:
-        return _result(UNPARSED, f"scores out of the 0-10 range: {candidates[0]}")
+        return _result(UNPARSED, f"scores out of the 0-10 range: {tuple(found)}")
     return _result(OK, scores=[s1, s2])
 
 
 def parse_single(text: str) -> dict[str, Any]:
     """One 1-10 score -> ``{"status", "score"}``."""
-    value = None
-    brackets = _BRACKET_ONE.findall(text)
-    if brackets:
-        value = brackets[-1]
-    else:
-        lines = _RATING_LINE.findall(text)
-        if lines:
-            value = lines[-1]
-        else:
-            m = _FIRST_LINE_SINGLE.match(_first_line(text))
-            if m:
-                value = m.group(1)
+    tier1 = [(m.start(), m.group(1)) for m in _BRACKET_ONE.finditer(text)]
+    tier2 = [(m.start(), m.group(1)) for m in _RATING_LINE.finditer(text)]
+    m = _FIRST_LINE_SINGLE.match(_first_line(text))
+    if m:
+        tier2.append((-1, m.group(1)))  # a labelled line later in the text beats the first line
+    tier3 = [(m.start(), m.group(1) or m.group(2)) for m in _RATE_SENTENCE.finditer(text)]
+    value = _last(tier1) or _last(tier2) or _last(tier3)
     if value is None:
         return _result(UNPARSED, "no score found: expected 'Rating: [[7]]'")
     score = _score(value)
@@ -119,10 +178,20 @@ def parse_single(text: str) -> dict[str, Any]:
 
 def parse_pairwise(text: str) -> dict[str, Any]:
     """A verdict -> ``{"status", "verdict": "A" | "B" | "tie"}`` (``[[C]]`` means tie)."""
-    found = _VERDICT_BRACKET.findall(text) or _VERDICT_LINE.findall(text)
-    if not found:
+    tier1 = [(m.start(), m.group(1)) for m in _BRACKET_VERDICT.finditer(text)]
+    tier2 = [(m.start(), m.group(1)) for r in (_VERDICT_LINE, _VERDICT_ALONE) for m in r.finditer(text)]
+    tier3 = []
+    last = _last_line(text)
+    if not _NEGATED.search(last):
+        better = {m.group(1).upper() for m in _BETTER.finditer(last)}
+        if len(better) == 1:
+            tier3.append((0, better.pop()))
+        elif not better and _TIE.search(last):
+            tier3.append((0, "tie"))
+    v = _last(tier1) or _last(tier2) or _last(tier3)
+    if v is None:
         return _result(UNPARSED, "no verdict found: expected [[A]], [[B]] or [[C]] (tie)")
-    v = found[-1].upper()
+    v = v.upper()
     return _result(OK, verdict="tie" if v in ("C", "TIE") else v)
 
 

@@ -1,4 +1,4 @@
-"""`eval run CONFIG.yaml`: answer + judge + report from one config (each step resumable)."""
+"""`eval run`: answer + judge + report from one config -- a YAML file or the command's flags."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import yaml
 
 from .answer import AnswerSettings, parse_temperatures, run_answers
 from .client import DEFAULT_API_KEY_ENV, Endpoint
-from .io import BUILTIN_QUESTIONS, EvalUsageError, load_questions, load_references
-from .judge import REFERENCE_CATEGORIES, load_prompts, run_judge
-from .parse import MODES
+from .io import BUILTIN_QUESTIONS, EvalUsageError, find_answer_file, load_questions, load_references
+from .judge import judged_exit_code, resolve_setup, run_judge
+from .judge_prompts import REFERENCE_CATEGORIES
 from .report import write_report
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,9 @@ _TOP = {"questions", "output_dir", "parallel", "models", "judge", "report"}
 _MODEL = {"name", "model", "api_base", "api_key_env", "answers", "temperature", "max_tokens", "system", "timeout",
           "retries", "backoff"}
 _JUDGE = {"model", "api_base", "api_key_env", "mode", "baseline", "reference", "reference_categories", "swap",
-          "prompts", "max_tokens", "timeout", "retries", "backoff"}
+          "prompts", "judge_prompts", "judge_reviewers", "protocol", "max_tokens", "min_parsed", "timeout", "retries",
+          "backoff"}
+_REPORT = {"bootstrap_rounds", "relative_to", "price_input", "price_output"}
 
 
 def _check_keys(where: str, data: dict, allowed: set[str]) -> None:
@@ -49,31 +51,75 @@ def load_config(path: Path) -> dict[str, Any]:
         raise EvalUsageError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise EvalUsageError(f"{path}: expected a mapping (see `vicuna eval run --help`)")
-    _check_keys(str(path), cfg, _TOP)
+    return check_config(cfg, str(path))
+
+
+def check_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(where, cfg, _TOP)
     models = cfg.get("models")
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) and m.get("name") for m in models):
-        raise EvalUsageError(f"{path}: 'models' must be a list of mappings, each with a 'name'")
+        raise EvalUsageError(f"{where}: 'models' must be a list of mappings, each with a 'name'")
     for m in models:
-        _check_keys(f"{path}: model {m['name']!r}", m, _MODEL)
+        _check_keys(f"{where}: model {m['name']!r}", m, _MODEL)
         if "answers" not in m and "api_base" not in m:
-            raise EvalUsageError(f"{path}: model {m['name']!r} needs 'api_base' (to answer) or 'answers' (a file)")
+            raise EvalUsageError(f"{where}: model {m['name']!r} needs 'api_base' (to answer) or 'answers' (a file)")
     judge = cfg.get("judge")
     if not isinstance(judge, dict) or not judge.get("model"):
-        raise EvalUsageError(f"{path}: 'judge' must be a mapping with at least 'model'")
-    _check_keys(f"{path}: judge", judge, _JUDGE)
-    if judge.get("mode", "pairwise-score") not in MODES:
-        raise EvalUsageError(f"{path}: judge.mode must be one of {', '.join(MODES)}")
+        raise EvalUsageError(f"{where}: 'judge' must be a mapping with at least 'model'")
+    _check_keys(f"{where}: judge", judge, _JUDGE)
+    _check_keys(f"{where}: report", cfg.get("report") or {}, _REPORT)
     return cfg
 
 
-def run_config(path: Path, *, force: bool = False) -> int:
-    cfg = load_config(path)
-    base = Path(path).parent
-    rel = lambda p: p if Path(p).is_absolute() else base / p  # noqa: E731 -- paths are relative to the config
+def config_from_flags(args, *, prices: tuple[float, float] | None) -> dict[str, Any]:
+    """`eval run --protocol ... --answers ... --model ...` -> the same config a YAML file gives."""
+    if not args.judge_model:
+        raise EvalUsageError("--judge-model is required (or give a YAML config)")
+    models: list[dict[str, Any]] = []
+    if args.model or args.api_base:
+        if not (args.model and args.api_base):
+            raise EvalUsageError("--model and --api-base go together: the model to answer and where it is served")
+        models.append({"name": args.model_id or args.model.replace("/", "_"), "model": args.model,
+                       "api_base": args.api_base, "max_tokens": args.max_answer_tokens, "timeout": args.timeout})
+    if args.models:
+        if not args.answers:
+            raise EvalUsageError("--models names answer files: give their folder with --answers")
+        models += [{"name": m, "answers": str(find_answer_file(args.answers, m))}
+                   for m in (x.strip() for x in args.models.split(",")) if m]
+    if not models:
+        raise EvalUsageError("nothing to evaluate: give --model and --api-base (to answer) and/or --answers and --models")
+    judge = {"model": args.judge_model, "api_base": args.judge_api_base, "api_key_env": args.judge_api_key_env,
+             "protocol": args.protocol, "judge_prompts": args.judge_prompts, "judge_reviewers": args.judge_reviewers,
+             "prompts": args.prompts, "mode": args.mode, "baseline": args.baseline, "reference": args.reference,
+             "reference_categories": [c for c in args.reference_categories.split(",") if c],
+             "swap": False if args.no_swap else None, "max_tokens": args.max_tokens, "min_parsed": args.min_parsed,
+             "timeout": args.timeout}
+    report = {"bootstrap_rounds": args.bootstrap_rounds, "relative_to": args.relative_to}
+    if prices:
+        report.update(price_input=prices[0], price_output=prices[1])
+    models = [{k: v for k, v in m.items() if v is not None} for m in models]
+    cfg = {"questions": str(args.questions or BUILTIN_QUESTIONS), "output_dir": str(args.output or "eval-out"),
+           "parallel": args.parallel or 4, "models": models,
+           "judge": {k: str(v) if isinstance(v, Path) else v for k, v in judge.items() if v is not None},
+           "report": {k: v for k, v in report.items() if v is not None}}
+    return check_config(cfg, "eval run")
+
+
+def run_config(path: Path | None, *, force: bool = False, cfg: dict[str, Any] | None = None) -> int:
+    """Run a config file (paths relative to it) or a ready config (paths relative to the working folder)."""
+    cfg = cfg if cfg is not None else load_config(path)
+    where = str(path) if path else "eval run"
+    base = Path(path).parent if path else Path.cwd()
+    rel = lambda p: Path(p) if Path(p).is_absolute() else base / p  # noqa: E731
     out_dir = rel(cfg.get("output_dir", "eval-out"))
     questions_path = cfg.get("questions", BUILTIN_QUESTIONS)
     questions = load_questions(questions_path if questions_path == BUILTIN_QUESTIONS else rel(questions_path))
     parallel = int(cfg.get("parallel", 4))
+    j = cfg["judge"]
+    setup = resolve_setup(protocol=j.get("protocol"), mode=j.get("mode"),
+                          judge_prompts=rel(j["judge_prompts"]) if j.get("judge_prompts") else None,
+                          judge_reviewers=rel(j["judge_reviewers"]) if j.get("judge_reviewers") else None,
+                          prompts=j.get("prompts"), swap=j.get("swap"))  # before answering: fail fast
     answers_dir = out_dir / "answers"
     answers_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -84,13 +130,13 @@ def run_config(path: Path, *, force: bool = False) -> int:
         if "answers" in m:
             src = rel(m["answers"])
             if not src.exists():
-                raise EvalUsageError(f"{path}: model {name!r}: answers file {src} does not exist")
+                raise EvalUsageError(f"{where}: model {name!r}: answers file {src} does not exist")
             if force or not target.exists():
                 shutil.copyfile(src, target)
             continue
         temps = m.get("temperature") or {}
         if not isinstance(temps, dict):
-            raise EvalUsageError(f"{path}: model {name!r}: 'temperature' must map category -> temperature")
+            raise EvalUsageError(f"{where}: model {name!r}: 'temperature' must map category -> temperature")
         settings = AnswerSettings(parse_temperatures([f"{k}={v}" for k, v in temps.items()]),
                                   int(m.get("max_tokens", 1024)), m.get("system"))
         counts = run_answers(questions, _endpoint(f"model {name!r}", m, str(m.get("model", name))), target,
@@ -98,21 +144,20 @@ def run_config(path: Path, *, force: bool = False) -> int:
         log.info("answers of %s: %s", name, counts)
         failed += counts["errors"]
 
-    j = cfg["judge"]
     refs = load_references(rel(j["reference"])) if j.get("reference") else {}
-    cats = j.get("reference_categories", list(REFERENCE_CATEGORIES))
     judgments = out_dir / "judgments.jsonl"
     counts = run_judge(
         questions, answers_dir, [str(m["name"]) for m in cfg["models"]], _endpoint("judge", j, str(j["model"])),
-        judgments, mode=j.get("mode", "pairwise-score"), baseline=j.get("baseline"), references=refs,
-        reference_categories=cats, swap=bool(j.get("swap", True)), prompts=load_prompts(j.get("prompts", "vicuna-judge-v1")),
-        parallel=parallel, force=force, max_tokens=int(j.get("max_tokens", 2048)),
+        judgments, setup=setup, baseline=j.get("baseline"), references=refs,
+        reference_categories=j.get("reference_categories", list(REFERENCE_CATEGORIES)), parallel=parallel,
+        force=force, max_tokens=int(j["max_tokens"]) if j.get("max_tokens") else None,
     )
     log.info("judgments: %s", counts)
-    failed += counts["error"]
-    report_cfg = cfg.get("report") or {}
-    res = write_report(judgments, out_dir / "report", baseline=j.get("baseline"), force=True,
-                       bootstrap_rounds=int(report_cfg.get("bootstrap_rounds", 1000)))
+    r = cfg.get("report") or {}
+    prices = (float(r["price_input"]), float(r["price_output"])) if "price_input" in r else None
+    res = write_report(judgments, out_dir / "report", baseline=j.get("baseline"), relative_to=r.get("relative_to"),
+                       prices=prices, force=True, bootstrap_rounds=int(r.get("bootstrap_rounds", 1000)))
     print(f"{out_dir / 'report' / 'report.md'}: {res['judgments']['total']} judgments "
           f"({res['judgments']['unparsed']} unparsed, {res['judgments']['error']} failed)")
-    return 1 if failed else 0
+    status = judged_exit_code(counts["file"], float(j.get("min_parsed", 0.5)), judgments)
+    return 1 if failed else status

@@ -10,7 +10,11 @@ Definitions (what the numbers mean, so they can be checked by hand):
   graded on the same turn form a comparison (higher score wins; no swap involved).
 * Relative score of M vs the baseline B: sum of M's scores / sum of B's scores over their
   complete comparisons ("X% of ChatGPT").
-* Win rate = wins / comparisons; adjusted win rate = (wins + ties / 2) / comparisons.
+* Win rate = wins / comparisons; adjusted win rate = (wins + ties / 2) / comparisons;
+  length-controlled win rate: see ``length_controlled_win_rate``.
+* Relative to R (``relative_to``): a model's relative score divided by R's, both against
+  the baseline (the Vicuna blog's "% of ChatGPT" through Vicuna-13B).
+* Judge tokens: the usage each judge call reported, summed; cost = tokens x given prices.
 * Judge consistency = share of complete swapped comparisons whose two orders agree.
 * Ratings: Bradley-Terry on the Elo scale from all complete comparisons, with bootstrap
   95% intervals (``vicuna.ratings``).
@@ -54,7 +58,12 @@ def load_judgments(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- comparisons
 
 
-def _comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, int]]:
+def _lengths(rec: dict, a: str, b: str) -> dict[str, int]:
+    lengths = rec.get("answer_lengths") or {}
+    return {"len_a": lengths[a], "len_b": lengths[b]} if a in lengths and b in lengths else {}
+
+
+def comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, int]]:
     """Combine judgments into comparisons; returns (complete comparisons, counters)."""
     stats = {"complete": 0, "incomplete": 0, "swapped": 0, "consistent": 0}
     comps: list[dict] = []
@@ -69,9 +78,11 @@ def _comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, 
                 for j in range(i + 1, len(names)):
                     a, b = names[i], names[j]
                     sa, sb = ok[a]["result"]["score"], ok[b]["result"]["score"]
+                    lengths = _lengths({"answer_lengths": {**(ok[a].get("answer_lengths") or {}),
+                                                           **(ok[b].get("answer_lengths") or {})}}, a, b)
                     comps.append({"question_id": qid, "turn": turn, "category": ok[a]["category"], "model_a": a,
                                   "model_b": b, "score_a": sa, "score_b": sb,
-                                  "winner": "model_a" if sa > sb else "model_b" if sb > sa else "tie"})
+                                  "winner": "model_a" if sa > sb else "model_b" if sb > sa else "tie", **lengths})
         stats["complete"] = len(comps)
         return comps, stats
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -88,7 +99,7 @@ def _comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, 
             stats["swapped"] += 1
             stats["consistent"] += agree
         comp = {"question_id": qid, "turn": turn, "category": recs[0]["category"], "model_a": a, "model_b": b,
-                "winner": winners[0] if agree else "tie"}
+                "winner": winners[0] if agree else "tie", **_lengths(recs[0], a, b)}
         if mode == "pairwise-score":
             comp["score_a"] = sum(r["result"]["score_a"] for r in recs) / len(recs)
             comp["score_b"] = sum(r["result"]["score_b"] for r in recs) / len(recs)
@@ -99,8 +110,9 @@ def _comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, 
 def _flip(c: dict) -> dict:
     w = {"model_a": "model_b", "model_b": "model_a"}.get(c["winner"], c["winner"])
     out = {**c, "model_a": c["model_b"], "model_b": c["model_a"], "winner": w}
-    if "score_a" in c:
-        out["score_a"], out["score_b"] = c["score_b"], c["score_a"]
+    for x, y in (("score_a", "score_b"), ("len_a", "len_b")):
+        if x in c:
+            out[x], out[y] = c[y], c[x]
     return out
 
 
@@ -111,7 +123,8 @@ def _pair_stats(comps: Iterable[dict]) -> dict[str, Any]:
     losses = sum(c["winner"] == "model_b" for c in comps)
     ties = n - wins - losses
     out: dict[str, Any] = {"comparisons": n, "wins": wins, "ties": ties, "losses": losses,
-                           "win_rate": wins / n if n else None, "win_rate_adjusted": (wins + ties / 2) / n if n else None}
+                           "win_rate": wins / n if n else None, "win_rate_adjusted": (wins + ties / 2) / n if n else None,
+                           "win_rate_length_controlled": length_controlled_win_rate(comps)}
     if comps and "score_a" in comps[0]:
         total_a = sum(c["score_a"] for c in comps)
         total_b = sum(c["score_b"] for c in comps)
@@ -119,11 +132,45 @@ def _pair_stats(comps: Iterable[dict]) -> dict[str, Any]:
     return out
 
 
+def length_controlled_win_rate(comps: list[dict], ridge: float = 1e-4) -> float | None:
+    """Win rate of model_a had both answers been equally long (AlpacaEval 2's idea).
+
+    Fits P(model_a preferred) = sigmoid(theta + phi * tanh(dlen / sd(dlen))) by maximum
+    likelihood (wins 1, ties 0.5, losses 0; dlen = characters of model_a's answer minus
+    model_b's) and predicts at dlen = 0: sigmoid(theta). AlpacaEval 2 also has a question
+    difficulty term fitted on its fixed question set and gamed baselines; we have neither.
+    A tiny ridge keeps theta finite when one model wins everything. Needs two comparisons
+    with recorded lengths.
+    """
+    import numpy as np
+
+    rows = [c for c in comps if "len_a" in c]
+    if len(rows) < 2:
+        return None
+    y = np.array([{"model_a": 1.0, "model_b": 0.0}.get(c["winner"], 0.5) for c in rows])
+    d = np.array([c["len_a"] - c["len_b"] for c in rows], dtype=float)
+    sd = d.std(ddof=1)
+    x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    X = np.column_stack([np.ones_like(x), x])
+    w = np.zeros(2)
+    for _ in range(100):  # Newton's method on a strictly concave log-likelihood
+        p = 1 / (1 + np.exp(-(X @ w)))
+        grad = X.T @ (y - p) - ridge * w
+        hess = X.T @ (X * (p * (1 - p))[:, None]) + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-w[0])))
+
+
 # ---------------------------------------------------------------- the report
 
 
-def compute_report(records: list[dict], *, baseline: str | None = None, bootstrap_rounds: int = 1000,
+def compute_report(records: list[dict], *, baseline: str | None = None, relative_to: str | None = None,
+                   prices: tuple[float, float] | None = None, bootstrap_rounds: int = 1000,
                    seed: int = 0) -> dict[str, Any]:
+    """Every number of the report; ``prices`` = USD per million (prompt, completion) judge tokens."""
     modes = {r["mode"] for r in records}
     if len(modes) != 1:
         raise EvalUsageError(f"judgments mix modes {sorted(modes)}; report one mode at a time")
@@ -138,8 +185,11 @@ def compute_report(records: list[dict], *, baseline: str | None = None, bootstra
         baseline = bs.pop() if len(bs) == 1 else None
     if baseline is not None and baseline not in models:
         raise EvalUsageError(f"--baseline {baseline!r} is not among the judged models ({', '.join(models)})")
+    if relative_to is not None and (relative_to not in models or not baseline or mode == "pairwise"):
+        raise EvalUsageError(f"--relative-to {relative_to!r} needs scores (not --mode pairwise), a baseline, and one of "
+                             f"the judged models ({', '.join(models)})")
 
-    comps, cstats = _comparisons(records, mode)
+    comps, cstats = comparisons(records, mode)
     # Orient every comparison that involves the baseline as (model, baseline).
     comps = [_flip(c) if baseline and c["model_a"] == baseline else c for c in comps]
 
@@ -177,17 +227,50 @@ def compute_report(records: list[dict], *, baseline: str | None = None, bootstra
         cat_comps = [c for c in comps if c["category"] == cat]
         categories[cat] = {m: _model_stats(cat_records, cat_comps, mode, m, baseline) for m in models}
 
+    if relative_to:
+        _chain_relative_scores(per_model, baseline, relative_to)
+
     return {
         "mode": mode,
+        "protocols": sorted({r.get("protocol") for r in records if r.get("protocol")}),
         "baseline": baseline,
+        "relative_to": relative_to,
         "judge_models": sorted({r.get("judge_model") for r in records if r.get("judge_model")}),
         "prompt_versions": sorted({r.get("prompt_version") for r in records if r.get("prompt_version")}),
         "judgments": judgments,
         "judge": judge,
+        "judge_tokens": judge_tokens(records, prices),
         "models": dict(sorted(per_model.items(), key=lambda kv: -(kv[1].get("rating") or float("-inf")))),
         "pairs": pairs,
         "categories": categories,
     }
+
+
+def _chain_relative_scores(per_model: dict[str, dict], baseline: str, ref: str) -> None:
+    """Each model's score as a share of ``ref``'s, through the common baseline.
+
+    The Vicuna blog judged every model against Vicuna-13B only, then stated all of them as a
+    share of ChatGPT: (LLaMA / Vicuna) / (ChatGPT / Vicuna) = 68%. Same here.
+    """
+    ref_ratio = 1.0 if ref == baseline else per_model[ref].get("relative_score")
+    for m, row in per_model.items():
+        ratio = 1.0 if m == baseline else row.get("relative_score")
+        row["relative_to_score"] = ratio / ref_ratio if ratio is not None and ref_ratio else None
+
+
+def judge_tokens(records: list[dict], prices: tuple[float, float] | None) -> dict[str, Any]:
+    """Tokens the judge reported per call, summed; cost when prices (USD per 1M tokens) are given."""
+    used = [r["usage"] for r in records if r.get("usage")]
+    out: dict[str, Any] = {
+        "calls": sum(r["status"] != "error" for r in records),
+        "calls_with_usage": len(used),
+        "prompt_tokens": sum(u["prompt_tokens"] for u in used),
+        "completion_tokens": sum(u["completion_tokens"] for u in used),
+    }
+    if prices:
+        out["price_per_million"] = {"prompt": prices[0], "completion": prices[1]}
+        out["cost"] = (out["prompt_tokens"] * prices[0] + out["completion_tokens"] * prices[1]) / 1e6
+    return out
 
 
 def _model_stats(records: list[dict], comps: list[dict], mode: str, m: str, baseline: str | None) -> dict[str, Any]:
@@ -241,24 +324,34 @@ def _fmt(x, pct: bool = False, digits: int = 2) -> str:
 
 
 def render_markdown(res: dict[str, Any]) -> str:
-    mode, baseline = res["mode"], res["baseline"]
-    j, judge = res["judgments"], res["judge"]
+    mode, baseline, ref = res["mode"], res["baseline"], res.get("relative_to")
+    j, judge, tok = res["judgments"], res["judge"], res["judge_tokens"]
+    protocols = ", ".join(res.get("protocols") or []) or "–"
     lines = [
         "# Evaluation report",
         "",
-        f"- mode: `{mode}`; judge: {', '.join(res['judge_models']) or '–'}; prompts: {', '.join(res['prompt_versions']) or '–'}",
+        f"- mode: `{mode}`; protocol: {protocols}; judge: {', '.join(res['judge_models']) or '–'}; "
+        f"prompts: {', '.join(res['prompt_versions']) or '–'}",
         f"- baseline: {baseline or '–'}",
         f"- judgments: {j['total']} (ok {j['ok']}, **unparsed {j['unparsed']}**, **failed {j['error']}**)",
         f"- comparisons: {judge['complete']} complete, {judge['incomplete']} incomplete (not scored)",
+        f"- judge tokens: {tok['prompt_tokens']:,} prompt + {tok['completion_tokens']:,} completion over "
+        f"{tok['calls_with_usage']} of {tok['calls']} calls that reported usage"
+        + (f"; cost ${tok['cost']:.4f} at ${tok['price_per_million']['prompt']:g} / "
+           f"${tok['price_per_million']['completion']:g} per 1M tokens" if "cost" in tok else ""),
     ]
     if mode != "single":
         lines.append(f"- judge position consistency: {_fmt(judge['consistency_rate'], pct=True)} "
                      f"({judge['consistent']} of {judge['swapped']} swapped comparisons agree)")
+    if "mt-bench-single" in (res.get("protocols") or []):
+        lines.append("- MT-bench score = avg score: the mean over every graded turn (FastChat's show_result.py)")
     lines += ["", "## Models", ""]
     scored = mode != "pairwise"
     head = ["model", "rating (95% CI)"]
     if baseline:
-        head += (["total", "baseline total", f"% of {baseline}"] if scored else []) + ["W/T/L", "win rate", "adj. win rate"]
+        head += (["total", "baseline total", f"% of {baseline}"] if scored else [])
+        head += [f"% of {ref}"] if ref else []
+        head += ["W/T/L", "win rate", "adj. win rate", "LC win rate"]
     if scored:
         head += ["avg score", "avg turn 1", "avg turn 2"]
     head += ["unparsed", "failed"]
@@ -268,25 +361,30 @@ def render_markdown(res: dict[str, Any]) -> str:
                     f"{_fmt(row.get('rating_upper'), digits=0)})" if "rating" in row else "–"]
         if baseline:
             if m == baseline:
-                cells += (["–", "–", "(baseline)"] if scored else []) + ["–", "–", "–"]
+                cells += (["–", "–", "(baseline)"] if scored else [])
+            elif scored:
+                cells += [_fmt(row.get("total_score")), _fmt(row.get("baseline_total")),
+                          _fmt(row.get("relative_score"), pct=True)]
+            cells += [_fmt(row.get("relative_to_score"), pct=True)] if ref else []
+            if m == baseline:
+                cells += ["–"] * 4
             else:
-                if scored:
-                    cells += [_fmt(row.get("total_score")), _fmt(row.get("baseline_total")),
-                              _fmt(row.get("relative_score"), pct=True)]
                 cells += [f"{row.get('wins', 0)}/{row.get('ties', 0)}/{row.get('losses', 0)}",
-                          _fmt(row.get("win_rate"), pct=True), _fmt(row.get("win_rate_adjusted"), pct=True)]
+                          _fmt(row.get("win_rate"), pct=True), _fmt(row.get("win_rate_adjusted"), pct=True),
+                          _fmt(row.get("win_rate_length_controlled"), pct=True)]
         if scored:
             turns = row.get("avg_score_turn", {})
             cells += [_fmt(row.get("avg_score")), _fmt(turns.get("1")), _fmt(turns.get("2"))]
         cells += [str(row["unparsed"]), str(row["errors"])]
         lines.append("| " + " | ".join(cells) + " |")
 
-    lines += ["", "## Pairs", "", "| model | opponent | comparisons | W/T/L | adj. win rate | total | opponent total | relative |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Pairs", "", "| model | opponent | comparisons | W/T/L | adj. win rate | LC win rate | total | "
+              "opponent total | relative |", "|---|---|---|---|---|---|---|---|---|"]
     for p in res["pairs"]:
         lines.append(f"| {p['model']} | {p['opponent']} | {p['comparisons']} | {p['wins']}/{p['ties']}/{p['losses']} | "
-                     f"{_fmt(p['win_rate_adjusted'], pct=True)} | {_fmt(p.get('total_score'))} | "
-                     f"{_fmt(p.get('baseline_total'))} | {_fmt(p.get('relative_score'), pct=True)} |")
+                     f"{_fmt(p['win_rate_adjusted'], pct=True)} | {_fmt(p['win_rate_length_controlled'], pct=True)} | "
+                     f"{_fmt(p.get('total_score'))} | {_fmt(p.get('baseline_total'))} | "
+                     f"{_fmt(p.get('relative_score'), pct=True)} |")
 
     lines += ["", "## Categories", ""]
     metric, label = _category_metric(res)
@@ -384,13 +482,15 @@ def _commit(path: Path) -> None:
     _tmp(path).replace(path)
 
 
-def write_report(judgments: Path, out_dir: Path, *, baseline: str | None = None, force: bool = False,
-                 bootstrap_rounds: int = 1000, charts: bool = True) -> dict[str, Any]:
+def write_report(judgments: Path, out_dir: Path, *, baseline: str | None = None, relative_to: str | None = None,
+                 prices: tuple[float, float] | None = None, force: bool = False, bootstrap_rounds: int = 1000,
+                 charts: bool = True) -> dict[str, Any]:
     out_dir = Path(out_dir)
     existing = [f for f in REPORT_FILES if (out_dir / f).exists()]
     if existing and not force:
         raise EvalUsageError(f"{out_dir} already holds a report ({', '.join(existing)}); use --force to replace it")
-    res = compute_report(load_judgments(judgments), baseline=baseline, bootstrap_rounds=bootstrap_rounds)
+    res = compute_report(load_judgments(judgments), baseline=baseline, relative_to=relative_to, prices=prices,
+                         bootstrap_rounds=bootstrap_rounds)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out_dir / "report.md", render_markdown(res))

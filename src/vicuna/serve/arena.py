@@ -3,11 +3,18 @@
 Why SQLite: one file that a user can copy, query and back up, transactions for free, and
 WAL mode lets the leaderboard read while chat sessions write. Each thread gets its own
 connection (sqlite3 connections must not be shared across threads); writers wait on the
-database lock (``busy_timeout``) instead of failing under concurrent sessions.
+database lock (``busy_timeout``), then retry a few times, and then fail with an
+:class:`ArenaError` the UI shows — a round that could not be stored offers no vote.
+
+The file is watched: deleted or replaced while the server runs, every use fails loudly
+instead of writing into the unlinked file while a new empty one appears. (Reopening a
+replaced file is not safe either: SQLite would replay the old file's ``-wal`` onto it.)
 
 Privacy: client IPs are never stored. ``hash_ip`` keys an HMAC with a secret salt kept
 *outside* the database (``<db>.salt``, or ``VICUNA_ARENA_SALT``), so a shared database
-cannot be reversed by hashing all 2**32 IPv4 addresses.
+cannot be reversed by hashing all 2**32 IPv4 addresses. The database holds whole
+conversations, so it (and SQLite's ``-wal``/``-shm`` files, which take its mode) is created
+0600: readable by the server's user only.
 
 The maths (Bradley-Terry, bootstrap, online Elo) lives in ``vicuna.ratings``; this module
 only turns stored votes into battles and summarises them for the CLI and the web UI.
@@ -30,12 +37,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import UsageError, VicunaError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MODES = ("chat", "battle", "side_by_side")
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
 FEEDBACK_KINDS = ("upvote", "downvote", "flag", "retract")
@@ -52,11 +60,13 @@ CREATE TABLE IF NOT EXISTS conversations (
     model    TEXT NOT NULL,
     messages TEXT NOT NULL,               -- JSON list of {"role", "content"}
     params   TEXT NOT NULL DEFAULT '{}',  -- JSON sampling parameters
-    finish   TEXT,                        -- 'stop', 'cancelled' or 'error' (last answer)
+    finish   TEXT,                        -- 'stop', 'stopped', 'cancelled', 'error' or 'flagged' (last answer)
     error    TEXT,                        -- what failed, as shown to the user
     ip_hash  TEXT,
     created  REAL NOT NULL,
-    updated  REAL NOT NULL
+    updated  REAL NOT NULL,
+    served_by      TEXT,                  -- 'endpoint' for an OpenAI-compatible upstream, else 'local'
+    upstream_model TEXT                   -- the upstream's model that answered (endpoints only)
 );
 CREATE INDEX IF NOT EXISTS conversations_created ON conversations (created);
 -- One vote per pair of conversations (a battle or a named side-by-side round).
@@ -105,10 +115,16 @@ class Battle:
 
 
 class ArenaStore:
-    """The arena database. Safe to use from many threads at once (one connection each)."""
+    """The arena database. Safe to use from many threads at once (one connection each).
 
-    def __init__(self, path: str | os.PathLike, *, salt: str | None = None, create: bool = True):
+    ``busy_timeout`` is how long one attempt waits for another writer's lock; ``attempts``
+    how often a locked operation is tried before it fails.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, salt: str | None = None, create: bool = True,
+                 busy_timeout: float = 2.0, attempts: int = 3):
         self.path = Path(path)
+        self.busy_timeout, self.attempts = busy_timeout, attempts
         if not create and not self.path.is_file():
             raise ArenaError(f"no arena database at {self.path}; pass --db with the file `vicuna serve --web` wrote")
         if create:
@@ -116,11 +132,20 @@ class ArenaStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ArenaError(f"cannot create the folder of arena database {self.path}: {e}") from None
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise ArenaError(f"cannot create arena database {self.path}: {e}") from None
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._salt = salt
-        conn = self._conn()
+        self._identity = self._file_identity()
+        self._check_schema(self._conn(), create)
+
+    def _check_schema(self, conn: sqlite3.Connection, create: bool) -> None:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -128,33 +153,72 @@ class ArenaStore:
                     f"{self.path} has arena schema version {version}; this vicuna knows up to {SCHEMA_VERSION} "
                     "(upgrade vicuna)"
                 )
-            if create and version < SCHEMA_VERSION:
-                conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-            elif version == 0:
+            if version == 0 and not create:
                 raise ArenaError(f"{self.path} is not an arena database (no arena tables in it)")
+            if version == 0:
+                conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            elif version < SCHEMA_VERSION:  # version 1 (before endpoints): two nullable columns more
+                conn.executescript("BEGIN IMMEDIATE; ALTER TABLE conversations ADD COLUMN served_by TEXT; "
+                                   "ALTER TABLE conversations ADD COLUMN upstream_model TEXT; "
+                                   f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as e:
             raise ArenaError(f"cannot open arena database {self.path}: {e}") from None
 
     # -- connections -------------------------------------------------------------------
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the database file, None once it is gone."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
     def _conn(self) -> sqlite3.Connection:
+        identity = self._file_identity()
+        if identity != self._identity:
+            what = "deleted" if identity is None else "replaced by another file"
+            raise ArenaError(f"the arena database {self.path} was {what} while the server was running; nothing can "
+                             "be stored until the server is restarted (which opens the file now at that path, or "
+                             "creates a new one)")
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                # autocommit (isolation_level=None): each statement is its own transaction,
-                # multi-statement writes use explicit BEGIN IMMEDIATE.
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-                conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA foreign_keys = ON")
-                conn.execute("PRAGMA busy_timeout = 30000")
-            except sqlite3.Error as e:
-                raise ArenaError(f"cannot open arena database {self.path}: {e}") from None
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
+        return conn if conn is not None else self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            # mode=rw: never create a file here (a deleted database must not come back empty);
+            # autocommit (isolation_level=None): each statement is its own transaction.
+            conn = sqlite3.connect(f"file:{quote(str(self.path.absolute()))}?mode=rw", uri=True,
+                                   timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as e:
+            raise ArenaError(f"cannot open arena database {self.path}: {e}") from None
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
         return conn
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement, retried while another process holds the lock, then a clear ArenaError."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._conn().execute(sql, params)
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise ArenaError(f"arena database {self.path}: {e}") from None
+                if attempt == self.attempts:
+                    raise ArenaError(
+                        f"the arena database {self.path} is locked by another process (tried {attempt} times, "
+                        f"{self.busy_timeout:g} s each); close whatever holds it (an open sqlite3 shell?)"
+                    ) from None
+                log.warning("arena database %s is locked (attempt %d of %d); retrying", self.path, attempt,
+                            self.attempts)
+                time.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:
@@ -217,18 +281,21 @@ class ArenaStore:
         finish: str | None = None,
         error: str | None = None,
         ip_hash: str | None = None,
+        served_by: str = "local",
+        upstream_model: str | None = None,
     ) -> None:
         """Insert or update one conversation (the whole message list each time)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         now = time.time()
-        self._conn().execute(
-            """INSERT INTO conversations (id, mode, model, messages, params, finish, error, ip_hash, created, updated)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        self._execute(
+            """INSERT INTO conversations (id, mode, model, messages, params, finish, error, ip_hash, created, updated,
+                                          served_by, upstream_model)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (id) DO UPDATE SET messages = excluded.messages, params = excluded.params,
                    finish = excluded.finish, error = excluded.error, updated = excluded.updated""",
             (conv_id, mode, model, json.dumps(list(messages), ensure_ascii=False), json.dumps(params or {}),
-             finish, error, ip_hash, now, now),
+             finish, error, ip_hash, now, now, served_by, upstream_model),
         )
 
     def add_vote(
@@ -248,7 +315,7 @@ class ArenaStore:
         if winner not in WINNERS:
             raise ValueError(f"winner must be one of {WINNERS}, not {winner!r}")
         try:
-            cur = self._conn().execute(
+            cur = self._execute(
                 """INSERT INTO votes (created, mode, anonymous, model_a, model_b, conv_a, conv_b, winner,
                                       void, void_reason, ip_hash)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
@@ -274,7 +341,7 @@ class ArenaStore:
         if kind not in FEEDBACK_KINDS:
             raise ValueError(f"feedback kind must be one of {FEEDBACK_KINDS}, not {kind!r}")
         try:
-            cur = self._conn().execute(
+            cur = self._execute(
                 """INSERT INTO feedback (created, conv_id, model, message_index, kind, note, ip_hash)
                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
                 (time.time(), conv_id, model, message_index, kind, note, ip_hash),
@@ -295,30 +362,31 @@ class ArenaStore:
         sql = "SELECT model_a, model_b, winner FROM votes"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._conn().execute(sql + " ORDER BY created, id").fetchall()
+        rows = self._execute(sql + " ORDER BY created, id").fetchall()
         return [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        c = self._conn()
-        out = {t: c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("conversations", "votes", "feedback")}
-        out["void_votes"] = c.execute("SELECT COUNT(*) FROM votes WHERE void = 1").fetchone()[0]
+        out = {t: self._execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+               for t in ("conversations", "votes", "feedback")}
+        out["void_votes"] = self._execute("SELECT COUNT(*) FROM votes WHERE void = 1").fetchone()[0]
         return out
 
     def conversation(self, conv_id: str) -> dict[str, Any] | None:
-        row = self._conn().execute("SELECT * FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+        row = self._execute("SELECT * FROM conversations WHERE id = ?", (conv_id,)).fetchone()
         return _conversation_dict(row) if row else None
 
     def iter_conversations(self) -> Iterator[dict[str, Any]]:
-        for row in self._conn().execute("SELECT * FROM conversations ORDER BY created, id"):
+        for row in self._execute("SELECT * FROM conversations ORDER BY created, id"):
             yield _conversation_dict(row)
 
     def iter_votes(self) -> Iterator[dict[str, Any]]:
         """Votes with both conversations inlined (the export format)."""
-        sql = """SELECT v.*, ca.messages AS messages_a, ca.params AS params_a,
-                        cb.messages AS messages_b, cb.params AS params_b
+        sql = """SELECT v.*, ca.messages AS messages_a, ca.params AS params_a, ca.served_by AS served_by_a,
+                        ca.upstream_model AS upstream_model_a, cb.messages AS messages_b, cb.params AS params_b,
+                        cb.served_by AS served_by_b, cb.upstream_model AS upstream_model_b
                  FROM votes v JOIN conversations ca ON ca.id = v.conv_a JOIN conversations cb ON cb.id = v.conv_b
                  ORDER BY v.created, v.id"""
-        for r in self._conn().execute(sql):
+        for r in self._execute(sql):
             yield {
                 "id": r["id"],
                 "tstamp": r["created"],
@@ -335,10 +403,14 @@ class ArenaStore:
                 "conversation_b": json.loads(r["messages_b"]),
                 "params_a": json.loads(r["params_a"]),
                 "params_b": json.loads(r["params_b"]),
+                "served_by_a": r["served_by_a"] or "local",
+                "served_by_b": r["served_by_b"] or "local",
+                "upstream_model_a": r["upstream_model_a"],
+                "upstream_model_b": r["upstream_model_b"],
             }
 
     def iter_feedback(self) -> Iterator[dict[str, Any]]:
-        for r in self._conn().execute("SELECT * FROM feedback ORDER BY created, id"):
+        for r in self._execute("SELECT * FROM feedback ORDER BY created, id"):
             d = dict(r)
             d["tstamp"] = d.pop("created")
             yield d

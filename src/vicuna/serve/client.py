@@ -9,11 +9,15 @@ and ``vicuna serve api --controller URL`` run exactly the same front-end code.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
+from ..generation import MAX_SEED
 from .core import (
     AuthError, ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded,
     ServeError, Unavailable,
@@ -45,13 +49,33 @@ class ModelClient(Protocol):
     # Richer calls the OpenAI front end needs (usage, finish reasons, logprobs, embeddings).
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[Delta]: ...
 
+    def choices(self, model: str, request: GenerateRequest, n: int) -> list[AsyncIterator[Delta]]: ...
+
+    def describe(self, model: str) -> dict[str, Any] | None: ...
+
     async def embed(self, model: str, inputs: list[str]) -> Embeddings: ...
 
     async def close(self) -> None: ...
 
 
+def choice_request(base: GenerateRequest, i: int) -> GenerateRequest:
+    """Choice ``i`` of ``n``: a distinct but reproducible seed when one is given."""
+    if i == 0 or base.seed is None:
+        return base
+    return dataclasses.replace(base, seed=(base.seed + i) % (MAX_SEED + 1))
+
+
 class _ClientBase:
-    """``stream_chat`` (text deltas only, for UIs) on top of ``generate``."""
+    """``stream_chat`` (text deltas only, for UIs) and ``choices`` on top of ``generate``."""
+
+    def choices(self, model: str, request: GenerateRequest, n: int) -> list[AsyncIterator[Delta]]:
+        """``n`` answers to one request, one stream each: here ``n`` generations, seeded ``seed + i``
+        (an upstream that samples ``n`` itself gets one request, see :mod:`vicuna.serve.endpoint`)."""
+        return [self.generate(model, choice_request(request, i)) for i in range(n)]
+
+    def describe(self, model: str) -> dict[str, Any] | None:
+        """Where ``model`` is served, when it is not by our own engine (an endpoint: its upstream model)."""
+        return None
 
     async def stream_chat(self, model: str, messages: list[dict], *, temperature: float | None = None,
                           top_p: float | None = None,
@@ -107,6 +131,13 @@ class LocalClient(_ClientBase):
             engine.stop()
 
 
+class WorkerHung(ServeError):
+    """A worker that stopped answering: silent past a timeout, and its /health too (SIGSTOP, a wedged loop)."""
+
+    status = 504
+    code = "worker_timeout"
+
+
 class ControllerClient(_ClientBase):
     """Models served by workers registered with a controller (``vicuna serve api --controller URL``).
 
@@ -115,24 +146,38 @@ class ControllerClient(_ClientBase):
     excluded and the request retried on another; one that fails mid-stream
     ends the stream with a :class:`ServeError` (the front end turns it into an
     error event rather than hanging).
+
+    A hung worker is noticed too: when no response starts within
+    ``first_byte_timeout`` seconds, or no line comes within ``chunk_timeout``,
+    the worker's ``/health`` gets ``probe_timeout`` seconds to answer. A worker
+    that answers is busy (a long queue), and the wait goes on; one that does not
+    is hung: it is avoided for ``avoid_for`` seconds (the controller drops it once
+    its heartbeats stop) and the request is retried elsewhere if it had not
+    started, or ends with an error if it had.
     """
 
-    def __init__(self, controller_url: str, secret: str | None = None, *, timeout: float = 600.0,
-                 max_attempts: int = 3):
+    def __init__(self, controller_url: str, secret: str | None = None, *, max_attempts: int = 3,
+                 first_byte_timeout: float = 10.0, chunk_timeout: float = 10.0, probe_timeout: float = 5.0,
+                 controller_timeout: float = 10.0, avoid_for: float = 30.0):
         import httpx
 
         self.controller_url = controller_url.rstrip("/")
         self.secret = secret
         self.max_attempts = max_attempts
+        self.first_byte_timeout, self.chunk_timeout = first_byte_timeout, chunk_timeout
+        self.probe_timeout, self.controller_timeout, self.avoid_for = probe_timeout, controller_timeout, avoid_for
+        self._hung: dict[str, float] = {}  # worker address -> until when it is avoided (monotonic)
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0))
+        # No read timeout on worker traffic: silence is judged by _wait (busy or hung?), not by httpx.
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=5.0))
 
     async def _controller(self, path: str, payload: dict | None = None) -> dict:
         import httpx
 
         url = self.controller_url + path
         try:
-            r = await (self.http.post(url, json=payload) if payload is not None else self.http.get(url))
+            r = await (self.http.post(url, json=payload, timeout=self.controller_timeout) if payload is not None
+                       else self.http.get(url, timeout=self.controller_timeout))
         except httpx.HTTPError as e:
             raise Unavailable(f"cannot reach the controller at {self.controller_url}: {e}", retry_after=5) from None
         if r.status_code == 401:
@@ -145,15 +190,56 @@ class ControllerClient(_ClientBase):
     async def list_models(self) -> list[str]:
         return list((await self._controller("/list_models"))["models"])
 
+    def hung_workers(self) -> list[str]:
+        """Workers avoided now because they stopped answering."""
+        now = time.monotonic()
+        return [a for a, until in self._hung.items() if until > now]
+
     async def _worker_for(self, model: str, exclude: list[str]) -> str:
-        found = await self._controller("/get_worker_address", {"model": model, "exclude": exclude})
+        found = await self._controller("/get_worker_address",
+                                       {"model": model, "exclude": [*exclude, *self.hung_workers()]})
         address = found.get("address") or ""
         if address:
             return address
+        if found.get("endpoint"):  # an upstream the controller serves itself (`serve controller --endpoints`)
+            return self.controller_url + found["endpoint"]
+        if found.get("endpoint_down"):
+            raise Unavailable(f"the endpoint serving {model!r} is down; retry later", retry_after=10)
         models = found.get("models")
+        if found.get("warming_up"):  # a restarted controller: the workers are re-registering
+            raise Unavailable(f"no worker for model {model!r} yet: the controller has just started and its "
+                              "workers are registering; retry shortly", retry_after=2)
         if models is not None and model not in models:
             raise ModelNotFound.for_model(model, list(models))
         raise Unavailable(f"no live worker for model {model!r} right now; retry shortly", retry_after=2)
+
+    async def _wait(self, awaitable, timeout: float, address: str):
+        """``awaitable``'s result; while it is silent for ``timeout`` s, the worker must show it is alive."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=timeout)
+                if done:
+                    return task.result()
+                if not await self._alive(address):
+                    self._hung[address] = time.monotonic() + self.avoid_for
+                    log.warning("worker %s stopped responding (silent for %g s, /health unanswered); avoiding it "
+                                "for %g s", address, timeout, self.avoid_for)
+                    raise WorkerHung(f"worker {address} stopped responding (no output for {timeout:g} s and no "
+                                     f"answer to /health within {self.probe_timeout:g} s)")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _alive(self, address: str) -> bool:
+        import httpx
+
+        try:
+            r = await self.http.get(address + "/health", timeout=self.probe_timeout)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
 
     async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[Delta]:
         import httpx
@@ -167,31 +253,45 @@ class ControllerClient(_ClientBase):
                 if last is not None:
                     raise last from None
                 raise
+            if address in exclude:  # the only one there is (an endpoint the controller serves) just failed
+                raise last
             started = False
+            r = None
             try:
-                async with self.http.stream("POST", address + "/worker_generate_stream",
-                                            json={"model": model, "request": request.to_dict()}) as r:
-                    if r.status_code != 200:
-                        body = await r.aread()
-                        err = _error_from(body, r.status_code, r.headers.get("retry-after"))
-                        if r.status_code in (429, 503):  # that worker is full: try another one
-                            exclude.append(address)
-                            last = err
-                            continue
-                        raise err
-                    started = True
-                    async for line in r.aiter_lines():
-                        if not line.strip():
-                            continue
-                        item = json.loads(line)
-                        if "error" in item:
-                            raise _error_from(item, int(item["error"].get("status") or 500), None)
-                        delta = Delta.from_dict(item)
-                        yield delta
-                        if delta.finish_reason:
-                            return
-                    raise ServeError(f"worker {address} closed the stream before it finished",
-                                     status=502, code="worker_failed")
+                req = self.http.build_request("POST", address + "/worker_generate_stream",
+                                              json={"model": model, "request": request.to_dict()})
+                r = await self._wait(self.http.send(req, stream=True), self.first_byte_timeout, address)
+                if r.status_code != 200:
+                    body = await self._wait(r.aread(), self.chunk_timeout, address)
+                    err = _error_from(body, r.status_code, r.headers.get("retry-after"))
+                    if r.status_code in (429, 503):  # that worker is full: try another one
+                        exclude.append(address)
+                        last = err
+                        continue
+                    raise err
+                started = True
+                lines = r.aiter_lines()
+                while True:
+                    try:
+                        line = await self._wait(lines.__anext__(), self.chunk_timeout, address)
+                    except StopAsyncIteration:
+                        break
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    if "error" in item:
+                        raise _error_from(item, int(item["error"].get("status") or 500), None)
+                    delta = Delta.from_dict(item)
+                    yield delta
+                    if delta.finish_reason:
+                        return
+                raise ServeError(f"worker {address} closed the stream before it finished",
+                                 status=502, code="worker_failed")
+            except WorkerHung as e:
+                if started:
+                    raise
+                exclude.append(address)
+                last = Unavailable(e.message, retry_after=1)
             except httpx.HTTPError as e:
                 if started:
                     raise ServeError(f"worker {address} failed mid-stream: {type(e).__name__}: {e}",
@@ -199,6 +299,9 @@ class ControllerClient(_ClientBase):
                 log.warning("worker %s failed before responding (%s); retrying on another", address, e)
                 exclude.append(address)
                 last = Unavailable(f"worker {address} failed: {e}", retry_after=1)
+            finally:
+                if r is not None:
+                    await r.aclose()
         raise last or Unavailable(f"no worker could serve {model!r}", retry_after=2)
 
     async def embed(self, model: str, inputs: list[str]) -> Embeddings:
@@ -209,8 +312,10 @@ class ControllerClient(_ClientBase):
         for _ in range(self.max_attempts):
             address = await self._worker_for(model, exclude)
             try:
-                r = await self.http.post(address + "/worker_get_embeddings", json={"model": model, "input": inputs})
-            except httpx.HTTPError as e:
+                r = await self._wait(self.http.post(address + "/worker_get_embeddings",
+                                                    json={"model": model, "input": inputs}),
+                                     self.first_byte_timeout, address)
+            except (httpx.HTTPError, WorkerHung) as e:
                 exclude.append(address)
                 last = Unavailable(f"worker {address} failed: {e}", retry_after=1)
                 continue
@@ -222,7 +327,8 @@ class ControllerClient(_ClientBase):
 
     async def model_info(self, model: str) -> dict[str, Any]:
         address = await self._worker_for(model, [])
-        r = await self.http.post(address + "/model_details", json={"model": model})
+        r = await self._wait(self.http.post(address + "/model_details", json={"model": model}),
+                             self.first_byte_timeout, address)
         return r.json()
 
     async def close(self) -> None:

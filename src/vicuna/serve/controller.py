@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from typing import Annotated
+
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .core import bearer_ok
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +33,23 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# What a worker may claim. A negative queue length would win every dispatch, an address that is not
+# a URL would be handed to front ends, an empty model list would register nothing.
+Address = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/\S*)?$", max_length=2048)]
+QueueLength = Annotated[int, Field(ge=0, le=1_000_000)]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
 class RegisterWorker(_Body):
-    worker_address: str
-    models: list[str]
-    queue_length: int = 0
+    worker_address: Address
+    models: Annotated[list[ModelName], Field(min_length=1, max_length=64)]
+    queue_length: QueueLength = 0
     info: dict[str, Any] = {}
 
 
 class Heartbeat(_Body):
-    worker_address: str
-    queue_length: int = 0
+    worker_address: Address
+    queue_length: QueueLength = 0
 
 
 class WorkerAddress(_Body):
@@ -92,7 +103,10 @@ class Registry:
         return chosen.address
 
 
-def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float = 15.0) -> FastAPI:
+def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float = 15.0, endpoints=None) -> FastAPI:
+    """The controller; with ``endpoints`` (an EndpointClient) it also serves those upstreams as models,
+    each through a worker app of its own under ``/endpoints/N``, so front ends need no endpoints file
+    and no keys (the keys are in this process's environment)."""
     registry = Registry(heartbeat_expiry)
 
     async def sweeper():
@@ -108,15 +122,26 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
         yield
         task.cancel()
 
-    app = FastAPI(title="vicuna controller", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="vicuna controller", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.registry = registry
+    started = time.monotonic()
+
+    def warming_up() -> bool:
+        """Just (re)started: live workers may not have re-registered yet (they do on their next beat)."""
+        return time.monotonic() - started < heartbeat_expiry
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return JSONResponse({"error": {"message": f"invalid {request.url.path} request: {param or 'body'}: "
+                                                  f"{first.get('msg')}", "type": "invalid_request_error",
+                                       "param": param, "code": None}}, status_code=400)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if secret and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token, secret):
+            if not bearer_ok(request.headers.get("authorization"), [secret]):
                 return JSONResponse({"error": {"message": "missing or wrong controller secret", "type":
                                                "authentication_error", "param": None, "code": "invalid_secret"}},
                                     status_code=401)
@@ -141,14 +166,32 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
     async def remove(body: WorkerAddress):
         return {"removed": registry.workers.pop(body.worker_address, None) is not None}
 
+    routes = {}  # endpoint name -> the path of its worker app
+    if endpoints is not None:
+        from .endpoint import EndpointEngine
+        from .worker import create_worker_app
+
+        for i, name in enumerate(endpoints.names):
+            routes[name] = f"/endpoints/{i}"
+            app.mount(routes[name], create_worker_app(EndpointEngine(endpoints, name), secret=secret))
+
+    async def all_models() -> list[str]:
+        ours = registry.models()
+        return ours + [m for m in (await endpoints.list_models() if endpoints else []) if m not in ours]
+
     @app.get("/list_models")
     @app.post("/list_models")
     async def list_models():
-        return {"models": registry.models()}
+        return {"models": await all_models()}
 
     @app.post("/get_worker_address")
     async def get_worker_address(body: GetWorker):
-        return {"address": registry.pick(body.model, body.exclude), "models": registry.models()}
+        if body.model in routes:  # an endpoint's name is the endpoint's (as for front ends with the file)
+            up = body.model in await endpoints.list_models()
+            return {"address": "", "endpoint": routes[body.model] if up else None, "endpoint_down": not up,
+                    "models": await all_models()}
+        return {"address": registry.pick(body.model, body.exclude), "models": await all_models(),
+                "warming_up": warming_up()}
 
     @app.get("/workers")
     async def workers():

@@ -6,8 +6,13 @@ and the OpenAI front end can all speak it (and send it over the wire as JSON).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import asyncio
+import secrets
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cache
+from typing import Any, AsyncIterator, Sequence, get_type_hints
+
+from pydantic import ConfigDict, ValidationError, create_model
 
 from ..errors import VicunaError
 
@@ -125,6 +130,28 @@ class GenerateRequest:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def from_wire(cls, d: Any) -> "GenerateRequest":
+        """A request received over HTTP (by a worker): exact types, or a 400 naming the field (value
+        ranges are checked where sampling settings are built, as for every request)."""
+        try:
+            checked = _wire_model().model_validate(d)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            where = f"{param}: " if param else ""
+            raise InvalidRequest(f"invalid generate request: {where}{first['msg']}", param=param) from None
+        return cls(**dict(checked))
+
+
+@cache
+def _wire_model():
+    """A strict pydantic model of :class:`GenerateRequest`'s fields (built from them, so never out of step)."""
+    hints = get_type_hints(GenerateRequest, include_extras=True)
+    return create_model("GenerateRequestWire", __config__=ConfigDict(strict=True, extra="ignore"), **{
+        f.name: (hints[f.name], f.default_factory() if f.default is MISSING else f.default)
+        for f in fields(GenerateRequest)})
+
 
 @dataclass
 class Delta:
@@ -155,3 +182,49 @@ class Delta:
     def from_dict(cls, d: dict[str, Any]) -> "Delta":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def bearer_ok(authorization: str | None, keys: Sequence[str]) -> bool:
+    """Whether an ``Authorization: Bearer TOKEN`` header carries one of ``keys`` (constant-time compare).
+
+    The one check behind the API keys of the OpenAI API and the shared secret of workers and controller.
+    """
+    header = authorization or ""
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    return any(secrets.compare_digest(token.encode(), k.encode()) for k in keys if k)
+
+
+async def merge_streams(streams: Sequence[AsyncIterator]) -> AsyncIterator[tuple[int, Any, BaseException | None]]:
+    """Interleave async streams as they produce: ``(index, item, None)`` per item, then
+    ``(index, None, error or None)`` when that stream ends.
+
+    Used wherever several answers stream at once (the API's ``n`` choices, the arena's two sides), so
+    none waits for another. Each stream is closed when it ends or when the consumer stops early
+    (which aborts its generation in the engine).
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which reports it for that stream
+            await queue.put((i, None, e))
+        else:
+            await queue.put((i, None, None))
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            running -= item[1] is None
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

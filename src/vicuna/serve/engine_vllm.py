@@ -1,66 +1,154 @@
 """vLLM backend (CUDA only, optional extra ``.[gpu]``) behind the engine interface.
 
-Prompts are still rendered by our conversation templates and validated by
-:meth:`EngineBase.prepare` (same 400s, same stop ids), then handed to vLLM as
-token ids; vLLM does paged attention, its own continuous batching and tensor
-parallelism (``--num-gpus``). UNTESTED here: the development machine has no
-GPU and vLLM cannot be installed on it; the adapter follows vLLM's documented
-``AsyncLLMEngine`` API (``generate(prompt, sampling_params, request_id)``,
-``abort(request_id)``).
+Prompts are rendered by our conversation templates and validated by
+:meth:`EngineBase.prepare` (same 400s, same stop ids), then handed to vLLM as token ids;
+vLLM does paged attention, its own continuous batching and tensor parallelism
+(``--num-gpus``). Every serving option is either mapped or refused with a clear error —
+none is silently ignored:
+
+- ``--num-gpus N`` -> ``tensor_parallel_size=N``; ``--dtype`` -> ``dtype``;
+- ``--max-gpu-memory SIZE`` -> ``gpu_memory_utilization`` = SIZE / the GPU's memory;
+- ``--load-8bit`` -> vLLM's online FP8 weight quantization (``quantization="fp8"``; Ada/Hopper);
+- ``--lora DIR`` -> ``enable_lora`` with the adapter's rank, and a ``LoRARequest`` per request;
+- ``--device cpu`` / ``--threads`` -> refused (vLLM serves on CUDA here; use hf or llamacpp).
+
+The mapping functions import nothing from vLLM, so they are tested on CPU with fakes of
+vLLM's output shapes; the engine itself runs in the GPU pack (`scripts/gpu_check.sh`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import time
 import uuid
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ..conversation import TemplateError, resolve_template
+from ..errors import UsageError
+from ..generation import ModelDefaults, SamplingParams
 from ..model import ModelLoadError, context_length_of, model_defaults
-from .core import Delta, GenerateRequest, InvalidRequest, Overloaded
-from .engine import EngineBase, EngineConfig, EngineStats
+from .core import Delta, GenerateRequest, ServeError
+from .engine import EngineConfig
+from .engine_external import ExternalEngine, LeadingStrip, parse_size
+
+if TYPE_CHECKING:
+    from .launch import ModelConfig
 
 log = logging.getLogger(__name__)
 
+INSTALL = "--backend vllm needs vLLM on a CUDA machine: pip install -e '.[gpu]'"
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
-class VLLMEngine(EngineBase):
+
+def lora_rank(adapter: str | Path) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds the adapter's rank ``r``."""
+    cfg_path = Path(adapter) / "adapter_config.json"
+    try:
+        r = int(json.loads(cfg_path.read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelLoadError(f"--lora {adapter}: no readable adapter_config.json with a rank 'r'; pass a PEFT "
+                             "adapter directory") from None
+    for rank in LORA_RANKS:
+        if r <= rank:
+            return rank
+    raise ModelLoadError(f"--lora {adapter}: rank {r} is above vLLM's largest ({LORA_RANKS[-1]}); merge it "
+                         "first with `vicuna weights merge-lora`")
+
+
+def engine_args(model: "ModelConfig", config: EngineConfig, gpu_memory_bytes: int | None = None) -> dict[str, Any]:
+    """vLLM's ``AsyncEngineArgs`` keywords for our model and engine settings (refusing what vLLM cannot do)."""
+    if model.device not in ("auto", "cuda"):
+        raise UsageError(f"--backend vllm serves on CUDA GPUs; --device {model.device}: use --backend hf "
+                         "(or llamacpp for GGUF files)")
+    if model.threads is not None:
+        raise UsageError("--threads is for --backend llamacpp; vLLM runs on the GPU")
+    path = str(model.model_path)
+    args: dict[str, Any] = {
+        "model": path, "tokenizer": path, "tensor_parallel_size": model.num_gpus, "dtype": model.dtype,
+        "max_model_len": config.max_model_len, "max_num_seqs": config.max_batch_size,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    if model.max_gpu_memory:
+        if not gpu_memory_bytes:
+            raise UsageError("--max-gpu-memory with --backend vllm needs a visible CUDA GPU")
+        share = parse_size(model.max_gpu_memory) / gpu_memory_bytes
+        if not 0 < share <= 1:
+            raise UsageError(f"--max-gpu-memory {model.max_gpu_memory} is more than the GPU's "
+                             f"{gpu_memory_bytes / 2**30:.1f} GiB")
+        args["gpu_memory_utilization"] = round(share, 4)
+    if model.load_8bit:
+        args["quantization"] = "fp8"  # online FP8 weights: the 8-bit mode vLLM has for an unquantized checkpoint
+    if model.lora:
+        args.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank(model.lora))
+    return args
+
+
+def sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
+    """vLLM ``SamplingParams`` keywords for our validated settings."""
+    return {
+        "n": 1, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
+        "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
+        "repetition_penalty": p.repetition_penalty, "max_tokens": p.max_new_tokens, "seed": p.seed,
+        "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids), "ignore_eos": p.ignore_eos,
+        "logprobs": p.logprobs, "skip_special_tokens": True,
+    }
+
+
+def logprob_entries(token_ids, logprobs, start: int, k: int) -> list[dict]:
+    """Our logprob entries for tokens ``start:`` of a vLLM completion output.
+
+    vLLM gives, per generated token, ``{token_id: Logprob(logprob, rank, decoded_token)}`` holding
+    the top ``k`` and the sampled token; ours is ``{"token", "logprob", "top": [(text, logprob)]}``.
+    """
+    out = []
+    for tid, options in zip(token_ids[start:], (logprobs or [])[start:]):
+        chosen = options[tid]
+        ranked = sorted(options.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)
+        out.append({"token": chosen.decoded_token or "", "logprob": float(chosen.logprob),
+                    "top": [(lp.decoded_token or "", float(lp.logprob)) for lp in ranked[:k]]})
+    return out
+
+
+class VLLMEngine(ExternalEngine):
     backend = "vllm"
 
-    def __init__(self, engine, *, name: str, path: str, tokenizer, template, context_length: int,
-                 config: EngineConfig):
+    def __init__(self, engine, *, name: str, tokenizer, template, context_length: int, config: EngineConfig,
+                 defaults: ModelDefaults, lora_request=None):
         self.engine, self.name, self.tokenizer, self.template = engine, name, tokenizer, template
-        self.config = config
+        self.config, self.defaults = config, defaults
         self.max_model_len = min(config.max_model_len or context_length, context_length)
-        self.defaults = model_defaults(path, tokenizer, template)
-        self._inflight = 0
-        self._stats = EngineStats()
+        self.lora_request = lora_request
+        self._init_bookkeeping()
 
     @classmethod
-    def from_args(cls, args, config: EngineConfig) -> "VLLMEngine":
+    def load(cls, model: "ModelConfig", config: EngineConfig) -> "VLLMEngine":
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
         except ImportError:
-            raise ModelLoadError("--backend vllm needs vLLM on a CUDA machine: pip install -e '.[gpu]'") from None
+            raise ModelLoadError(INSTALL) from None
+        import torch
         from transformers import AutoConfig, AutoTokenizer
 
-        path = args.model_path
-        name = args.model_name or str(path).rstrip("/").split("/")[-1]
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        kwargs = engine_args(model, config, gpu)
+        path, name = str(model.model_path), model.served_name
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
         try:
-            template = resolve_template(args.conv_template, tokenizer, model_name=f"{name} {path}",
+            template = resolve_template(model.conv_template, tokenizer, model_name=f"{name} {path}",
                                         model_type=hf_config.model_type)
         except TemplateError as e:
             raise ModelLoadError(str(e)) from None
-        engine_args = AsyncEngineArgs(
-            model=str(path), tokenizer=str(path), tensor_parallel_size=args.num_gpus,
-            dtype="auto" if args.dtype == "auto" else args.dtype, max_model_len=config.max_model_len,
-            max_num_seqs=config.max_batch_size, trust_remote_code=args.trust_remote_code,
-        )
-        engine = AsyncLLMEngine.from_engine_args(engine_args)
-        return cls(engine, name=name, path=str(path), tokenizer=tokenizer, template=template,
-                   context_length=config.max_model_len or context_length_of(hf_config), config=config)
+        lora_request = None
+        if model.lora:
+            from vllm.lora.request import LoRARequest
+
+            lora_request = LoRARequest(Path(model.lora).name, 1, str(model.lora))
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
+        return cls(engine, name=name, tokenizer=tokenizer, template=template,
+                   context_length=config.max_model_len or context_length_of(hf_config), config=config,
+                   defaults=model_defaults(path, tokenizer, template), lora_request=lora_request)
 
     def start(self) -> "VLLMEngine":
         return self
@@ -74,50 +162,38 @@ class VLLMEngine(EngineBase):
         from vllm import SamplingParams as VSampling
 
         ids, p = self.prepare(request)
-        if self._inflight >= self.config.max_batch_size + self.config.max_queue:
-            raise Overloaded(f"the server is overloaded ({self._inflight} requests in flight); retry shortly",
-                             retry_after=2)
-        sp = VSampling(
-            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or -1,
-            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-            repetition_penalty=p.repetition_penalty, max_tokens=p.max_new_tokens, seed=p.seed, stop=list(p.stop),
-            stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos, logprobs=p.logprobs,
-        )
-        rid, sent, finished, first, started = uuid.uuid4().hex, 0, False, True, time.perf_counter()
-        self._inflight += 1
-        try:
-            async for out in self.engine.generate({"prompt_token_ids": ids}, sp, rid):
-                o = out.outputs[0]
-                text, sent = o.text[sent:], len(o.text)
-                finished = out.finished
-                if text and first:
-                    first = False
-                    self._stats.ttft_count += 1
-                    self._stats.ttft_sum += time.perf_counter() - started
-                if text or finished:
-                    yield Delta(text, (o.finish_reason or "stop") if finished else None, len(ids), len(o.token_ids))
-            self._stats.requests_finished += 1
-            self._stats.generated_tokens += len(o.token_ids)
-        finally:
-            self._inflight -= 1
-            if not finished:
-                self._stats.requests_aborted += 1
-                await self.engine.abort(rid)
+        with self.admitted(len(ids)) as track:
+            rid, read = uuid.uuid4().hex, OutputReader(p.strip_leading, p.logprobs, len(ids))
+            stream = self.engine.generate({"prompt_token_ids": ids}, VSampling(**sampling_kwargs(p)), rid,
+                                          lora_request=self.lora_request)
+            try:
+                async for out in stream:
+                    before = read.tokens
+                    delta = read(out)
+                    track.tokens(read.tokens - before)
+                    track.finished = delta.finish_reason is not None  # before the yield: the consumer may stop there
+                    if delta.text or delta.finish_reason or delta.logprobs:
+                        yield delta
+                    if track.finished:
+                        return
+                raise ServeError("vLLM ended the stream without a finish reason", status=500)
+            finally:
+                if not track.finished:
+                    await self.engine.abort(rid)
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        raise InvalidRequest("embeddings are served by the hf backend only; run a `--backend hf` worker for them",
-                             param="model")
 
-    @property
-    def queue_length(self) -> int:
-        return self._inflight
+class OutputReader:
+    """Turns vLLM's cumulative ``RequestOutput`` objects into our deltas: new text (chat answers'
+    leading whitespace dropped), new logprob entries, the finish reason and token counts."""
 
-    def stats(self) -> EngineStats:
-        s = EngineStats(**vars(self._stats))
-        s.running = min(self._inflight, self.config.max_batch_size)
-        s.waiting = self._inflight - s.running
-        return s
+    def __init__(self, strip_leading: bool, logprobs: int | None, prompt_tokens: int):
+        self.strip, self.k, self.prompt_tokens = LeadingStrip(strip_leading), logprobs, prompt_tokens
+        self.chars = self.tokens = 0
 
-    def info(self) -> dict[str, Any]:
-        return {"model": self.name, "backend": self.backend, "context_length": self.max_model_len,
-                "conv_template": getattr(self.template, "name", "jinja"), "max_batch_size": self.config.max_batch_size}
+    def __call__(self, out) -> Delta:
+        o = out.outputs[0]
+        text, self.chars = o.text[self.chars:], len(o.text)
+        lps = logprob_entries(o.token_ids, o.logprobs, self.tokens, self.k) if self.k is not None else None
+        self.tokens = len(o.token_ids)
+        reason = (o.finish_reason or "stop") if out.finished else None
+        return Delta(self.strip(text), reason, self.prompt_tokens, self.tokens, lps or None)

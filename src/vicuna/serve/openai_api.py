@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from typing import Any, AsyncIterator
 
@@ -26,12 +25,16 @@ from starlette.exceptions import HTTPException
 
 from . import protocol as P
 from .client import ModelClient
-from .core import Delta, GenerateRequest, InvalidRequest, ServeError
+from .core import Delta, GenerateRequest, InvalidRequest, ServeError, bearer_ok, merge_streams
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_N = 8
+# What --api-keys protects: the API and its description (the schema names every route and field).
+# /health and /metrics stay open for probes; a mounted web UI has its own limits.
+KEYED_PATHS = ("/v1/", "/openapi.json", "/docs", "/redoc")
 
 
 def error_response(err: ServeError) -> JSONResponse:
@@ -50,7 +53,7 @@ def _event_stream(events) -> StreamingResponse:
 
 
 class _Guard:
-    """ASGI middleware: body size limit, API keys on /v1, request counts by status.
+    """ASGI middleware: body size limit, API keys on /v1 (and the schema), request counts by status.
 
     Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through
     untouched and a client disconnect still reaches the route.
@@ -78,7 +81,7 @@ class _Guard:
             await error_response(err)(scope, receive, send_counted)
 
         try:
-            if self.keys and path.startswith("/v1/") and not self._authorized(scope):
+            if self.keys and path.startswith(KEYED_PATHS) and not self._authorized(scope):
                 return await reply(ServeError(
                     "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY' (one of --api-keys).",
                     status=401, code="invalid_api_key"))
@@ -101,9 +104,7 @@ class _Guard:
             self.metrics.requests.labels(endpoint, str(status_seen[0] if status_seen else 499)).inc()
 
     def _authorized(self, scope) -> bool:
-        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        return any(secrets.compare_digest(token, k) for k in self.keys)
+        return bearer_ok(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"), self.keys)
 
     def _too_large(self, size: int) -> ServeError:
         return ServeError(f"request body of {size} bytes exceeds the limit of {self.max_body} bytes",
@@ -123,14 +124,49 @@ def _validation_param(loc: tuple) -> str | None:
     return out or None
 
 
+def _body_problem(request: Request, *, empty: bool) -> str:
+    """Why the body is not a request object, and what to send instead."""
+    ctype = request.headers.get("content-type", "")
+    if empty:
+        return ("the request body is empty; send a JSON object such as "
+                '{"model": "...", "messages": [{"role": "user", "content": "Hello"}]}')
+    if ctype and "json" not in ctype:
+        return (f"the request body must be a JSON object sent as Content-Type: application/json, not {ctype!r} "
+                "(with curl: -H 'Content-Type: application/json')")
+    return "the request body must be a JSON object"
+
+
+class _Usage:
+    """Token counts of ``k`` choices (``n`` per prompt), from each one's final delta: an upstream
+    endpoint knows them only at the end of its answer."""
+
+    def __init__(self, k: int, n: int):
+        self.n, self.prompt, self.completion = n, [0] * k, [0] * k
+
+    def finish(self, i: int, delta: Delta) -> None:
+        self.prompt[i], self.completion[i] = delta.prompt_tokens, delta.completion_tokens
+
+    @property
+    def prompt_tokens(self) -> int:  # the n choices of a prompt share it
+        return sum(self.prompt[::self.n])
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.completion)
+
+    def as_dict(self) -> dict[str, int]:
+        return P.usage(self.prompt_tokens, self.completion_tokens)
+
+
 def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 8, engines: dict | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = DEFAULT_MAX_N, engines: dict | None = None,
                title: str = "vicuna OpenAI-compatible API") -> FastAPI:
     """The API app. ``engines`` (default: a LocalClient's) feed the engine gauges in /metrics."""
     if engines is None:
         engines = getattr(client, "engines", None)
     metrics = Metrics((lambda: engines) if engines is not None else None)
-    app = FastAPI(title=title, docs_url=None, redoc_url=None)
+    # strict_content_type off: a JSON body sent without Content-Type (curl -d ... without -H) is read as JSON
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, strict_content_type=False)
     app.state.client = client
     app.state.metrics = metrics
     app.add_middleware(_Guard, max_body_bytes=max_body_bytes, api_keys=api_keys, metrics=metrics)
@@ -148,8 +184,8 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         if first.get("type") == "json_invalid":
             return error_response(InvalidRequest(
                 f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"))
-        if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
-            return error_response(InvalidRequest("the request body must be a JSON object"))
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") in ("missing", "model_attributes_type"):
+            return error_response(InvalidRequest(_body_problem(request, empty=first["type"] == "missing")))
         param = _validation_param(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid request")
         if first.get("type") == "missing":
@@ -173,10 +209,10 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             raise InvalidRequest(f"n must be between 1 and {max_n}, got {n}", param="n")
         return n
 
-    async def open_streams(model: str, requests: list[GenerateRequest]):
-        """Start every choice and wait for its first delta, so validation, unknown model,
-        context length and back-pressure errors become HTTP statuses before any byte is sent."""
-        streams = [client.generate(model, r) for r in requests]
+    async def open_streams(model: str, requests: list[GenerateRequest], n: int):
+        """Start ``n`` choices of every request and wait for each one's first delta, so validation,
+        unknown model, context length and back-pressure errors become HTTP statuses before any byte is sent."""
+        streams = [s for r in requests for s in client.choices(model, r, n)]
         firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
         errors = [f for f in firsts if isinstance(f, BaseException)]
         if errors:
@@ -204,38 +240,22 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                 await stream.aclose()
                 metrics.latency.labels(model).observe(time.perf_counter() - started)
             return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, stream, first: Delta):
-            try:
-                await queue.put((i, first))
-                if not first.finish_reason:
-                    async for d in stream:
-                        await queue.put((i, d))
-                        if d.finish_reason:
-                            break
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                await queue.put((i, e))
-            finally:
-                await stream.aclose()
-
-        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
-        pending, first_text = len(tasks), True
+        pending, first_text = len(streams), True
         try:
-            while pending:
-                i, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for i, item, error in merge_streams([_prepend(f, s) for s, f in zip(streams, firsts)]):
+                if error is not None:
+                    raise error
+                if item is None:
+                    continue
                 if first_text and item.text:
                     metrics.ttft.labels(model).observe(time.perf_counter() - started)
                     first_text = False
                 if item.finish_reason:
                     pending -= 1
                 yield i, item
+                if not pending:
+                    return
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             metrics.latency.labels(model).observe(time.perf_counter() - started)
 
     async def unless_disconnected(request: Request, work) -> None:
@@ -261,9 +281,9 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             err = ServeError(f"internal server error: {type(err).__name__}", status=500)
         return _sse(err.to_dict())
 
-    def account(model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        metrics.prompt_tokens.labels(model).inc(prompt_tokens)
-        metrics.completion_tokens.labels(model).inc(completion_tokens)
+    def account(model: str, used: _Usage) -> None:
+        metrics.prompt_tokens.labels(model).inc(used.prompt_tokens)
+        metrics.completion_tokens.labels(model).inc(used.completion_tokens)
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -288,12 +308,10 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         started = time.perf_counter()
         base = body.to_generate()
         n = check_n(body.n)
-        reqs = [_choice_request(base, i) for i in range(n)]
-        streams, firsts = await open_streams(body.model, reqs)
-        rid, model = P.new_id("chatcmpl"), body.model
-        prompt_tokens = firsts[0].prompt_tokens
+        streams, firsts = await open_streams(body.model, [base], n)
+        rid, model, used = P.new_id("chatcmpl"), body.model, _Usage(n, n)
         if not body.stream:
-            texts, reasons, lps, done = [[] for _ in range(n)], [None] * n, [None] * n, [0] * n
+            texts, reasons, lps = [[] for _ in range(n)], [None] * n, [None] * n
             if base.logprobs is not None:
                 lps = [[] for _ in range(n)]
 
@@ -303,12 +321,13 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                     if d.logprobs:
                         lps[i].extend(d.logprobs)
                     if d.finish_reason:
-                        reasons[i], done[i] = d.finish_reason, d.completion_tokens
+                        reasons[i] = d.finish_reason
+                        used.finish(i, d)
 
             await unless_disconnected(request, collect())
-            account(model, prompt_tokens, sum(done))
+            account(model, used)
             return P.chat_completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, lps)],
-                                     prompt_tokens, sum(done))
+                                     used.prompt_tokens, used.completion_tokens)
 
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -316,23 +335,22 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             created = P.now()
             yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(i, role=True) for i in range(n)],
                                     with_usage=with_usage))
-            done = [0] * n
             try:
                 async for i, d in merged(model, streams, firsts, started):
                     if d.text or d.logprobs:
                         yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
                             i, Delta(d.text, None, logprobs=d.logprobs))], with_usage=with_usage))
                     if d.finish_reason:
-                        done[i] = d.completion_tokens
+                        used.finish(i, d)
                         yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
                             i, Delta("", d.finish_reason))], with_usage=with_usage))
             except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
                 yield await error_event(e)
                 yield "data: [DONE]\n\n"
                 return
-            account(model, prompt_tokens, sum(done))
+            account(model, used)
             if with_usage:
-                yield _sse(P.chat_chunk(rid, model, created, [], P.usage(prompt_tokens, sum(done)), True))
+                yield _sse(P.chat_chunk(rid, model, created, [], used.as_dict(), True))
             yield "data: [DONE]\n\n"
 
         return _event_stream(events())
@@ -344,26 +362,26 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         n = check_n(body.n)
         if len(prompts) * n > max_n * 4:
             raise InvalidRequest(f"at most {max_n * 4} completions per request (prompts x n)", param="prompt")
-        reqs = [_choice_request(body.to_generate(p), j) for p in prompts for j in range(n)]
-        streams, firsts = await open_streams(body.model, reqs)
-        rid, model, k = P.new_id("cmpl"), body.model, len(reqs)
-        prompt_tokens = sum(firsts[i * n].prompt_tokens for i in range(len(prompts)))
+        streams, firsts = await open_streams(body.model, [body.to_generate(p) for p in prompts], n)
+        rid, model, k = P.new_id("cmpl"), body.model, len(prompts) * n
+        used = _Usage(k, n)
         echo = [prompts[i // n] if body.echo else "" for i in range(k)]
         if not body.stream:
-            texts, reasons, lps, done = [[e] for e in echo], [None] * k, [[] for _ in range(k)], [0] * k
+            texts, reasons, lps = [[e] for e in echo], [None] * k, [[] for _ in range(k)]
 
             async def collect():
                 async for i, d in merged(model, streams, firsts, started):
                     texts[i].append(d.text)
                     lps[i].extend(d.logprobs or [])
                     if d.finish_reason:
-                        reasons[i], done[i] = d.finish_reason, d.completion_tokens
+                        reasons[i] = d.finish_reason
+                        used.finish(i, d)
 
             await unless_disconnected(request, collect())
-            account(model, prompt_tokens, sum(done))
+            account(model, used)
             logprobs = [P.completion_logprobs(lp) if body.logprobs is not None else None for lp in lps]
             return P.completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, logprobs)],
-                                prompt_tokens, sum(done))
+                                used.prompt_tokens, used.completion_tokens)
 
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -378,20 +396,19 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             for i in range(k):
                 if echo[i]:
                     yield chunk(i, echo[i])
-            done = [0] * k
             try:
                 async for i, d in merged(model, streams, firsts, started):
                     if d.text or d.logprobs or d.finish_reason:
                         yield chunk(i, d.text, d.finish_reason, d.logprobs if body.logprobs is not None else None)
                     if d.finish_reason:
-                        done[i] = d.completion_tokens
+                        used.finish(i, d)
             except Exception as e:  # noqa: BLE001
                 yield await error_event(e)
                 yield "data: [DONE]\n\n"
                 return
-            account(model, prompt_tokens, sum(done))
+            account(model, used)
             if with_usage:
-                yield _sse(P.completion_chunk(rid, model, created, [], P.usage(prompt_tokens, sum(done)), True))
+                yield _sse(P.completion_chunk(rid, model, created, [], used.as_dict(), True))
             yield "data: [DONE]\n\n"
 
         return _event_stream(events())
@@ -406,11 +423,12 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
     return app
 
 
-def _choice_request(base: GenerateRequest, i: int) -> GenerateRequest:
-    """Choice ``i`` of ``n``: a distinct but reproducible seed when one is given."""
-    if i == 0:
-        return base
-    d = base.to_dict()
-    if d["seed"] is not None:
-        d["seed"] = d["seed"] + i
-    return GenerateRequest.from_dict(d)
+async def _prepend(first: Delta, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    """``first`` (already read to learn the status), then the rest of ``stream``."""
+    try:
+        yield first
+        if not first.finish_reason:
+            async for d in stream:
+                yield d
+    finally:
+        await stream.aclose()

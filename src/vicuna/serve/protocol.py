@@ -78,6 +78,10 @@ class ChatCompletionRequest(_Sampling):
             raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        for i, m in enumerate(self.messages):
+            if m.content is None and m.role != "assistant":  # an assistant turn may carry only tool calls
+                raise InvalidRequest(f"messages[{i}].content is required for role {m.role!r}",
+                                     param=f"messages[{i}].content")
         messages = [m.model_dump(exclude_none=True) for m in self.messages]
         return GenerateRequest(messages=messages, **self.sampling(max_tokens=max_tokens, logprobs=logprobs))
 

@@ -13,28 +13,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _config(app, host: str, port: int, log_level: str):
+def _config(app, host: str, port: int, log_level: str, trusted_proxies: list[str] | None = None):
     import uvicorn
 
-    # lifespan on: Gradio starts its queue there; timeout_keep_alive > client idle keeps connections reused
+    # lifespan on: Gradio starts its queue there; timeout_keep_alive > client idle keeps connections reused.
+    # X-Forwarded-For is believed only from --trusted-proxies (uvicorn's own default trusts 127.0.0.1,
+    # so any local process could pose as any client and dodge per-client limits).
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_keep_alive=30,
-                          access_log=False)
+                          access_log=False, proxy_headers=bool(trusted_proxies),
+                          forwarded_allow_ips=list(trusted_proxies or []))
 
 
-def run_server(app, host: str, port: int, log_level: str = "info") -> None:
+def run_server(app, host: str, port: int, log_level: str = "info", *, trusted_proxies: list[str] | None = None
+               ) -> None:
     import uvicorn
 
-    uvicorn.Server(_config(app, host, port, log_level)).run()
+    uvicorn.Server(_config(app, host, port, log_level, trusted_proxies)).run()
 
 
 class ServerThread:
     """Uvicorn serving ``app`` in a daemon thread; ``with ServerThread(app) as url: ...``."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning",
+                 trusted_proxies: list[str] | None = None):
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(_config(app, self.host, self.port, log_level))
+        self.server = uvicorn.Server(_config(app, self.host, self.port, log_level, trusted_proxies))
         self.server.install_signal_handlers = lambda: None  # only the main thread may install them
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
 

