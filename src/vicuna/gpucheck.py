@@ -196,7 +196,7 @@ def check_resume(ctx: Context, r: Result) -> None:
                  + ("" if p.returncode == 0 else f": {p.stderr[-500:]}"))
         proc = _popen(train_args(ctx, path, out, *common, "--throttle", 0.5))
         mid = out / f"checkpoint-{mid_step}"
-        reached = _wait_for(mid / "trainer_state.json", proc)
+        reached = _wait_for(mid / "manifest.json", proc)  # written last: the checkpoint is complete
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         r.expect(reached, f"{label}: SIGKILLed after {mid.name} was saved")
