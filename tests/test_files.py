@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import cli_env, run_cli
@@ -132,9 +133,25 @@ def test_a_signal_mid_write_removes_the_temporary_file(tmp_path, command, sig, c
         assert proc.poll() is None and time.monotonic() < deadline, "the command ended before it was signalled"
         time.sleep(0.02)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)  # also times out while an orphaned worker holds stderr open
     assert proc.returncode == code, err
     assert leftovers(out.parent) == [] and "Traceback" not in err
+    time.sleep(0.2)  # the kernel's parent-death kill of pool workers is asynchronous
+    assert not processes_mentioning(str(out)), "pool workers outlived the command"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (Linux /proc; none elsewhere)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:")), "")
+        except OSError:
+            continue
+        if text in cmdline and "zombie" not in state:
+            found.append(int(d.name))
+    return found
 
 
 def test_only_the_first_sigterm_is_caught():

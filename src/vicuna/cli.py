@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 from .errors import VicunaError
-from .files import Terminated, raise_on_sigterm
+from .files import Terminated, raise_on_sigterm, terminated
 
 # area name -> module with add_commands(subparsers)
 AREAS = {
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if args.area else 0
     raise_on_sigterm()  # so SIGTERM, like Ctrl-C, removes temporary files on its way out
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if terminated():  # SIGTERM came, but its exception was swallowed (see files.terminated)
+            raise Terminated()
+        return code
     except VicunaError as e:
         if args.debug:
             raise

@@ -72,6 +72,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, permissions: int | 
             yield f
         except OSError as e:  # the caller's writes: only a full disk is ours to explain
             raise (_output_error(e, path) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e) from None
+        if _terminated.is_set():  # SIGTERM's exception was swallowed somewhere: never commit after it
+            raise Terminated()
         try:
             f.flush()
             os.fsync(f.fileno())
@@ -276,18 +278,44 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C, so every clean-up that runs on Ctrl-C (temporary files) runs on it too."""
 
 
+_terminated = threading.Event()
+
+
 def raise_on_sigterm() -> None:
     """Make SIGTERM raise :class:`Terminated` in the main thread (by default it kills with no clean-up).
 
     Only the first one: a second SIGTERM kills at once, should the clean-up itself hang.
     """
+    global _owner
     if threading.current_thread() is threading.main_thread():
+        _owner = os.getpid()
         signal.signal(signal.SIGTERM, _raise_terminated)
+        sys.unraisablehook = _quiet_when_terminated
+
+
+def terminated() -> bool:
+    """Whether SIGTERM arrived. Python swallows an exception raised where it cannot propagate (a finalizer, an
+    at-fork hook such as logging's lock release when a worker pool forks), so the raise alone can be lost;
+    :func:`atomic_open` checks this before it commits and the CLI before it reports success."""
+    return _terminated.is_set()
 
 
 def _raise_terminated(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getpid() != _owner:  # a forked child that has not set its own handler yet: die as by default
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _terminated.set()
     raise Terminated()
+
+
+def _quiet_when_terminated(unraisable) -> None:
+    """A swallowed :class:`Terminated` is not lost (:func:`terminated` carries it): print no traceback for it."""
+    if not isinstance(unraisable.exc_value, Terminated):
+        sys.__unraisablehook__(unraisable)
+
+
+_owner: int | None = None
 
 
 # ----------------------------------------------------------------------------- reading

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import re
 import signal
 from dataclasses import dataclass, field
@@ -204,13 +205,29 @@ def dedup_key(sample: dict) -> bytes:
 _WORKER: Cleaner | None = None
 
 
-def _init_worker(config: CleanConfig, pool_worker: bool = False) -> None:
+def _init_worker(config: CleanConfig, pool_worker: bool = False, parent: int | None = None) -> None:
     global _WORKER
     _WORKER = Cleaner(config)
     if pool_worker:
         # Ctrl-C and SIGTERM are the parent's business: it stops the pool and removes the partial output
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with(parent)
+
+
+def _die_with(parent: int | None) -> None:
+    """Have the kernel kill this worker when its parent goes (Linux). ``Pool.terminate`` races the pool's own
+    thread, which may fork replacement workers as it kills the old ones; those outlived a SIGTERMed `data clean`,
+    waiting forever on the task queue and holding its stderr open."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such guard
+        return
+    if parent is not None and os.getppid() != parent:  # the parent went before the guard was set
+        os._exit(1)
 
 
 def _clean_batch(batch: list[tuple[int, Any]]) -> list[tuple]:
@@ -252,7 +269,7 @@ def _ordered_parallel(func, batches: Iterator[list], workers: int, config: Clean
     # (spawn/forkserver would re-run __main__); the pool starts before any thread.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(config, True)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(config, True, os.getpid())) as pool:
         pending: collections.deque = collections.deque()
         for b in batches:
             pending.append(pool.apply_async(func, (b,)))
