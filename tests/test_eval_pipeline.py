@@ -384,7 +384,7 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 def test_run_config_with_existing_answers_and_config_errors(tmp_path, answered):
-    from vicuna.eval.io import EvalUsageError
+    from vicuna.errors import EvalUsageError
     from vicuna.eval.judge import load_prompts
     from vicuna.eval.pipeline import run_config
 

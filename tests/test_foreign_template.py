@@ -176,7 +176,7 @@ NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System
 
 
 def test_dataset_skips_what_the_template_refuses_and_stops_on_an_untrainable_template(bpe_tokenizer, with_template):
-    from vicuna.train import TrainInputError
+    from vicuna.errors import TrainInputError
     from vicuna.train.dataset import DataStats, tokenize_dataset
 
     # a template's own raise_exception (Gemma refuses system messages): that conversation is skipped, counted

@@ -44,6 +44,35 @@ def test_incremental_detokenization_never_emits_half_a_character(any_tokenizer, 
     assert "".join(deltas).strip() == text
 
 
+def byte_tokens(tokenizer, data: bytes) -> list[int]:
+    """Ids of the byte-level BPE's single-byte tokens (bytes 0xa1-0xff except 0xad map to the same code point)."""
+    assert all(b >= 0xa1 and b != 0xad for b in data)
+    ids = tokenizer.convert_tokens_to_ids([chr(b) for b in data])
+    assert tokenizer.unk_token_id not in ids
+    return ids
+
+
+def test_invalid_utf8_is_emitted_as_replacement_after_at_most_four_tokens(bpe_tokenizer):
+    """A model emitting bytes that never form a character still streams (issue 13 #5)."""
+    ids = byte_tokens(bpe_tokenizer, b"\xff" * 10) + bpe_tokenizer.convert_tokens_to_ids(["a"])
+    detok = IncrementalDetokenizer(bpe_tokenizer)
+    deltas = [detok.push(i) for i in ids]
+    for i in range(len(ids) - 4):  # the i-th bad byte is out by the time 3 more tokens have come
+        assert "".join(deltas[:i + 4]).count("\ufffd") >= i + 1
+    assert deltas[0] == deltas[1] == deltas[2] == ""  # still a possible character: held
+    assert "".join(deltas) + detok.flush() == "\ufffd" * 10 + "a"
+    assert detok.read - detok.prefix <= IncrementalDetokenizer.MAX_HOLD  # the decoded window stays short
+
+
+def test_a_character_after_invalid_bytes_still_comes_out_whole(bpe_tokenizer):
+    good = "好".encode()  # e5 a5 bd: three byte tokens
+    ids = byte_tokens(bpe_tokenizer, b"\xff\xff\xff" + good + b"\xe5\xa5")  # ends in half a character
+    detok = IncrementalDetokenizer(bpe_tokenizer)
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) == "\ufffd\ufffd\ufffd好"  # the trailing half is held (it may still complete)
+    assert detok.flush() == "\ufffd"  # at the end it is released as a replacement character
+
+
 def scripted_run(tokenizer, text, params):
     """Feed the tokens of `text` through a Sequence as if a model produced them."""
     seq = Sequence(tokenizer, [1], params)

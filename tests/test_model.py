@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from vicuna.model import ModelLoadError, load_model
+from vicuna.errors import ModelLoadError
+from vicuna.model import load_model
 
 
 @pytest.fixture

@@ -121,3 +121,23 @@ def test_prompt_text_and_ids_match_the_hf_model_and_llama_cpp(real_model_dir):
             assert theirs["tokens"] == ids
     finally:
         del server
+
+
+@pytest.mark.real_model
+def test_default_gguf_gets_the_default_models_sampling_and_the_kv_budget():
+    """No --model-path: the default model's GGUF, sampled as its HF import ships it (greedy, penalty 1.2),
+    with the llama.cpp KV pool sized by --kv-cache-memory."""
+    pytest.importorskip("xllamacpp", reason="needs the xllamacpp wheel (.[llamacpp])")
+    smollm2_gguf()
+    engine = LlamaCppEngine.load(ModelConfig(backend="llamacpp"), EngineConfig(kv_cache_memory="16MiB",
+                                                                              max_model_len=256, max_batch_size=4))
+    try:
+        d = engine.defaults
+        assert (d.temperature, d.repetition_penalty) == (0.0, 1.2) and 2 in d.stop_token_ids
+        from vicuna.serve.engine_llamacpp import gguf_metadata
+
+        per_token = gguf_metadata(smollm2_gguf())["kv_bytes_per_token"]
+        assert engine.kv_cells == min(256 * 4, (16 << 20) // per_token) < 256 * 4  # the budget binds
+        assert engine.info()["model"] == "SmolLM2-135M-Instruct"
+    finally:
+        engine.stop()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vicuna.conversation import IGNORE_INDEX, TEMPLATES, get_template
-from vicuna.train import TrainInputError
+from vicuna.errors import TrainInputError
 from vicuna.train.dataset import (
     DataStats, Sample, collate, load_conversations, pack_best_fit, plan_epoch, record_to_messages, tokenize_dataset,
 )
@@ -62,14 +62,14 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
         {"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]},
         {"conversations": [{"from": "human", "value": "only a question"}]},
         {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
-                           {"from": "gpt", "value": "c"}]},  # roles do not alternate: template rejects it
+                           {"from": "gpt", "value": "c"}]},  # roles do not alternate (as in `data clean`)
         "not an object",
     ]
     p = tmp_path / "d.json"
     p.write_text(json.dumps(recs))
     stats = DataStats()
     convs = load_conversations(p, stats)
-    assert stats.records == 8 and len(convs) == 4 and sum(stats.skipped.values()) == 4
+    assert stats.records == 8 and len(convs) == 3 and sum(stats.skipped.values()) == 5
     from vicuna.tiny import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["hello world"] * 5, vocab_size=300)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import cli_env, run_cli
 from vicuna.conversation import get_template, render_prompt, resolve_template, stop_token_ids
-from vicuna.train import TrainInputError
+from vicuna.errors import TrainInputError
+from vicuna.train.checkpoint import complete_checkpoints
 from vicuna.train.config import load_recipe, make_config
 from vicuna.train.trainer import train
 
@@ -68,6 +69,11 @@ def assert_same_weights(a, b, atol=1e-5):
     assert wa.keys() == wb.keys()
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst <= atol, worst
+
+
+def complete(out):
+    """Complete checkpoints, newest first."""
+    return complete_checkpoints(Path(out))[0]
 
 
 def log_rows(out):
@@ -222,21 +228,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, data_f
 
     out = tmp_path / "out"
     proc = _popen(args_for(tiny_model_dir, data_file, out, *common, "--throttle", 0.4))
-    _wait_for(out / "checkpoint-6", proc)
+    _wait_for(out / "checkpoint-6" / "manifest.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "vicuna.json").exists()
-    # debris of a crash mid-save must be ignored: a temp dir and a dir without trainer_state.json
-    (out / ".checkpoint-10.tmp").mkdir()
-    (out / ".checkpoint-10.tmp" / "model.pt").write_bytes(b"partial")
-    (out / "checkpoint-99").mkdir()
-    done = {int(c.name.split("-")[1]) for c in out.glob("checkpoint-*") if (c / "trainer_state.json").exists()}
+    done = {int(c.name.split("-")[1]) for c in complete(out)}
     assert done and 6 <= max(done) < 12
+    # debris of a crash mid-save must be ignored: shards without a manifest, an empty checkpoint dir
+    shutil.rmtree(out / "checkpoint-10", ignore_errors=True)
+    shutil.copytree(out / f"checkpoint-{max(done)}", out / "checkpoint-10", ignore=shutil.ignore_patterns("manifest*"))
+    (out / "checkpoint-99").mkdir()
 
     p = run_cli(*args_for(tiny_model_dir, data_file, out, *common), check=True)
     assert f"resumed from {out / f'checkpoint-{max(done)}'}" in p.stderr
-    assert not (out / ".checkpoint-10.tmp").exists()
-    assert len([c for c in out.glob("checkpoint-*") if (c / "trainer_state.json").exists()]) <= 2  # --save-total-limit
+    assert "checkpoint-99 is incomplete: no manifest.json" in p.stderr
+    assert [c.name for c in complete(out)] == ["checkpoint-10", "checkpoint-8"]  # the debris was rewritten
     assert_same_weights(ref, out)
     a, b = log_rows(ref), log_rows(out)
     assert [r["step"] for r in b] == list(range(1, 13))
@@ -255,7 +261,7 @@ def test_sigterm_saves_a_checkpoint_then_resumes(tiny_model_dir, data_file, tmp_
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "Run the same command again" in err
     ckpts = list(out.glob("checkpoint-*"))
-    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").exists()
+    assert len(ckpts) == 1 and complete(out) == ckpts
     step = int(ckpts[0].name.split("-")[1])
     assert 1 <= step < 8
     run_cli(*args_for(tiny_model_dir, data_file, out, *common), check=True)
@@ -292,6 +298,10 @@ def test_lora_adapter_is_saved_alone_and_loads_on_the_base(tiny_model_dir, data_
     ids = torch.tensor([base.tokenizer("USER: hi ASSISTANT:", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert not torch.allclose(base.model(ids).logits, tuned.model(ids).logits)
+    # a LoRA checkpoint consolidates to an adapter folder in PEFT's own naming, which loads on the base
+    run_cli("weights", "consolidate", out / "checkpoint-2", "-o", tmp_path / "step-2", check=True)
+    assert load_file(str(tmp_path / "step-2" / "adapter_model.safetensors")).keys() == adapter.keys()
+    load_model(tiny_model_dir, device="cpu", lora=tmp_path / "step-2")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -313,7 +323,7 @@ def test_two_process_fsdp_matches_one_process(tiny_model_dir, data_file, tmp_pat
     assert all(abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-4
                for x, y in zip(a, b))
     assert_same_weights(fsdp, single, atol=1e-5)
-    assert (fsdp / "checkpoint-2" / "model.pt").exists()
+    assert complete(fsdp) == [fsdp / "checkpoint-2"]
     from vicuna.model import load_model
 
     loaded = load_model(fsdp, device="cpu")
@@ -326,6 +336,16 @@ def test_two_process_fsdp_matches_one_process(tiny_model_dir, data_file, tmp_pat
     p = subprocess.run(cmd, env={**cli_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-3000:]
     assert_same_weights(fsdp, resumed, atol=1e-6)
+    # ... and in one process: DCP reshards the 2-rank checkpoint, the run ends on the same weights
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copytree(fsdp / "checkpoint-2", one / "checkpoint-2")
+    train(_cfg_from_args(args_for(tiny_model_dir, data_file, one, *common, "--gradient-accumulation-steps", 2)))
+    assert_same_weights(fsdp, one, atol=1e-5)
+    # the 2-rank checkpoint consolidates to the weights of the single process's checkpoint at the same step
+    for run in (fsdp, single):
+        run_cli("weights", "consolidate", run / "checkpoint-2", "-o", run / "step-2", check=True)
+    assert_same_weights(fsdp / "step-2", single / "step-2", atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- it learns

@@ -12,8 +12,8 @@ import random
 
 import pytest
 
+from vicuna.errors import ContextLengthExceeded, ModelNotFound, Overloaded, ServeError, Unavailable
 from vicuna.serve.arena import ArenaStore
-from vicuna.serve.core import ContextLengthExceeded, ModelNotFound, Overloaded, ServeError, Unavailable
 from vicuna.serve.web import RateLimiter, WebApp, WebError, WebSettings, describe_error, merge_streams
 
 IP = "198.51.100.9"

@@ -14,6 +14,7 @@ import sys
 
 from . import __version__
 from .errors import VicunaError
+from .files import Terminated, raise_on_sigterm, terminated
 
 # area name -> module with add_commands(subparsers)
 AREAS = {
@@ -80,13 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         # `vicuna data` with no verb: show that area's help
         (getattr(args, "area_parser", None) or parser).print_help()
         return 2 if args.area else 0
+    raise_on_sigterm()  # so SIGTERM, like Ctrl-C, removes temporary files on its way out
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if terminated():  # SIGTERM came, but its exception was swallowed (see files.terminated)
+            raise Terminated()
+        return code
     except VicunaError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 ROLES = ("system", "user", "assistant")
@@ -580,11 +580,6 @@ class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 def tokenize_conversation(

@@ -182,20 +182,26 @@ def fit_max_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_l
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of ids into text deltas, never half a character.
+    """Turns a growing list of ids into text deltas, never half a character, with a bounded hold-back.
 
-    Decodes a short window (the previous token and the new ones) so tokenizers
-    that drop a leading space when decoding a lone token (SentencePiece) still
-    get spaces right; a window that ends in U+FFFD is an incomplete UTF-8
-    sequence split over byte tokens and is held until the next token completes it.
+    Decodes a short window (the previous emitted tokens and the pending ones)
+    so tokenizers that drop a leading space when decoding a lone token
+    (SentencePiece) still get spaces right. A window that ends in U+FFFD is an
+    incomplete UTF-8 sequence split over byte tokens and is held until the next
+    token completes it, but for at most ``MAX_HOLD`` tokens: a UTF-8 character
+    is at most 4 bytes, so bytes still pending after that can never become one
+    and are emitted as U+FFFD (a model emitting invalid UTF-8 still streams,
+    and the window stays short).
     """
+
+    MAX_HOLD = 4
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
+        self.prefix = 0  # start of the context window
+        self.read = 0  # end of what was emitted
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
@@ -205,9 +211,16 @@ class IncrementalDetokenizer:
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return self._advance(before, after, len(self.ids))
+        if len(self.ids) - self.read >= self.MAX_HOLD:
+            # the oldest pending bytes cannot complete any more: emit them, keep the last 3 (a char's tail)
+            end = len(self.ids) - (self.MAX_HOLD - 1)
+            return self._advance(before, self._decode(self.ids[self.prefix:end]), end)
         return ""
+
+    def _advance(self, before: str, after: str, end: int) -> str:
+        self.prefix, self.read = self.read, end
+        return after[len(before):]
 
     def flush(self) -> str:
         """Whatever is still held back (at the end of generation)."""
@@ -303,6 +316,7 @@ class Sequence:
             counts = torch.tensor(list(self._counts.values()), dtype=logits.dtype, device=logits.device)
             logits = logits.clone()
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        self._check_scores(logits)
         if p.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -330,6 +344,19 @@ class Sequence:
                 top=[(text(int(i)), float(v)) for v, i in zip(*top)] if top else [],
             ))
         return token
+
+    def _check_scores(self, logits) -> None:
+        """Refuse scores that are NaN, +inf or all -inf: sampling from them is meaningless (or raises)."""
+        if math.isfinite(float(logits.max())):  # one reduction; NaN propagates through max
+            return
+        p = self.params
+        culprit = next((name for name, on in (("repetition_penalty", p.repetition_penalty != 1.0),
+                                              ("presence_penalty", p.presence_penalty != 0),
+                                              ("frequency_penalty", p.frequency_penalty != 0)) if on), None)
+        if culprit is None:
+            raise GenerationError("the model's scores for the next token are not finite (inf/NaN)")
+        raise GenerationError(f"{culprit}={getattr(p, culprit)!r} makes the next-token scores non-finite "
+                              "(inf/NaN); use a value closer to the default", param=culprit)
 
     def append(self, token_id: int) -> str:
         """Record a sampled token; returns the text it releases (may be '')."""

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .files import write_text
+
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 CORPUS = ["Hello! How can I help you today? I am a helpful assistant.",
           "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris.",
@@ -194,7 +196,7 @@ def check_resume(ctx: Context, r: Result) -> None:
                  + ("" if p.returncode == 0 else f": {p.stderr[-500:]}"))
         proc = _popen(train_args(ctx, path, out, *common, "--throttle", 0.5))
         mid = out / f"checkpoint-{mid_step}"
-        reached = _wait_for(mid / "trainer_state.json", proc)
+        reached = _wait_for(mid / "manifest.json", proc)  # written last: the checkpoint is complete
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         r.expect(reached, f"{label}: SIGKILLed after {mid.name} was saved")
@@ -466,9 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"({key}) {r.status} in {r.seconds:.0f} s", file=sys.stderr, flush=True)
             results.append((key, what, r))
         text = report(results, environment(device), dry)
-        tmp = args.report.with_name(args.report.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.report)
+        write_text(args.report, text)
         print(text)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .conversation import JinjaTemplate, Template, TemplateError, resolve_template, stop_token_ids
-from .errors import VicunaError
+from .errors import ModelLoadError
 from .generation import GenerationError, ModelDefaults, sampling_params
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-class ModelLoadError(VicunaError):
-    """The model cannot be loaded as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -175,7 +171,7 @@ def check_tokenizer(tokenizer, model, where: str) -> None:
         )
 
 
-def model_defaults(model_path: str, tokenizer, template) -> ModelDefaults:
+def model_defaults(model_path: str, tokenizer, template, *, generation_config: dict | None = None) -> ModelDefaults:
     """Stop ids and sampling defaults for every generating path (chat, engines, eval).
 
     Stops: EOS, the template's end-of-turn tokens, and ``generation_config.json``'s
@@ -183,10 +179,12 @@ def model_defaults(model_path: str, tokenizer, template) -> ModelDefaults:
     ``top_k`` and ``repetition_penalty`` are the defaults; an explicit ``do_sample: false`` means
     greedy. (Only an explicit ``do_sample`` counts: transformers' implicit False would make every
     base model greedy.) What the file does not set falls back to :class:`ModelDefaults`'.
+    ``generation_config`` stands in for the file (a GGUF carries none).
     """
     stops = stop_token_ids(template, tokenizer)
     try:
-        cfg = json.loads((Path(model_path) / "generation_config.json").read_text())
+        cfg = generation_config if generation_config is not None else json.loads(
+            (Path(model_path) / "generation_config.json").read_text())
     except (OSError, ValueError):
         cfg = {}
     if not isinstance(cfg, dict):

@@ -19,15 +19,12 @@ import time
 from pathlib import Path
 
 from .cli import area_parser, command
-from .errors import VicunaError
+from .errors import RecipeError
+from .files import replace_dir, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_NAME, DEMO_ORG = "Vicuna-Demo", "the vicuna project"
 TEMPLATE = "vicuna_v1.1"
-
-
-class RecipeError(VicunaError):
-    pass
 
 
 def add_commands(sub) -> None:
@@ -77,7 +74,7 @@ def run_demo(args) -> int:
     recipe.update(model_init=init, seed=args.seed)
     if args.max_steps:
         recipe["max_steps"] = args.max_steps
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    write_text(work / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
     _step("train", ["train", "--config", str(work / "recipe.yaml"), "--data-path", str(train_file),
                     "--output-dir", str(work / "model"), "--force"])
 
@@ -85,7 +82,7 @@ def run_demo(args) -> int:
     print("==> evaluate on held-out and training dialogs", file=sys.stderr, flush=True)
     results = evaluate_demo(work / "model", train_file, test_file, seed=args.seed)
     results["minutes"] = round((time.time() - t0) / 60, 1)
-    (work / "model" / "eval.json").write_text(json.dumps(results, indent=2))
+    write_json(work / "model" / "eval.json", results)
     write_report(work, results)
 
     if not args.no_install:
@@ -264,7 +261,7 @@ def write_report(work: Path, results: dict) -> None:
         *[f"| {r['prompt'][:60]} | {r['answer'][:80]} | {'yes' if r['match'] else 'no'} |"
           for r in results["train_samples"][:10]],
     ]
-    (work / "model" / "report.md").write_text("\n".join(lines).replace("\r", "") + "\n")
+    write_text(work / "model" / "report.md", "\n".join(lines).replace("\r", "") + "\n")
 
 
 def _training_summary(info: dict) -> str:
@@ -293,6 +290,4 @@ def install(model_dir: Path, target: Path) -> None:
     gen = json.loads((tmp / "generation_config.json").read_text())
     gen["do_sample"] = False
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    replace_dir(tmp, target)

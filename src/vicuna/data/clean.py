@@ -17,15 +17,16 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import re
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from . import DataError
+from ..errors import DataError
+from ..files import RecordError, RecordWriter, check_output, progress, read_records, record_format, write_json
 from .html2md import html_to_markdown, looks_like_html
-from .io import RecordError, RecordWriter, atomic_write_json, check_output, progress, read_records, record_format
-from .sharegpt import GPT, HUMAN, SYSTEM, BadSample, check_alternating, parse_sample
+from .sharegpt import GPT, SYSTEM, BadSample, parse_sample, trim_turns
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +160,13 @@ class Cleaner:
             return Outcome(None, "clean_error", f"{type(e).__name__}: {e}", sid)
 
     def _clean(self, sample: dict) -> Outcome:
-        turns = sample["conversations"]
-        system = turns[0] if turns and turns[0]["from"] == SYSTEM else None
-        body = turns[1:] if system else turns
-        changes = []
-        if body and body[0]["from"] == GPT:
-            body = body[1:]  # the page sometimes captured the end of an earlier answer first
-            changes.append("leading_gpt_dropped")
-        stray = next((i for i, t in enumerate(body) if t["from"] == SYSTEM), None)
-        if stray is not None:  # found by hypothesis: [gpt, system] became a kept system-only sample
-            raise BadSample("roles_not_alternating", f"turn {stray + (len(turns) - len(body))} is a system "
-                            "turn; a system turn is only allowed first")
-        check_alternating(body)
-        if body and body[-1]["from"] == HUMAN:
-            body = body[:-1]  # a question without an answer teaches nothing
-            changes.append("trailing_human_dropped")
+        system, body, trimmed = trim_turns(sample["conversations"])
+        changes = list(trimmed)
         if not body:
             raise BadSample("too_short", "no complete human/gpt exchange")
         out_turns = []
         chars = 0
-        for i, turn in enumerate(([system] if system else []) + body):
+        for i, turn in enumerate(system + body):
             is_gpt = turn["from"] == GPT
             value, converted = clean_value(turn["value"], is_gpt)
             if converted:
@@ -217,12 +205,29 @@ def dedup_key(sample: dict) -> bytes:
 _WORKER: Cleaner | None = None
 
 
-def _init_worker(config: CleanConfig, pool_worker: bool = False) -> None:
+def _init_worker(config: CleanConfig, pool_worker: bool = False, parent: int | None = None) -> None:
     global _WORKER
     _WORKER = Cleaner(config)
     if pool_worker:
-        # Ctrl-C is the parent's business: it stops the pool and removes the partial output
+        # Ctrl-C and SIGTERM are the parent's business: it stops the pool and removes the partial output
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with(parent)
+
+
+def _die_with(parent: int | None) -> None:
+    """Have the kernel kill this worker when its parent goes (Linux). ``Pool.terminate`` races the pool's own
+    thread, which may fork replacement workers as it kills the old ones; those outlived a SIGTERMed `data clean`,
+    waiting forever on the task queue and holding its stderr open."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such guard
+        return
+    if parent is not None and os.getppid() != parent:  # the parent went before the guard was set
+        os._exit(1)
 
 
 def _clean_batch(batch: list[tuple[int, Any]]) -> list[tuple]:
@@ -264,7 +269,7 @@ def _ordered_parallel(func, batches: Iterator[list], workers: int, config: Clean
     # (spawn/forkserver would re-run __main__); the pool starts before any thread.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(config, True)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(config, True, os.getpid())) as pool:
         pending: collections.deque = collections.deque()
         for b in batches:
             pending.append(pool.apply_async(func, (b,)))
@@ -357,5 +362,5 @@ def clean_file(inp: str, out: str, *, config: CleanConfig = CleanConfig(), worke
                 report.kept += 1
     log.info("%s", report.summary())
     if report_path:
-        atomic_write_json(report_path, report.to_dict(), force=force)
+        write_json(report_path, report.to_dict())
     return report

@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..cli import area_parser, command
-from . import DataError
+from ..errors import DataError
 
 FORMAT_NOTE = (
     "Files: .json holds one JSON array of samples, .jsonl one sample per line (for input and output).\n"
@@ -215,7 +215,7 @@ def _split(args) -> int:
 
 
 def _stats(args) -> int:
-    from .io import atomic_write_json, check_output
+    from ..files import check_output, write_json
     from .stats import compute_stats, format_stats, plot_lengths
 
     _input(args.input)
@@ -234,7 +234,7 @@ def _stats(args) -> int:
                                    languages=not args.no_lang, strict=args.strict)
     print(format_stats(stats))
     if args.json:
-        atomic_write_json(args.json, stats, force=args.force)
+        write_json(args.json, stats)
     if args.plot:
         unit = "tokens" if tok is not None else "characters"
         values = lengths["tokens"] if tok is not None else lengths["chars"]
@@ -279,13 +279,13 @@ def _convert(args) -> int:
 
 def _identity(args) -> int:
     from .identity import identity_conversations
-    from .io import atomic_write_records
+    from ..files import write_records
 
     try:
         convs = identity_conversations(args.name, args.org, seed=args.seed)
     except ValueError as e:
         raise DataError(str(e)) from None
-    n = atomic_write_records(args.output, convs, force=args.force)
+    n = write_records(args.output, convs, force=args.force)
     print(f"wrote {n} identity conversations to {args.output}", file=sys.stderr)
     return 0
 

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from . import DataError
-from .io import RecordError, RecordWriter, check_output, progress, read_records
+from ..errors import DataError
+from ..files import RecordError, RecordWriter, check_output, progress, read_records
 from .sharegpt import BadRecords
 
 log = logging.getLogger(__name__)

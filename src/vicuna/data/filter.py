@@ -12,9 +12,9 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from . import DataError
+from ..errors import DataError
 from .clean import Report
-from .io import RecordWriter, atomic_write_json, check_output
+from ..files import RecordWriter, check_output, write_json
 from .sharegpt import GPT, HUMAN, SYSTEM, BadRecords, iter_samples
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,9 @@ def filter_file(inp: str, out: str, cfg: FilterConfig, *, report_path: str | Non
         report.dropped["bad_record"] = bad.count
     log.info("%s", report.summary())
     if report_path:
-        atomic_write_json(report_path, {
+        write_json(report_path, {
             "input": report.input, "output": report.output, "records": report.records, "kept": report.kept,
             "dropped": dict(report.dropped.most_common()), "examples": report.examples,
             "languages": dict(report.languages.most_common()), "bad_records": bad.to_dict(),
-        }, force=force)
+        })
     return report

@@ -10,8 +10,8 @@ import logging
 import random
 from pathlib import Path
 
-from . import DataError
-from .io import RecordWriter, check_output
+from ..errors import DataError
+from ..files import RecordWriter, check_output
 from .sharegpt import BadRecords, iter_samples
 
 log = logging.getLogger(__name__)

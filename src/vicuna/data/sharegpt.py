@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from . import DataError
-from .io import JSONL_SUFFIXES, RecordError, progress, read_records
+from ..errors import DataError
+from ..files import JSONL_SUFFIXES, RecordError, progress, read_records
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,36 @@ def parse_sample(obj: Any, record: int) -> dict:
     return out
 
 
-def check_alternating(turns: list[dict]) -> None:
-    """Roles must be: optional system first, then human, gpt, human, gpt, ..."""
-    start = 1 if turns and turns[0]["from"] == SYSTEM else 0
-    for i in range(start, len(turns)):
-        expected = HUMAN if (i - start) % 2 == 0 else GPT
-        if turns[i]["from"] != expected:
-            raise BadSample("roles_not_alternating", f"turn {i} is from {turns[i]['from']}, expected {expected}")
+def trim_turns(turns: list[dict]) -> tuple[list[dict], list[dict], tuple[str, ...]]:
+    """``(system, exchanges, trimmed)``: a sample's turns as every command uses them.
+
+    ``system`` is the optional first system turn (a list of 0 or 1), ``exchanges`` the
+    human/gpt turns that follow, alternating from human and ending on gpt (possibly
+    none).  Scraped ShareGPT often starts with the end of an earlier answer and ends
+    with an unanswered question; both teach nothing and are dropped (``trimmed`` says
+    which: ``leading_gpt_dropped``, ``trailing_human_dropped``).  Any other order —
+    including a system turn anywhere but first — raises :class:`BadSample`.
+    """
+    system = turns[:1] if turns and turns[0]["from"] == SYSTEM else []
+    first = len(system)
+    trimmed = []
+    if len(turns) > first and turns[first]["from"] == GPT:
+        first += 1
+        trimmed.append("leading_gpt_dropped")
+    body = turns[first:]
+    for i, turn in enumerate(body):
+        expected = HUMAN if i % 2 == 0 else GPT
+        if turn["from"] != expected:
+            where = f"turn {first + i}"
+            if turn["from"] == SYSTEM:  # found by hypothesis: [gpt, system] became a kept system-only sample
+                raise BadSample("roles_not_alternating", f"{where} is a system turn; a system turn is only allowed "
+                                "first")
+            raise BadSample("roles_not_alternating", f"roles do not alternate: {where} is from {turn['from']}, "
+                            f"expected {expected}")
+    if body and body[-1]["from"] == HUMAN:
+        body = body[:-1]
+        trimmed.append("trailing_human_dropped")
+    return system, body, tuple(trimmed)
 
 
 def to_messages(turns: list[dict]) -> list[dict]:

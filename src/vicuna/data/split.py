@@ -24,9 +24,9 @@ from typing import Any
 from ..conversation import (
     JinjaTemplate, Template, TemplateError, UntrainableTemplate, encode, render_training, resolve_template,
 )
-from . import DataError
-from .io import RecordWriter, atomic_write_json, check_output
-from .sharegpt import GPT, HUMAN, SYSTEM, BadRecords, BadSample, check_alternating, iter_samples, to_messages
+from ..errors import DataError
+from ..files import RecordWriter, check_output, write_json
+from .sharegpt import GPT, HUMAN, BadRecords, BadSample, iter_samples, to_messages, trim_turns
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,9 @@ class Splitter:
     def split(self, sample: dict, report: SplitReport) -> list[dict]:
         """Chunks of ``sample`` (ids ``{id}_{k}``); every one fits in ``max_length`` tokens."""
         sid = sample["id"]
-        turns = sample["conversations"]
-        system = turns[:1] if turns and turns[0]["from"] == SYSTEM else []
-        body = turns[len(system):]
-        if body and body[0]["from"] == GPT:
-            body = body[1:]
-            report.note("leading_gpt_dropped", sid)
-        check_alternating(body)
-        if body and body[-1]["from"] == HUMAN:
-            body = body[:-1]
-            report.note("trailing_human_dropped", sid)
+        system, body, trimmed = trim_turns(sample["conversations"])
+        for event in trimmed:
+            report.note(event, sid)
         pairs = [(body[i], body[i + 1]) for i in range(0, len(body), 2)]
         if not pairs:
             report.note("no_exchange", sid)
@@ -195,11 +188,11 @@ def split_file(inp: str, out: str, *, tokenizer_path: str, max_length: int = 204
              report.split_samples, ", ".join(f"{k} {v}" for k, v in report.events.items()) or "nothing dropped",
              bad.count)
     if report_path:
-        atomic_write_json(report_path, {
+        write_json(report_path, {
             "input": report.input, "output": report.output, "max_length": max_length, "template": template.name,
             "samples": report.samples, "chunks": report.chunks, "split_samples": report.split_samples,
             "events": dict(report.events), "examples": report.examples, "bad_records": bad.to_dict(),
-        }, force=force)
+        })
     return report
 
 

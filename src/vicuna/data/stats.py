@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..files import write_figure
 from .filter import detect_language, language_text
 from .sharegpt import SYSTEM, BadRecords, iter_samples
 
@@ -111,16 +109,10 @@ def plot_lengths(lengths: list[int], path: str, *, unit: str, title: str, max_le
     ax.set_ylabel("samples")
     ax.set_title(title)
     fig.tight_layout()
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, target)
+        write_figure(path, fig)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def stats_json(stats: dict) -> str:

@@ -21,7 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .io import EvalUsageError, write_records
+from ..errors import EvalUsageError
+from ..files import write_records
 from .report import comparisons, load_judgments
 
 Key = tuple[Any, int, str, str]  # (question_id, turn, model, model) with the two models sorted
@@ -114,9 +115,11 @@ def arena_export(db: Path, out_dir: Path, *, force: bool = False) -> dict[str, i
         store.close()
     if not questions:
         raise EvalUsageError(f"{db}: no usable votes to export ({skipped} void or incomplete)")
-    write_records(files[0], questions)
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+    write_records(files[0], questions, force=True)
     for side, path in zip(SIDES, files[1:]):
-        write_records(path, sides[side])
+        write_records(path, sides[side], force=True)
     return {"votes": len(questions), "skipped": skipped}
 
 

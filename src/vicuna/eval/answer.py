@@ -9,11 +9,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
+from ..errors import EvalUsageError
+from ..files import write_records
 from .client import CompletionFailed, Endpoint, chat
-from .io import (
-    AppendLog, EvalUsageError, OutputLock, Question, answer_turns, interrupt_note, prepare_output, read_log,
-    run_parallel, write_records,
-)
+from .io import AppendLog, OutputLock, Question, answer_turns, interrupt_note, prepare_output, read_log, run_parallel
 
 log = logging.getLogger(__name__)
 
@@ -154,4 +154,4 @@ def _compact(output: Path, questions: list[Question], model_id: str) -> None:
             best[qid] = rec
     order = {q.question_id: i for i, q in enumerate(questions)}
     records = sorted(best.values(), key=lambda r: (order.get(r.get("question_id"), len(order)), str(r.get("question_id"))))
-    write_records(output, records)
+    write_records(output, records, force=True)

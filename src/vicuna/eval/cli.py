@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..cli import area_parser, command
-from .io import BUILTIN_QUESTIONS, EvalUsageError, load_questions, load_references
+from ..errors import EvalUsageError
+from .io import BUILTIN_QUESTIONS, load_questions, load_references
 from .judge_prompts import PROTOCOLS, REFERENCE_CATEGORIES
 from .parse import MODES, parse_judgment
 
@@ -460,8 +461,8 @@ def _run(args) -> int:
 
 
 def _agreement(args) -> int:
+    from ..files import write_json
     from .agreement import agreement, arena_votes, judgment_votes, render_agreement
-    from .io import atomic_write_text
 
     if (args.second is None) == (args.arena_db is None):
         raise EvalUsageError("compare the first judgments with a second judgment file or with --arena-db, one of them")
@@ -472,7 +473,8 @@ def _agreement(args) -> int:
                              "(same questions, turns and model pairs?)")
     print(render_agreement(res, str(args.first), str(args.second or args.arena_db)))
     if args.output:
-        atomic_write_text(args.output, json.dumps(res, indent=2) + "\n")
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.output, res)
     return 0
 
 

@@ -13,94 +13,38 @@ import json
 import logging
 import os
 import queue
-import sys
-import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError, VicunaError
+from ..errors import DataError, EvalUsageError
+from ..files import RecordError, progress
+from ..files import read_records as stream_records
 
 log = logging.getLogger(__name__)
 
 BUILTIN_QUESTIONS = "builtin"
 
 
-class EvalError(VicunaError):
-    """The evaluation work failed (exit code 1)."""
-
-
-class EvalUsageError(UsageError):
-    """Bad evaluation input or options (exit code 2)."""
-
-
 # ---------------------------------------------------------------- generic JSON / JSONL
 
 
-def iter_jsonl(path: Path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record). A torn last line (killed writer) may be skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise EvalUsageError(f"cannot read {path}: {e.strerror or e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if tolerate_torn_tail and n == len(lines):
-                log.warning("%s: ignoring the torn last line %d (an interrupted run?)", path, n)
-                return
-            raise EvalUsageError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove this line") from None
-        if not isinstance(rec, dict):
-            raise EvalUsageError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-        yield n, rec
-
-
 def read_records(path: Path) -> list[dict]:
-    """Read a .jsonl file (one object per line) or a .json file (a list of objects)."""
-    path = Path(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise EvalUsageError(f"cannot read {path}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise EvalUsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise EvalUsageError(f"{path}: expected a JSON list of objects")
-        return data
-    return [rec for _, rec in iter_jsonl(path)]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """The objects of a .jsonl file (one per line) or a .json file (a list); any bad record is an error."""
+    records = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_records(path: Path, records: Iterable[dict]) -> None:
-    """Atomically write records as JSONL, or as a JSON list when the name ends in .json."""
-    records = list(records)
-    if Path(path).suffix == ".json":
-        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
-    else:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(path, text)
+        for n, rec in stream_records(path):
+            if isinstance(rec, RecordError):
+                raise EvalUsageError(f"{path}: {rec}; fix or remove it")
+            if not isinstance(rec, dict):
+                raise EvalUsageError(f"{path}: record {n}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    except DataError as e:
+        raise EvalUsageError(str(e)) from None
+    return records
 
 
 class AppendLog:
@@ -291,8 +235,6 @@ def run_parallel(calls: list[Callable[[], Any]], parallel: int, desc: str, unit:
     stops handing out calls, abandons the ones in flight (their client timeouts end them,
     or the process exit does), and every result already yielded is the consumer's to keep.
     """
-    from tqdm import tqdm
-
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for call in calls:
         todo.put(call)
@@ -312,7 +254,7 @@ def run_parallel(calls: list[Callable[[], Any]], parallel: int, desc: str, unit:
 
     for i in range(min(max(1, parallel), len(calls))):
         threading.Thread(target=work, name=f"{desc}-{i}", daemon=True).start()
-    bar = tqdm(total=len(calls), desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = progress(total=len(calls), desc=desc, unit=unit)
     try:
         for _ in calls:
             ok, value = finished.get()  # interruptible: Ctrl+C lands here at once

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import EvalUsageError
+from ..files import write_records
 from .client import CompletionFailed, Endpoint, chat
 from .io import (
-    AppendLog, EvalUsageError, OutputLock, Question, find_answer_file, interrupt_note, load_answers, prepare_output,
-    read_log, run_parallel, write_records,
+    AppendLog, OutputLock, Question, find_answer_file, interrupt_note, load_answers, prepare_output, read_log,
+    run_parallel,
 )
 from .judge_prompts import (
     DEFAULT_PROMPTS, PROTOCOLS, REFERENCE_CATEGORIES, JudgePrompt, MissingReference, load_judge_prompts, load_prompts,
@@ -306,5 +308,5 @@ def _compact(output: Path, order: list[str]) -> list[dict]:
             best[k] = rec
     rank = {k: i for i, k in enumerate(order)}
     records = sorted(best.values(), key=lambda r: rank.get(r.get("judgment_id"), len(rank)))
-    write_records(output, records)
+    write_records(output, records, force=True)
     return records

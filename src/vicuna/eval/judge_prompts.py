@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from .io import EvalUsageError, read_records
+from ..errors import EvalUsageError
+from .io import read_records
 from .parse import MODES
 
 DEFAULT_PROMPTS = "vicuna-judge-v1"

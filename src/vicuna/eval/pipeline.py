@@ -9,9 +9,10 @@ from typing import Any
 
 import yaml
 
+from ..errors import EvalUsageError
 from .answer import AnswerSettings, parse_temperatures, run_answers
 from .client import DEFAULT_API_KEY_ENV, Endpoint
-from .io import BUILTIN_QUESTIONS, EvalUsageError, find_answer_file, load_questions, load_references
+from .io import BUILTIN_QUESTIONS, find_answer_file, load_questions, load_references
 from .judge import judged_exit_code, resolve_setup, run_judge
 from .judge_prompts import REFERENCE_CATEGORIES
 from .report import write_report

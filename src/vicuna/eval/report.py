@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import ratings as rt
-from .io import EvalUsageError, atomic_write_text, read_log
+from ..errors import EvalUsageError
+from ..files import write_figure, write_json, write_text
+from .io import read_log
 
 log = logging.getLogger(__name__)
 
@@ -448,9 +450,8 @@ def write_charts(res: dict[str, Any], out_dir: Path) -> list[str]:
     ax.set_ylabel(label if len(label) < 40 else label.split(" (")[0])
     ax.set_title(label, fontsize=9)
     fig.tight_layout()
-    fig.savefig(_tmp(out_dir / "relative_scores.png"), format="png", dpi=120)
+    write_figure(out_dir / "relative_scores.png", fig, dpi=120)
     plt.close(fig)
-    _commit(out_dir / "relative_scores.png")
     written.append("relative_scores.png")
 
     cats = list(res["categories"])
@@ -467,19 +468,10 @@ def write_charts(res: dict[str, Any], out_dir: Path) -> list[str]:
     ax.set_title(label + " per category", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(_tmp(out_dir / "categories.png"), format="png", dpi=120)
+    write_figure(out_dir / "categories.png", fig, dpi=120)
     plt.close(fig)
-    _commit(out_dir / "categories.png")
     written.append("categories.png")
     return written
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _commit(path: Path) -> None:
-    _tmp(path).replace(path)
 
 
 def write_report(judgments: Path, out_dir: Path, *, baseline: str | None = None, relative_to: str | None = None,
@@ -492,8 +484,8 @@ def write_report(judgments: Path, out_dir: Path, *, baseline: str | None = None,
     res = compute_report(load_judgments(judgments), baseline=baseline, relative_to=relative_to, prices=prices,
                          bootstrap_rounds=bootstrap_rounds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(out_dir / "report.md", render_markdown(res))
+    write_json(out_dir / "results.json", res)
+    write_text(out_dir / "report.md", render_markdown(res))
     if charts:
         write_charts(res, out_dir)
     return res

@@ -30,7 +30,6 @@ import os
 import re
 import secrets
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +39,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import UsageError, VicunaError
+from ..files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +246,10 @@ class ArenaStore:
         so a second process starting at the same moment reads the winner's salt, never half of it)."""
         path = self.path.with_name(self.path.name + ".salt")
         if not path.exists():
-            salt = secrets.token_hex(32)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
             try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(salt + "\n")
-                os.link(tmp, path)
+                write_text(path, secrets.token_hex(32) + "\n", permissions=0o600, replace=False)
             except FileExistsError:
                 pass  # another process won the race: use its salt
-            finally:
-                os.unlink(tmp)
         salt = path.read_text().strip()
         if len(salt) < 16:
             raise ArenaError(f"{path} holds no usable salt; delete it (IP pseudonyms will change) "

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import atomic_open, write_figure, write_json
 from .arena import ArenaStore, compute_leaderboard, leaderboard_figure, leaderboard_markdown, win_rate_markdown
 
 TABLES = ("votes", "conversations", "feedback")
@@ -70,19 +69,6 @@ def _check_new(path: str | None, force: bool) -> None:
         raise UsageError(f"{path} exists; pass --force to overwrite it")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename (no half-written outputs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export(args) -> int:
     fmt = args.format
     if fmt is None:
@@ -106,7 +92,9 @@ def export(args) -> int:
         if args.output == "-":
             write(sys.stdout)
         else:
-            _atomic_write(Path(args.output), write)
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(args.output) as f:
+                write(f)
     return 0
 
 
@@ -128,12 +116,11 @@ def leaderboard(args) -> int:
         print(win_rate_markdown(lb))
     print(f"\n({counts['votes']} votes stored, {counts['void_votes']} void; "
           f"{'all' if args.include_named else 'anonymous'} non-void votes counted)")
+    for path in (args.json, args.plot):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.json:
-        _atomic_write(Path(args.json), lambda f: (json.dump(lb.as_dict(), f, indent=2), f.write("\n")))
+        write_json(args.json, lb.as_dict())
     if args.plot:
-        path = Path(args.plot)
-        fig = leaderboard_figure(lb)
-        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        write_figure(args.plot, leaderboard_figure(lb), dpi=120)
     return 0

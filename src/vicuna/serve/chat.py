@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -20,6 +19,7 @@ from pathlib import Path
 from ..cli import command
 from ..conversation import TemplateError, encode, render_prompt, split_system
 from ..errors import UsageError, VicunaError
+from ..files import write_json
 from ..generation import GenerationError, SamplingParams, generate_stream, sampling_params
 from ..model import DEFAULT_MODEL_NAME, LoadedModel, add_model_args, load_from_args
 
@@ -150,10 +150,7 @@ class ChatSession:
         data = {"model": self.lm.name, "template": self.lm.template.name, "system": self.system,
                 "messages": self.messages, "params": {k: v for k, v in asdict(self.params).items()
                                                       if k in SETTABLE}}
-        target = Path(path).expanduser()
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, target)  # atomic: a crash never leaves half a file
+        target = write_json(Path(path).expanduser(), data)
         return f"saved {len(self.messages)} messages to {target}"
 
     def load(self, path: str) -> str:

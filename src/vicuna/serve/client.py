@@ -17,16 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
+from ..errors import ModelNotFound, ServeError, Unavailable
 from ..generation import MAX_SEED
-from .core import (
-    AuthError, ContextLengthExceeded, Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded,
-    ServeError, Unavailable,
-)
+from .core import Delta, GenerateRequest
 
-__all__ = [
-    "ServeError", "InvalidRequest", "ContextLengthExceeded", "AuthError", "ModelNotFound", "Overloaded",
-    "Unavailable", "GenerateRequest", "Delta", "Embeddings", "ModelClient", "LocalClient", "ControllerClient",
-]
+__all__ = ["GenerateRequest", "Delta", "Embeddings", "ModelClient", "LocalClient", "ControllerClient"]
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from typing import Any, AsyncIterator, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..conversation import message_text
-from ..errors import UsageError
+from ..errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable, UsageError
 from .client import Embeddings, _ClientBase
-from .core import Delta, GenerateRequest, InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable
+from .core import Delta, GenerateRequest
 
 log = logging.getLogger(__name__)
 

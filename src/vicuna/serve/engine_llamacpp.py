@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ..conversation import TemplateError, resolve_template
-from ..errors import UsageError
+from ..errors import ModelLoadError, ServeError, UsageError
 from ..generation import ModelDefaults, SamplingParams
-from ..model import ModelLoadError, model_defaults
-from .core import Delta, GenerateRequest, ServeError
+from ..model import model_defaults
+from .core import Delta, GenerateRequest
 from .engine import EngineConfig
 from .engine_external import ExternalEngine, LeadingStrip
+from .kv import parse_size
 
 if TYPE_CHECKING:
     from .launch import ModelConfig
@@ -46,7 +47,7 @@ INSTALL = "pip install -e '.[llamacpp]' (or pip install xllamacpp)"
 # Sampler order as in transformers and vLLM (temperature before the truncations); llama.cpp's
 # default puts top-k/top-p first and adds min-p 0.05, which changes what a temperature means.
 SAMPLERS = ["penalties", "temperature", "top_k", "top_p"]
-DEFAULT_KV_BYTES = 2 << 30  # KV budget when the engine config sets none: 2 GiB (f16 cells)
+DEFAULT_KV_BYTES = 2 << 30  # KV budget when --kv-cache-memory is not given: 2 GiB (f16 cells)
 _END = object()
 
 
@@ -195,7 +196,8 @@ class LlamaCppEngine(ExternalEngine):
         p.model.path = str(path)
         p.n_parallel = config.max_batch_size
         # one KV pool shared by all slots (each may grow to max_len), sized by a budget, not slots x context
-        budget = max(max_len, DEFAULT_KV_BYTES // meta["kv_bytes_per_token"])
+        kv_bytes = parse_size(config.kv_cache_memory) if config.kv_cache_memory else DEFAULT_KV_BYTES
+        budget = max(max_len, kv_bytes // meta["kv_bytes_per_token"])
         p.kv_unified = True
         p.n_ctx = min(max_len * config.max_batch_size, budget)
         p.ctx_shift = False  # never drop context silently: our prepare() already bounds prompt + completion
@@ -208,8 +210,16 @@ class LlamaCppEngine(ExternalEngine):
         except RuntimeError as e:
             raise ModelLoadError(f"llama.cpp could not load {path}: {e}") from None
         log.info("llama.cpp: %s, %d slots, %d KV cells shared, context %d", path.name, p.n_parallel, p.n_ctx, max_len)
-        return cls(server, name=name, tokenizer=tokenizer, template=template, context_length=max_len,
-                   config=config, defaults=model_defaults(str(path), tokenizer, template))
+        # A GGUF holds no generation_config; the default model's sampling is the one its import ships.
+        shipped = None
+        if not model.model_path:
+            from ..weights.gguf import DEFAULT_SAMPLING
+
+            shipped = DEFAULT_SAMPLING
+        engine = cls(server, name=name, tokenizer=tokenizer, template=template, context_length=max_len,
+                     config=config, defaults=model_defaults(str(path), tokenizer, template, generation_config=shipped))
+        engine.kv_cells = p.n_ctx
+        return engine
 
     def start(self) -> "LlamaCppEngine":
         return self

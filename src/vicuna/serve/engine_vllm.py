@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ..conversation import TemplateError, resolve_template
-from ..errors import UsageError
+from ..errors import ModelLoadError, ServeError, UsageError
 from ..generation import ModelDefaults, SamplingParams
-from ..model import ModelLoadError, context_length_of, model_defaults
-from .core import Delta, GenerateRequest, ServeError
+from ..model import context_length_of, model_defaults
+from .core import Delta, GenerateRequest
 from .engine import EngineConfig
 from .engine_external import ExternalEngine, LeadingStrip, parse_size
 

@@ -28,6 +28,8 @@ class EngineCollector:
             "tokens_per_second": GaugeMetricFamily(
                 "vicuna_generation_tokens_per_second", "Generated tokens per second over the last 10 s",
                 labels=["model"]),
+            "kv_blocks_free": GaugeMetricFamily("vicuna_kv_cache_free_blocks", "Free blocks of the KV cache",
+                                                labels=["model"]),
         }
         counters = {
             "generated_tokens": CounterMetricFamily("vicuna_engine_generated_tokens", "Tokens generated",
@@ -38,6 +40,9 @@ class EngineCollector:
                                                      labels=["model"]),
             "requests_aborted": CounterMetricFamily(
                 "vicuna_engine_requests_aborted", "Requests aborted (client went away)", labels=["model"]),
+            "preemptions": CounterMetricFamily(
+                "vicuna_engine_preemptions", "Requests preempted when KV blocks ran out (recomputed later)",
+                labels=["model"]),
         }
         for name, engine in self.engines().items():
             s = engine.stats()

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ..conversation import message_text
-from ..errors import UsageError
+from ..errors import InvalidRequest, Unavailable, UsageError
 from .client import Embeddings, _ClientBase
-from .core import Delta, GenerateRequest, InvalidRequest, Unavailable
+from .core import Delta, GenerateRequest
 
 log = logging.getLogger(__name__)
 

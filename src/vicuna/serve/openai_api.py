@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException
 
 from . import protocol as P
 from .client import ModelClient
-from .core import Delta, GenerateRequest, InvalidRequest, ServeError, bearer_ok, merge_streams
+from ..errors import InvalidRequest, ServeError
+from .core import Delta, GenerateRequest, bearer_ok, merge_streams
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

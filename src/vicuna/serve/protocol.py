@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .core import Delta, GenerateRequest, InvalidRequest
+from ..errors import InvalidRequest
+from .core import Delta, GenerateRequest
 
 
 class _Request(BaseModel):

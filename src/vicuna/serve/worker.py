@@ -18,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from .core import GenerateRequest, InvalidRequest, ModelNotFound, ServeError, bearer_ok
+from ..errors import InvalidRequest, ModelNotFound, ServeError
+from .core import GenerateRequest, bearer_ok
 from .metrics import Metrics
 from .openai_api import error_response
 

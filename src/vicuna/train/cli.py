@@ -16,20 +16,32 @@ Output:  --output-dir OUT becomes a Hugging Face model dir (or a LoRA adapter wi
          template's stop tokens and vicuna.json (template name, data and run summary);
          plus OUT/train_log.jsonl, OUT/loss.png and OUT/checkpoint-N/ (resumable).
 Default: packing up to --max-length per row, cosine schedule, resume from the newest
-         checkpoint in OUT. SIGTERM saves a checkpoint and exits with code 143.
+         complete checkpoint in OUT. SIGTERM saves a checkpoint and exits with code 143.
+Plan:    --dry-run prints the memory per rank (parameters, gradients, optimizer,
+         activations with and without gradient checkpointing) from the model's config
+         alone; --world-size N plans for N GPUs from any machine.
 
 Examples:
   vicuna train --model-path ./llama-7b --data-path sharegpt.json --output-dir out/vicuna-7b
   vicuna train --config recipes/tiny-cpu.yaml --output-dir out/tiny --max-steps 50
   torchrun --nproc_per_node 8 -m vicuna.train --config recipes/vicuna-7b.yaml \\
       --model-path ./llama-7b --data-path sharegpt.json --output-dir out/vicuna-7b
+  vicuna train --config recipes/vicuna-13b.yaml --model-path ./llama-13b --dry-run --world-size 8
 """
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import TrainInputError
     from .config import config_from_args
-    from .trainer import train
+    from .trainer import dry_run, train
 
+    if args.world_size is not None and not args.dry_run:
+        raise TrainInputError("--world-size only plans (with --dry-run); torchrun sets the real one")
+    if args.dry_run:
+        if args.world_size is not None and args.world_size < 1:
+            raise TrainInputError("--world-size must be >= 1")
+        print(dry_run(config_from_args(args, planning=True), args.world_size)[1])
+        return 0
     train(config_from_args(args))
     return 0
 
@@ -41,3 +53,7 @@ def add_commands(sub) -> None:
     p = command(sub, "train", run, help="fine-tune a model on conversations (SFT, LoRA, FSDP)",
                 description=DESCRIPTION)
     add_arguments(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the estimated memory per rank and exit (reads only the model's config)")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: plan for N ranks (default: torchrun's WORLD_SIZE, else 1)")

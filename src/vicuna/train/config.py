@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import TrainInputError
+from ..errors import TrainInputError
 
 
 def _f(default, help, **kw):
@@ -65,6 +65,9 @@ class TrainConfig:
     # checkpoints and logs
     save_steps: int = _f(500, "write a checkpoint every N optimizer steps (0: only on SIGTERM)")
     save_total_limit: int = _f(2, "keep this many newest checkpoints")
+    async_save: bool = _f(False, "write periodic checkpoints in the background (DCP async_save) while training goes "
+                                 "on; costs one more copy of each rank's model + optimizer shard in host RAM. "
+                                 "The SIGTERM checkpoint is always written before exiting")
     resume: str = _f("auto", "auto: continue from the newest complete checkpoint in --output-dir; never; "
                              "or a checkpoint directory")
     logging_steps: int = _f(1, "log every N optimizer steps")
@@ -104,8 +107,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def make_config(recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < recipe < overrides, type-checked."""
+def make_config(recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
+                planning: bool = False) -> TrainConfig:
+    """Defaults < recipe < overrides, type-checked (``planning``: for --dry-run, no data or output needed)."""
     values: dict[str, Any] = {}
     for src in (recipe or {}, overrides or {}):
         values.update({k: v for k, v in src.items() if k in FIELDS})
@@ -122,7 +126,7 @@ def make_config(recipe: dict[str, Any] | None = None, overrides: dict[str, Any] 
         if choices and values[name] not in choices:
             raise TrainInputError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
     cfg = TrainConfig(**values)
-    validate(cfg)
+    validate(cfg, planning=planning)
     return cfg
 
 
@@ -136,10 +140,10 @@ def _bool(v, name):
     raise ValueError(name)
 
 
-def validate(cfg: TrainConfig) -> None:
-    if not cfg.data_path:
+def validate(cfg: TrainConfig, planning: bool = False) -> None:
+    if not cfg.data_path and not planning:
         raise TrainInputError("--data-path is required (ShareGPT .json or .jsonl)")
-    if not cfg.output_dir:
+    if not cfg.output_dir and not planning:
         raise TrainInputError("--output-dir is required")
     if not cfg.model_path and not cfg.model_init:
         raise TrainInputError("--model-path is required (or model_init in a recipe)")
@@ -190,7 +194,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            metavar=None if f.metadata.get("choices") else f.name.upper().split("_")[-1])
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, planning: bool = False) -> TrainConfig:
     recipe = load_recipe(args.config) if getattr(args, "config", None) else {}
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
-    return make_config(recipe, overrides)
+    return make_config(recipe, overrides, planning=planning)

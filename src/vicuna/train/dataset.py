@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..conversation import IGNORE_INDEX, TemplateError, UntrainableTemplate, tokenize_conversation
-from . import TrainInputError
+from ..errors import TrainInputError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def read_records(path: str | Path, stats: "DataStats | None" = None) -> list[Any
     skipped; a file that cannot be read at all is a :class:`TrainInputError`.
     Training keeps every record in memory anyway (packing needs all lengths).
     """
-    from ..data import DataError
-    from ..data.io import RecordError, read_records as stream
+    from ..errors import DataError
+    from ..files import RecordError, read_records as stream
 
     path = Path(path)
     if not path.exists():
@@ -68,28 +68,23 @@ def read_records(path: str | Path, stats: "DataStats | None" = None) -> list[Any
 def record_to_messages(rec: Any) -> list[dict[str, str]]:
     """OpenAI-style messages from a ShareGPT or ``{"messages": [...]}`` record.
 
-    The record is validated by the data area's :func:`~vicuna.data.sharegpt.parse_sample`
-    (one definition of a valid sample and of the role aliases for every command). A leading
-    assistant turn and a trailing user turn (both common in scraped ShareGPT) are dropped, as
-    they carry nothing to learn; anything else odd raises ``ValueError`` with the reason, and
-    the record is skipped.
+    The record is validated by the data area's :func:`~vicuna.data.sharegpt.parse_sample` and
+    trimmed by its :func:`~vicuna.data.sharegpt.trim_turns` (one definition of a valid sample,
+    of the role aliases and of the turn order for every command): a leading assistant turn and
+    a trailing user turn are dropped, anything else odd raises ``ValueError`` with the reason,
+    and the record is skipped.
     """
-    from ..data.sharegpt import BadSample, parse_sample, to_messages
+    from ..data.sharegpt import BadSample, parse_sample, to_messages, trim_turns
 
     if isinstance(rec, dict) and not any(k in rec for k in ("conversations", "items", "messages")):
         raise ValueError(NO_CONVERSATION)
     try:
-        msgs = to_messages(parse_sample(rec, 0)["conversations"])
+        system, exchanges, _ = trim_turns(parse_sample(rec, 0)["conversations"])
     except BadSample as e:
         raise ValueError(e.detail) from None
-    start = 1 if msgs and msgs[0]["role"] == "system" else 0
-    if len(msgs) > start and msgs[start]["role"] == "assistant":
-        del msgs[start]
-    if msgs and msgs[-1]["role"] == "user":
-        msgs.pop()
-    if not any(m["role"] == "assistant" for m in msgs):
+    if not exchanges:
         raise ValueError("no assistant reply")
-    return msgs
+    return to_messages(system + exchanges)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Why not ``transformers.Trainer``: what this recipe needs most is exactly what
 is awkward to bend it into — per-sample-shifted targets for padding-free
 packing, loss normalised by the label tokens of the whole optimizer step
 across micro-batches *and* ranks, FSDP2 that also runs on CPU/gloo (so it is
-tested here), a checkpoint that is one atomic directory rename, and a SIGTERM
+tested here), sharded checkpoints every rank writes in parallel, and a SIGTERM
 save that all ranks agree on.  Each is a few lines in a loop you can read top
 to bottom; the model, optimizer schedule, PEFT and FSDP are still the
 well-kept library pieces.
@@ -13,28 +13,31 @@ well-kept library pieces.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
-import random
-import re
 import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..conversation import IGNORE_INDEX, TemplateError, get_template, resolve_template, stop_token_ids
-from . import TrainError, TrainInputError
+from ..errors import TrainError, TrainInputError, VicunaError
+from ..files import write_figure, write_json, write_text
+from .checkpoint import (CHECKPOINT_RE, CheckpointLoadError, Checkpointer, checkpoint_dirs, complete_checkpoints,
+                         full_tensors, load_pretrained_shards, model_tensors, problem, sharded_load_problem)
 from .config import TrainConfig, parse_rope_scaling
 from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
+from .distributed import Dist, all_reduce, barrier, broadcast_object, gather_objects, init_distributed
+from .memory import GB, MemoryPlan, PeakMeter, estimate, limit_heap_fragmentation
 
 log = logging.getLogger("vicuna.train")
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOG_FILE, PLOT_FILE, MODEL_META = "train_log.jsonl", "loss.png", "vicuna.json"
 
 
@@ -44,73 +47,33 @@ class Preempted(TrainError):
     exit_code = 143
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: Any = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def on(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local, device)
-
-
-def _all_reduce(x, d: Dist, op="sum"):
-    import torch.distributed as dist
-
-    if d.on:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return x
-
-
-def _barrier(d: Dist) -> None:
-    import torch.distributed as dist
-
-    if d.on:
-        dist.barrier()
+def on_main(fn: Callable[[], Any], d: Dist) -> Any:
+    """Run ``fn`` on rank 0 only; its result, or its error, on every rank (so all ranks fail together)."""
+    result = None
+    if d.main:
+        try:
+            result = (fn(), None)
+        except VicunaError as e:
+            result = (None, e)
+    result = broadcast_object(result, d)
+    if result[1] is not None:
+        raise result[1]
+    return result[0]
 
 
 # ----------------------------------------------------------------------------- output dir
 
 
-def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (a complete one was renamed into place)."""
-    found = []
-    if out.is_dir():
-        for p in out.iterdir():
-            m = CHECKPOINT_RE.match(p.name)
-            if m and (p / "trainer_state.json").exists():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
+def _step_of(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(path.name).group(1))
 
 
-def check_output_dir(cfg: TrainConfig) -> Path | None:
-    """Refuse to clobber a finished model; return the checkpoint to resume from, if any."""
+def check_output_dir(cfg: TrainConfig) -> list[Path]:
+    """Refuse to clobber a finished model; return the checkpoints to try resuming from, newest first.
+
+    A checkpoint newer than the newest complete one (a save or upload cut short) is skipped with a warning that
+    says what is wrong with it.
+    """
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise TrainInputError(f"--output-dir {out}: exists and is not a directory")
@@ -119,20 +82,43 @@ def check_output_dir(cfg: TrainConfig) -> Path | None:
             f"--output-dir {out} already holds a trained model; pass --force to train into it again, "
             "or choose another directory"
         )
-    ckpts = list_checkpoints(out)
-    if cfg.resume == "auto":
-        return ckpts[-1][1] if ckpts else None
     if cfg.resume == "never":
-        if ckpts and not cfg.force:
+        found = checkpoint_dirs(out)
+        if found and not cfg.force:
             raise TrainInputError(
-                f"--output-dir {out} has checkpoints ({ckpts[-1][1].name}); use --resume auto to continue, "
+                f"--output-dir {out} has checkpoints ({found[-1][1].name}); use --resume auto to continue, "
                 "or --resume never --force to start over (deletes them)"
             )
-        return None
+        return []
+    if cfg.resume == "auto":
+        good, bad = complete_checkpoints(out)
+        for path, why in bad:
+            if not good or _step_of(path) > _step_of(good[0]):
+                where = f"resuming from {good[0].name} instead" if good else "starting from the base model"
+                log.warning("%s is incomplete: %s; %s", path.name, why, where)
+        return good
     path = Path(cfg.resume)
-    if not (path / "trainer_state.json").exists():
-        raise TrainInputError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
-    return path
+    why = problem(path) if path.is_dir() else "no such folder"
+    if why:
+        raise TrainInputError(f"--resume {path}: not a complete checkpoint: {why}")
+    return [path]
+
+
+def resume(ckpt: Checkpointer, candidates: list[Path], cfg: TrainConfig, d: Dist) -> dict | None:
+    """Load the newest loadable checkpoint; a corrupt one falls back to the previous, with a warning."""
+    for i, path in enumerate(candidates):
+        try:
+            return {**ckpt.load(path), "path": path}
+        except CheckpointLoadError as e:
+            if cfg.resume not in ("auto", "never"):
+                raise TrainInputError(f"--resume {path}: cannot load it: {e}") from None
+            if d.main:
+                nxt = f"trying {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older one left"
+                log.warning("%s cannot be loaded: %s; %s", path.name, e, nxt)
+    if candidates:
+        raise TrainError(f"no checkpoint in {cfg.output_dir} could be loaded (see the warnings above); to start "
+                         "over, rerun with --resume never --force (deletes them)")
+    return None
 
 
 # ----------------------------------------------------------------------------- model
@@ -232,11 +218,33 @@ def pick_dtype(cfg: TrainConfig, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
-def build_model(cfg: TrainConfig, config, tokenizer, d: Dist):
-    """fp32 master weights (or 4-bit base for QLoRA); mixed precision is applied in the loop."""
+def sharded_loading(cfg: TrainConfig, d: Dist) -> bool:
+    """Whether this run builds the model on the meta device and loads each rank's shard directly."""
+    return d.on and cfg.fsdp != "none" and not cfg.lora and not cfg.model_init
+
+
+def meta_model(config, attn: str):
+    """The model with its parameters on the meta device (no memory); buffers such as RoPE tables are real."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model.tie_weights()  # under the meta patch each module got its own parameter object: tie them again
+    return model
+
+
+def build_model(cfg: TrainConfig, config, tokenizer, d: Dist) -> tuple[Any, bool]:
+    """fp32 master weights (or 4-bit base for QLoRA); mixed precision is applied in the loop.
+
+    Returns (model, on_meta): under FSDP the parameters stay on the meta device until :func:`materialize` has
+    sharded them, so no rank ever holds the whole model.
+    """
     import torch
 
     attn = pick_attention(cfg, d.device)
+    model = None
     if cfg.model_init:
         from ..tiny import make_tiny_llama
 
@@ -246,7 +254,17 @@ def build_model(cfg: TrainConfig, config, tokenizer, d: Dist):
             raise TrainInputError(f"model_init: unknown keys {sorted(unknown)}; known: {', '.join(keys)}")
         model = make_tiny_llama(tokenizer, seed=cfg.seed, **{k: int(v) for k, v in cfg.model_init.items() if k in keys})
         model.config._attn_implementation = attn
-    else:
+    elif sharded_loading(cfg, d):
+        model = meta_model(config, attn)
+        why = ("the tokenizer has more tokens than the model has embedding rows"
+               if len(tokenizer) > model.get_input_embeddings().weight.shape[0]
+               else sharded_load_problem(Path(cfg.model_path), list(model_tensors(model))))
+        if why:
+            if d.main:
+                log.warning("loading the whole model on every rank, then sharding it (more memory): %s", why)
+            model = None
+    on_meta = model is not None and not cfg.model_init
+    if model is None:
         from transformers import AutoModelForCausalLM
 
         kw: dict[str, Any] = {"config": config, "attn_implementation": attn, "dtype": torch.float32}
@@ -270,25 +288,39 @@ def build_model(cfg: TrainConfig, config, tokenizer, d: Dist):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if cfg.qlora:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
-        try:
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target,
-                task_type="CAUSAL_LM",
-            ))
-        except ValueError as e:
-            raise TrainInputError(f"--lora-target {cfg.lora_target}: {e}") from None
-    if not cfg.qlora:
+        model = add_lora(model, cfg)
+    if not cfg.qlora and not on_meta:
         model.to(d.device)
-    return model
+    return model, on_meta
+
+
+def add_lora(model, cfg: TrainConfig, prepare_kbit: bool = True):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.qlora and prepare_kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+    try:
+        return get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target,
+            task_type="CAUSAL_LM",
+        ))
+    except ValueError as e:
+        raise TrainInputError(f"--lora-target {cfg.lora_target}: {e}") from None
+
+
+def tied_embeddings(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
 
 
 def wrap_distributed(model, cfg: TrainConfig, d: Dist, dtype):
-    """FSDP2 (one unit per decoder layer, then the root) or DDP under torchrun."""
+    """FSDP2 or DDP under torchrun.
+
+    FSDP units: each decoder layer; untied embeddings and ``lm_head`` each on their own; the root holds the rest
+    (and a tied embedding, which both ends of the model use). A unit's parameters are gathered only while it runs,
+    except the root's, which stay gathered for the step: keeping it small matters.
+    """
     if not d.on:
         return model
     import torch
@@ -308,12 +340,35 @@ def wrap_distributed(model, cfg: TrainConfig, d: Dist, dtype):
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     if cfg.fsdp_cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    layer_cls = tuple({type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")})
-    for m in model.modules():
-        if layer_cls and isinstance(m, layer_cls):
-            fully_shard(m, **kw)
+    for m in fsdp_units(model, cfg):
+        fully_shard(m, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def fsdp_units(model, cfg: TrainConfig) -> list:
+    """The modules sharded as their own FSDP units; the root unit holds the rest."""
+    units = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not tied_embeddings(model) and not cfg.lora:
+        units += [model.get_input_embeddings(), model.get_output_embeddings()]
+    return units
+
+
+def materialize(model, cfg: TrainConfig, d: Dist) -> None:
+    """Give a sharded meta model its memory (each rank its shard) and read each rank's rows from the base files."""
+    buffers = dict(model.named_buffers())  # computed at construction; to_empty would leave them uninitialised
+    model.to_empty(device=d.device)
+    for name, buf in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buf.to(d.device)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load_pretrained_shards(model, Path(cfg.model_path), d)
+    except (Exception, CheckpointException) as e:  # DCP wraps every rank's failure (a BaseException)
+        raise TrainError(f"cannot load the model from {cfg.model_path}: {type(e).__name__}: {e}") from e
+    if getattr(model.config, "tie_word_embeddings", False) and not tied_embeddings(model):
+        raise TrainError("internal error: the tied embeddings came apart while sharding the model")
 
 
 def unwrap(model):
@@ -379,147 +434,78 @@ def peak_flops(cfg: TrainConfig, device) -> float:
     return torch.get_num_threads() * 2.5e9 * (64 if avx512 else 32)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- model folders
 
 
-def _rng_state() -> dict:
-    import numpy as np
+def write_model_files(folder: Path, model, tokenizer, template, cfg: TrainConfig, meta: dict) -> None:
+    """Everything of a Hugging Face model folder but the weights: config (or adapter config), tokenizer with the chat
+    template embedded, generation config with the template's stop ids, and ``vicuna.json`` (last)."""
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    from ..weights.checkpoint import set_config_dtype
 
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _full_state(model, optimizer, cfg: TrainConfig):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.lora)
-    return get_state_dict(model, optimizer, options=opts)
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, d: Dist,
-                    state: dict) -> Path | None:
-    """All ranks gather; rank 0 writes into a temp dir and renames it into place (atomic)."""
-    import torch
-    import torch.distributed as dist
-
-    msd, osd = _full_state(model, optimizer, cfg)
-    rngs = [None] * d.world
-    if d.on:
-        dist.all_gather_object(rngs, _rng_state())
+    inner = unwrap(model)
+    base = inner.get_base_model() if cfg.lora else inner
+    if cfg.lora:
+        inner.peft_config["default"].save_pretrained(folder)
     else:
-        rngs = [_rng_state()]
-    final = out / f"checkpoint-{step}"
-    if d.main and not final.exists():
-        tmp = out / f".checkpoint-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(msd, tmp / "model.pt")
-        torch.save(osd, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rngs, tmp / "rng.pt")
-        _write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": d.world})
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(out)
-        for _, old in list_checkpoints(out)[:-max(cfg.save_total_limit, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("saved %s", final)
-    _barrier(d)
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig, d: Dist) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns trainer_state."""
-    import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    state = json.loads((path / "trainer_state.json").read_text())
-    msd = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
-    osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.lora,
-                            strict=not cfg.lora)
-    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rngs = torch.load(path / "rng.pt", weights_only=False)
-    if state.get("world_size") == d.world:
-        _set_rng_state(rngs[d.rank])
-    else:
-        log.warning("checkpoint was written by %s processes, now %d: RNG not restored, global batch differs",
-                    state.get("world_size"), d.world)
-    return state
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        for p in [*path.iterdir(), path] if path.is_dir() else [path]:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except OSError:
-        pass
-
-
-# ----------------------------------------------------------------------------- final model
+        config = copy.deepcopy(base.config)
+        config.use_cache = True  # off for training only
+        config.architectures = [type(base).__name__]
+        config.save_pretrained(folder)
+        set_config_dtype(folder, torch.float32)  # the master weights are saved
+    tokenizer.chat_template = template.to_jinja()
+    # in tokenizer_config.json itself, where every tool (vLLM, TGI, older transformers) looks
+    tokenizer.save_pretrained(folder, save_jinja_files=False)
+    stops = stop_token_ids(template, tokenizer)
+    gen = copy.deepcopy(base.generation_config)
+    gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else gen.eos_token_id)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(folder)
+    write_json(folder / MODEL_META, {"conv_template": template.name, "base_model": cfg.model_path, "lora": cfg.lora,
+                                     "stop_token_ids": stops, **meta, "config": asdict(cfg)}, default=str)
 
 
 def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: Dist, stats: DataStats,
                    summary: dict) -> None:
     """A Hugging Face model (or LoRA adapter) dir with the chat template embedded.
 
-    Written into a temp dir, then moved file by file; ``vicuna.json`` last, so
-    its presence means the model is complete.
+    The weights are gathered one tensor at a time and streamed into safetensors shards by rank 0, so no rank
+    holds a full state dict. Written into a temp dir, then moved file by file; ``vicuna.json`` last, so its
+    presence means the model is complete.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from ..weights.checkpoint import DEFAULT_MAX_SHARD, ShardWriter
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                              ignore_frozen_params=cfg.lora))
+    tmp = out / ".model.tmp"
     if d.main:
-        tmp = out / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        inner = unwrap(model)
-        inner.save_pretrained(tmp, state_dict=sd)
-        tokenizer.chat_template = template.to_jinja()
-        # in tokenizer_config.json itself, where every tool (vLLM, TGI, older transformers) looks
-        tokenizer.save_pretrained(tmp, save_jinja_files=False)
-        stops = stop_token_ids(template, tokenizer)
-        base = inner.get_base_model() if cfg.lora else inner
-        gen = base.generation_config
-        gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else gen.eos_token_id)
-        if gen.pad_token_id is None:
-            gen.pad_token_id = tokenizer.pad_token_id
-        gen.save_pretrained(tmp)
-        meta = {"conv_template": template.name, "base_model": cfg.model_path, "lora": cfg.lora,
-                "stop_token_ids": stops, "data": stats.to_dict(), "train": summary, "config": asdict(cfg)}
-        _write_json(tmp / MODEL_META, meta)
+        tmp.mkdir(parents=True)
+    if cfg.lora:  # an adapter is small: PEFT writes it in its own format
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=True))
+        if d.main:
+            unwrap(model).save_pretrained(tmp, state_dict=sd)
+    else:
+        plan = [(name, tuple(t.shape), t.dtype) for name, t in model_tensors(model).items()]
+        writer = ShardWriter(tmp, plan, DEFAULT_MAX_SHARD) if d.main else None
+        with writer or contextlib.nullcontext():
+            for name, tensor in full_tensors(model, d):
+                if writer:
+                    writer.add(name, tensor)
+            if writer:
+                writer.close()
+    if d.main:
+        write_model_files(tmp, model, tokenizer, template, cfg, {"data": stats.to_dict(), "train": summary})
         # a stale chat_template.jinja (from an earlier run with --force) would override the embedded one
         (out / "chat_template.jinja").unlink(missing_ok=True)
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_META):
             os.replace(p, out / p.name)
         tmp.rmdir()
         log.info("saved the %s to %s (template %s)", "LoRA adapter" if cfg.lora else "model", out, template.name)
-    _barrier(d)
+    barrier(d)
 
 
 def plot_loss(out: Path) -> None:
@@ -538,10 +524,8 @@ def plot_loss(out: Path) -> None:
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / (PLOT_FILE + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_figure(out / PLOT_FILE, fig, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out / PLOT_FILE)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -557,30 +541,35 @@ def accumulate_gradients(model, batches, d: Dist, *, fsdp: bool = False, autocas
     ``[target, real, computed]`` tokens.
     """
     import torch
-    import torch.nn.functional as F
 
     counts = torch.tensor([sum(b["target_tokens"] for b in batches), sum(b["real_tokens"] for b in batches),
                            sum(b["computed_tokens"] for b in batches)], dtype=torch.float64, device=d.device)
-    counts = _all_reduce(counts, d)
+    counts = all_reduce(counts, d)
     scale = d.world / max(counts[0].item(), 1.0)  # DDP/FSDP average ranks' gradients, hence x world
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for i, b in enumerate(batches):
-        last = i == len(batches) - 1
-        if fsdp:
-            model.set_requires_gradient_sync(last)
-        sync = model.no_sync() if d.on and not fsdp and not last else contextlib.nullcontext()
+        # DDP skips the all-reduce until the last micro-batch. FSDP reduce-scatters after every one: skipping it
+        # would keep every layer's *unsharded* gradients until the step ends, the whole model's worth per rank.
+        sync = model.no_sync() if d.on and not fsdp and i < len(batches) - 1 else contextlib.nullcontext()
         with sync:
-            with autocast or contextlib.nullcontext():
-                kw = {"input_ids": b["input_ids"].to(d.device), "position_ids": b["position_ids"].to(d.device)}
-                if "attention_mask" in b:
-                    kw["attention_mask"] = b["attention_mask"].to(d.device)
-                logits = model(**kw, use_cache=False).logits
-            ce = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].to(d.device).flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            ce = _loss(model, b, d, autocast)
             scaled = ce * scale
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += ce.detach().double()
-    return _all_reduce(loss_sum, d), counts
+    return all_reduce(loss_sum, d), counts
+
+
+def _loss(model, b: dict, d: Dist, autocast):
+    """Summed cross-entropy of one micro-batch; the logits are not kept alive into backward (vocab x tokens)."""
+    import torch.nn.functional as F
+
+    with autocast or contextlib.nullcontext():
+        kw = {"input_ids": b["input_ids"].to(d.device), "position_ids": b["position_ids"].to(d.device)}
+        if "attention_mask" in b:
+            kw["attention_mask"] = b["attention_mask"].to(d.device)
+        logits = model(**kw, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), b["targets"].to(d.device).flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class _Reporter:
@@ -593,9 +582,7 @@ class _Reporter:
         if self.path.exists():  # drop rows past the resumed step: they will be redone
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
                     and json.loads(ln)["step"] <= start_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(k + "\n" for k in keep))
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -634,11 +621,67 @@ def _check_report_backend(cfg: TrainConfig) -> None:
             raise TrainInputError(f"--report-to {cfg.report_to} needs the {mod} package: pip install {mod}") from None
 
 
+def memory_plan(model, cfg: TrainConfig, world: int, device) -> MemoryPlan:
+    """The per-rank estimate for ``model`` (real or on the meta device) under ``cfg`` at ``world`` ranks."""
+    dtype = pick_dtype(cfg, device)
+    inner = unwrap(model)
+    sharded = world > 1 and cfg.fsdp != "none"
+    return estimate(inner, inner.config, world=world, units=fsdp_units(inner, cfg) if sharded else [],
+                    rows=cfg.per_device_batch_size, row_tokens=cfg.max_length, compute_bytes=4 if dtype is None else 2,
+                    masked=pick_attention(cfg, device) != "flash_attention_2",
+                    gradient_checkpointing=cfg.gradient_checkpointing, accumulation=cfg.gradient_accumulation_steps,
+                    frozen_bytes=0.56 if cfg.qlora else 4, offload=cfg.fsdp_cpu_offload)
+
+
+def memory_summary(meter: PeakMeter, planned: MemoryPlan, d: Dist) -> dict:
+    """Measured peak per rank next to the estimate (in vicuna.json, and logged)."""
+    peaks = gather_objects(meter.peak(), d)
+    if d.main and all(p is not None for p in peaks):
+        log.info("memory per rank: peak %.2f GB measured (%s), %.2f GB estimated", max(peaks) / GB,
+                 "CUDA allocator" if meter.cuda else "RSS growth from just before the model was built",
+                 planned.total / GB)
+    return {"peak_gb_per_rank": [None if p is None else round(p / GB, 4) for p in peaks],
+            "measured": "cuda max_memory_allocated" if meter.cuda else "RSS growth from before the model was built",
+            "estimate": planned.to_dict()}
+
+
+def dry_run(cfg: TrainConfig, world: int | None = None) -> tuple[MemoryPlan, str]:
+    """Per-rank memory of ``cfg`` at ``world`` ranks, from the model's shape alone (built on the meta device)."""
+    import torch
+
+    if cfg.model_init:
+        raise TrainInputError("--dry-run needs --model-path (a model_init recipe sizes its model from the data)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    config, limit = model_position_limit(cfg)
+    apply_rope_scaling(config, cfg, limit)
+    model = meta_model(config, pick_attention(cfg, device))
+    if cfg.lora:
+        model = add_lora(model, cfg, prepare_kbit=False)
+    plan = memory_plan(model, cfg, world, device)
+    dtype = pick_dtype(cfg, device)
+    mode = ("FSDP full shard" if plan.sharded else "DDP (every rank holds everything)" if world > 1
+            else "one process") + (" + CPU offload" if cfg.fsdp_cpu_offload and plan.sharded else "")
+    head = [f"model:  {cfg.model_path}: {plan.parameters / 1e9:.3g}B parameters"
+            f" ({plan.trainable / 1e9:.3g}B trained{', LoRA' if cfg.lora else ''}), {config.num_hidden_layers} layers",
+            f"run:    {world} rank(s), {mode}, {'fp32' if dtype is None else str(dtype).removeprefix('torch.')}"
+            f" compute, {cfg.per_device_batch_size} x {cfg.max_length} tokens per micro-batch",
+            "per rank:"]
+    notes = ["not counted: the CUDA context and allocator slack (~1-3 GB per GPU), communication buffers;"
+             " on CPU, the interpreter and libraries"]
+    return plan, "\n".join([*head, plan.table(), *notes])
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training job; returns the output directory."""
     import torch
 
+    if cfg.qlora and int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.fsdp != "none":
+        raise TrainInputError("--qlora does not combine with FSDP here (its 4-bit weights are not sharded); use "
+                              "--fsdp none (DDP: each GPU holds the 4-bit base, small by design) or --lora")
     d = init_distributed()
+    if d.device.type == "cpu":
+        limit_heap_fragmentation()
     try:
         return _train(cfg, d, torch)
     finally:
@@ -652,7 +695,7 @@ def train(cfg: TrainConfig) -> Path:
 
 def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
     out = Path(cfg.output_dir)
-    resume_from = check_output_dir(cfg)
+    candidates = on_main(lambda: check_output_dir(cfg), d)
     _check_report_backend(cfg)
     if not d.main:
         logging.getLogger("vicuna").setLevel(logging.WARNING)
@@ -693,10 +736,15 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
     # ---- model
     dtype = pick_dtype(cfg, d.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, base_config, tokenizer, d)
+    meter = PeakMeter(d.device)
+    meter.start()
+    model, on_meta = build_model(cfg, base_config, tokenizer, d)
+    planned = memory_plan(model, cfg, d.world, d.device)
     fpt = flops_per_token(model, stats.tokens / max(stats.kept, 1))
     peak = peak_flops(cfg, d.device) * d.world
     model = wrap_distributed(model, cfg, d, dtype)
+    if on_meta:
+        materialize(model, cfg, d)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
     fsdp = d.on and cfg.fsdp != "none"
@@ -704,27 +752,33 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
                 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(d.device.type) if dtype == torch.float16 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ckpt = Checkpointer(out, model, optimizer, scheduler, d, lora=cfg.lora, keep=cfg.save_total_limit,
+                        background=cfg.async_save, model_files=lambda folder: write_model_files(
+                            folder, model, tokenizer, template, cfg, {"data": stats.to_dict()}))
+    state = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "micro_batches_per_step": per_step,
+             "seed": cfg.seed, "data": stats.to_dict()}
 
     start = 0
-    if resume_from is not None:
-        st = load_checkpoint(resume_from, model, optimizer, scheduler, cfg, d)
-        start = int(st["step"])
-        log.info("resumed from %s (step %d of %d)", resume_from, start, total)
+    resumed = resume(ckpt, candidates, cfg, d)
+    if resumed is not None:
+        start = int(resumed["step"])
+        log.info("resumed from %s (step %d of %d)", resumed["path"], start, total)
+        if resumed.get("micro_batches_per_step") != per_step and d.main:
+            log.warning("the checkpoint took %s micro-batches per step, this run %d (another world size or "
+                        "accumulation): the global batch, and the data order from here on, differ from the "
+                        "interrupted run's", resumed.get("micro_batches_per_step"), per_step)
     elif cfg.resume == "never" and d.main:
-        for _, p in list_checkpoints(out):
+        for _, p in checkpoint_dirs(out):
             shutil.rmtree(p)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        for p in out.glob(".checkpoint-*.tmp"):  # a crash mid-save left these: never complete
-            shutil.rmtree(p, ignore_errors=True)
-    _barrier(d)
+    barrier(d)
     reporter = _Reporter(out, cfg, start, d.main)
 
     stop = {"flag": False}
     prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     model.train()
     plans: dict[int, list] = {}
-    state = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "data": stats.to_dict()}
     progress = None
     if d.main:
         from tqdm import tqdm
@@ -781,21 +835,26 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
             window = {"t": time.perf_counter(), "real": 0, "computed": 0}
         if progress is not None:
             progress.update(1)
-        flag = _all_reduce(torch.tensor([1.0 if stop["flag"] else 0.0], device=d.device), d, op="max")
-        preempted = bool(flag.item()) and done < total
+        # one collective per step: SIGTERM anywhere, and whether a background save is still writing anywhere
+        flags = all_reduce(torch.tensor([float(stop["flag"]), float(ckpt.busy())], device=d.device), d, op="max")
+        if ckpt.pending is not None and not flags[1].item():
+            ckpt.finish()
+        preempted = bool(flags[0].item()) and done < total
         if (cfg.save_steps and done % cfg.save_steps == 0 and done < total) or preempted:
-            save_checkpoint(out, done, model, optimizer, scheduler, cfg, d, state)
+            ckpt.save(done, state, background=cfg.async_save and not preempted)
             if d.main:
                 plot_loss(out)
         if preempted:
             reporter.close()
             raise Preempted(f"stopped by SIGTERM after step {done}/{total}; checkpoint saved in {out}. "
                             "Run the same command again to resume.")
+    ckpt.finish()
     signal.signal(signal.SIGTERM, prev_handler)
     if progress is not None:
         progress.close()
     reporter.close()
-    summary = {"steps": total, "final_loss": loss, "first_loss": first_loss, "world_size": d.world}
+    summary = {"steps": total, "final_loss": loss, "first_loss": first_loss, "world_size": d.world,
+               "memory": memory_summary(meter, planned, d)}
     save_model_dir(out, model, tokenizer, template, cfg, d, stats, summary)
     if d.main:
         plot_loss(out)

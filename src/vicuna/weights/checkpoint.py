@@ -27,8 +27,8 @@ from typing import Iterator
 
 import torch
 
-from ..errors import UsageError
-from . import CheckpointError, WeightsError
+from ..errors import CheckpointError, UsageError, WeightsError
+from ..files import replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,6 @@ _ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def progress(iterable, total: int, desc: str):
-    """A tqdm bar on stderr, silent when stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 @dataclass(frozen=True)
@@ -467,13 +460,7 @@ def atomic_output_dir(target: str | Path, force: bool = False, inputs: tuple[Pat
         os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except KeyboardInterrupt:
         if resume is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -510,17 +497,3 @@ def set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = name
     write_json(cfg_path, cfg)
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -1,4 +1,4 @@
-"""`vicuna weights import-gguf|make-delta|apply-delta|merge-lora|convert|fix-tokens|verify`."""
+"""`vicuna weights import-gguf|make-delta|apply-delta|merge-lora|convert|fix-tokens|verify|consolidate`."""
 
 from __future__ import annotations
 
@@ -128,6 +128,22 @@ def add_commands(sub) -> None:
     p.add_argument("--no-checksum", action="store_true", help="skip the sha256 of each shard")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = command(
+        verbs, "consolidate", _consolidate, "turn a training checkpoint into a Hugging Face model folder",
+        description="Read CHECKPOINT (a `vicuna train` checkpoint-N folder, written by any number of ranks) and\n"
+        "write a normal Hugging Face model folder: config, tokenizer with the chat template, generation config,\n"
+        "vicuna.json and sharded safetensors weights (a PEFT adapter folder for a LoRA run). Every file's size and\n"
+        "hash is checked against the checkpoint's manifest first. Tensors are read a group at a time and streamed\n"
+        "to disk, so memory stays near 512 MB whatever the model size.\n\n"
+        "example:\n  vicuna weights consolidate out/vicuna-7b/checkpoint-1200 -o vicuna-7b-step1200 --dtype bfloat16",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-N folder")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype to write (default: as trained, float32 master weights)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 2GB")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
 
 def _common(p) -> None:
     p.add_argument("--low-mem", action="store_true",
@@ -225,6 +241,16 @@ def _fix_tokens(args) -> int:
     elif not args.check and r.changes:
         print(f"wrote: {', '.join(r.written)}")
     return 1 if (r.problems or (args.check and r.changes)) else 0
+
+
+def _consolidate(args) -> int:
+    from ..train.checkpoint import consolidate
+
+    r = consolidate(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    force=args.force)
+    what = "LoRA adapter" if r.adapter else "model"
+    print(f"consolidate: wrote the {what} ({r.tensors} tensors, {len(r.files)} file(s)) to {r.target}")
+    return 0
 
 
 def _verify(args) -> int:

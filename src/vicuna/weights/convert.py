@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import WeightsError
+from ..errors import WeightsError
+from ..files import progress
 from .checkpoint import (
     DTYPES,
     Checkpoint,
@@ -21,7 +22,6 @@ from .checkpoint import (
     atomic_output_dir,
     copy_other_files,
     fingerprint,
-    progress,
     resolve_shard_size,
     set_config_dtype,
 )
@@ -48,7 +48,7 @@ def convert(src, dst, dtype: str, *, max_shard_size: str = "auto", force: bool =
         with ShardWriter(tmp, layout, shard_bytes) as writer:
             todo = [n for n in ck.names() if not writer.done(n)]
             report.tensors = len(ck.tensors) - len(todo)
-            for name in progress(todo, len(todo), f"to {dtype}"):
+            for name in progress(todo, total=len(todo), desc=f"to {dtype}", unit="tensor"):
                 t = ck.get(name)
                 if t.is_floating_point() and t.dtype != want:
                     if want == torch.float16:

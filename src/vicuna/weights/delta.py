@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from . import CheckpointError
+from ..errors import CheckpointError
+from ..files import progress, write_bytes
 from .checkpoint import (
     Checkpoint,
     ShardWriter,
     atomic_output_dir,
     copy_other_files,
     fingerprint,
-    progress,
     resolve_shard_size,
 )
 
@@ -126,8 +126,9 @@ def apply_delta(base_path, delta_path, target_path, *, low_mem: bool = False, ma
         with ShardWriter(tmp, _layout(delta, names), shard_bytes) as writer:
             report.resumed = writer.resumed_tensors
             todo = len(names) - report.resumed
+            tensors = _stream(base, delta, low_mem, writer.done)
             with _Corrections(delta.path) as fixes:
-                for name, b, d in progress(_stream(base, delta, low_mem, writer.done), todo, "apply-delta"):
+                for name, b, d in progress(tensors, total=todo, desc="apply-delta", unit="tensor"):
                     writer.add(name, fixes.apply(name, _combine(d, b, +1)))
                     report.tensors += 1
                     report.values += d.numel()
@@ -151,7 +152,8 @@ def make_delta(base_path, target_path, delta_path, *, low_mem: bool = False, max
         with ShardWriter(tmp, _layout(target, names), shard_bytes) as writer:
             report.resumed = writer.resumed_tensors
             todo = len(names) - report.resumed
-            for name, b, t in progress(_stream(base, target, low_mem, writer.done), todo, "make-delta"):
+            tensors = _stream(base, target, low_mem, writer.done)
+            for name, b, t in progress(tensors, total=todo, desc="make-delta", unit="tensor"):
                 d = _combine(t.clone(), b, -1)
                 if d.is_floating_point():
                     _keep_corrections(report, tmp / _FIXES_DIR, name, t, d, b)  # before the shard can complete
@@ -176,27 +178,28 @@ def _keep_corrections(report: DeltaReport, folder: Path, name: str, t: torch.Ten
     n = int(bad.sum())
     if not n:
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     index = bad.nonzero().reshape(-1)  # flat positions; the head rows are the tensor's first values
     report.corrected_values += n
     report.max_error = max(report.max_error, (back.float() - head.float()).abs().reshape(-1)[index].max().item())
     folder.mkdir(exist_ok=True)
-    save_file({"index": index, "value": t.reshape(-1)[index].contiguous()}, str(folder / f"{name}.safetensors"))
+    # atomic: a resume after a crash reads every file here
+    write_bytes(folder / f"{name}.safetensors", save({"index": index, "value": t.reshape(-1)[index].contiguous()}))
 
 
 def _merge_corrections(folder: Path, out: Path) -> None:
     """One corrections file from the per-tensor ones (of this run and of an interrupted one)."""
     if not folder.is_dir():
         return
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     merged = {}
     for f in sorted(folder.iterdir()):
         part = load_file(str(f))
         name = f.name.removesuffix(".safetensors")
         merged[f"{name}:index"], merged[f"{name}:value"] = part["index"], part["value"]
-    save_file(merged, str(out), metadata={"format": "vicuna-delta-corrections"})
+    write_bytes(out, save(merged, metadata={"format": "vicuna-delta-corrections"}))
     for f in folder.iterdir():
         f.unlink()
     folder.rmdir()

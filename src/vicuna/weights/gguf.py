@@ -22,9 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, WeightsError
 from ..model import DEFAULT_MODEL_NAME
-from . import WeightsError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import CheckpointError
+from ..errors import CheckpointError
 from .checkpoint import DTYPES, atomic_output_dir, parse_size
 
 log = logging.getLogger(__name__)

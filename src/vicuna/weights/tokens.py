@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..conversation import TEMPLATES, Template, TemplateError, resolve_template, stop_token_ids
-from ..errors import UsageError
-from . import CheckpointError
-from .checkpoint import Checkpoint, ShardWriter, copy_other_files, embedding_rows, resolve_shard_size, write_json
+from ..errors import CheckpointError, UsageError
+from ..files import replace_dir, write_json
+from .checkpoint import Checkpoint, ShardWriter, copy_other_files, embedding_rows, resolve_shard_size
 
 # When a tokenizer's token string is blank, these are tried after the config's id.
 CONVENTIONAL = {"bos": ("<s>",), "eos": ("</s>",), "unk": ("<unk>",)}
@@ -232,10 +232,7 @@ def _grow_rows(ck: Checkpoint, names: list[str], rows: int) -> None:
                 writer.add(n, t)
             writer.close()
         copy_other_files(path, tmp)
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, old / "x")
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

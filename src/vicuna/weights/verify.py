@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import CheckpointError, WeightsError
+from ..errors import CheckpointError, WeightsError
 from .checkpoint import Checkpoint, embedding_rows
 
 

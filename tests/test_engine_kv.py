@@ -1,0 +1,401 @@
+"""The HF engine's paged KV cache, its scheduler and its fault isolation, on a tiny random LLaMA.
+
+Outputs are compared with plain one-request generation (`vicuna.generation.generate`), so every test
+here fails if batching, paging or preemption changes what a request gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from vicuna.conversation import encode, render_prompt
+from vicuna.generation import SamplingParams, generate, sampling_params
+from vicuna.model import load_model
+from vicuna.serve.client import LocalClient
+from vicuna.serve.core import InvalidRequest, ServeError
+from vicuna.serve.engine import EngineConfig, HFEngine
+from vicuna.serve.kv import BlockAllocator, KVCacheError, KVPlan, KVShape, gpu_budget, parse_size
+from vicuna.serve.openai_api import create_app
+from vicuna.serve.server import ServerThread
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu", model_name="tiny")
+
+
+def chat_ids(loaded, text):
+    return encode(loaded.tokenizer, render_prompt(loaded.template, [{"role": "user", "content": text}],
+                                                  loaded.tokenizer))
+
+
+def alone(loaded, ids, n, **sampling):
+    params = SamplingParams(**{"temperature": 0, **sampling}, max_new_tokens=n, ignore_eos=True)
+    return generate(loaded.model, loaded.tokenizer, ids, params)[0]
+
+
+def budget_for(loaded, tokens):
+    """A --kv-cache-memory that holds ``tokens`` tokens (plus the reserved block) at block size 16."""
+    shape = KVShape.of(loaded.model.config, next(loaded.model.parameters()).dtype)
+    return str((tokens + 16) * shape.bytes_per_token)
+
+
+async def collect(engine, ids, params):
+    return "".join([d.text async for d in engine.stream(ids, params)])
+
+
+def wait_idle(engine, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.running == 0 and s.waiting == 0:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+# ---------------------------------------------------------------------- sizing
+
+
+def test_parse_size_and_errors():
+    assert parse_size("4GiB") == parse_size("4G") == parse_size("4gb") == 4 * 1024 ** 3
+    assert parse_size("512MiB") == 512 * 1024 ** 2 and parse_size("1.5K") == 1536 and parse_size("1000") == 1000
+    for bad in ("lots", "4 parsecs", "", "-1G"):
+        with pytest.raises(KVCacheError, match="memory size"):
+            parse_size(bad)
+    with pytest.raises(KVCacheError, match="raise --kv-cache-memory"):
+        KVPlan.for_budget(KVShape(30, 3, 64, 4), 1000)
+
+
+def test_serve_refuses_an_unreadable_or_too_small_budget_with_exit_2(tiny_model_dir):
+    from conftest import run_cli
+
+    for size, says in (("lots", "cannot read 'lots' as a memory size"), ("1KiB", "raise --kv-cache-memory")):
+        out = run_cli("serve", "--model-path", str(tiny_model_dir), "--kv-cache-memory", size, "--port", "0")
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_block_allocator_all_or_nothing_and_reuses_freed_blocks_first():
+    a = BlockAllocator(5)
+    first = a.allocate(3)
+    assert sorted(first) == [1, 2, 3] and a.num_free == 2  # block 0 is never handed out
+    assert a.allocate(3) is None and a.num_free == 2  # nothing taken when it does not fit
+    a.free(first)
+    assert a.allocate(3) == first  # the blocks just freed (already touched memory) come back first
+    assert a.allocate(2) == [4, 5] and a.allocate(1) is None
+
+
+def test_vicuna_7b_on_a_24_gb_gpu_is_served_with_the_default_budget():
+    """Meta device: no memory is used; the shapes, the budget and the engine's limits are real."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from vicuna.model import LoadedModel
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = 24 * 1024 ** 3
+    free = total - weights - 600 * 1024 ** 2  # the weights and the CUDA context are already there
+    budget = gpu_budget(free, total)
+    shape = KVShape.of(config, torch.float16)
+    assert shape.bytes_per_token == 512 * 1024  # 32 layers x 2 x 4096 x 2 bytes
+    plan = KVPlan.for_budget(shape, budget)
+    # 12.6 GiB of weights leave ~8.5 GiB of cache: ~17k tokens, i.e. 4 full 4096-token conversations or
+    # 33 of 512 tokens at once (docs/serving.md's table comes from the same functions)
+    assert 16_500 <= plan.tokens <= 18_000, plan.tokens
+    assert plan.sequences(4096) == 4 and plan.sequences(512) == 33
+
+    loaded = LoadedModel(model=model, tokenizer=None, template=None, name="vicuna-7b", path="-", device="meta",
+                         context_length=4096)
+    engine = HFEngine(loaded, EngineConfig(kv_cache_memory=str(budget)))  # pools on meta: shapes only
+    assert engine.max_model_len == 4096  # a full-context request fits the budget
+    assert engine.kv_plan.num_blocks == plan.num_blocks
+    assert engine._kv.k[0].shape == ((plan.num_blocks + 1) * 16, 32, 128)
+
+
+def test_a_request_beyond_the_budget_is_a_clear_400_and_the_server_goes_on(loaded):
+    engine = HFEngine(loaded, EngineConfig(kv_cache_memory=budget_for(loaded, 96))).start()
+    assert engine.max_model_len == 96 < loaded.context_length  # the budget, not the model, limits requests
+    try:
+        with ServerThread(create_app(LocalClient({"tiny": engine}))) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            msgs = [{"role": "user", "content": "hello"}]
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=msgs, max_tokens=90)
+            assert e.value.code == "context_length_exceeded" and "96" in e.value.message
+            r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5,
+                                               extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 5
+    finally:
+        engine.stop()
+
+
+# ---------------------------------------------------------------------- blocks come back
+
+
+def test_blocks_are_freed_on_finish_abort_and_disconnect(loaded):
+    engine = HFEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=budget_for(loaded, 2048))).start()
+    total = engine.stats().kv_blocks
+    ids = chat_ids(loaded, "tell me a story")
+    try:
+        async def finish_and_abort():
+            done = await collect(engine, ids, SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))
+            stream = engine.stream(ids, SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True))
+            used_while_running = None
+            async for i, _ in _enumerate(stream):
+                if i == 5:
+                    used_while_running = total - engine.stats().kv_blocks_free
+                    break
+            await stream.aclose()  # the consumer goes away: the engine aborts the request
+            return done, used_while_running
+
+        done, used = asyncio.run(finish_and_abort())
+        assert done == alone(loaded, ids, 30)
+        assert used >= (len(ids) + 5) // 4  # the running request held its blocks...
+        s = wait_idle(engine)
+        assert s.kv_blocks_free == total and s.requests_aborted == 1  # ...and all came back
+
+        with ServerThread(create_app(LocalClient({"tiny": engine}))) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+            for i, _ in enumerate(stream):
+                if i == 4:
+                    break
+            assert engine.stats().kv_blocks_free < total
+            stream.close()  # the HTTP client disconnects mid-stream
+            s = wait_idle(engine)
+            assert s.kv_blocks_free == total and s.requests_aborted == 2
+    finally:
+        engine.stop()
+
+
+async def _enumerate(stream):
+    i = 0
+    async for item in stream:
+        yield i, item
+        i += 1
+
+
+# ---------------------------------------------------------------------- preemption
+
+
+def test_preempted_requests_resume_and_equal_running_alone(loaded):
+    """Six requests want ~6 x 90 tokens of cache; it holds 256. Rows are preempted when blocks run out,
+    recomputed when readmitted, and every stream, greedy or seeded, is exactly what it is alone."""
+    engine = HFEngine(loaded, EngineConfig(block_size=8, kv_cache_memory=budget_for(loaded, 256))).start()
+    prompts = [chat_ids(loaded, "word " * (1 + 2 * i)) for i in range(6)]
+    settings = [dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=7)] * 3
+    try:
+        async def run_all():
+            return await asyncio.gather(*(
+                collect(engine, ids, SamplingParams(**s, max_new_tokens=70, ignore_eos=True))
+                for ids, s in zip(prompts, settings)))
+
+        got = asyncio.run(run_all())
+        s = wait_idle(engine)
+    finally:
+        engine.stop()
+    assert s.preemptions >= 1, s
+    assert s.kv_blocks_free == s.kv_blocks
+    for ids, kw, text in zip(prompts, settings, got):
+        assert text == alone(loaded, ids, 70, **kw)
+
+
+def test_waiting_requests_start_as_blocks_free_up(loaded):
+    """A budget for about two requests at a time: the others wait for blocks, none is refused or hangs."""
+    engine = HFEngine(loaded, EngineConfig(block_size=16, kv_cache_memory=budget_for(loaded, 160))).start()
+    prompts = [chat_ids(loaded, f"question {i}") for i in range(5)]
+    try:
+        async def run_all():
+            return await asyncio.gather(*(
+                collect(engine, ids, SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True))
+                for ids in prompts))
+
+        got = asyncio.run(run_all())
+    finally:
+        engine.stop()
+    assert got == [alone(loaded, ids, 40) for ids in prompts]
+
+
+# ---------------------------------------------------------------------- batched prefill
+
+
+def test_prompts_arriving_together_are_prefilled_in_one_forward(loaded):
+    engine = HFEngine(loaded, EngineConfig()).start()
+    prompts = [chat_ids(loaded, "hello " * (1 + 3 * i)) for i in range(6)]
+    try:
+        async def run_all():
+            # queued before the engine thread wakes up: all six are admitted in the same iteration
+            with engine._cv:
+                streams = [engine.stream(ids, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+                           for ids in prompts]
+                firsts = [asyncio.ensure_future(s.__anext__()) for s in streams]
+                await asyncio.sleep(0.05)
+            out = []
+            for s, f in zip(streams, firsts):
+                first = await f
+                out.append(first.text + "".join([d.text async for d in s]))
+            return out
+
+        before = engine.stats().prefill_forwards
+        got = asyncio.run(run_all())
+        forwards = engine.stats().prefill_forwards - before
+    finally:
+        engine.stop()
+    assert got == [alone(loaded, ids, 12) for ids in prompts]
+    assert forwards == 1
+
+
+# ---------------------------------------------------------------------- one bad row
+
+
+def test_a_row_whose_sampling_breaks_fails_alone(loaded):
+    """issue 19 #1: a repetition_penalty that overflows the scores to inf/NaN must not abort the batch."""
+    engine = HFEngine(loaded, EngineConfig()).start()
+    good = chat_ids(loaded, "a long greedy answer please")
+    bad_params = SamplingParams(temperature=1, seed=1, max_new_tokens=50)
+    # past any validation (the engine must survive it by itself); 1.585e-39 overflows SmolLM2's scores, the
+    # tiny model's are smaller: divided by 1e-45 any positive score is inf
+    bad_params.repetition_penalty = 1e-45
+    try:
+        async def run_both():
+            async def bad():
+                await asyncio.sleep(0.05)  # the greedy stream is running by then
+                try:
+                    await collect(engine, chat_ids(loaded, "break it"), bad_params)
+                except ServeError as e:
+                    return e
+                return None
+
+            return await asyncio.gather(
+                collect(engine, good, SamplingParams(temperature=0, max_new_tokens=80, ignore_eos=True)), bad())
+
+        text, err = asyncio.run(run_both())
+        s = wait_idle(engine)
+    finally:
+        engine.stop()
+    assert isinstance(err, InvalidRequest) and err.status == 400, err
+    assert err.param == "repetition_penalty" and "repetition_penalty" in err.message
+    assert err.to_dict()["error"]["type"] == "invalid_request_error"
+    assert text == alone(loaded, good, 80)  # the other stream got exactly what it gets alone
+    assert s.kv_blocks_free == s.kv_blocks
+
+
+def test_non_finite_model_scores_fail_only_that_row(loaded, monkeypatch):
+    engine = HFEngine(loaded, EngineConfig()).start()
+    good, poisoned = chat_ids(loaded, "fine"), chat_ids(loaded, "poison")
+    forward = engine._forward
+
+    def poison_rows(ids, positions, mask):  # the model "overflows" for one row only
+        logits = forward(ids, positions, mask)
+        for i in range(ids.shape[0]):
+            if ids[i, -1] == poisoned[-1] and positions[i, -1] == len(poisoned) - 1:
+                logits[i, 3] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine, "_forward", poison_rows)
+    try:
+        async def run_both():
+            async def bad():
+                try:
+                    await collect(engine, poisoned, SamplingParams(temperature=0, max_new_tokens=5))
+                except ServeError as e:
+                    return e
+
+            return await asyncio.gather(
+                collect(engine, good, SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)), bad())
+
+        text, err = asyncio.run(run_both())
+    finally:
+        engine.stop()
+    assert err is not None and err.status == 500 and "non-finite" in err.message
+    assert text == alone(loaded, good, 40)
+
+
+# ---------------------------------------------------------------------- embeddings
+
+
+def test_embeddings_run_in_chunks_while_a_stream_keeps_decoding(loaded):
+    """issue 19 #3: 1,000 inputs must not stall the engine; decode steps run between embedding chunks."""
+    engine = HFEngine(loaded, EngineConfig(max_embedding_inputs=1000, embedding_chunk_tokens=64)).start()
+    texts = [f"input number {i}" for i in range(1000)]
+    ids = chat_ids(loaded, "keep talking")
+    try:
+        async def run():
+            stream = asyncio.ensure_future(collect(
+                engine, ids, SamplingParams(temperature=0, max_new_tokens=150, ignore_eos=True)))
+            while engine.stats().generated_tokens == 0:
+                await asyncio.sleep(0.01)
+            before = engine.stats().generated_tokens
+            vectors, tokens = await engine.embed(texts)
+            during = engine.stats().generated_tokens - before
+            return vectors, tokens, during, await stream
+
+        vectors, tokens, during, text = asyncio.run(run())
+        single, _ = asyncio.run(engine.embed(texts[500:501]))
+    finally:
+        engine.stop()
+    assert len(vectors) == 1000 and vectors[500] == pytest.approx(single[0], abs=1e-6)
+    assert tokens == sum(len(loaded.tokenizer(t)["input_ids"]) for t in texts)
+    assert during >= 20, during  # ~1000 x 4 tokens in chunks of 64: the stream decoded all along
+    assert text == alone(loaded, ids, 150)
+
+
+def test_embedding_caps_are_400s_naming_input(loaded):
+    engine = HFEngine(loaded, EngineConfig(max_embedding_inputs=8, max_embedding_tokens=40)).start()
+    try:
+        with ServerThread(create_app(LocalClient({"tiny": engine}))) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as e:
+                client.embeddings.create(model="tiny", input=["a"] * 9)
+            assert e.value.param == "input" and "at most 8" in e.value.message
+            with pytest.raises(openai.BadRequestError) as e:
+                client.embeddings.create(model="tiny", input=["many words in here " * 4] * 3)
+            assert e.value.param == "input" and "at most 40 tokens" in e.value.message
+            assert len(client.embeddings.create(model="tiny", input=["a"] * 8).data) == 8
+            assert httpx.get(url + "/health").status_code == 200
+    finally:
+        engine.stop()
+
+
+# ---------------------------------------------------------------------- the real model
+
+
+@pytest.mark.real_model
+def test_real_model_batched_greedy_and_a_poisoned_neighbour(real_model):
+    """SmolLM2: four streams decoded together across 16-token blocks equal each alone, and the issue's
+    repro (repetition_penalty 1.585e-39 beside a greedy stream) fails only the poisoned request."""
+    engine = HFEngine(real_model, EngineConfig()).start()
+    questions = ["What is the capital of France?", "Name three colours.", "Count to five.", "Say hello."]
+    prompts = [chat_ids(real_model, q) for q in questions]
+    greedy = sampling_params(real_model.defaults, max_new_tokens=24, temperature=0)  # the model's stop ids
+    bad = sampling_params(real_model.defaults, max_new_tokens=8, temperature=1, seed=1)
+    bad.repetition_penalty = 1.585e-39  # past the API's validation (the engine must not rely on it)
+    try:
+        async def run_all():
+            async def poisoned():
+                try:
+                    await collect(engine, chat_ids(real_model, "Hi"), bad)
+                except ServeError as e:
+                    return e
+
+            return await asyncio.gather(
+                *(collect(engine, ids, greedy) for ids in prompts),
+                poisoned())
+
+        *texts, err = asyncio.run(run_all())
+    finally:
+        engine.stop()
+    assert texts[0].startswith("The capital of France is Paris.")
+    for ids, text in zip(prompts, texts):
+        assert text == generate(real_model.model, real_model.tokenizer, ids, greedy)[0]
+    assert isinstance(err, InvalidRequest) and err.param == "repetition_penalty"
