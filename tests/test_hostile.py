@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from vicuna.serve.client import LocalClient
+from vicuna.serve.model_client import LocalClient
 from vicuna.serve.controller import create_controller_app
 from vicuna.serve.engine import EngineConfig, HFEngine
 from vicuna.serve.openai_api import create_app

@@ -16,7 +16,7 @@ import pytest
 
 from vicuna.serve import launch
 from vicuna.serve import server as server_mod
-from vicuna.serve.client import ControllerClient
+from vicuna.serve.model_client import ControllerClient
 from vicuna.serve.engine import EngineConfig
 from vicuna.serve.web import WebSettings
 

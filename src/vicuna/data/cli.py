@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..cli import area_parser, command
+from ..commands import area_parser, command
 from ..errors import DataError
 
 FORMAT_NOTE = (
@@ -269,7 +269,7 @@ def _train_test(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .corpora import convert
 
     if args.source == "alpaca" and args.input:
         _input(args.input)

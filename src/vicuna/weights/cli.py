@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..cli import area_parser, command
+from ..commands import area_parser, command
 
 SHARD_HELP = ("largest output shard, e.g. 2GB, 500MB, 400MiB; 'auto' = the input's largest shard, "
               "at most 5GB (memory with --low-mem stays near this)")
@@ -220,7 +220,7 @@ def _merge_lora(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .dtype import convert
 
     r = convert(args.input, args.output, args.dtype, max_shard_size=args.max_shard_size, force=args.force)
     print(f"convert: {r.converted} of {r.tensors} tensors to {args.dtype}, {len(r.files)} shard(s) in {r.target}")
