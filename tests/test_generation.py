@@ -5,6 +5,7 @@ import torch
 
 from vicuna.conversation import encode, render_prompt
 from vicuna.generation import (
+    logprob_token_bytes, logprob_token_text,
     ContextLengthError, GenerationError, IncrementalDetokenizer, SamplingParams, Sequence, StopStringMatcher,
     fit_max_new_tokens, generate, generate_stream,
 )
@@ -198,3 +199,15 @@ def test_sampling_params_take_model_defaults_unless_the_request_sets_them():
     with pytest.raises(GenerationError) as e:
         sampling_params(shipped, max_new_tokens=8, repetition_penalty=0.0)
     assert e.value.param == "repetition_penalty"
+
+
+@pytest.mark.parametrize("which", ["bpe_tokenizer", "sp_tokenizer"])
+def test_logprob_tokens_that_are_part_of_a_character_are_named_by_their_bytes(request, which):
+    """The completions API keys top_logprobs by token text: byte tokens all decoded to "\ufffd" and collided."""
+    tok = request.getfixturevalue(which)
+    ids = encode(tok, "a 龘 b")  # a character neither tiny vocabulary holds
+    names = [logprob_token_text(tok, i) for i in ids]
+    partial = [n for n in names if n.startswith("bytes:")]
+    assert len(partial) >= 2, names
+    assert b"".join(bytes(logprob_token_bytes(n)) for n in names if n.startswith("bytes:")) == "龘".encode()
+    assert all("\ufffd" not in n for n in names), names

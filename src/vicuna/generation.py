@@ -9,7 +9,9 @@ code, so a request behaves identically alone and batched.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence as Seq
 
@@ -273,6 +275,44 @@ class TokenLogprob:
     top: list[tuple[str, float]] = field(default_factory=list)
 
 
+_SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def logprob_token_text(tokenizer: Any, token_id: int) -> str:
+    """A token as logprobs name it: its text, or, when it is part of a UTF-8 character (its text alone decodes
+    to U+FFFD), ``bytes:\\xe2\\x80`` as OpenAI writes such tokens. Two byte tokens then stay two entries of
+    the completions API's ``top_logprobs`` dict instead of colliding on "\ufffd"."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
+    byte = _SENTENCEPIECE_BYTE.fullmatch(piece)
+    if byte:
+        raw = bytes([int(byte.group(1), 16)])
+    elif piece and all(c in _byte_level_decoder() for c in piece):
+        raw = bytes(_byte_level_decoder()[c] for c in piece)
+    else:
+        return text  # a tokenizer of another kind: its text is all we know
+    try:
+        return raw.decode("utf-8")  # a whole character after all (the decode lost it to a cleanup)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def logprob_token_bytes(token: str) -> list[int]:
+    """The UTF-8 bytes of a logprob token as :func:`logprob_token_text` names it."""
+    if token.startswith("bytes:\\x"):
+        return list(bytes.fromhex(token[len("bytes:"):].replace("\\x", "")))
+    return list(token.encode())
+
+
 class Sequence:
     """One request's decoding state, shared by single-request and batched generation."""
 
@@ -337,7 +377,7 @@ class Sequence:
         if p.logprobs is not None:
             # like OpenAI: log-probabilities of the model's distribution, tokens as decoded text
             lp = torch.log_softmax(raw, dim=-1)
-            text = lambda i: self.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+            text = lambda i: logprob_token_text(self.tokenizer, i)  # noqa: E731
             top = torch.topk(lp, p.logprobs) if p.logprobs else None
             self.logprobs.append(TokenLogprob(
                 token=text(token), logprob=float(lp[token]),

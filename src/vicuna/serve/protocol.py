@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import InvalidRequest
+from ..generation import logprob_token_bytes
 from .core import Delta, GenerateRequest
 
 
@@ -150,7 +151,7 @@ def model_list(names: list[str], owned_by: str = "vicuna") -> dict[str, Any]:
 
 def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
     def item(token: str, lp: float) -> dict[str, Any]:
-        return {"token": token, "logprob": lp, "bytes": list(token.encode())}
+        return {"token": token, "logprob": lp, "bytes": logprob_token_bytes(token)}
 
     return {"content": [{**item(e["token"], e["logprob"]), "top_logprobs": [item(t, v) for t, v in e["top"]]}
                         for e in entries]}
@@ -161,7 +162,7 @@ def completion_logprobs(entries: list[dict], offset: int = 0) -> dict[str, Any]:
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
-        at += len(t)
+        at += 0 if t.startswith("bytes:\\x") else len(t)  # part of a character: no text of its own yet
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
 
