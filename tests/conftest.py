@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -51,6 +52,33 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 300, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"vicuna {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def bradley_terry_battles(truth: dict[str, float], n: int, seed: int, tie_rate: float = 0.0
+                          ) -> list[tuple[str, str, str]]:
+    """``n`` (model_a, model_b, winner) battles whose expected score follows the Bradley-Terry model with
+    ``truth`` ratings: what the rating maths must recover, and the votes the arena's leaderboard is fed.
+
+    Ties are drawn with probability ``tie_rate * 2 * min(p, 1 - p)`` and taken half out of wins, half out of
+    losses, so a's expected score (win 1, tie 0.5) stays exactly p.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(truth)
+    battles = []
+    for _ in range(n):
+        i, j = rng.choice(len(names), size=2, replace=False)
+        a, b = names[i], names[j]
+        p = 1.0 / (1.0 + 10 ** ((truth[b] - truth[a]) / 400))
+        p_tie = tie_rate * 2 * min(p, 1 - p)
+        u = rng.random()
+        if u < p - p_tie / 2:
+            winner = "model_a"
+        elif u < p + p_tie / 2:
+            winner = "tie" if rng.random() < 0.5 else "tie (bothbad)"
+        else:
+            winner = "model_b"
+        battles.append((a, b, winner))
+    return battles
 
 
 @pytest.fixture(scope="session")
