@@ -8,6 +8,7 @@ swapped for one that serves the built app on a loopback thread while the test ta
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 
 import httpx
@@ -167,6 +168,31 @@ def test_worker_controller_api_and_web_verbs_go_through_launch(tiny_model_dir, m
         assert main(["serve", "controller", "--heartbeat-expiry", "3", "--port", "0"]) == 0
     finally:
         controller.stop()
+
+
+def test_a_taken_port_is_eaddrinuse_to_the_caller_and_the_retry_moves_on():
+    """ServerThread binds port 0 unless told a port; a port in use raises OSError(EADDRINUSE) where it was asked
+    for, which is what lets a server that must be told its port (a worker) start again on another."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    with server_mod.ServerThread(app) as url:
+        taken = int(url.rsplit(":", 1)[1])
+        assert taken != 0
+        with pytest.raises(OSError) as e:
+            server_mod.ServerThread(app, port=taken).start()
+        assert e.value.errno == errno.EADDRINUSE
+
+        tried = []
+
+        def start(port):  # the first port offered has been taken meanwhile
+            tried.append(port)
+            thread = server_mod.ServerThread(app, port=taken if len(tried) == 1 else port)
+            thread.start()
+            thread.stop()
+            return thread.port
+
+        assert retry_on_port_clash(start) not in (0, taken) and len(tried) == 2
 
 
 def test_eval_answer_local_server_goes_through_launch(tiny_model_dir, monkeypatch, tmp_path):
