@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny tokenizers and models built offline in seconds."""
+"""Shared fixtures: tiny tokenizers and models built offline in seconds, the real model once per session,
+servers started without port races, and the test data more than one module draws."""
 
 from __future__ import annotations
 
@@ -75,10 +76,12 @@ class ServerProcess(NamedTuple):
 @contextlib.contextmanager
 def cli_server(*args, ready: tuple[str, ...] = ("/health",), timeout: float = 120, env: dict | None = None,
                log: Path | None = None, own_port: bool = False) -> Iterator[ServerProcess]:
-    """`python -m vicuna ARGS` serving on 127.0.0.1 in a subprocess, as a user starts it: yields (process, URL)
-    once it listens and every path in ``ready`` answers 200; stops it after (SIGTERM, then SIGKILL).
+    """`python -m vicuna ARGS` serving on 127.0.0.1 in a subprocess, as a user starts it: yields a
+    ServerProcess (process, URL, log) once it listens and every path in ``ready`` answers 200; stops it
+    after (SIGTERM, then SIGKILL).
 
-    Every test that starts a server goes through here. The server binds port 0 and prints where it listens:
+    Every test that starts a server process goes through here (in-process servers use ServerThread, which
+    binds port 0 itself). The server binds port 0 and prints where it listens:
     picking a free port first and passing it on raced with every other process on the machine (EADDRINUSE
     under load). A worker must be told its port before it binds (it registers its address with the
     controller first): ``own_port`` passes one and starts again on another if it was taken meanwhile.

@@ -8,6 +8,7 @@ import time
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free this moment; another process may take it before it is bound (prefer binding port 0)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
