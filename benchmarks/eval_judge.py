@@ -27,8 +27,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 from test_eval_fakes import Reply, ScriptedServer  # noqa: E402  (the tests' scripted server)
 
 from vicuna import ratings  # noqa: E402
-from vicuna.eval.client import Endpoint  # noqa: E402
-from vicuna.eval.io import Question  # noqa: E402
+from vicuna.eval.openai_client import Endpoint  # noqa: E402
+from vicuna.eval.records import Question  # noqa: E402
 from vicuna.eval.judge import run_judge  # noqa: E402
 
 

@@ -77,7 +77,7 @@ async def merged(client, models, messages, params):
 def bench_battles(n: int, tokens: int) -> list[tuple[str, float, float]]:
     from conftest import CORPUS
 
-    from vicuna.serve.client import LocalClient
+    from vicuna.serve.model_client import LocalClient
     from vicuna.serve.launch import ModelConfig, load_engines
     from vicuna.tiny import make_tiny_llama, save_model, train_bpe_tokenizer
 

@@ -171,7 +171,7 @@ def api_server(engine, **options) -> Iterator[str]:
     """A module's server fixture (``yield from api_server(engine, ...)``): the OpenAI API (create_app
     ``options``: api_keys, max_body_bytes...) over ``engine`` as model "tiny", in a thread on a port of
     its own; yields the base URL."""
-    from vicuna.serve.client import LocalClient
+    from vicuna.serve.model_client import LocalClient
     from vicuna.serve.openai_api import create_app
     from vicuna.serve.server import ServerThread
 

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import run_cli
 from vicuna.conversation import (
-    IGNORE_INDEX, TEMPLATES, JinjaTemplate, TemplateError, assistant_label_texts, get_template, render_prompt,
-    resolve_template, stop_token_ids, tokenize_conversation,
+    IGNORE_INDEX, TEMPLATES, JinjaTemplate, TemplateError, UntrainableTemplate, assistant_label_texts, get_template,
+    render_prompt, render_training, resolve_template, stop_token_ids, tokenize_conversation,
 )
 
 VS = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -62,6 +62,14 @@ GOLDEN = {
         "<s>Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\nName?\n\n### Response:\n",
         f"<s>{AS}\n\n### Instruction:\nA\n\n### Response:\nB</s>\n\n### Instruction:\nC\n\n### Response:\nD</s>\n\n"
         "### Instruction:\nE\n\n### Response:\n",
+    ],
+    "gemma": [
+        "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+        "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName?<end_of_turn>\n<start_of_turn>model\n",
+        "<s><start_of_turn>user\nA<end_of_turn>\n<start_of_turn>model\nB<end_of_turn>\n<start_of_turn>user\n"
+        "C<end_of_turn>\n<start_of_turn>model\nD<end_of_turn>\n<start_of_turn>user\nE<end_of_turn>\n"
+        "<start_of_turn>model\n",
     ],
     "zephyr": [
         "<|user|>\nHi</s>\n<|assistant|>\n",
@@ -163,6 +171,7 @@ def test_resolution_order(bpe_tokenizer):
     assert resolve_template(None, tok, "meta-llama/Llama-2-7b-chat-hf").name == "llama-2"
     assert resolve_template(None, tok, "Meta-Llama-3-8B-Instruct").name == "llama-3"
     assert resolve_template(None, tok, "Qwen2.5-0.5B-Instruct").name == "chatml"
+    assert resolve_template(None, tok, "gemma-3-270m").name == "gemma"  # the base model ships no chat_template
     with pytest.raises(TemplateError, match="Pass --conv-template, one of: vicuna_v0, vicuna_v1.1"):
         resolve_template(None, tok, "my-mystery-model")
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -170,8 +179,8 @@ def test_resolution_order(bpe_tokenizer):
         t = resolve_template(None, tok, "vicuna-7b")  # the tokenizer's own template beats the name
         assert isinstance(t, JinjaTemplate)
         assert render_prompt(t, C2, tok) == "[system] Be brief.\n[user] Hi\n[assistant] Hello!\n[user] Name?\n"
-        with pytest.raises(TemplateError, match="--conv-template"):
-            t.render_for_training(C3[:2])
+        with pytest.raises(UntrainableTemplate, match="closes the turn with no special token.*--conv-template"):
+            render_training(t, C3[:2], tok)  # nothing marks the end of a turn: the model would never stop
     finally:
         tok.chat_template = None
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli
 
 from vicuna.data.clean import Cleaner
-from vicuna.data.convert import chatterbot_dir, convert
+from vicuna.data.corpora import chatterbot_dir, convert
 from vicuna.data.identity import identity_conversations
 from vicuna.data.ops import merge_files, sample_file, train_test_split
 from vicuna.errors import DataError

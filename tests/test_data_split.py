@@ -18,11 +18,19 @@ DUMMY = SHARED_DATA / "sharegpt_sample" / "dummy_conversation.json"
 TEMPLATE = get_template("vicuna_v1.1")
 
 
+def save_tokenizer(tok, path):
+    """Saved with TEMPLATE as its chat_template, as a trained model's tokenizer is (split then picks it)."""
+    tok.chat_template = TEMPLATE.to_jinja()
+    try:
+        tok.save_pretrained(path)
+    finally:
+        tok.chat_template = None
+    return path
+
+
 @pytest.fixture
 def tok_dir(tmp_path, any_tokenizer):
-    path = tmp_path / "tok"
-    any_tokenizer.save_pretrained(path)
-    return path
+    return save_tokenizer(any_tokenizer, tmp_path / "tok")
 
 
 def n_tokens(tok, sample) -> int:
@@ -128,8 +136,7 @@ def test_long_exchange_dropped_or_truncated_and_counted(tmp_path, tok_dir, any_t
 
 @pytest.mark.slow  # two CLI runs that import transformers
 def test_split_stats_cli_on_shared_sample(tmp_path, bpe_tokenizer):
-    tok = tmp_path / "tok"
-    bpe_tokenizer.save_pretrained(tok)
+    tok = save_tokenizer(bpe_tokenizer, tmp_path / "tok")
     out, rep = tmp_path / "split.jsonl", tmp_path / "split_report.json"
     proc = run_cli("data", "split", DUMMY, "-o", out, "--tokenizer", tok, "--max-length", "200", "--report", rep)
     assert proc.returncode == 0, proc.stderr

@@ -20,7 +20,7 @@ from test_hostile import engine  # noqa: F401 - the module's tiny engine (a fixt
 
 from vicuna.errors import UsageError
 from vicuna.serve.arena import ArenaStore
-from vicuna.serve.client import LocalClient
+from vicuna.serve.model_client import LocalClient
 from vicuna.serve.endpoint import EndpointClient, RoutedClient, load_endpoints
 from vicuna.serve.moderation import ModeratedClient, ModerationEndpoint, WordList
 from vicuna.serve.openai_api import create_app
@@ -345,7 +345,7 @@ def test_cli_refuses_a_missing_key_and_explains_the_flags(tmp_path):
 def test_a_controller_serves_endpoints_to_its_front_ends(upstreams, tmp_path, closed_port):
     """`serve controller --endpoints FILE`: front ends get the upstreams through the controller, with
     neither the file nor the keys."""
-    from vicuna.serve.client import ControllerClient
+    from vicuna.serve.model_client import ControllerClient
     from vicuna.serve.controller import create_controller_app
 
     scripted, s_url, _ = upstreams

@@ -16,7 +16,7 @@ from conftest import wait_idle
 from vicuna.conversation import encode, render_prompt
 from vicuna.generation import SamplingParams, generate, sampling_params
 from vicuna.model import load_model
-from vicuna.serve.client import LocalClient
+from vicuna.serve.model_client import LocalClient
 from vicuna.serve.core import InvalidRequest, ServeError
 from vicuna.serve.engine import EngineConfig, HFEngine
 from vicuna.serve.kv import BlockAllocator, KVCacheError, KVPlan, KVShape, gpu_budget, parse_size

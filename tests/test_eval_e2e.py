@@ -10,7 +10,7 @@ import pytest
 
 from conftest import cli_server, run_cli
 from test_eval_fakes import Reply, ScriptedServer, user_text
-from vicuna.eval.io import builtin_questions_path
+from vicuna.eval.records import builtin_questions_path
 
 # The judge's opinion per category: the tiny random model vs a scripted reference bot.
 TINY = {"writing": 4, "roleplay": 5, "extraction": 2, "reasoning": 1, "math": 3, "coding": 2, "stem": 3, "humanities": 4}

@@ -124,7 +124,7 @@ def test_scripted_server_speaks_openai():
 
 
 def test_client_retries_then_records(caplog):
-    from vicuna.eval.client import CompletionFailed, Endpoint, chat
+    from vicuna.eval.openai_client import CompletionFailed, Endpoint, chat
 
     script = {1: Reply(status=500), 2: Reply(raw=b"<html>oops</html>", content_type="text/html"),
               3: Reply(delay=1.5, text="late"), 4: Reply(status=429), 5: Reply(raw=b'{"choices": []}')}

@@ -65,8 +65,8 @@ def judge(tmp_path: Path, server: ScriptedServer, qfile: Path, *extra: str, mode
 def answered(tmp_path):
     """Questions answered by two scripted models (alpha, beta); in-process to save CLI start-ups."""
     from vicuna.eval.answer import AnswerSettings, run_answers
-    from vicuna.eval.client import Endpoint
-    from vicuna.eval.io import load_questions
+    from vicuna.eval.openai_client import Endpoint
+    from vicuna.eval.records import load_questions
 
     qfile = write_questions(tmp_path / "q.jsonl")
     with ScriptedServer(answering) as s:
@@ -294,8 +294,8 @@ def test_killed_judge_run_resumes_without_repeating(tmp_path, answered):
 
 
 def test_torn_log_line_from_a_crash_is_skipped_and_redone(tmp_path, answered):
-    from vicuna.eval.client import Endpoint
-    from vicuna.eval.io import load_questions
+    from vicuna.eval.openai_client import Endpoint
+    from vicuna.eval.records import load_questions
     from vicuna.eval.judge import run_judge
 
     with ScriptedServer(score_judge()) as s:

@@ -10,7 +10,7 @@ import pytest
 from conftest import SHARED_DATA, run_cli
 from test_eval_fakes import ScriptedServer, user_text
 from vicuna.errors import EvalUsageError
-from vicuna.eval.io import load_answers, load_questions, load_references
+from vicuna.eval.records import load_answers, load_questions, load_references
 from vicuna.eval.judge import build_jobs, resolve_setup
 from vicuna.eval.judge_prompts import load_prompts
 
@@ -137,7 +137,7 @@ def test_mt_bench_reference_guided_jobs():
 
 def test_blog_answer_file_lookup(tmp_path):
     from vicuna.errors import EvalUsageError
-    from vicuna.eval.io import find_answer_file
+    from vicuna.eval.records import find_answer_file
 
     assert find_answer_file(BLOG, "gpt35").name == "answer_gpt35.jsonl"
     with pytest.raises(EvalUsageError, match="no answers for model 'nobody'"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, run_cli
 
+from vicuna import files
 from vicuna.errors import OutputError
 from vicuna.files import (
     RecordWriter, Terminated, atomic_open, raise_on_sigterm, write_bytes, write_json, write_records, write_text,
@@ -163,5 +164,7 @@ def test_only_the_first_sigterm_is_caught():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler runs before this returns
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert files.terminated()
     finally:
         signal.signal(signal.SIGTERM, before)
+        files._terminated.clear()  # else every later atomic write in this pytest process refuses to commit

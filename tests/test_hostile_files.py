@@ -16,7 +16,7 @@ import pytest
 
 from vicuna.cli import main
 from vicuna.errors import EvalUsageError, TrainInputError
-from vicuna.eval.io import read_records as eval_records
+from vicuna.eval.records import read_records as eval_records
 from vicuna.train.dataset import DataStats, load_conversations
 
 GOOD = [{"id": f"g{i}", "conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"ho {i}"}]}

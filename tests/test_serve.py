@@ -21,7 +21,7 @@ from conftest import api_server, cli_server, wait_idle
 from vicuna.conversation import encode, render_prompt
 from vicuna.generation import SamplingParams, generate
 from vicuna.model import load_model
-from vicuna.serve.client import LocalClient
+from vicuna.serve.model_client import LocalClient
 from vicuna.serve.core import GenerateRequest
 from vicuna.serve.engine import EngineConfig, HFEngine
 from vicuna.serve.openai_api import create_app

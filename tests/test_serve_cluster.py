@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from conftest import cli_server
-from vicuna.serve.client import ControllerClient
+from vicuna.serve.model_client import ControllerClient
 from vicuna.serve.controller import create_controller_app
 from vicuna.serve.openai_api import create_app
 from vicuna.serve.server import ServerThread

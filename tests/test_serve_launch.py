@@ -18,7 +18,7 @@ from conftest import retry_on_port_clash
 
 from vicuna.serve import launch
 from vicuna.serve import server as server_mod
-from vicuna.serve.client import ControllerClient
+from vicuna.serve.model_client import ControllerClient
 from vicuna.serve.engine import EngineConfig
 from vicuna.serve.web import WebSettings
 

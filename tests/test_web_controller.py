@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, cli_env, cli_server
 
 from vicuna.serve.arena import ArenaStore
-from vicuna.serve.client import ControllerClient
+from vicuna.serve.model_client import ControllerClient
 from vicuna.serve.web import WebApp, WebError, WebSettings
 
 IP = "192.0.2.44"

@@ -92,7 +92,7 @@ def delta_dir(base_dir, target_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("w") / "delta"
     proc = vicuna("weights", "make-delta", "--base", base_dir, "--target", target_dir, "--delta", out,
                    "--max-shard-size", "200KB", check=True)
-    assert "bit for bit" in proc.stdout and "will not" not in proc.stdout, proc.stdout
+    assert "bit for bit" in proc.stdout and "no delta in their dtype" not in proc.stdout, proc.stdout
     assert "2 extra rows" in proc.stdout
     return out
 
@@ -132,18 +132,35 @@ def test_delta_is_the_difference_and_extra_rows_are_stored_as_is(base_dir, targe
     assert len(list(delta_dir.glob("*.safetensors"))) > 1
 
 
-def test_float16_round_trip_within_rounding_and_reported(base_dir, tmp_path):
-    """Independent weights (not a fine-tune): t - b is not exact in float16; make-delta says so."""
-    base16 = tmp_path / "base16"
-    vicuna("weights", "convert", "--dtype", "float16", base_dir, base16, check=True)
-    target16 = finetune(base_dir, tmp_path / "target16", seed=2, independent=True, dtype=torch.float16)
+@pytest.fixture(scope="module")
+def f16_pair(base_dir, tmp_path_factory):
+    """(base, target) in float16 with independent weights: t - b is inexact for many values."""
+    w = tmp_path_factory.mktemp("f16")
+    vicuna("weights", "convert", "--dtype", "float16", base_dir, w / "base16", check=True)
+    return w / "base16", finetune(base_dir, w / "target16", seed=2, independent=True, dtype=torch.float16)
+
+
+def test_float16_round_trip_is_exact_with_corrections_and_within_rounding_without(f16_pair, tmp_path):
+    """make-delta stores the values t - b cannot carry exactly, so apply-delta is bit for bit; base + delta
+    alone (FastChat's apply) stays within rounding."""
+    base16, target16 = f16_pair
     delta = tmp_path / "delta16"
     proc = vicuna("weights", "make-delta", "--base", base16, "--target", target16, "--delta", delta, "--low-mem",
                    check=True)
-    assert "will not come back bit for bit" in proc.stdout, proc.stdout
+    assert "bit for bit" in proc.stdout and "values have no delta in their dtype" in proc.stdout, proc.stdout
+    want, base = read_weights(target16), read_weights(base16)
     out = tmp_path / "out16"
+    proc = vicuna("weights", "apply-delta", "--base", base16, "--delta", delta, "--target", out, "--low-mem",
+                  check=True)
+    assert "set exactly from the delta's corrections" in proc.stdout
+    got = read_weights(out)
+    assert all(bits_equal(want[k], got[k]) for k in want)
+    assert not (out / "delta_corrections.safetensors").exists()  # the target is a plain model folder
+
+    (delta / "delta_corrections.safetensors").unlink()  # a plain target - base delta, as FastChat writes them
+    out = tmp_path / "out16-plain"
     vicuna("weights", "apply-delta", "--base", base16, "--delta", delta, "--target", out, "--low-mem", check=True)
-    want, got, base = read_weights(target16), read_weights(out), read_weights(base16)
+    got = read_weights(out)
     inexact = 0
     for name, t in want.items():
         g, b = got[name], base[name]
@@ -154,6 +171,32 @@ def test_float16_round_trip_within_rounding_and_reported(base_dir, tmp_path):
         assert bool((err <= bound).all()), (name, float((err - bound).max()))
         inexact += int((err > 0).sum())
     assert inexact > 0  # the test exercises rounding, not only exact cases
+
+
+def test_interrupted_make_delta_keeps_the_corrections_of_finished_shards(f16_pair, tmp_path, monkeypatch):
+    from vicuna.weights.checkpoint import Checkpoint
+
+    base16, target16 = f16_pair
+    real_get, calls = Checkpoint.get, []
+
+    def flaky_get(self, name):
+        calls.append(name)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        return real_get(self, name)
+
+    delta = tmp_path / "delta"
+    args = ["weights", "make-delta", "--base", base16, "--target", target16, "--delta", delta, "--low-mem",
+            "--max-shard-size", "50KB"]
+    monkeypatch.setattr(Checkpoint, "get", flaky_get)
+    assert vicuna(*args).returncode == 130
+    assert list((tmp_path / ".delta.partial").glob("*.safetensors"))  # some shards finished before Ctrl+C
+    monkeypatch.setattr(Checkpoint, "get", real_get)
+    assert "resumed:" in vicuna(*args, check=True).stdout
+    out = tmp_path / "out"
+    vicuna("weights", "apply-delta", "--base", base16, "--delta", delta, "--target", out, "--low-mem", check=True)
+    want, got = read_weights(target16), read_weights(out)
+    assert all(bits_equal(want[k], got[k]) for k in want)
 
 
 def test_apply_delta_reads_old_bin_checkpoints(base_dir, delta_dir, target_dir, tmp_path):

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from . import __version__
+from .commands import HelpFormatter
 from .errors import VicunaError
 from .files import Terminated, raise_on_sigterm, terminated
 
@@ -30,16 +31,6 @@ AREAS = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep hand-written examples in descriptions and show defaults (unless the help already says it)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vicuna",
@@ -55,13 +46,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if wanted in AREAS and area != wanted:
             sub.add_parser(area, help=argparse.SUPPRESS)
             continue
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == module or module.startswith(e.name + ".")):
-                continue  # area not built in this checkout
-            raise
-        mod.add_commands(sub)
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
@@ -100,17 +85,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-
-
-def area_parser(sub, name: str, help: str, description: str | None = None):
-    """Create `vicuna NAME` with its own verbs; returns the verbs' subparsers."""
-    p = sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
-    p.set_defaults(area_parser=p)
-    return p.add_subparsers(dest="verb", metavar="VERB")
-
-
-def command(sub, name: str, func, help: str, description: str | None = None):
-    """Create one command with the shared formatter; returns its parser."""
-    p = sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
-    p.set_defaults(func=func)
-    return p

@@ -23,6 +23,8 @@ This module must not import torch: the data tools use it without a model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -317,6 +319,18 @@ TEMPLATES: dict[str, Template] = {
             name_pattern=r"alpaca",
         ),
         Template(
+            name="gemma",
+            description="Gemma : '<start_of_turn>user ..<end_of_turn> <start_of_turn>model ..<end_of_turn>' "
+                        "(a system message opens the first user turn)",
+            user_fmt="<start_of_turn>user\n{content}<end_of_turn>\n",
+            first_user_fmt="<start_of_turn>user\n{system}\n\n{content}<end_of_turn>\n",
+            assistant_prefix="<start_of_turn>model\n",
+            assistant_end="<end_of_turn>",
+            assistant_sep="\n",
+            stop_tokens=("<end_of_turn>",),
+            name_pattern=r"gemma",
+        ),
+        Template(
             name="zephyr",
             description="Zephyr : <|system|> <|user|> <|assistant|> blocks closed by </s>",
             prefix="",
@@ -342,7 +356,7 @@ def template_special_tokens() -> list[str]:
     found: list[str] = []
     for t in TEMPLATES.values():
         text = "".join([t.system_fmt, t.user_fmt, t.assistant_prefix, t.assistant_end, *t.stop_tokens])
-        for tok in re.findall(r"<\|[a-z_]+\|>", text):
+        for tok in re.findall(r"<\|[a-z_]+\|>|<[a-z]+_of_turn>", text):
             if tok not in found:
                 found.append(tok)
     return found
@@ -352,12 +366,25 @@ def template_special_tokens() -> list[str]:
 # Templates that came with a tokenizer and are not ours
 
 
+class UntrainableTemplate(TemplateError):
+    """A tokenizer's own chat_template whose assistant spans cannot be found: training refuses it.
+
+    Unlike a bad conversation (skipped and counted), this is the template's fault, so it stops the run.
+    """
+
+
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_HINT = "pass --conv-template NAME (see `vicuna templates list`), or give the template {% generation %} blocks"
+
+
 @dataclass(frozen=True)
 class JinjaTemplate:
     """A model's own ``chat_template`` that does not match a registered one.
 
-    Generation prompts come from ``tokenizer.apply_chat_template``; training
-    needs a registered template (we cannot know which spans are the assistant's).
+    Prompts come from ``tokenizer.apply_chat_template``.  For training, the
+    assistant spans come from the template itself (:meth:`render_for_training`):
+    its ``{% generation %}`` blocks when it has them, else by rendering the
+    conversation prefix by prefix.
     """
 
     source: str
@@ -367,20 +394,118 @@ class JinjaTemplate:
     system: str = ""
 
     def render(self, messages, *, add_generation_prompt=True, bos_token=None, eos_token=None, tokenizer=None) -> str:
-        if tokenizer is None:
-            raise TemplateError("rendering a tokenizer's own chat_template needs the tokenizer")
-        system, turns = split_system(messages, "")
-        msgs = ([{"role": "system", "content": system}] if system else []) + turns
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self._apply(tokenizer, _as_messages(messages), add_generation_prompt)
 
-    def render_for_training(self, messages, **_):
-        raise TemplateError(
-            "this model's tokenizer has its own chat_template; pass --conv-template NAME "
-            "so training knows which tokens are the assistant's"
-        )
+    def render_for_training(self, messages, *, tokenizer=None, **_) -> tuple[str, list[tuple[int, int]]]:
+        """Text of a whole conversation and the character spans the model learns to produce.
+
+        With ``{% generation %}`` blocks, the spans are exactly what they mark.  Otherwise each
+        assistant message ``i`` is found by difference: the render of ``messages[:i]`` with the
+        generation prompt must be a prefix of the render of ``messages[:i+1]``, which must be a
+        prefix of the whole; the span runs from the end of the prompt up to and including the
+        last special token of the turn (its end-of-turn token, e.g. ChatML's ``<|im_end|>``).
+        What follows that token (ChatML's "\\n") is the template's separator, written by the
+        renderer when the chat goes on and never generated, so it is not trained — as in our own
+        templates.  A template that breaks these rules raises :class:`UntrainableTemplate`.
+        """
+        msgs = _as_messages(messages)
+        if msgs[-1]["role"] != "assistant":
+            raise TemplateError("a training conversation must end with an assistant message")
+        if _GENERATION_RE.search(self.source):
+            return self._generation_spans(tokenizer, msgs)
+        full = self._apply(tokenizer, msgs, False)
+        specials = _special_token_re(tokenizer)
+        spans: list[tuple[int, int]] = []
+        for i, msg in enumerate(msgs):
+            if msg["role"] != "assistant":
+                continue
+            prompt = self._apply(tokenizer, msgs[:i], True)
+            turn = self._apply(tokenizer, msgs[:i + 1], False)
+            _check_prefix(prompt, turn, f"message {i} (assistant): the generation prompt for it is not the start "
+                                        "of its own rendering")
+            _check_prefix(turn, full, f"message {i} (assistant): rendering the conversation up to it is not the "
+                                      "start of the whole conversation's rendering")
+            start = len(prompt)
+            ends = [m.end() for m in specials.finditer(turn, start)] if specials else []
+            if not ends:
+                raise UntrainableTemplate(
+                    f"message {i} (assistant): the chat_template closes the turn with no special token "
+                    f"(it renders as {turn[start:][-40:]!r}), so the model would never learn to stop; {_HINT}")
+            spans.append((start, ends[-1]))
+        return full, spans
+
+    def _generation_spans(self, tokenizer, msgs):
+        # the renderer apply_chat_template itself uses for return_assistant_tokens_mask; we want the
+        # character spans (to share the offsets -> labels code), not its token mask
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        with _refusals():
+            texts, indices = render_jinja_template(
+                [msgs], chat_template=self.source, return_assistant_tokens_mask=True, add_generation_prompt=False,
+                **_tokenizer(tokenizer).special_tokens_map)
+        if not indices[0]:
+            raise UntrainableTemplate(f"the chat_template's {{% generation %}} blocks mark nothing in this "
+                                      f"conversation; {_HINT}")
+        return texts[0], [tuple(s) for s in indices[0]]
+
+    def _apply(self, tokenizer, msgs, add_generation_prompt: bool) -> str:
+        tokenizer = _tokenizer(tokenizer)
+        with _refusals():
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def stop_token_strings(self, eos_token):
         return [eos_token] if eos_token else []
+
+    def to_jinja(self) -> str:
+        """The template as it came: a model trained with it keeps it."""
+        return self.source
+
+
+def _tokenizer(tokenizer):
+    if tokenizer is None:
+        raise TemplateError("rendering a tokenizer's own chat_template needs the tokenizer")
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _refusals():
+    """A template's own ``raise_exception`` (e.g. Gemma's "System role not supported") as a TemplateError."""
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        yield
+    except JinjaError as e:
+        raise TemplateError(f"the tokenizer's chat_template refused this conversation: {e}") from None
+
+
+def _as_messages(messages) -> list[dict[str, str]]:
+    """Validated plain-text messages, as the template gets them: a leading system message, even an
+    empty one, is passed on (it replaces the template's default, as in our own templates)."""
+    system, turns = split_system(messages, "")
+    return ([{"role": "system", "content": system}] if messages and _role(messages[0]) == "system" else []) + turns
+
+
+def _check_prefix(prefix: str, whole: str, what: str) -> None:
+    if whole.startswith(prefix):
+        return
+    k = next((i for i, (a, b) in enumerate(zip(prefix, whole)) if a != b), min(len(prefix), len(whole)))
+    raise UntrainableTemplate(
+        f"the chat_template is not prefix-stable: {what} (they differ at character {k}: "
+        f"{prefix[k:k + 30]!r} vs {whole[k:k + 30]!r}), so the assistant's tokens cannot be found; {_HINT}")
+
+
+def _special_token_re(tokenizer) -> re.Pattern | None:
+    """A regex matching any special token string of the tokenizer (EOS, end-of-turn tokens, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    toks = {t.content for t in added.values() if getattr(t, "special", False)}
+    toks |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+    return _alternation(tuple(sorted(t for t in toks if t))) if toks else None
+
+
+@functools.lru_cache(maxsize=8)
+def _alternation(tokens: tuple[str, ...]) -> re.Pattern:
+    # longest first, so a token that contains another one wins
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
 def resolve_template(name: str | None = None, tokenizer: Any = None, model_name: str = "", model_type: str = ""):
@@ -420,12 +545,21 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _with(tokenizer, template) -> dict[str, Any]:
+    kwargs = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+    if isinstance(template, JinjaTemplate):  # rendered by the tokenizer itself
+        kwargs["tokenizer"] = tokenizer
+    return kwargs
+
+
 def render_prompt(template, messages, tokenizer) -> str:
     """Generation prompt for ``messages`` with this tokenizer's BOS/EOS strings."""
-    kwargs = {"tokenizer": tokenizer} if isinstance(template, JinjaTemplate) else {}
-    return template.render(
-        messages, add_generation_prompt=True, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, **kwargs
-    )
+    return template.render(messages, add_generation_prompt=True, **_with(tokenizer, template))
+
+
+def render_training(template, messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Training text of ``messages`` and its assistant spans, for this tokenizer (any template kind)."""
+    return template.render_for_training(messages, **_with(tokenizer, template))
 
 
 def stop_token_ids(template, tokenizer) -> list[int]:
@@ -449,7 +583,7 @@ class TokenizedConversation:
 
 
 def tokenize_conversation(
-    tokenizer: Any, template: Template, messages: Sequence[dict[str, Any]], max_length: int | None = None
+    tokenizer: Any, template: Template | JinjaTemplate, messages: Sequence[dict[str, Any]], max_length: int | None = None
 ) -> TokenizedConversation:
     """``input_ids`` and ``labels`` for one conversation, masks from token offsets.
 
@@ -457,7 +591,7 @@ def tokenize_conversation(
     character span overlaps an assistant span (content + end-of-turn token).
     Nothing is re-tokenized piecewise, so there is no "tokenization mismatch".
     """
-    text, spans = template.render_for_training(messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    text, spans = render_training(template, messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)

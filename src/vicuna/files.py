@@ -289,6 +289,7 @@ def raise_on_sigterm() -> None:
     global _owner
     if threading.current_thread() is threading.main_thread():
         _owner = os.getpid()
+        _terminated.clear()  # a new run (the CLI called in-process again) starts un-signalled
         signal.signal(signal.SIGTERM, _raise_terminated)
         sys.unraisablehook = _quiet_when_terminated
 

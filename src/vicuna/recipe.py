@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import area_parser, command
+from .commands import area_parser, command
 from .errors import RecipeError
 from .files import replace_dir, write_json, write_text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .cli import area_parser, command
+from .commands import area_parser, command
 from .conversation import TemplateError, get_template, list_templates
 from .errors import UsageError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..cli import area_parser, command
+from ..commands import area_parser, command
 from ..errors import DataError
 
 FORMAT_NOTE = (
@@ -16,6 +16,8 @@ FORMAT_NOTE = (
     "number and skipped, unless --strict. Outputs are written atomically and never overwritten\n"
     "without --force; inputs are never modified."
 )
+TEMPLATE_HELP = ("conversation template (see `vicuna templates list`); default: picked as `vicuna train` picks it, "
+                 "the tokenizer's own chat_template, else a match on the tokenizer directory's name")
 
 
 def _common(p, *, output: bool = True, report: bool = False) -> None:
@@ -97,8 +99,7 @@ def add_commands(sub) -> None:
     p.add_argument("--tokenizer", required=True, metavar="PATH",
                    help="tokenizer directory (loaded with transformers.AutoTokenizer)")
     p.add_argument("--max-length", type=int, default=2048, help="maximum tokens per output sample")
-    p.add_argument("--conv-template", default="vicuna_v1.1",
-                   help="conversation template (see `vicuna templates list`); 'auto' reads the tokenizer's")
+    p.add_argument("--conv-template", default=None, help=TEMPLATE_HELP)
     p.add_argument("--long-pair", choices=("drop", "truncate"), default="drop",
                    help="what to do with one exchange longer than --max-length")
     _common(p, report=True)
@@ -111,7 +112,7 @@ def add_commands(sub) -> None:
                     "--json stats.json\n\n" + FORMAT_NOTE))
     p.add_argument("input", metavar="IN", help="input file (.json or .jsonl)")
     p.add_argument("--tokenizer", metavar="PATH", help="also count tokens (rendered with --conv-template)")
-    p.add_argument("--conv-template", default="vicuna_v1.1", help="template used to count tokens ('auto': tokenizer's)")
+    p.add_argument("--conv-template", default=None, help="template used to count tokens; " + TEMPLATE_HELP)
     p.add_argument("--max-length", type=int, help="also count samples longer than this many tokens")
     p.add_argument("--plot", metavar="FILE.png", help="write a histogram of sample lengths (tokens if --tokenizer)")
     p.add_argument("--json", metavar="STATS.json", help="also write the statistics as JSON")
@@ -226,7 +227,7 @@ def _stats(args) -> int:
         from .split import load_template, load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
-        template = load_template(args.conv_template, tok)
+        template = load_template(args.conv_template, tok, args.tokenizer)
     elif args.max_length:
         raise DataError("--max-length needs --tokenizer")
     stats, lengths = compute_stats(args.input, tokenizer=tok, template=template, max_length=args.max_length,
@@ -268,7 +269,7 @@ def _train_test(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .corpora import convert
 
     if args.source == "alpaca" and args.input:
         _input(args.input)

@@ -18,9 +18,12 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..conversation import JinjaTemplate, Template, TemplateError, encode, resolve_template
+from ..conversation import (
+    JinjaTemplate, Template, TemplateError, UntrainableTemplate, encode, render_training, resolve_template,
+)
 from ..errors import DataError
 from ..files import RecordWriter, check_output, write_json
 from .sharegpt import GPT, HUMAN, BadRecords, BadSample, iter_samples, to_messages, trim_turns
@@ -38,16 +41,14 @@ def load_tokenizer(path: str):
         raise DataError(f"cannot load a tokenizer from {path}: {e}") from None
 
 
-def load_template(name: str | None, tokenizer) -> Template:
-    """The template by name; ``"auto"`` reads it from the tokenizer's chat_template."""
+def load_template(name: str | None, tokenizer, tokenizer_path: str = "") -> Template | JinjaTemplate:
+    """The template by name; ``None``/``"auto"`` picks it as `vicuna train` does: the tokenizer's own
+    chat_template (ours or foreign), else a match on the tokenizer's directory name."""
     try:
-        t = resolve_template(None if name in (None, "auto") else name, tokenizer=tokenizer)
+        return resolve_template(None if name in (None, "auto") else name, tokenizer=tokenizer,
+                                model_name=Path(tokenizer_path).name if tokenizer_path else "")
     except TemplateError as e:
         raise DataError(str(e)) from None
-    if isinstance(t, JinjaTemplate):
-        raise DataError("the tokenizer's chat_template is not a registered template; pass --conv-template NAME "
-                        "(see `vicuna templates list`)")
-    return t
 
 
 @dataclass
@@ -70,7 +71,7 @@ class SplitReport:
 
 
 class Splitter:
-    def __init__(self, tokenizer, template: Template, max_length: int, long_pair: str = "drop"):
+    def __init__(self, tokenizer, template: Template | JinjaTemplate, max_length: int, long_pair: str = "drop"):
         if max_length < 8:
             raise DataError(f"--max-length {max_length} is too small")
         if long_pair not in ("drop", "truncate"):
@@ -80,9 +81,7 @@ class Splitter:
     def length(self, system: list[dict], pairs: list[tuple[dict, dict]]) -> int:
         """Tokens of ``system + pairs`` rendered for training (BOS and EOS included)."""
         turns = list(system) + [t for p in pairs for t in p]
-        text, _ = self.template.render_for_training(
-            to_messages(turns), bos_token=self.tok.bos_token, eos_token=self.tok.eos_token)
-        return len(encode(self.tok, text))
+        return len(encode(self.tok, render_training(self.template, to_messages(turns), self.tok)[0]))
 
     def split(self, sample: dict, report: SplitReport) -> list[dict]:
         """Chunks of ``sample`` (ids ``{id}_{k}``); every one fits in ``max_length`` tokens."""
@@ -98,6 +97,8 @@ class Splitter:
             singles = [self.length(system, [p]) for p in pairs]
             # tokens shared by every chunk (BOS, system prompt): estimated once per sample
             shared = singles[0] + singles[1] - self.length(system, pairs[:2]) if len(pairs) > 1 else 0
+        except UntrainableTemplate:
+            raise
         except TemplateError as e:
             raise BadSample("template", f"cannot render with {self.template.name}: {e}") from None
         chunks: list[list] = []
@@ -153,13 +154,13 @@ class Splitter:
 
 
 def split_file(inp: str, out: str, *, tokenizer_path: str, max_length: int = 2048,
-               conv_template: str | None = "vicuna_v1.1", long_pair: str = "drop", report_path: str | None = None,
+               conv_template: str | None = None, long_pair: str = "drop", report_path: str | None = None,
                strict: bool = False, force: bool = False) -> SplitReport:
     check_output(out, force=force, inputs=[inp])
     if report_path:
         check_output(report_path, force=force, inputs=[inp, out])
     tok = load_tokenizer(tokenizer_path)
-    template = load_template(conv_template, tok)
+    template = load_template(conv_template, tok, tokenizer_path)
     splitter = Splitter(tok, template, max_length, long_pair)
     try:
         floor = splitter.length([], [({"from": HUMAN, "value": "a"}, {"from": GPT, "value": "b"})])
@@ -177,6 +178,8 @@ def split_file(inp: str, out: str, *, tokenizer_path: str, max_length: int = 204
             except BadSample as e:
                 bad.add(n, None, e.reason, e.detail)
                 continue
+            except UntrainableTemplate as e:  # the template's fault, not this sample's: stop
+                raise DataError(f"sample {sample['id']}: {e}") from None
             report.samples += 1
             for c in chunks:
                 w.write(c)
@@ -193,7 +196,6 @@ def split_file(inp: str, out: str, *, tokenizer_path: str, max_length: int = 204
     return report
 
 
-def sample_length(tok, template: Template, sample: dict[str, Any]) -> int:
+def sample_length(tok, template: Template | JinjaTemplate, sample: dict[str, Any]) -> int:
     """Tokens of one whole sample rendered for training (for stats and tests)."""
-    return len(encode(tok, template.render_for_training(
-        to_messages(sample["conversations"]), bos_token=tok.bos_token, eos_token=tok.eos_token)[0]))
+    return len(encode(tok, render_training(template, to_messages(sample["conversations"]), tok)[0]))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..errors import EvalUsageError
 from ..files import write_records
-from .client import CompletionFailed, Endpoint, chat
-from .io import AppendLog, OutputLock, Question, answer_turns, interrupt_note, prepare_output, read_log, run_parallel
+from .openai_client import CompletionFailed, Endpoint, chat
+from .records import AppendLog, OutputLock, Question, answer_turns, interrupt_note, prepare_output, read_log, run_parallel
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import area_parser, command
+from ..commands import area_parser, command
 from ..errors import EvalUsageError
-from .io import BUILTIN_QUESTIONS, load_questions, load_references
+from .records import BUILTIN_QUESTIONS, load_questions, load_references
 from .judge_prompts import PROTOCOLS, REFERENCE_CATEGORIES
 from .parse import MODES, parse_judgment
 
@@ -305,7 +305,7 @@ def _common_run_args(p) -> None:
 
 
 def _endpoint(args, prefix: str, model: str):
-    from .client import Endpoint
+    from .openai_client import Endpoint
 
     get = lambda name: getattr(args, prefix + name)  # noqa: E731
     if get("retries") < 0 or get("timeout") <= 0 or get("backoff") < 0:

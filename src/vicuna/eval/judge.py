@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import EvalUsageError
 from ..files import write_records
-from .client import CompletionFailed, Endpoint, chat
-from .io import (
+from .openai_client import CompletionFailed, Endpoint, chat
+from .records import (
     AppendLog, OutputLock, Question, find_answer_file, interrupt_note, load_answers, prepare_output, read_log,
     run_parallel,
 )

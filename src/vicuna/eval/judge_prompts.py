@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ..errors import EvalUsageError
-from .io import read_records
+from .records import read_records
 from .parse import MODES
 
 DEFAULT_PROMPTS = "vicuna-judge-v1"

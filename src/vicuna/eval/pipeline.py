@@ -11,8 +11,8 @@ import yaml
 
 from ..errors import EvalUsageError
 from .answer import AnswerSettings, parse_temperatures, run_answers
-from .client import DEFAULT_API_KEY_ENV, Endpoint
-from .io import BUILTIN_QUESTIONS, find_answer_file, load_questions, load_references
+from .openai_client import DEFAULT_API_KEY_ENV, Endpoint
+from .records import BUILTIN_QUESTIONS, find_answer_file, load_questions, load_references
 from .judge import judged_exit_code, resolve_setup, run_judge
 from .judge_prompts import REFERENCE_CATEGORIES
 from .report import write_report

@@ -32,7 +32,7 @@ from typing import Any
 from .. import ratings as rt
 from ..errors import EvalUsageError
 from ..files import write_figure, write_json, write_text
-from .io import read_log
+from .records import read_log
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ TABLES = ("votes", "conversations", "feedback")
 
 
 def add_commands(sub) -> None:
-    from ..cli import area_parser, command
+    from ..commands import area_parser, command
 
     verbs = area_parser(sub, "arena", "arena votes: export them, compute the leaderboard",
                         description="Work with the SQLite file the web UI writes "

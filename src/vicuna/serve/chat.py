@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..cli import command
+from ..commands import command
 from ..conversation import TemplateError, encode, render_prompt, split_system
 from ..errors import UsageError, VicunaError
 from ..files import write_json

@@ -122,7 +122,7 @@ def _http(p: argparse.ArgumentParser, role: str) -> None:
 
 
 def add_commands(sub) -> None:
-    from ..cli import area_parser, command
+    from ..commands import area_parser, command
 
     verbs = area_parser(sub, "serve", "serve models: OpenAI API, controller, workers", description=SINGLE_DESCRIPTION)
     top = sub.choices["serve"]

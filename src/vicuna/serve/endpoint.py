@@ -2,7 +2,7 @@
 
 An endpoints file (``--endpoints FILE.yaml``) lists them; each becomes a model beside our own
 engines' or workers' — listed in ``/v1/models``, routable by name, playable in the arena —
-through :class:`EndpointClient`, which speaks the same :class:`~vicuna.serve.client.ModelClient`
+through :class:`EndpointClient`, which speaks the same :class:`~vicuna.serve.model_client.ModelClient`
 interface as our engines and workers. :class:`RoutedClient` puts both behind one client.
 
 What we do and what the upstream does: the upstream renders the prompt with its own template,
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..conversation import message_text
 from ..errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable, UsageError
-from .client import Embeddings, _ClientBase
+from .model_client import Embeddings, _ClientBase
 from .core import Delta, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class _Upstream:
 
 
 class EndpointClient(_ClientBase):
-    """The models of an endpoints file, as a :class:`~vicuna.serve.client.ModelClient`."""
+    """The models of an endpoints file, as a :class:`~vicuna.serve.model_client.ModelClient`."""
 
     def __init__(self, endpoints: list[Endpoint], *, environ: Mapping[str, str] | None = None,
                  health_interval: float = HEALTH_INTERVAL):

@@ -291,7 +291,7 @@ def local_app(engines: dict[str, Any], api: ApiConfig | None = None, web: WebCon
               moderation: ModerationConfig | None = None):
     """The API over ``engines`` in this process (plus endpoints, behind moderation); with ``web``, the
     web UI mounted at / of the same app."""
-    from .client import LocalClient
+    from .model_client import LocalClient
 
     client = front_client(LocalClient(engines), endpoints, moderation)
     app = api_app(client, api)
@@ -377,7 +377,7 @@ def serve_controller(http: HttpConfig, cluster: ClusterConfig, controller: Contr
 
 def _front(cluster: ClusterConfig, endpoints: EndpointsConfig, moderation: ModerationConfig):
     """A front end's client (a controller's workers and/or the endpoints) and a description of its source."""
-    from .client import ControllerClient
+    from .model_client import ControllerClient
 
     controller = cluster.url(optional=bool(endpoints.endpoints))
     base = ControllerClient(controller, secret=cluster.secret) if controller else None

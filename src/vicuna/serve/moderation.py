@@ -3,7 +3,7 @@
 A moderator is a local word list (:class:`WordList`) or an OpenAI-compatible moderation
 endpoint (:class:`ModerationEndpoint`: ``POST URL {"input": [...]}`` answered with
 ``{"results": [{"flagged": bool, "categories": {...}}]}``). :class:`ModeratedClient` wraps any
-:class:`~vicuna.serve.client.ModelClient`, so the API, the chat and the arena are all covered by
+:class:`~vicuna.serve.model_client.ModelClient`, so the API, the chat and the arena are all covered by
 one check: the user and system text of every request is checked first, and a flagged request
 raises :class:`Flagged` (a 400, code ``content_flagged``) without the model being asked. When the
 moderation endpoint cannot be reached the request is refused too (503): unchecked input is not
@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 
 from ..conversation import message_text
 from ..errors import InvalidRequest, Unavailable, UsageError
-from .client import Embeddings, _ClientBase
+from .model_client import Embeddings, _ClientBase
 from .core import Delta, GenerateRequest
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible REST API, built on any :class:`~vicuna.serve.client.ModelClient`.
+"""The OpenAI-compatible REST API, built on any :class:`~vicuna.serve.model_client.ModelClient`.
 
 ``create_app(LocalClient(...))`` serves models in this process;
 ``create_app(ControllerClient(url))`` serves the models of a controller's
@@ -16,18 +16,18 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from . import protocol as P
-from .client import ModelClient
 from ..errors import InvalidRequest, ServeError
+from . import protocol as P
 from .core import Delta, GenerateRequest, bearer_ok, merge_streams
 from .metrics import Metrics
+from .model_client import ModelClient
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,26 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         metrics.prompt_tokens.labels(model).inc(used.prompt_tokens)
         metrics.completion_tokens.labels(model).inc(used.completion_tokens)
 
+    async def stream_events(model: str, deltas: AsyncIterator[tuple[int, Delta]], used: _Usage,
+                            chunks: Callable[[int, Delta], Iterator[str]],
+                            usage_chunk: Callable[[], str] | None) -> AsyncIterator[str]:
+        """The tail chat and text completions share: each delta's SSE chunks, its usage once it finishes; once
+        the stream has started an error is reported in-band (the status is sent); the usage chunk, [DONE]."""
+        try:
+            async for i, d in deltas:
+                for chunk in chunks(i, d):
+                    yield chunk
+                if d.finish_reason:
+                    used.finish(i, d)
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+            yield await error_event(e)
+            yield "data: [DONE]\n\n"
+            return
+        account(model, used)
+        if usage_chunk is not None:
+            yield usage_chunk()
+        yield "data: [DONE]\n\n"
+
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
@@ -334,25 +354,21 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
 
         async def events():
             created = P.now()
+
+            def chunks(i: int, d: Delta) -> Iterator[str]:
+                if d.text or d.logprobs:
+                    yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
+                        i, Delta(d.text, None, logprobs=d.logprobs))], with_usage=with_usage))
+                if d.finish_reason:
+                    yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
+                        i, Delta("", d.finish_reason))], with_usage=with_usage))
+
             yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(i, role=True) for i in range(n)],
                                     with_usage=with_usage))
-            try:
-                async for i, d in merged(model, streams, firsts, started):
-                    if d.text or d.logprobs:
-                        yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
-                            i, Delta(d.text, None, logprobs=d.logprobs))], with_usage=with_usage))
-                    if d.finish_reason:
-                        used.finish(i, d)
-                        yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
-                            i, Delta("", d.finish_reason))], with_usage=with_usage))
-            except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
-                yield await error_event(e)
-                yield "data: [DONE]\n\n"
-                return
-            account(model, used)
-            if with_usage:
-                yield _sse(P.chat_chunk(rid, model, created, [], used.as_dict(), True))
-            yield "data: [DONE]\n\n"
+            async for event in stream_events(
+                    model, merged(model, streams, firsts, started), used, chunks,
+                    (lambda: _sse(P.chat_chunk(rid, model, created, [], used.as_dict(), True))) if with_usage else None):
+                yield event
 
         return _event_stream(events())
 
@@ -394,23 +410,18 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                     "index": i, "text": text, "finish_reason": reason,
                     "logprobs": P.completion_logprobs(lps) if lps is not None else None}], with_usage=with_usage))
 
+            def chunks(i: int, d: Delta) -> Iterator[str]:
+                if d.text or d.logprobs or d.finish_reason:
+                    yield chunk(i, d.text, d.finish_reason, d.logprobs if body.logprobs is not None else None)
+
             for i in range(k):
                 if echo[i]:
                     yield chunk(i, echo[i])
-            try:
-                async for i, d in merged(model, streams, firsts, started):
-                    if d.text or d.logprobs or d.finish_reason:
-                        yield chunk(i, d.text, d.finish_reason, d.logprobs if body.logprobs is not None else None)
-                    if d.finish_reason:
-                        used.finish(i, d)
-            except Exception as e:  # noqa: BLE001
-                yield await error_event(e)
-                yield "data: [DONE]\n\n"
-                return
-            account(model, used)
-            if with_usage:
-                yield _sse(P.completion_chunk(rid, model, created, [], used.as_dict(), True))
-            yield "data: [DONE]\n\n"
+            async for event in stream_events(
+                    model, merged(model, streams, firsts, started), used, chunks,
+                    (lambda: _sse(P.completion_chunk(rid, model, created, [], used.as_dict(), True)))
+                    if with_usage else None):
+                yield event
 
         return _event_stream(events())
 

@@ -178,12 +178,18 @@ def chat_completion(rid: str, model: str, choices: list[tuple[str, str, list[dic
     }
 
 
-def chat_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None,
-               with_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+def _chunk(obj: str, rid: str, model: str, created: int, choices: list[dict], usage_: dict | None,
+           with_usage: bool) -> dict[str, Any]:
+    """One streamed chunk; with ``stream_options.include_usage`` every chunk carries ``usage`` (null but the last)."""
+    chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
     if with_usage:
         chunk["usage"] = usage_
     return chunk
+
+
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None,
+               with_usage: bool = False) -> dict[str, Any]:
+    return _chunk("chat.completion.chunk", rid, model, created, choices, usage_, with_usage)
 
 
 def chat_choice_delta(index: int, delta: Delta | None = None, *, role: bool = False) -> dict[str, Any]:
@@ -208,10 +214,7 @@ def completion(rid: str, model: str, choices: list[tuple[str, str, dict | None]]
 
 def completion_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None,
                      with_usage: bool = False) -> dict[str, Any]:
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
-    if with_usage:
-        chunk["usage"] = usage_
-    return chunk
+    return _chunk("text_completion", rid, model, created, choices, usage_, with_usage)
 
 
 def embedding_response(model: str, vectors: list[list[float]], encoding: str, prompt_tokens: int) -> dict[str, Any]:
@@ -222,9 +225,3 @@ def embedding_response(model: str, vectors: list[list[float]], encoding: str, pr
     return {"object": "list", "model": model,
             "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-

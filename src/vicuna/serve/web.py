@@ -1,6 +1,6 @@
 """The web UI: chat, anonymous arena battles, named side-by-side and the leaderboard.
 
-One Gradio app on top of a :class:`~vicuna.serve.client.ModelClient`, so it runs the same
+One Gradio app on top of a :class:`~vicuna.serve.model_client.ModelClient`, so it runs the same
 against in-process engines (``vicuna serve --model-path P --web``, mounted into the OpenAI
 API app on one port) and against a controller (``vicuna serve web --controller URL``).
 

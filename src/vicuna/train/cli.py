@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from ..cli import command
+    from ..commands import command
     from .config import add_arguments
 
     p = command(sub, "train", run, help="fine-tune a model on conversations (SFT, LoRA, FSDP)",

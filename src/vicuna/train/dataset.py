@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..conversation import IGNORE_INDEX, TemplateError, tokenize_conversation
+from ..conversation import IGNORE_INDEX, TemplateError, UntrainableTemplate, tokenize_conversation
 from ..errors import TrainInputError
 
 log = logging.getLogger(__name__)
@@ -164,12 +164,18 @@ def tokenize_dataset(
     stats: DataStats | None = None,
     source: str = "the data",
 ) -> list[Sample]:
-    """Tokenize every conversation; long ones are truncated at the end (or dropped)."""
+    """Tokenize every conversation; long ones are truncated at the end (or dropped).
+
+    A conversation the template cannot render is skipped and counted; a tokenizer's own
+    chat_template whose assistant spans cannot be found stops everything (:class:`UntrainableTemplate`).
+    """
     stats = stats if stats is not None else DataStats()
     samples = []
-    for msgs in convs:
+    for n, msgs in enumerate(convs):
         try:
             tc = tokenize_conversation(tokenizer, template, msgs, max_length=None)
+        except UntrainableTemplate as e:  # the template's fault, not this record's: skipping would hide it
+            raise TrainInputError(f"{source}: conversation {n}: {e}") from None
         except TemplateError as e:
             stats.skipped[f"template: {e}"] += 1
             continue

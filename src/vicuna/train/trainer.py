@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from ..conversation import IGNORE_INDEX, JinjaTemplate, TemplateError, get_template, resolve_template, stop_token_ids
+from ..conversation import IGNORE_INDEX, TemplateError, get_template, resolve_template, stop_token_ids
 from ..errors import TrainError, TrainInputError, VicunaError
 from ..files import write_figure, write_json, write_text
 from .checkpoint import (CHECKPOINT_RE, CheckpointLoadError, Checkpointer, checkpoint_dirs, complete_checkpoints,
@@ -714,11 +714,6 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
         template = resolve_template(cfg.conv_template, tokenizer=tokenizer, model_name=str(cfg.model_path or ""))
     except TemplateError as e:
         raise TrainInputError(str(e)) from None
-    if isinstance(template, JinjaTemplate):
-        raise TrainInputError(
-            f"{cfg.model_path}: its tokenizer's chat_template is not one of ours, so which tokens are the assistant's "
-            "is unknown; pass --conv-template NAME (see `vicuna templates list`)"
-        )
     samples = tokenize_dataset(convs, tokenizer, template, cfg.max_length, drop_long=cfg.drop_long, stats=stats,
                                source=str(cfg.data_path))
     del convs

@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..cli import area_parser, command
+from ..commands import area_parser, command
 
 SHARD_HELP = ("largest output shard, e.g. 2GB, 500MB, 400MiB; 'auto' = the input's largest shard, "
               "at most 5GB (memory with --low-mem stays near this)")
@@ -185,18 +185,16 @@ def _import_gguf(args) -> int:
 
 
 def _make_delta(args) -> int:
-    from .delta import make_delta
+    from .delta import CORRECTIONS, make_delta
 
     r = make_delta(args.base, args.target, args.delta, low_mem=args.low_mem, max_shard_size=args.max_shard_size,
                    force=args.force)
     _print_delta("make-delta", r)
-    if r.resumed:
-        print("round trip: checked only for the tensors written in this run")
-    if r.inexact_values:
-        print(f"round trip: {r.inexact_values:,} values will not come back bit for bit under apply-delta "
-              f"(max error {r.max_error:.3g}); target and base differ by more than 2x there")
-    else:
-        print("round trip: apply-delta will reproduce the target bit for bit")
+    print("round trip: apply-delta will reproduce the target bit for bit")
+    if r.corrected_values:  # (of a resumed run: counted for the tensors written in this run)
+        print(f"  {r.corrected_values:,} values have no delta in their dtype that base + delta would give back (the "
+              f"target moved across zero or far from the base there; max error {r.max_error:.3g}): their target "
+              f"values are stored in {CORRECTIONS}, which vicuna's apply-delta uses")
     return 0
 
 
@@ -206,6 +204,8 @@ def _apply_delta(args) -> int:
     r = apply_delta(args.base, args.delta, args.target, low_mem=args.low_mem, max_shard_size=args.max_shard_size,
                     force=args.force)
     _print_delta("apply-delta", r)
+    if r.corrected_values:
+        print(f"  {r.corrected_values:,} values set exactly from the delta's corrections")
     return 0
 
 
@@ -220,7 +220,7 @@ def _merge_lora(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .dtype import convert
 
     r = convert(args.input, args.output, args.dtype, max_shard_size=args.max_shard_size, force=args.force)
     print(f"convert: {r.converted} of {r.tensors} tensors to {args.dtype}, {len(r.files)} shard(s) in {r.target}")

@@ -6,9 +6,15 @@ with a larger vocabulary (added tokens) keeps its extra embedding rows in the
 delta as they are; only the rows the base has are differences.
 
 Exactness: ``(t - b) + b == t`` holds exactly in floating point whenever
-``b/2 <= t <= 2b`` (Sterbenz), which is the fine-tune case; ``make_delta``
-checks the round trip on every tensor and reports values that would not come
-back bit for bit.
+``b/2 <= t <= 2b`` (Sterbenz), which is most of a fine-tune, but not all of it:
+a weight that moves across zero, or far from a tiny base value, may have no
+delta value ``d`` in the dtype with ``b + d == t`` at all (20 steps of SmolLM2
+fine-tuning left 71k such values of 134M).  ``make_delta`` therefore checks
+the round trip on every value and stores the target value of each one that
+would not come back in ``delta_corrections.safetensors`` (flat indices and
+values per tensor); ``apply_delta`` puts them back, so the result is bit for
+bit the target.  The delta itself stays the plain ``target - base`` that
+FastChat's ``apply_delta`` also reads (which then lands within one rounding).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..files import progress
+from ..files import progress, write_bytes
 from .checkpoint import (
     Checkpoint,
     ShardWriter,
@@ -32,6 +38,9 @@ from .checkpoint import (
 
 log = logging.getLogger(__name__)
 
+CORRECTIONS = "delta_corrections.safetensors"
+_FIXES_DIR = ".corrections"  # one file per corrected tensor while make-delta runs (kept for a resume)
+
 
 @dataclass
 class DeltaReport:
@@ -39,8 +48,8 @@ class DeltaReport:
     tensors: int = 0
     values: int = 0
     extra_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (base rows, new rows)
-    inexact_values: int = 0  # make-delta only: values that base + delta will not give back bit for bit
-    max_error: float = 0.0
+    corrected_values: int = 0  # values base + delta alone does not give back bit for bit (stored exactly)
+    max_error: float = 0.0  # the largest error of base + delta alone on those values
     files: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # base tensors with no counterpart
     resumed: int = 0  # tensors already written by an interrupted run of the same command
@@ -118,11 +127,13 @@ def apply_delta(base_path, delta_path, target_path, *, low_mem: bool = False, ma
             report.resumed = writer.resumed_tensors
             todo = len(names) - report.resumed
             tensors = _stream(base, delta, low_mem, writer.done)
-            for name, b, d in progress(tensors, total=todo, desc="apply-delta", unit="tensor"):
-                writer.add(name, _combine(d, b, +1))
-                report.tensors += 1
-                report.values += d.numel()
-                del b, d
+            with _Corrections(delta.path) as fixes:
+                for name, b, d in progress(tensors, total=todo, desc="apply-delta", unit="tensor"):
+                    writer.add(name, fixes.apply(name, _combine(d, b, +1)))
+                    report.tensors += 1
+                    report.values += d.numel()
+                    report.corrected_values += fixes.last_count
+                    del b, d
             report.files = writer.close()
         copy_other_files(delta.path, tmp)
     report.files = [report.target / f.name for f in report.files]
@@ -145,24 +156,83 @@ def make_delta(base_path, target_path, delta_path, *, low_mem: bool = False, max
             for name, b, t in progress(tensors, total=todo, desc="make-delta", unit="tensor"):
                 d = _combine(t.clone(), b, -1)
                 if d.is_floating_point():
-                    _count_round_trip(report, t, d, b)
+                    _keep_corrections(report, tmp / _FIXES_DIR, name, t, d, b)  # before the shard can complete
                 writer.add(name, d)
                 report.tensors += 1
                 report.values += d.numel()
                 del b, t, d
             report.files = writer.close()
+        _merge_corrections(tmp / _FIXES_DIR, tmp / CORRECTIONS)
         copy_other_files(target.path, tmp)
     report.files = [report.target / f.name for f in report.files]
     return report
 
 
-def _count_round_trip(report: DeltaReport, t: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> None:
-    """Count values where apply-delta (``d + b`` in d's dtype) would not give ``t`` back."""
+def _keep_corrections(report: DeltaReport, folder: Path, name: str, t: torch.Tensor, d: torch.Tensor,
+                      b: torch.Tensor) -> None:
+    """Save the target values that apply-delta (``d + b`` in d's dtype) would not give back."""
     back = _combine(d.clone(), b, +1)
-    if back.shape != b.shape:  # extra rows are copied, not computed
-        back, t = back[: b.shape[0]], t[: b.shape[0]]
-    bad = (back != t) & ~(back.isnan() & t.isnan())
+    head = t if back.shape == b.shape else t[: b.shape[0]]  # extra rows are copied, not computed
+    back = back[: head.shape[0]]
+    bad = ((back != head) & ~(back.isnan() & head.isnan())).reshape(-1)
     n = int(bad.sum())
-    if n:
-        report.inexact_values += n
-        report.max_error = max(report.max_error, (back.float() - t.float()).abs()[bad].max().item())
+    if not n:
+        return
+    from safetensors.torch import save
+
+    index = bad.nonzero().reshape(-1)  # flat positions; the head rows are the tensor's first values
+    report.corrected_values += n
+    report.max_error = max(report.max_error, (back.float() - head.float()).abs().reshape(-1)[index].max().item())
+    folder.mkdir(exist_ok=True)
+    # atomic: a resume after a crash reads every file here
+    write_bytes(folder / f"{name}.safetensors", save({"index": index, "value": t.reshape(-1)[index].contiguous()}))
+
+
+def _merge_corrections(folder: Path, out: Path) -> None:
+    """One corrections file from the per-tensor ones (of this run and of an interrupted one)."""
+    if not folder.is_dir():
+        return
+    from safetensors.torch import load_file, save
+
+    merged = {}
+    for f in sorted(folder.iterdir()):
+        part = load_file(str(f))
+        name = f.name.removesuffix(".safetensors")
+        merged[f"{name}:index"], merged[f"{name}:value"] = part["index"], part["value"]
+    write_bytes(out, save(merged, metadata={"format": "vicuna-delta-corrections"}))
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()
+
+
+class _Corrections:
+    """The exact target values a delta carries beside ``target - base`` (none for other deltas)."""
+
+    def __init__(self, delta_path: Path):
+        self.path = Path(delta_path) / CORRECTIONS
+        self._file = None
+        self._names: set[str] = set()
+        self.last_count = 0
+
+    def __enter__(self) -> "_Corrections":
+        if self.path.is_file():
+            from safetensors import safe_open
+
+            self._file = safe_open(str(self.path), framework="pt")
+            self._names = {k.rsplit(":", 1)[0] for k in self._file.keys()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file = None
+
+    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        self.last_count = 0
+        if name not in self._names:
+            return x
+        index, value = self._file.get_tensor(f"{name}:index"), self._file.get_tensor(f"{name}:value")
+        if value.dtype != x.dtype or index.numel() != value.numel() or (index.numel() and index.max() >= x.numel()):
+            raise CheckpointError(f"{self.path}: the corrections for tensor {name!r} do not fit it "
+                                  f"({index.numel()} values of {value.dtype} for {list(x.shape)} {x.dtype})")
+        x.view(-1)[index] = value
+        self.last_count = index.numel()
+        return x

@@ -118,9 +118,6 @@ class LocalClient(_ClientBase):
         vectors, tokens = await self._engine(model).embed(inputs)
         return Embeddings(vectors, tokens)
 
-    async def model_info(self, model: str) -> dict[str, Any]:
-        return self._engine(model).info()
-
     async def close(self) -> None:
         for engine in self.engines.values():
             engine.stop()
@@ -319,12 +316,6 @@ class ControllerClient(_ClientBase):
             body = r.json()
             return Embeddings(body["embeddings"], int(body["token_num"]))
         raise last or Unavailable(f"no worker could serve {model!r}", retry_after=2)
-
-    async def model_info(self, model: str) -> dict[str, Any]:
-        address = await self._worker_for(model, [])
-        r = await self._wait(self.http.post(address + "/model_details", json={"model": model}),
-                             self.first_byte_timeout, address)
-        return r.json()
 
     async def close(self) -> None:
         await self.http.aclose()
