@@ -343,7 +343,7 @@ def _answer(args) -> int:
 
 @contextlib.contextmanager
 def _local_server(model_path: str | None):
-    """Serve a local model (default: the bundled demo) on a free loopback port for the answering run.
+    """Serve a local model (default: the default real model) on a free loopback port for the answering run.
 
     The answers then go through exactly the path a remote model's do: our OpenAI API, the same
     batching engine, the same retries.

@@ -19,6 +19,7 @@ FastChat's ``apply_delta`` also reads (which then lands within one rounding).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,53 +118,59 @@ def _stream(base: Checkpoint, other: Checkpoint, low_mem: bool, skip):
 def apply_delta(base_path, delta_path, target_path, *, low_mem: bool = False, max_shard_size: str = "auto",
                 force: bool = False) -> DeltaReport:
     """Write ``base + delta`` (with the delta's config and tokenizer) to ``target_path``."""
-    base, delta = Checkpoint(base_path, "base"), Checkpoint(delta_path, "delta")
-    report = DeltaReport(Path(target_path))
-    names = _plan(base, delta, report)
-    shard_bytes = resolve_shard_size(max_shard_size, delta)
-    resume = fingerprint("apply-delta", [base, delta], shard_bytes=shard_bytes)
-    with atomic_output_dir(target_path, force, inputs=(base.path, delta.path), resume=resume) as tmp:
-        with ShardWriter(tmp, _layout(delta, names), shard_bytes) as writer:
-            report.resumed = writer.resumed_tensors
-            todo = len(names) - report.resumed
-            tensors = _stream(base, delta, low_mem, writer.done)
-            with _Corrections(delta.path) as fixes:
-                for name, b, d in progress(tensors, total=todo, desc="apply-delta", unit="tensor"):
-                    writer.add(name, fixes.apply(name, _combine(d, b, +1)))
-                    report.tensors += 1
-                    report.values += d.numel()
-                    report.corrected_values += fixes.last_count
-                    del b, d
-            report.files = writer.close()
-        copy_other_files(delta.path, tmp)
-    report.files = [report.target / f.name for f in report.files]
-    return report
+    delta = Checkpoint(delta_path, "delta")
+
+    @contextlib.contextmanager
+    def add(report: DeltaReport, tmp: Path):
+        with _Corrections(delta.path) as fixes:
+            def one(name: str, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+                out = fixes.apply(name, _combine(d, b, +1))
+                report.corrected_values += fixes.last_count
+                return out
+            yield one
+
+    return _write_combined("apply-delta", Checkpoint(base_path, "base"), delta, target_path, add,
+                           low_mem=low_mem, max_shard_size=max_shard_size, force=force)
 
 
 def make_delta(base_path, target_path, delta_path, *, low_mem: bool = False, max_shard_size: str = "auto",
                force: bool = False) -> DeltaReport:
     """Write ``target - base`` (with the target's config and tokenizer) to ``delta_path``."""
-    base, target = Checkpoint(base_path, "base"), Checkpoint(target_path, "target")
-    report = DeltaReport(Path(delta_path))
-    names = _plan(base, target, report)
-    shard_bytes = resolve_shard_size(max_shard_size, target)
-    resume = fingerprint("make-delta", [base, target], shard_bytes=shard_bytes)
-    with atomic_output_dir(delta_path, force, inputs=(base.path, target.path), resume=resume) as tmp:
-        with ShardWriter(tmp, _layout(target, names), shard_bytes) as writer:
-            report.resumed = writer.resumed_tensors
-            todo = len(names) - report.resumed
-            tensors = _stream(base, target, low_mem, writer.done)
-            for name, b, t in progress(tensors, total=todo, desc="make-delta", unit="tensor"):
-                d = _combine(t.clone(), b, -1)
-                if d.is_floating_point():
-                    _keep_corrections(report, tmp / _FIXES_DIR, name, t, d, b)  # before the shard can complete
-                writer.add(name, d)
-                report.tensors += 1
-                report.values += d.numel()
-                del b, t, d
-            report.files = writer.close()
+
+    @contextlib.contextmanager
+    def subtract(report: DeltaReport, tmp: Path):
+        def one(name: str, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            d = _combine(t.clone(), b, -1)
+            if d.is_floating_point():
+                _keep_corrections(report, tmp / _FIXES_DIR, name, t, d, b)  # before the shard can complete
+            return d
+        yield one
         _merge_corrections(tmp / _FIXES_DIR, tmp / CORRECTIONS)
-        copy_other_files(target.path, tmp)
+
+    return _write_combined("make-delta", Checkpoint(base_path, "base"), Checkpoint(target_path, "target"),
+                           delta_path, subtract, low_mem=low_mem, max_shard_size=max_shard_size, force=force)
+
+
+def _write_combined(verb: str, base: Checkpoint, other: Checkpoint, out_path, combiner, *, low_mem: bool,
+                    max_shard_size: str, force: bool) -> DeltaReport:
+    """What both verbs share: plan, resume, stream (base, other) tensor pairs through ``combiner``'s function into
+    shards laid out as ``other``'s, then copy ``other``'s config and tokenizer. ``combiner(report, tmp)`` is a
+    context giving ``one(name, base_tensor, other_tensor) -> tensor``; it closes after the last shard."""
+    report = DeltaReport(Path(out_path))
+    names = _plan(base, other, report)
+    shard_bytes = resolve_shard_size(max_shard_size, other)
+    resume = fingerprint(verb, [base, other], shard_bytes=shard_bytes)
+    with atomic_output_dir(out_path, force, inputs=(base.path, other.path), resume=resume) as tmp:
+        with ShardWriter(tmp, _layout(other, names), shard_bytes) as writer, combiner(report, tmp) as one:
+            report.resumed = writer.resumed_tensors
+            tensors = _stream(base, other, low_mem, writer.done)
+            for name, b, o in progress(tensors, total=len(names) - report.resumed, desc=verb, unit="tensor"):
+                writer.add(name, one(name, b, o))
+                report.tensors += 1
+                report.values += o.numel()
+                del b, o
+            report.files = writer.close()
+        copy_other_files(other.path, tmp)
     report.files = [report.target / f.name for f in report.files]
     return report
 
