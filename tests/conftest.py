@@ -1,12 +1,22 @@
-"""Shared fixtures: tiny tokenizers and models built offline in seconds."""
+"""Shared fixtures: tiny tokenizers and models built offline in seconds, the real model once per session,
+servers started without port races, and the test data more than one module draws."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
+import httpx
+import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -51,6 +61,161 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 300, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"vicuna {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+T = TypeVar("T")
+LISTENING = re.compile(r"^listening on (http://\S+)$", re.M)  # printed by serve/server.py run_server
+
+
+class ServerProcess(NamedTuple):
+    proc: subprocess.Popen
+    url: str
+    log: Path  # its stdout and stderr
+
+
+@contextlib.contextmanager
+def cli_server(*args, ready: tuple[str, ...] = ("/health",), timeout: float = 120, env: dict | None = None,
+               log: Path | None = None, own_port: bool = False) -> Iterator[ServerProcess]:
+    """`python -m vicuna ARGS` serving on 127.0.0.1 in a subprocess, as a user starts it: yields a
+    ServerProcess (process, URL, log) once it listens and every path in ``ready`` answers 200; stops it
+    after (SIGTERM, then SIGKILL).
+
+    Every test that starts a server process goes through here (in-process servers use ServerThread, which
+    binds port 0 itself). The server binds port 0 and prints where it listens:
+    picking a free port first and passing it on raced with every other process on the machine (EADDRINUSE
+    under load). A worker must be told its port before it binds (it registers its address with the
+    controller first): ``own_port`` passes one and starts again on another if it was taken meanwhile.
+    The output goes to ``log`` (a temporary file otherwise); its tail is in the failure when the server
+    exits early or never comes up.
+    """
+    with contextlib.ExitStack() as stack:
+        if log is None:
+            log = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "server.log"
+
+        def start(port: int) -> ServerProcess:
+            return _start_server([*map(str, args), "--host", "127.0.0.1", "--port", str(port)], env, log,
+                                 ready, timeout)
+
+        server = retry_on_port_clash(start) if own_port else start(0)
+        try:
+            yield server
+        finally:
+            stop_process(server.proc)
+
+
+def _start_server(args: list[str], env: dict | None, log: Path, ready: tuple[str, ...],
+                  timeout: float) -> ServerProcess:
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vicuna", *args], cwd=ROOT, env={**cli_env(), **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = log.read_text(errors="replace")
+            if proc.poll() is not None:
+                if "address already in use" in text.lower():
+                    raise OSError(errno.EADDRINUSE, f"vicuna {' '.join(args)}: the port was taken:\n{text[-3000:]}")
+                pytest.fail(f"vicuna {' '.join(args)} exited with {proc.returncode}:\n{text[-3000:]}")
+            listening = LISTENING.search(text)
+            if listening and all(answers_200(listening[1] + path) for path in ready):
+                return ServerProcess(proc, listening[1], log)
+            if time.monotonic() > deadline:
+                pytest.fail(f"vicuna {' '.join(args)} did not come up in {timeout:.0f} s:\n{text[-3000:]}")
+            time.sleep(0.3)
+    except BaseException:
+        stop_process(proc)
+        raise
+
+
+def answers_200(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def retry_on_port_clash(start: Callable[[int], T], attempts: int = 5) -> T:
+    """``start(port)`` on a port free a moment ago, again on another when it raises EADDRINUSE (another
+    process took the port meanwhile). Only for servers that must know their port before they bind;
+    everything else binds port 0 (see `cli_server`, ServerThread)."""
+    from vicuna.serve.server import free_port
+
+    for _ in range(attempts - 1):
+        try:
+            return start(free_port())
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+    return start(free_port())
+
+
+@pytest.fixture(scope="session")
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections (a server that is down): bound, so no other process can
+    take it, but not listening. A port that was merely free a moment ago may be someone's by now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def api_server(engine, **options) -> Iterator[str]:
+    """A module's server fixture (``yield from api_server(engine, ...)``): the OpenAI API (create_app
+    ``options``: api_keys, max_body_bytes...) over ``engine`` as model "tiny", in a thread on a port of
+    its own; yields the base URL."""
+    from vicuna.serve.model_client import LocalClient
+    from vicuna.serve.openai_api import create_app
+    from vicuna.serve.server import ServerThread
+
+    with ServerThread(create_app(LocalClient({"tiny": engine}), **options)) as url:
+        yield url
+
+
+def wait_idle(engine, timeout: float = 30.0):
+    """Wait until ``engine`` runs and queues nothing (a finished or aborted request frees its slot after
+    the reply ends); returns its stats."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.running == 0 and s.waiting == 0:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+def bradley_terry_battles(truth: dict[str, float], n: int, seed: int, tie_rate: float = 0.0
+                          ) -> list[tuple[str, str, str]]:
+    """``n`` (model_a, model_b, winner) battles whose expected score follows the Bradley-Terry model with
+    ``truth`` ratings: what the rating maths must recover, and the votes the arena's leaderboard is fed.
+
+    Ties are drawn with probability ``tie_rate * 2 * min(p, 1 - p)`` and taken half out of wins, half out of
+    losses, so a's expected score (win 1, tie 0.5) stays exactly p.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(truth)
+    battles = []
+    for _ in range(n):
+        i, j = rng.choice(len(names), size=2, replace=False)
+        a, b = names[i], names[j]
+        p = 1.0 / (1.0 + 10 ** ((truth[b] - truth[a]) / 400))
+        p_tie = tie_rate * 2 * min(p, 1 - p)
+        u = rng.random()
+        if u < p - p_tie / 2:
+            winner = "model_a"
+        elif u < p + p_tie / 2:
+            winner = "tie" if rng.random() < 0.5 else "tie (bothbad)"
+        else:
+            winner = "model_b"
+        battles.append((a, b, winner))
+    return battles
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, bradley_terry_battles, cli_env, run_cli
 
 from vicuna.serve.arena import ArenaError, ArenaStore, Battle, compute_leaderboard, identity_leak, identity_terms
 
@@ -31,16 +30,7 @@ def add_battle(store: ArenaStore, n: int, a: str, b: str, winner: str, *, anonym
 
 def synthetic_votes(store: ArenaStore, n: int, seed: int, tie_rate: float = 0.3) -> None:
     """Votes drawn from the Bradley-Terry model with TRUTH ratings; a tie keeps a's expected score at p."""
-    rng = np.random.default_rng(seed)
-    names = list(TRUTH)
-    for k in range(n):
-        i, j = rng.choice(len(names), size=2, replace=False)
-        a, b = names[i], names[j]
-        p = 1 / (1 + 10 ** ((TRUTH[b] - TRUTH[a]) / 400))
-        p_tie = tie_rate * 2 * min(p, 1 - p)
-        u = rng.random()
-        winner = ("model_a" if u < p - p_tie / 2 else
-                  ("tie" if rng.random() < 0.5 else "tie (bothbad)") if u < p + p_tie / 2 else "model_b")
+    for k, (a, b, winner) in enumerate(bradley_terry_battles(TRUTH, n, seed, tie_rate)):
         add_battle(store, k, a, b, winner, ip=f"10.0.0.{k % 7}")
 
 

@@ -14,6 +14,7 @@ import random
 import httpx
 import openai
 import pytest
+from conftest import cli_server
 from scripted_upstream import create_upstream
 from test_hostile import engine  # noqa: F401 - the module's tiny engine (a fixture)
 
@@ -23,7 +24,7 @@ from vicuna.serve.model_client import LocalClient
 from vicuna.serve.endpoint import EndpointClient, RoutedClient, load_endpoints
 from vicuna.serve.moderation import ModeratedClient, ModerationEndpoint, WordList
 from vicuna.serve.openai_api import create_app
-from vicuna.serve.server import ServerThread, free_port
+from vicuna.serve.server import ServerThread
 from vicuna.serve.web import WebApp, WebError, WebSettings
 
 KEY = "sk-endpoint-SECRET-4242"
@@ -39,7 +40,7 @@ def upstreams(engine):
         yield scripted, s_url, v_url
 
 
-def write_endpoints(tmp_path, s_url: str, v_url: str) -> str:
+def write_endpoints(tmp_path, s_url: str, v_url: str, down_port: int) -> str:
     path = tmp_path / "endpoints.yaml"
     path.write_text(f"""\
 - name: scripted-echo
@@ -57,16 +58,16 @@ def write_endpoints(tmp_path, s_url: str, v_url: str) -> str:
 - {{name: dropper, api_base: "{s_url}/v1", model: dropper}}
 - {{name: hang, api_base: "{s_url}/v1", model: hang, timeout: 1}}
 - {{name: locked, api_base: "{s_url}/v1", model: locked, api_key_env: TEST_WRONG_KEY}}
-- {{name: down, api_base: "http://127.0.0.1:{free_port()}/v1", model: echo}}
+- {{name: down, api_base: "http://127.0.0.1:{down_port}/v1", model: echo}}
 """)
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def proxy(upstreams, engine, tmp_path_factory):
+def proxy(upstreams, engine, tmp_path_factory, closed_port):
     """Our API: the endpoints of the file beside our own engine ("own")."""
     scripted, s_url, v_url = upstreams
-    path = write_endpoints(tmp_path_factory.mktemp("endpoints"), s_url, v_url)
+    path = write_endpoints(tmp_path_factory.mktemp("endpoints"), s_url, v_url, closed_port)
     client = RoutedClient(EndpointClient(load_endpoints(path), environ={
         "TEST_ENDPOINT_KEY": KEY, "TEST_WRONG_KEY": "sk-wrong-SECRET-777"}), LocalClient({"own": engine}))
     with ServerThread(create_app(client)) as url:
@@ -315,66 +316,33 @@ def test_arena_weights_steer_the_draw(arena):
 # ---------------------------------------------------------------------- the command line
 
 
-def start_cli(*args: str, env: dict | None = None):
-    """`python -m vicuna ARGS` serving on a free port: (process, url) once /health answers."""
-    import subprocess
-    import sys
-    import time
-
-    from conftest import cli_env
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vicuna", *args, "--port", str(port)],
-                            env={**cli_env(), **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.3)
-
-
 @pytest.mark.slow
 def test_serve_api_and_web_with_endpoints_alone_need_no_controller(upstreams, tmp_path):
     _, s_url, _ = upstreams
     (tmp_path / "e.yaml").write_text(f"- {{name: scripted-echo, api_base: '{s_url}/v1', model: echo, "
                                      "api_key_env: TEST_ENDPOINT_KEY}\n")
     env = {"TEST_ENDPOINT_KEY": KEY}
-    procs = []
-    try:
-        proc, api = start_cli("serve", "api", "--endpoints", str(tmp_path / "e.yaml"), env=env)
-        procs.append(proc)
-        assert [m.id for m in oai(api).models.list().data] == ["scripted-echo"]
-        reply = oai(api).chat.completions.create(model="scripted-echo", messages=[{"role": "user", "content": "hi"}])
+    with cli_server("serve", "api", "--endpoints", tmp_path / "e.yaml", env=env) as api:
+        assert [m.id for m in oai(api.url).models.list().data] == ["scripted-echo"]
+        reply = oai(api.url).chat.completions.create(model="scripted-echo", messages=[{"role": "user", "content": "hi"}])
         assert reply.choices[0].message.content == "you said: hi"
-        proc, web = start_cli("serve", "web", "--endpoints", str(tmp_path / "e.yaml"), "--arena-db",
-                              str(tmp_path / "arena.db"), env=env)
-        procs.append(proc)
-        assert httpx.get(web + "/", timeout=30).status_code == 200
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=30)
+        with cli_server("serve", "web", "--endpoints", tmp_path / "e.yaml", "--arena-db", tmp_path / "arena.db",
+                        env=env) as web:
+            assert httpx.get(web.url + "/", timeout=30).status_code == 200
 
 
 def test_cli_refuses_a_missing_key_and_explains_the_flags(tmp_path):
     from conftest import run_cli
 
     (tmp_path / "e.yaml").write_text("- {name: a, api_base: 'http://127.0.0.1:9/v1', api_key_env: TEST_UNSET_KEY}\n")
-    out = run_cli("serve", "api", "--endpoints", str(tmp_path / "e.yaml"), "--port", str(free_port()))
+    out = run_cli("serve", "api", "--endpoints", str(tmp_path / "e.yaml"), "--port", "0")
     assert out.returncode == 2 and "TEST_UNSET_KEY" in out.stderr and "Traceback" not in out.stderr
     for verb in (("api",), ("web",), ()):
         h = run_cli("serve", *verb, "--help")
         assert "--endpoints" in h.stdout and "--moderation-endpoint" in h.stdout
 
 
-def test_a_controller_serves_endpoints_to_its_front_ends(upstreams, tmp_path):
+def test_a_controller_serves_endpoints_to_its_front_ends(upstreams, tmp_path, closed_port):
     """`serve controller --endpoints FILE`: front ends get the upstreams through the controller, with
     neither the file nor the keys."""
     from vicuna.serve.model_client import ControllerClient
@@ -384,7 +352,7 @@ def test_a_controller_serves_endpoints_to_its_front_ends(upstreams, tmp_path):
     (tmp_path / "e.yaml").write_text(
         f"- {{name: scripted-echo, api_base: '{s_url}/v1', model: echo, api_key_env: TEST_ENDPOINT_KEY}}\n"
         f"- {{name: limited, api_base: '{s_url}/v1', model: ratelimited}}\n"
-        f"- {{name: down, api_base: 'http://127.0.0.1:{free_port()}/v1', model: echo}}\n")
+        f"- {{name: down, api_base: 'http://127.0.0.1:{closed_port}/v1', model: echo}}\n")
     endpoints = EndpointClient(load_endpoints(tmp_path / "e.yaml"), environ={"TEST_ENDPOINT_KEY": KEY})
     limited_before = sum(call["body"].get("model") == "ratelimited" for call in scripted.state.calls)
     with ServerThread(create_controller_app(secret="s", endpoints=endpoints)) as ctl, \

@@ -15,8 +15,9 @@ import time
 
 import httpx
 import pytest
+from conftest import cli_server
 from scripted_upstream import create_upstream
-from test_web_browser import browser_page, db_rows, web_process
+from test_web_browser import browser_page, db_rows
 
 from vicuna.serve.server import ServerThread
 
@@ -43,11 +44,11 @@ def server(tiny_model_dir, upstream, tmp_path_factory):
         f"- {{name: remote-qz, api_base: '{up_url}/v1', model: echo, api_key_env: TEST_REMOTE_KEY}}\n"
         f"- {{name: locked-qz, api_base: '{up_url}/v1', model: locked, api_key_env: TEST_LOCKED_KEY}}\n")
     db, log_path = tmp / "arena.db", tmp / "server.log"
-    with web_process(["--debug", "serve", "--model-path", str(tiny_model_dir), "--model-name", LOCAL,
-                      "--default-max-tokens", "24", "--web", "--arena-db", str(db), "--endpoints",
-                      str(tmp / "endpoints.yaml"), "--arena-weights", "locked-qz=0"], log_path,
-                     env={"TEST_REMOTE_KEY": KEY, "TEST_LOCKED_KEY": WRONG_KEY}) as url:
-        yield url, db, log_path
+    with cli_server("--debug", "serve", "--model-path", tiny_model_dir, "--model-name", LOCAL,
+                    "--default-max-tokens", "24", "--web", "--arena-db", db, "--endpoints", tmp / "endpoints.yaml",
+                    "--arena-weights", "locked-qz=0", ready=("/health", "/"), timeout=180, log=log_path,
+                    env={"TEST_REMOTE_KEY": KEY, "TEST_LOCKED_KEY": WRONG_KEY}) as web:
+        yield web.url, db, log_path
 
 
 @pytest.fixture(scope="module")

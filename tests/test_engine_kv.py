@@ -7,11 +7,11 @@ here fails if batching, paging or preemption changes what a request gets.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
 import pytest
+from conftest import wait_idle
 
 from vicuna.conversation import encode, render_prompt
 from vicuna.generation import SamplingParams, generate, sampling_params
@@ -47,16 +47,6 @@ def budget_for(loaded, tokens):
 
 async def collect(engine, ids, params):
     return "".join([d.text async for d in engine.stream(ids, params)])
-
-
-def wait_idle(engine, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.running == 0 and s.waiting == 0:
-            return s
-        time.sleep(0.02)
-    raise AssertionError(f"engine still busy: {engine.stats()}")
 
 
 # ---------------------------------------------------------------------- sizing

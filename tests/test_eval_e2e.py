@@ -5,15 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_server, run_cli
 from test_eval_fakes import Reply, ScriptedServer, user_text
 from vicuna.eval.records import builtin_questions_path
 
@@ -24,40 +19,12 @@ UNPARSED_AT = (11, 1, "refbot")  # (question, turn, model shown first): the judg
 FAILING_AT = (16, 2, "tiny")  # the judge endpoint answers 500 every time
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served_model(model_dir, name: str, *extra: str, start_timeout: float = 300):
-    """`vicuna serve MODEL` in a subprocess on a free loopback port; yields its /v1 base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "serve", "--model-path", str(model_dir), "--model-name", name,
-         "--port", str(port), *extra], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vicuna serve exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(f"vicuna serve did not come up in {start_timeout:.0f} s")
-            time.sleep(0.3)
-        yield f"{base}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """`vicuna serve MODEL` in a subprocess on a loopback port of its own; yields its /v1 base URL."""
+    with cli_server("serve", "--model-path", model_dir, "--model-name", name, *extra, ready=("/v1/models",),
+                    timeout=start_timeout) as server:
+        yield f"{server.url}/v1"
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
+from conftest import bradley_terry_battles
 
 from vicuna.ratings import (
     bootstrap_bradley_terry,
@@ -18,27 +18,8 @@ TRUTH = {"alpha": 1200.0, "bravo": 1100.0, "charlie": 1000.0, "delta": 900.0, "e
 
 
 def synthetic_battles(n: int, seed: int, tie_rate: float = 0.0):
-    """Battles whose expected score follows the BT model with TRUTH ratings.
-
-    Ties are drawn with probability ``tie_rate * 2 * min(p, 1 - p)`` and taken half out of
-    wins, half out of losses, so a's expected score (win 1, tie 0.5) stays exactly p.
-    """
-    rng = np.random.default_rng(seed)
-    names = list(TRUTH)
-    battles = []
-    for _ in range(n):
-        a, b = rng.choice(len(names), size=2, replace=False)
-        ma, mb = names[a], names[b]
-        p = 1.0 / (1.0 + 10 ** ((TRUTH[mb] - TRUTH[ma]) / 400))
-        p_tie = tie_rate * 2 * min(p, 1 - p)
-        u = rng.random()
-        if u < p - p_tie / 2:
-            battles.append((ma, mb, "model_a"))
-        elif u < p + p_tie / 2:
-            battles.append((ma, mb, "tie" if rng.random() < 0.5 else "tie (bothbad)"))
-        else:
-            battles.append((ma, mb, "model_b"))
-    return battles
+    """Battles whose expected score follows the BT model with TRUTH ratings."""
+    return bradley_terry_battles(TRUTH, n, seed, tie_rate)
 
 
 def test_recovers_order_and_values():

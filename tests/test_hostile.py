@@ -17,11 +17,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from conftest import api_server
 
-from vicuna.serve.model_client import LocalClient
 from vicuna.serve.controller import create_controller_app
 from vicuna.serve.engine import EngineConfig, HFEngine
-from vicuna.serve.openai_api import create_app
 from vicuna.serve.server import ServerThread
 from vicuna.serve.worker import create_worker_app
 
@@ -173,8 +172,7 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(create_app(LocalClient({"tiny": engine}), api_keys=[KEY], max_body_bytes=2_000_000)) as url:
-        yield url
+    yield from api_server(engine, api_keys=[KEY], max_body_bytes=2_000_000)
 
 
 def request_on_kept_connection(url: str, method: str, path: str, body, headers: dict) -> tuple[int, dict, bool]:

@@ -8,16 +8,10 @@ session (conftest ``real_model``). Generations are short: this model decodes ~10
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from conftest import cli_server, run_cli
 
 pytestmark = pytest.mark.real_model
 
@@ -72,42 +66,11 @@ def test_generation_config_eos_ids_stop_every_path(real_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """`vicuna serve --web` with no --model-path: the default model, API and web UI on one port."""
-    from vicuna.serve.server import free_port
-
     tmp = tmp_path_factory.mktemp("real-serve")
-    port = free_port()
-    log = open(tmp / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "serve", "--web", "--arena-db", str(tmp / "arena.db"),
-         "--max-batch-size", "4", "--max-model-len", "2048", "--default-max-tokens", "32",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200 and urllib.request.urlopen(url + "/", timeout=10).status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not come up in 300 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with cli_server("serve", "--web", "--arena-db", tmp / "arena.db", "--max-batch-size", "4", "--max-model-len",
+                    "2048", "--default-max-tokens", "32", ready=("/health", "/"), timeout=300,
+                    log=tmp / "server.log") as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import openai
 import pytest
+from conftest import api_server, cli_server, wait_idle
 
 from vicuna.conversation import encode, render_prompt
 from vicuna.generation import SamplingParams, generate
@@ -25,7 +25,7 @@ from vicuna.serve.model_client import LocalClient
 from vicuna.serve.core import GenerateRequest
 from vicuna.serve.engine import EngineConfig, HFEngine
 from vicuna.serve.openai_api import create_app
-from vicuna.serve.server import ServerThread, free_port
+from vicuna.serve.server import ServerThread
 
 KEY = "sk-test"
 HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
@@ -65,23 +65,12 @@ def engine(request, loaded):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ServerThread(create_app(LocalClient({"tiny": engine}), api_keys=[KEY], max_body_bytes=200_000)) as url:
-        yield url
+    yield from api_server(engine, api_keys=[KEY], max_body_bytes=200_000)
 
 
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
-
-
-def wait_idle(engine, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.running == 0 and s.waiting == 0:
-            return s
-        time.sleep(0.02)
-    raise AssertionError(f"engine still busy: {engine.stats()}")
 
 
 def prompt_tokens(model, messages):
@@ -516,36 +505,13 @@ def test_health_and_prometheus_metrics(server, client):
 
 @pytest.mark.slow
 def test_cli_serves_two_models_in_one_process(tiny_model_dir, sp_model_dir):
-    import subprocess
-    import sys
-
-    from conftest import cli_env
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "serve", "--model-path", str(tiny_model_dir), "--model-path",
-         str(sp_model_dir), "--model-name", "bpe", "--model-name", "sp", "--port", str(port), "--device", "cpu",
-         "--api-keys", "k1,k2"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
-        c = openai.OpenAI(base_url=url + "/v1", api_key="k2", max_retries=0)
+    with cli_server("serve", "--model-path", tiny_model_dir, "--model-path", sp_model_dir, "--model-name", "bpe",
+                    "--model-name", "sp", "--device", "cpu", "--api-keys", "k1,k2") as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="k2", max_retries=0)
         assert sorted(m.id for m in c.models.list().data) == ["bpe", "sp"]
         for name in ("bpe", "sp"):
             r = c.chat.completions.create(model=name, messages=HELLO, max_tokens=5)
             assert r.model == name and r.usage.completion_tokens >= 1
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_cli_help_explains_and_bad_usage_exits_2(tmp_path):
@@ -556,37 +522,16 @@ def test_cli_help_explains_and_bad_usage_exits_2(tmp_path):
     for verb in ("worker", "controller", "api"):
         h = run_cli("serve", verb, "--help")
         assert h.returncode == 0 and "Example" in h.stdout
-    bad = run_cli("serve", "--model-path", str(tmp_path / "missing"), "--port", str(free_port()))
+    bad = run_cli("serve", "--model-path", str(tmp_path / "missing"), "--port", "0")
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_controller_and_api_front_end():
-    import subprocess
-    import sys
-
-    from conftest import cli_env
-
-    env = dict(cli_env(), VICUNA_SECRET="s")
-    cport, aport = free_port(), free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "vicuna", "serve", "controller", "--port", str(cport)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, "-m", "vicuna", "serve", "api", "--port", str(aport), "--controller",
-                               f"http://127.0.0.1:{cport}"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)]
-    try:
-        def up(port):
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        deadline = time.monotonic() + 60
-        while not (up(cport) and up(aport)):
-            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        assert httpx.get(f"http://127.0.0.1:{cport}/workers").status_code == 401  # the secret is required
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{aport}/v1", api_key="x", max_retries=0)
+    env = {"VICUNA_SECRET": "s"}
+    with cli_server("serve", "controller", env=env, timeout=60) as ctl, \
+            cli_server("serve", "api", "--controller", ctl.url, env=env, timeout=60) as api:
+        assert httpx.get(f"{ctl.url}/workers").status_code == 401  # the secret is required
+        c = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x", max_retries=0)
         assert c.models.list().data == []
         # Right after a controller (re)start its workers may not have registered yet: 503 + Retry-After,
         # which clients retry, not a 404 they give up on.
@@ -594,7 +539,3 @@ def test_cli_controller_and_api_front_end():
             c.chat.completions.create(model="tiny", messages=HELLO)
         assert e.value.status_code == 503 and e.value.response.headers["retry-after"]
         assert e.value.body["code"] == "model_unavailable" and "just started" in e.value.body["message"]
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=30)

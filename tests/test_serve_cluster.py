@@ -6,21 +6,20 @@ The controller and API run in-process (threads), the workers are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import cli_env
+from conftest import cli_server
 from vicuna.serve.model_client import ControllerClient
 from vicuna.serve.controller import create_controller_app
 from vicuna.serve.openai_api import create_app
-from vicuna.serve.server import ServerThread, free_port
+from vicuna.serve.server import ServerThread
 
 pytestmark = pytest.mark.slow
 
@@ -43,35 +42,27 @@ def wait_for(predicate, timeout: float, what: str):
 def cluster(tiny_model_dir):
     controller = ServerThread(create_controller_app(secret=SECRET, heartbeat_expiry=EXPIRY))
     controller.start()
-    env = cli_env()
-    env["VICUNA_SECRET"] = SECRET
-    workers = []
-    for _ in range(2):
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vicuna", "serve", "worker", "--model-path", str(tiny_model_dir),
-             "--model-name", "tiny", "--controller", controller.url, "--port", str(port), "--device", "cpu",
-             "--heartbeat-interval", "0.5"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        workers.append((proc, f"http://127.0.0.1:{port}"))
     auth = {"Authorization": f"Bearer {SECRET}"}
 
     def live():
         return httpx.get(controller.url + "/workers", headers=auth).json()["workers"]
 
     try:
-        for proc, _ in workers:
-            assert proc.poll() is None, proc.stderr.read()
-        wait_for(lambda: len(live()) == 2 or any(p.poll() is not None for p, _ in workers), 120, "two workers")
-        assert len(live()) == 2, [p.stderr.read() for p, _ in workers if p.poll() is not None]
-        api = ServerThread(create_app(ControllerClient(controller.url, secret=SECRET)))
-        api.start()
-        yield {"controller": controller.url, "api": api.url, "workers": workers, "auth": auth, "live": live}
-        api.stop()
+        with contextlib.ExitStack() as stack:
+            # own_port: a worker registers its address with the controller before it binds
+            workers = [stack.enter_context(cli_server(
+                "serve", "worker", "--model-path", tiny_model_dir, "--model-name", "tiny", "--controller",
+                controller.url, "--device", "cpu", "--heartbeat-interval", "0.5", env={"VICUNA_SECRET": SECRET},
+                own_port=True)) for _ in range(2)]
+            wait_for(lambda: len(live()) == 2 or any(w.proc.poll() is not None for w in workers), 120,
+                     "two workers")
+            assert len(live()) == 2, [w.log.read_text()[-3000:] for w in workers if w.proc.poll() is not None]
+            api = ServerThread(create_app(ControllerClient(controller.url, secret=SECRET)))
+            api.start()
+            yield {"controller": controller.url, "api": api.url, "workers": [(w.proc, w.url) for w in workers],
+                   "auth": auth, "live": live}
+            api.stop()
     finally:
-        for proc, _ in workers:
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait(timeout=30)
         controller.stop()
 
 

@@ -8,11 +8,13 @@ swapped for one that serves the built app on a loopback thread while the test ta
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 
 import httpx
 import openai
 import pytest
+from conftest import retry_on_port_clash
 
 from vicuna.serve import launch
 from vicuna.serve import server as server_mod
@@ -109,7 +111,7 @@ def test_vicuna_serve_flags_reach_the_engine_and_serve(tiny_model_dir, monkeypat
     assert main(["serve", "--model-path", str(tiny_model_dir), "--model-name", "tiny", "--device", "cpu",
                  "--max-batch-size", "3", "--max-queue", "5", "--max-model-len", "200", "--api-keys", "sk-a,sk-b",
                  "--web", "--arena-db", str(tiny_model_dir.parent / "arena.db"), "--web-concurrency", "2",
-                 "--port", str(server_mod.free_port())]) == 0
+                 "--port", "0"]) == 0
     model, engine = seen["tiny"]
     assert (engine.config.max_batch_size, engine.config.max_queue, engine.max_model_len) == (3, 5, 200)
     assert model.device == "cpu" and engine._thread is None  # stopped on the way out
@@ -137,16 +139,17 @@ def test_worker_controller_api_and_web_verbs_go_through_launch(tiny_model_dir, m
                 assert r.choices[0].finish_reason in ("stop", "length")
 
         monkeypatch.setattr(server_mod, "run_server", Served(worker_check))
-        assert main(["serve", "worker", "--model-path", str(tiny_model_dir), "--model-name", "w", "--device", "cpu",
-                     "--max-batch-size", "2", "--controller", ctl, "--heartbeat-interval", "0.2",
-                     "--port", str(server_mod.free_port())]) == 0
+        # A worker registers its address before it binds, so it is told a port rather than given port 0.
+        assert retry_on_port_clash(lambda port: main([
+            "serve", "worker", "--model-path", str(tiny_model_dir), "--model-name", "w", "--device", "cpu",
+            "--max-batch-size", "2", "--controller", ctl, "--heartbeat-interval", "0.2", "--port", str(port)])) == 0
 
         def api_check(url):
             assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()["data"] == []
             assert httpx.get(url + "/v1/models").status_code == 401
 
         monkeypatch.setattr(server_mod, "run_server", Served(api_check))
-        assert main(["serve", "api", "--controller", ctl, "--api-keys", "k", "--port", str(server_mod.free_port())]) == 0
+        assert main(["serve", "api", "--controller", ctl, "--api-keys", "k", "--port", "0"]) == 0
 
         def web_check(url):
             assert httpx.get(url + "/health").json() == {"status": "ok"}
@@ -154,7 +157,7 @@ def test_worker_controller_api_and_web_verbs_go_through_launch(tiny_model_dir, m
 
         monkeypatch.setattr(server_mod, "run_server", Served(web_check))
         assert main(["serve", "web", "--controller", ctl, "--arena-db", str(tmp_path / "a.db"),
-                     "--rate-limit", "3", "--port", str(server_mod.free_port())]) == 0
+                     "--rate-limit", "3", "--port", "0"]) == 0
         assert (tmp_path / "a.db").exists()
 
         def controller_check(url):
@@ -162,9 +165,34 @@ def test_worker_controller_api_and_web_verbs_go_through_launch(tiny_model_dir, m
             assert httpx.post(url + "/list_models").status_code == 401
 
         monkeypatch.setattr(server_mod, "run_server", Served(controller_check))
-        assert main(["serve", "controller", "--heartbeat-expiry", "3", "--port", str(server_mod.free_port())]) == 0
+        assert main(["serve", "controller", "--heartbeat-expiry", "3", "--port", "0"]) == 0
     finally:
         controller.stop()
+
+
+def test_a_taken_port_is_eaddrinuse_to_the_caller_and_the_retry_moves_on():
+    """ServerThread binds port 0 unless told a port; a port in use raises OSError(EADDRINUSE) where it was asked
+    for, which is what lets a server that must be told its port (a worker) start again on another."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    with server_mod.ServerThread(app) as url:
+        taken = int(url.rsplit(":", 1)[1])
+        assert taken != 0
+        with pytest.raises(OSError) as e:
+            server_mod.ServerThread(app, port=taken).start()
+        assert e.value.errno == errno.EADDRINUSE
+
+        tried = []
+
+        def start(port):  # the first port offered has been taken meanwhile
+            tried.append(port)
+            thread = server_mod.ServerThread(app, port=taken if len(tried) == 1 else port)
+            thread.start()
+            thread.stop()
+            return thread.port
+
+        assert retry_on_port_clash(start) not in (0, taken) and len(tried) == 2
 
 
 def test_eval_answer_local_server_goes_through_launch(tiny_model_dir, monkeypatch, tmp_path):

@@ -96,7 +96,6 @@ def test_prompt_text_and_ids_match_the_hf_model_and_llama_cpp(real_model_dir):
     from vicuna.conversation import encode, render_prompt
     from vicuna.model import load_model
     from vicuna.serve.engine_llamacpp import load_gguf_tokenizer
-    from vicuna.serve.server import free_port
 
     gguf = smollm2_gguf()
     hf = load_model(real_model_dir, device="cpu")
@@ -108,8 +107,8 @@ def test_prompt_text_and_ids_match_the_hf_model_and_llama_cpp(real_model_dir):
              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ünïcödé 😀\n\n  spaces"},
               {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "def f(x): return x"}]]
     p = xllamacpp.CommonParams()
-    p.model.path, p.hostnames, p.port, p.verbosity, p.n_ctx = str(gguf), ["127.0.0.1"], free_port(), -1, 512
-    server = xllamacpp.Server(p)
+    p.model.path, p.hostnames, p.port, p.verbosity, p.n_ctx = str(gguf), ["127.0.0.1"], 0, -1, 512
+    server = xllamacpp.Server(p)  # port 0: it binds one the OS picks and says which in listening_address
     try:
         for msgs in convs:
             text = render_prompt(template, msgs, tok)

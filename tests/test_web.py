@@ -176,18 +176,26 @@ class StallingClient(ScriptedClient):
             StallingClient.closed += 1
 
 
+async def chat_until_stalled(app: WebApp, stop_key: str) -> tuple[asyncio.Task, list]:
+    """Start a chat with a StallingClient's "alpha" and return once its words are out and it stalls:
+    (the task consuming the stream, the list it appends each output to)."""
+    outs = []
+
+    async def consume():
+        async for out in app.chat_stream(session({"role": "user", "content": "go"}), "alpha", 0.7, 1, 16, IP,
+                                          stop_key=stop_key):
+            outs.append(copy.deepcopy(out))
+    task = asyncio.create_task(consume())
+    while not outs or outs[-1][0][-1]["content"] != "one two":
+        await asyncio.sleep(0.01)
+    return task, outs
+
+
 def test_stop_button_ends_a_stalled_stream_and_keeps_the_text(store):
     app = make_app(store, StallingClient({"alpha": "", "bravo": ""}))
 
     async def run(reason):
-        outs = []
-        async def consume():
-            async for out in app.chat_stream(session({"role": "user", "content": "go"}), "alpha", 0.7, 1, 16, IP,
-                                              stop_key="s1:chat"):
-                outs.append(copy.deepcopy(out))
-        task = asyncio.create_task(consume())
-        while not outs or outs[-1][0][-1]["content"] != "one two":
-            await asyncio.sleep(0.01)
+        task, outs = await chat_until_stalled(app, "s1:chat")
         assert app.request_stop("s1:chat", reason)
         await asyncio.wait_for(task, 5)
         return outs
@@ -426,14 +434,7 @@ def test_browser_gone_while_waiting_closes_the_model_stream(store):
     before = StallingClient.closed
 
     async def run():
-        outs = []
-        async def consume():
-            async for out in app.chat_stream(session({"role": "user", "content": "go"}), "alpha", 0.7, 1, 16, IP,
-                                              stop_key="s2:chat"):
-                outs.append(copy.deepcopy(out))
-        task = asyncio.create_task(consume())
-        while not outs or outs[-1][0][-1]["content"] != "one two":
-            await asyncio.sleep(0.01)
+        task, outs = await chat_until_stalled(app, "s2:chat")
         await asyncio.sleep(0.05)  # now waiting inside the stalled stream
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

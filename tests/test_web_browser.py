@@ -11,14 +11,10 @@ import contextlib
 import json
 import re
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env
+from conftest import cli_server
 
 pytestmark = pytest.mark.slow
 
@@ -36,52 +32,16 @@ def second_model_dir(tmp_path_factory, bpe_tokenizer):
     return save_model(make_tiny_llama(bpe_tokenizer, seed=7), bpe_tokenizer, path)
 
 
-@contextlib.contextmanager
-def web_process(args: list[str], log_path: Path, env: dict | None = None):
-    """`python -m vicuna ARGS --port P` (a web UI server) in a subprocess, logging to ``log_path``;
-    yields its URL once /health and / answer."""
-    from vicuna.serve.server import free_port
-
-    port = free_port()
-    log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "vicuna", *args, "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env={**cli_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200 and urllib.request.urlopen(url + "/", timeout=5).status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not come up in 180 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def web_server(tiny_model_dir, second_model_dir, tmp_path_factory):
     """`vicuna serve --model-path A --model-path B --web` in a subprocess; yields (url, arena db path)."""
     tmp = tmp_path_factory.mktemp("web")
     db = tmp / "arena.db"
-    with web_process(["serve", "--model-path", str(tiny_model_dir), "--model-path", str(second_model_dir),
-                      "--model-name", NAMES[0], "--model-name", NAMES[1], "--default-max-tokens", "48", "--web",
-                      "--arena-db", str(db), "--max-input-chars", "200"], tmp / "server.log") as url:
-        yield url, db
+    with cli_server("serve", "--model-path", tiny_model_dir, "--model-path", second_model_dir, "--model-name",
+                    NAMES[0], "--model-name", NAMES[1], "--default-max-tokens", "48", "--web", "--arena-db", db,
+                    "--max-input-chars", "200", ready=("/health", "/"), timeout=180,
+                    log=tmp / "server.log") as server:
+        yield server.url, db
 
 
 @contextlib.contextmanager

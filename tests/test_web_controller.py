@@ -7,11 +7,10 @@ import asyncio
 import random
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, cli_server
 
 from vicuna.serve.arena import ArenaStore
 from vicuna.serve.model_client import ControllerClient
@@ -73,11 +72,9 @@ def test_battle_through_controller(controller, tmp_path):
     asyncio.run(scenario())
 
 
-def test_unreachable_controller_is_named(tmp_path):
-    from vicuna.serve.server import free_port
-
+def test_unreachable_controller_is_named(tmp_path, closed_port):
     async def scenario():
-        client = ControllerClient(f"http://127.0.0.1:{free_port()}")
+        client = ControllerClient(f"http://127.0.0.1:{closed_port}")
         app = WebApp(client, ArenaStore(tmp_path / "arena.db", salt="s"))
         try:
             with pytest.raises(WebError) as e:
@@ -93,32 +90,14 @@ def test_unreachable_controller_is_named(tmp_path):
 
 
 def test_serve_web_verb_serves_the_page(controller, tmp_path):
-    from vicuna.serve.server import free_port
-
-    port = free_port()
     db = tmp_path / "web.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna", "serve", "web", "--controller", controller, "--arena-db", str(db),
-         "--port", str(port)], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
-                    page = r.read().decode()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "vicuna serve web did not come up"
-                time.sleep(0.5)
+    with cli_server("serve", "web", "--controller", controller, "--arena-db", db, ready=("/",), timeout=90) as web:
+        with urllib.request.urlopen(f"{web.url}/", timeout=10) as r:
+            page = r.read().decode()
         assert "gradio" in page.lower()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        with urllib.request.urlopen(f"{web.url}/health", timeout=5) as r:
             assert r.status == 200
         assert db.exists()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
     bad = subprocess.run([sys.executable, "-m", "vicuna", "serve", "web", "--controller", controller,
                           "--rate-limit", "-1"], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60)
