@@ -49,6 +49,7 @@ def test_clean_split_and_training_reject_a_stray_system_turn_alike(tmp_path, bpe
     bpe_tokenizer.save_pretrained(tok_dir)
     src, out, report = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "report.json"
     src.write_text(json.dumps(STRAY_SYSTEM) + "\n")
-    split_file(str(src), str(out), tokenizer_path=str(tok_dir), max_length=512, report_path=str(report))
+    split_file(str(src), str(out), tokenizer_path=str(tok_dir), max_length=512, report_path=str(report),
+               conv_template="vicuna_v1.1")  # the tokenizer has no chat_template of its own
     assert out.read_text() == "" and json.loads(report.read_text())["bad_records"]["reasons"] == {
         "roles_not_alternating": 1}

@@ -114,8 +114,8 @@ def build_demo_data(work: Path, seed: int = 0) -> tuple[Path, Path]:
     train_file, test_file = work / "train.json", work / "test.json"
     _step("train/test", ["data", "train-test", d("split.json"), "--test-fraction", "0.05", "--seed", str(seed),
                          "--train-out", str(train_file), "--test-out", str(test_file)])
-    _step("stats", ["data", "stats", str(train_file), "--tokenizer", d("tokenizer"), "--plot", d("lengths.png"),
-                    "--json", d("stats.json")])
+    _step("stats", ["data", "stats", str(train_file), "--tokenizer", d("tokenizer"), "--conv-template", TEMPLATE,
+                    "--plot", d("lengths.png"), "--json", d("stats.json")])
     return train_file, test_file
 
 
