@@ -279,6 +279,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _terminated = threading.Event()
+_owner: int | None = None  # the process that installed the handler (forked children inherit it)
 
 
 def raise_on_sigterm() -> None:
@@ -314,9 +315,6 @@ def _quiet_when_terminated(unraisable) -> None:
     """A swallowed :class:`Terminated` is not lost (:func:`terminated` carries it): print no traceback for it."""
     if not isinstance(unraisable.exc_value, Terminated):
         sys.__unraisablehook__(unraisable)
-
-
-_owner: int | None = None
 
 
 # ----------------------------------------------------------------------------- reading

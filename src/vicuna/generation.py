@@ -296,8 +296,8 @@ def logprob_token_text(tokenizer: Any, token_id: int) -> str:
     byte = _SENTENCEPIECE_BYTE.fullmatch(piece)
     if byte:
         raw = bytes([int(byte.group(1), 16)])
-    elif piece and all(c in _byte_level_decoder() for c in piece):
-        raw = bytes(_byte_level_decoder()[c] for c in piece)
+    elif piece and all(c in (decoder := _byte_level_decoder()) for c in piece):
+        raw = bytes(decoder[c] for c in piece)
     else:
         return text  # a tokenizer of another kind: its text is all we know
     try:
