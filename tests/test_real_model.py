@@ -64,13 +64,18 @@ def test_generation_config_eos_ids_stop_every_path(real_model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
+def default_process(tmp_path_factory):
     """`vicuna serve --web` with no --model-path: the default model, API and web UI on one port."""
     tmp = tmp_path_factory.mktemp("real-serve")
     with cli_server("serve", "--web", "--arena-db", tmp / "arena.db", "--max-batch-size", "4", "--max-model-len",
                     "2048", "--default-max-tokens", "32", ready=("/health", "/"), timeout=300,
                     log=tmp / "server.log") as server:
-        yield server.url
+        yield server
+
+
+@pytest.fixture(scope="module")
+def default_server(default_process):
+    return default_process.url
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +94,19 @@ def expected(real_model, messages, max_new_tokens=24):
     params = sampling_params(real_model.defaults, max_new_tokens=max_new_tokens, strip_leading=True)
     text, finish, completion = generate(real_model.model, real_model.tokenizer, ids, params)
     return text, len(ids), completion, finish
+
+
+def test_the_default_server_runs_in_16_bit_where_the_cpu_computes_it(client, default_process, real_model):
+    """--dtype auto: bfloat16 on a CPU with AVX512-BF16/AMX (half the bytes per decode step), else float32; the
+    log says which. The in-process model of these tests loads the same way, so their answers compare."""
+    import torch
+
+    from vicuna.model import cpu_has_native_bf16
+
+    client.models.list()  # up
+    want = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert f"loaded SmolLM2-135M-Instruct on cpu in {want}" in default_process.log.read_text()
+    assert real_model.model.dtype == getattr(torch, want)
 
 
 def test_api_chat_non_stream_answers_with_exact_usage(client, real_model):

@@ -33,7 +33,7 @@ HELLO = [{"role": "user", "content": "Hello! What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", model_name="tiny")
+    return load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")  # batch-invariant
 
 
 def start_engine(backend: str, loaded, **config):
@@ -146,7 +146,7 @@ def test_engine_long_joiner_keeps_outputs_exact(loaded):
 
 
 def test_engine_eager_attention_float_mask_matches(tiny_model_dir):
-    eager = load_model(tiny_model_dir, device="cpu", model_name="tiny")
+    eager = load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")
     eager.model.set_attn_implementation("eager")
     engine = HFEngine(eager, EngineConfig(max_batch_size=4)).start()
     prompts = [[{"role": "user", "content": "hi " * (1 + 3 * i)}] for i in range(4)]

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from conftest import cli_server
+from vicuna.model import cpu_has_native_bf16
 from vicuna.serve.model_client import ControllerClient
 from vicuna.serve.controller import create_controller_app
 from vicuna.serve.openai_api import create_app
@@ -82,6 +83,7 @@ def test_worker_endpoints(cluster):
     assert httpx.post(address + "/worker_get_conv_template", headers=h).json()["conv"]["name"] == "vicuna_v1.1"
     details = httpx.post(address + "/model_details", headers=h).json()
     assert details["context_length"] == 512 and details["model"] == "tiny"
+    assert details["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")  # --dtype auto, a float32 model
     emb = httpx.post(address + "/worker_get_embeddings", json={"input": ["a", "b"]}, headers=h).json()
     assert len(emb["embeddings"]) == 2 and emb["token_num"] >= 2
     assert httpx.post(address + "/worker_get_status", headers=h).json()["model_names"] == ["tiny"]

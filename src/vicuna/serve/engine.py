@@ -370,6 +370,7 @@ class HFEngine(EngineBase):
         return {
             "model": self.name, "backend": self.backend, "context_length": self.max_model_len,
             "conv_template": getattr(t, "name", "jinja"), "device": self.loaded.device,
+            "dtype": str(self._dtype).removeprefix("torch."),
             "num_parameters": self.loaded.num_parameters, "max_batch_size": self.config.max_batch_size,
             "max_queue": self.config.max_queue, "kv_cache_tokens": self.kv_plan.tokens,
             "kv_cache_bytes": self.kv_plan.bytes, "kv_block_size": self.kv_plan.block_size,

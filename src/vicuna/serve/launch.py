@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UsageError, VicunaError
-from ..model import DEFAULT_MODEL_NAME, DEVICES, DTYPES
+from ..model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES
 from .endpoint import EndpointsConfig
 from .engine import EngineConfig
 from .moderation import ModerationConfig
@@ -57,7 +57,7 @@ class ModelConfig:
     conv_template: str | None = _f(None, "conversation template (see `vicuna templates list`); default: the "
                                          "tokenizer's chat_template, then a match on the model name")
     device: str = _f("auto", "where to run the model (hf backend)", choices=DEVICES)
-    dtype: str = _f("auto", "weights dtype; auto = bfloat16/float16 on GPU, float32 on CPU", choices=DTYPES)
+    dtype: str = _f("auto", AUTO_DTYPE_HELP, choices=DTYPES)
     num_gpus: int = _f(1, "split the model over this many GPUs (hf: device map; vllm: tensor parallel)")
     max_gpu_memory: str | None = _f(None, "GPU memory the model may use per GPU, e.g. 20GiB (hf: device-map cap; "
                                           "vllm: its gpu_memory_utilization)", metavar="SIZE")
