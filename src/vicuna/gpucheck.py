@@ -307,12 +307,13 @@ def check_hf_engine(ctx: Context, r: Result) -> None:
     from vicuna.serve.launch import ModelConfig, local_api
 
     levels = (1, 16, 64) if not ctx.dry else (1, 4)
+    reqs = [GenerateRequest(messages=[{"role": "user", "content": f"Tell me {i} things " * (i % 4 + 1)}],
+                            temperature=0, max_tokens=16) for i in range(8)]
     for label, path in ctx.models:
-        model = ModelConfig(model_path=str(path), model_name=label, device=ctx.device)
-        with local_api(model, EngineConfig(max_batch_size=64)) as (base, engines):
+        # batch invariance is promised in float32 (docs/serving.md): 16-bit kernels round by batch shape
+        exact = ModelConfig(model_path=str(path), model_name=label, device=ctx.device, dtype="float32")
+        with local_api(exact, EngineConfig(max_batch_size=64)) as (_, engines):
             engine = engines[label]
-            reqs = [GenerateRequest(messages=[{"role": "user", "content": f"Tell me {i} things " * (i % 4 + 1)}],
-                                    temperature=0, max_tokens=16) for i in range(8)]
 
             async def collect(q):
                 return "".join([d.text async for d in engine.generate(q)])
@@ -322,7 +323,11 @@ def check_hf_engine(ctx: Context, r: Result) -> None:
             async def together():
                 return await asyncio.gather(*(collect(q) for q in reqs))
 
-            r.expect(asyncio.run(together()) == alone, f"{label} on {ctx.device}: 8 batched greedy answers = alone")
+            r.expect(asyncio.run(together()) == alone,
+                     f"{label} on {ctx.device}, float32: 8 batched greedy answers = alone")
+        model = ModelConfig(model_path=str(path), model_name=label, device=ctx.device)  # --dtype auto, as served
+        with local_api(model, EngineConfig(max_batch_size=64)) as (base, engines):
+            r.note(f"{label} hf on {ctx.device}: serving in {engines[label].info()['dtype']}")
             conformance(base, label, r, f"{label} hf")
             tokens = 32 if ctx.dry else 128
             for c in levels:
