@@ -221,8 +221,11 @@ def test_waiting_requests_start_as_blocks_free_up(loaded):
 # ---------------------------------------------------------------------- batched prefill
 
 
-def test_prompts_arriving_together_are_prefilled_in_one_forward(loaded):
-    engine = HFEngine(loaded, EngineConfig()).start()
+@pytest.mark.parametrize("budget", [2048, None])
+def test_prompts_arriving_together_are_prefilled_together_within_the_budget(loaded, budget):
+    """Six prompts queued at once: one forward under a 2048-token prefill budget; under the CPU default (256
+    tokens, padding included) as many forwards as the budget needs, each newcomer's first token sooner."""
+    engine = HFEngine(loaded, EngineConfig(max_prefill_tokens=budget)).start()
     prompts = [chat_ids(loaded, "hello " * (1 + 3 * i)) for i in range(6)]
     try:
         async def run_all():
@@ -244,7 +247,15 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward(loaded):
     finally:
         engine.stop()
     assert got == [alone(loaded, ids, 12) for ids in prompts]
-    assert forwards == 1
+    if budget == 2048:
+        assert forwards == 1
+    else:  # in arrival order, each group's width x rows within 256 tokens
+        groups, rows, width = 1, 0, 0
+        for ids in prompts:
+            if rows and max(width, len(ids)) * (rows + 1) > 256:
+                groups, rows, width = groups + 1, 0, 0
+            rows, width = rows + 1, max(width, len(ids))
+        assert forwards == groups > 1
 
 
 # ---------------------------------------------------------------------- one bad row

@@ -65,9 +65,10 @@ class EngineConfig:
         "help": "prompt + completion token limit (default: the model's context length, at most what the KV "
                 "cache holds)"})
     default_max_tokens: int = field(default=512, metadata={"help": "completion budget when a request sets none"})
-    max_prefill_tokens: int = field(default=2048, metadata={
+    max_prefill_tokens: int | None = field(default=None, metadata={
         "help": "prompt tokens (padding included) prefilled together in one forward; bounds how long "
-                "decoding pauses for newcomers (one longer prompt still runs alone)"})
+                "decoding pauses for newcomers and how long the first of them waits (one longer prompt still "
+                "runs alone); default: 256 on CPU, 2048 on GPU"})
     kv_cache_memory: str | None = field(default=None, metadata={
         "help": "KV cache budget, e.g. 4GiB or 512MiB (K/M/G are powers of 1024); default: on CUDA up to 90 "
                 "percent of the GPU less what is already in use, on CPU min(a quarter of available RAM, 4 GiB)"})
@@ -82,7 +83,7 @@ class EngineConfig:
     def __post_init__(self):
         for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_prefill_tokens", "block_size",
                      "max_embedding_inputs", "max_embedding_tokens", "embedding_chunk_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ServeError(f"engine setting {name} must be >= 1, got {getattr(self, name)}", status=500)
         if self.kv_cache_memory is not None:
             parse_size(self.kv_cache_memory)  # fail at startup on an unreadable size
@@ -244,6 +245,10 @@ class HFEngine(EngineBase):
             self.model.set_attn_implementation("sdpa")
             attn = "sdpa"
         self._float_mask = attn == "eager"  # eager adds the mask; sdpa takes a boolean one
+        # Prefill groups. On CPU a prefill is compute-bound, so a big group makes every newcomer wait for all of
+        # them: SmolLM2 at 16 streams (bfloat16, 2 cores), 2048 -> 256 tokens took time to first token p50 from
+        # 0.48 to 0.22 s and throughput from 254 to 270-307 tok/s (less padding). GPUs keep vLLM's 2048.
+        self._prefill_tokens = self.config.max_prefill_tokens or (2048 if self._device.type == "cuda" else 256)
 
     def _plan_kv(self) -> tuple[KVPlan, str]:
         shape = KVShape.of(self.model.config, self._dtype)
@@ -437,6 +442,7 @@ class HFEngine(EngineBase):
         group = [] if preempted else self._admit()  # vLLM's rule: no newcomers in a step that preempted
         if group:
             self._prefill(group)
+            self._flush()  # their first tokens go out now, not after the decode step
         if self._running:
             self._decode()
         self._flush()
@@ -479,7 +485,7 @@ class HFEngine(EngineBase):
                 self._abort(r)
                 continue
             n = len(r.prompt_ids) + len(r.seq.output_ids)
-            if group and max(width, n) * (len(group) + 1) > self.config.max_prefill_tokens:
+            if group and max(width, n) * (len(group) + 1) > self._prefill_tokens:
                 break
             blocks = self._blocks.allocate(self.kv_plan.blocks_for(n + 1))  # + the slot of its next token
             if blocks is None:
