@@ -104,6 +104,7 @@ class Server:
     warm_s: float = 0.0
     results: dict = field(default_factory=dict)
     single: bool = False  # measured once per level (--single-run)
+    logs: list[Path] = field(default_factory=list)
 
     def rss(self) -> float:
         """Resident memory of the server's processes and their children, in bytes."""
@@ -165,6 +166,7 @@ def start_ours(model_dir: Path, tmp: Path, params: int, dtype: str = "auto") -> 
                params * (2 if resolved == "bfloat16" else 4), params, resolved)
     port = free_port()
     log = tmp / f"ours-{dtype}.log"
+    s.logs = [log]
     s.procs = [spawn([sys.executable, "-m", "vicuna", "serve", "--model-path", str(model_dir), "--model-name",
                       "bench", "--port", str(port), "--device", "cpu", "--dtype", dtype, "--max-queue", "1024"],
                      log, {"PYTHONPATH": str(ROOT / "src")})]
@@ -211,6 +213,7 @@ def start_fastchat(model_dir: Path, tmp: Path, sizes: tuple[int, int], python: s
     s.procs.append(spawn([python, "-m", "fastchat.serve.openai_api_server", "--host", "127.0.0.1", "--port",
                           str(aport), "--controller-address", controller], tmp / "fc-api.log"))
     s.url = f"http://127.0.0.1:{aport}"
+    s.logs = [tmp / "fc-worker.log", tmp / "fc-api.log"]
     wait_ready(s.url, s.procs, tmp / "fc-worker.log")
     deadline = time.monotonic() + 600
     while not httpx.get(s.url + "/v1/models", timeout=5).json().get("data"):  # the worker registers late
@@ -228,6 +231,7 @@ def start_hf_serve(model_dir: Path, tmp: Path, params: int, dtype: str = "float3
     s = Server(f"transformers serve --continuous-batching --dtype {dtype}", str(model_dir),
                params * (2 if dtype == "bfloat16" else 4), params, dtype)
     log = tmp / f"hf-serve-{dtype}.log"
+    s.logs = [log]
     # its KV defaults took 12+ GB here: 1024 blocks of 16 tokens hold 16 streams' prompts and answers 6 times
     s.procs = [spawn([exe, "serve", "--continuous-batching", "--cb-block-size", "16", "--cb-num-blocks", "1024",
                       "--cb-max-batch-tokens", "2048", "--device", "cpu", "--dtype", dtype, "--host",
@@ -253,6 +257,7 @@ def start_llamacpp(gguf: Path | None, tmp: Path, params: int, threads: int) -> S
         "s = x.Server(p)\nprint('listening', flush=True)\nwhile True: time.sleep(3600)\n")
     s = Server(f"llama.cpp server (Q4_1, {threads} threads)", "bench", gguf.stat().st_size, params)
     log = tmp / "llamacpp.log"
+    s.logs = [log]
     s.procs = [spawn([sys.executable, "-c", script, str(gguf), str(port), str(threads)], log)]
     s.url = f"http://127.0.0.1:{port}"
     wait_ready(s.url, s.procs, log)
@@ -437,10 +442,17 @@ def main() -> None:
                 servers.append(s)
             for c in levels:
                 for rep in range(args.repeats):
-                    for s in servers:
+                    for s in list(servers):
                         if rep and s.single:
                             continue
-                        r = asyncio.run(drive(s, c, args.requests or max(8, 2 * c), count, args.max_tokens))
+                        try:
+                            r = asyncio.run(drive(s, c, args.requests or max(8, 2 * c), count, args.max_tokens))
+                        except Exception as e:  # noqa: BLE001 - one server failing must not cost the others' run
+                            tail = "".join(f.read_text()[-1500:] for f in s.logs if f.exists())
+                            print(f"DROPPED {s.name}: {type(e).__name__}: {e}\n{tail}", file=sys.stderr)
+                            servers.remove(s)
+                            s.stop()
+                            continue
                         if c not in s.results or r["tok_s"] > s.results[c]["tok_s"]:
                             s.results[c] = r
                         print(f"{s.name:>42} c={c:<3} run {rep + 1}: {r['tok_s']:6.1f} tok/s  ttft p50 "
