@@ -125,14 +125,15 @@ def cpu_has_native_bf16() -> bool:
     import torch
 
     cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.x, so looked up softly
+    return any(getattr(cpu, check, lambda: False)() for check in checks)
 
 
 def resolve_dtype(dtype: str, device: str):
     """The weights' dtype for inference. ``auto`` serves in 16 bits wherever the hardware computes them natively,
     float32 checkpoints included, as vLLM does: decoding reads every weight once per step, so half the bytes is
-    up to twice the speed (measured on SmolLM2 with 2 AVX512-BF16 cores: 42 -> 25 ms per decode step at batch 1,
-    79 -> 54 ms at 16, and prefill ~4x). ``--dtype float32`` keeps full precision."""
+    up to twice the speed (SmolLM2 served on 2 AVX512-BF16 cores: 20 -> 33 tok/s at one stream, 127 -> 283 at
+    sixteen; docs/benchmarks.md). ``--dtype float32`` keeps full precision."""
     import torch
 
     if dtype not in DTYPES:
