@@ -158,12 +158,16 @@ def wait_ready(url: str, procs: list[subprocess.Popen], log: Path, timeout: floa
     raise RuntimeError("did not come up in time")
 
 
+def weight_bytes(params: int, dtype: str) -> int:
+    return params * (2 if dtype in ("bfloat16", "float16") else 4)
+
+
 def start_ours(model_dir: Path, tmp: Path, params: int, dtype: str = "auto") -> Server:
     from vicuna.model import resolve_dtype
 
     resolved = str(resolve_dtype(dtype, "cpu")).removeprefix("torch.")
     s = Server(f"ours (--dtype {dtype}{': ' + resolved if dtype == 'auto' else ''})", "bench",
-               params * (2 if resolved == "bfloat16" else 4), params, resolved)
+               weight_bytes(params, resolved), params, resolved)
     port = free_port()
     log = tmp / f"ours-{dtype}.log"
     s.logs = [log]
@@ -229,7 +233,7 @@ def start_hf_serve(model_dir: Path, tmp: Path, params: int, dtype: str = "float3
         raise RuntimeError("no `transformers` command (pip install 'transformers[serving]')")
     port = free_port()
     s = Server(f"transformers serve --continuous-batching --dtype {dtype}", str(model_dir),
-               params * (2 if dtype == "bfloat16" else 4), params, dtype)
+               weight_bytes(params, dtype), params, dtype)
     log = tmp / f"hf-serve-{dtype}.log"
     s.logs = [log]
     # its KV defaults took 12+ GB here: 1024 blocks of 16 tokens hold 16 streams' prompts and answers 6 times
@@ -420,7 +424,8 @@ def main() -> None:
     starters = {
         "ours": lambda tmp: start_ours(model_dir, tmp, params),
         "ours-fp32": lambda tmp: start_ours(model_dir, tmp, params, "float32"),
-        "fastchat": lambda tmp: start_fastchat(model_dir, tmp, (params * 4, params), args.fastchat_python),
+        "fastchat": lambda tmp: start_fastchat(model_dir, tmp, (weight_bytes(params, "float32"), params),
+                                                args.fastchat_python),
         "hf-serve": lambda tmp: start_hf_serve(model_dir, tmp, params),
         "hf-serve-bf16": lambda tmp: start_hf_serve(model_dir, tmp, params, "bfloat16"),
         "llama.cpp": lambda tmp: start_llamacpp(gguf, tmp, params, args.llamacpp_threads),

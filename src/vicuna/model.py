@@ -132,8 +132,8 @@ def cpu_has_native_bf16() -> bool:
 def resolve_dtype(dtype: str, device: str):
     """The weights' dtype for inference. ``auto`` serves in 16 bits wherever the hardware computes them natively,
     float32 checkpoints included, as vLLM does: decoding reads every weight once per step, so half the bytes is
-    up to twice the speed (SmolLM2 served on 2 AVX512-BF16 cores: 20 -> 33 tok/s at one stream, 127 -> 283 at
-    sixteen; docs/benchmarks.md). ``--dtype float32`` keeps full precision."""
+    up to twice the speed (SmolLM2 served on 2 AVX512-BF16 cores: 18.0 -> 30.4 tok/s at one stream, 113 -> 266
+    at sixteen; docs/benchmarks.md). ``--dtype float32`` keeps full precision."""
     import torch
 
     if dtype not in DTYPES:
