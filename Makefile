@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 COMMA := ,
 EXTRAS := test,demo$(if $(filter Linux_x86_64,$(shell uname -s)_$(shell uname -m)),$(COMMA)llamacpp)
 
-.PHONY: install test chat demo-model browser benchmarks clean
+.PHONY: install test chat demo-model browser benchmarks bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -39,8 +39,25 @@ chat: install
 demo-model: install
 	$(BIN)/vicuna recipe demo --force   # runs/demo is scratch space
 
+# Every benchmark, in this order (tests/test_benchmarks.py runs each one's --quick from this list).
+# Peers that are not installed are skipped with the reason; `make bench-peers` installs them all.
+# `make benchmarks BENCH_ARGS=--record` keeps each table in benchmarks/results/ (run it on an idle machine).
+BENCHMARKS := data_clean eval_judge web_arena weights_delta train_throughput checkpoint_save \
+	serve_llamacpp serve_throughput
+BENCH_ARGS ?=
+
 benchmarks: install
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	$(PIP_INSTALL) -q -e '.[$(EXTRAS),bench]'
+	for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
+
+# The peers that cannot share our venv: FastChat 0.2.36 (it needs transformers 4.x and pydantic 1) in
+# .peers/fastchat, with the same CPU torch. The others come with `make benchmarks`: markdownify (the
+# `bench` extra), `transformers serve` (transformers itself) and llama.cpp's server (the llamacpp extra).
+bench-peers: install
+	test -x .peers/fastchat/bin/python || $(PYTHON) -m venv .peers/fastchat
+	.peers/fastchat/bin/pip install --disable-pip-version-check -q -c constraints-cpu.txt torch \
+	  "fschat[model_worker]==0.2.36" "transformers==4.46.3" "accelerate==1.1.1" "pydantic<2"
+	$(PIP_INSTALL) -q -e '.[$(EXTRAS),bench]'
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .peers build *.egg-info .pytest_cache

@@ -1,7 +1,7 @@
 """Checkpoint save and load: sharded DCP checkpoints (ours) vs one torch.save of the full state, side by side.
 
 One process saves the training state of a real model (fp32 weights + AdamW moments; SmolLM2-135M: 1.6 GB) a few
-ways and prints seconds, GB/s and the ratio to ``torch.save`` of the whole state (round one's format):
+ways and prints seconds, GB/s and the ratio to ``torch.save`` of the whole state in one file:
 
 - our checkpoint, written in the foreground (what a SIGTERM save does);
 - our checkpoint, written in the background (``--async-save``): how long training is blocked (staging a copy),
@@ -12,6 +12,7 @@ Each figure is the best of --repeat interleaved runs, under --dir (put it on the
 
     .venv/bin/python benchmarks/checkpoint_save.py                       # the default real model
     .venv/bin/python benchmarks/checkpoint_save.py --model DIR --dir /mnt/nvme/tmp --repeat 3
+    .venv/bin/python benchmarks/checkpoint_save.py --repeat 3 --record   # an idle machine: keep the table
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import add_flags, recording
 
 from vicuna.train.checkpoint import Checkpointer, consolidate
 from vicuna.train.distributed import Dist
@@ -47,13 +49,21 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the default real model)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     ap.add_argument("--repeat", type=int, default=2)
+    add_flags(ap)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
     from vicuna.weights.gguf import ensure_default_model
 
-    path = Path(args.model) if args.model else ensure_default_model()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if args.quick:  # a tiny random LLaMA: the same code paths in seconds
+        from vicuna.tiny import make_tiny_llama, train_bpe_tokenizer
+
+        args.repeat = 1
+        model = make_tiny_llama(train_bpe_tokenizer(["a tiny corpus for a tiny tokenizer"] * 8, vocab_size=300))
+        path = Path("tiny-llama")
+    else:
+        path = Path(args.model) if args.model else ensure_default_model()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for p in model.parameters():  # one step, so the AdamW moments exist
         p.grad = torch.zeros_like(p)
@@ -92,20 +102,21 @@ def main() -> None:
         times["base_load"].append(timed(lambda: torch.load(root / "full.pt", weights_only=True)))
         times["load"].append(timed(lambda: ckpt.load(root / "ours" / "checkpoint-1")))
     rows = [(name, size, min(times[key])) for name, key in (
-        ("torch.save of the full state (baseline)", "base"), ("ours, foreground (the SIGTERM save)", "fg"),
-        ("ours, background: training blocked", "blocked"), ("ours, background: until complete", "bg"),
-        ("torch.load of the full state (baseline resume)", "base_load"), ("ours, resume (load)", "load"))]
+        ("`torch.save` of the full state (baseline)", "base"), ("our checkpoint, foreground (the SIGTERM save)", "fg"),
+        ("our checkpoint, background: training blocked", "blocked"), ("our checkpoint, background: until complete", "bg"),
+        ("`torch.load` of the full state (baseline resume)", "base_load"), ("our resume (load)", "load"))]
     out = root / "hf"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows.append(("ours, consolidate to a Hugging Face folder (weights only)", weights,
+    rows.append(("consolidate to a Hugging Face folder (weights only)", weights,
                  timed(lambda: consolidate(root / "ours" / "checkpoint-1", out))))
     base = rows[0][2]
-    print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"state {size / 1e9:.2f} GB ({path.name}: fp32 weights + AdamW), best of {args.repeat}, in {root}")
-    print("| what | GB | seconds | GB/s | time vs torch.save |")
-    print("|---|---|---|---|---|")
-    for name, nbytes, sec in rows:
-        print(f"| {name} | {nbytes / 1e9:.2f} | {sec:.2f} | {nbytes / 1e9 / sec:.2f} | {sec / base:.2f}x |")
+    with recording("checkpoint_save", args):
+        print(f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+              f"state {size / 1e9:.2f} GB ({path.name}: fp32 weights + AdamW), best of {args.repeat}")
+        print(f"| {path.name}, {size / 1e9:.2f} GB of state, one process | GB | seconds | GB/s | time vs `torch.save` |")
+        print("|---|---|---|---|---|")
+        for name, nbytes, sec in rows:
+            print(f"| {name} | {nbytes / 1e9:.2f} | {sec:.2f} | {nbytes / 1e9 / sec:.2f} | {sec / base:.2f}× |")
     shutil.rmtree(root, ignore_errors=True)
 
 

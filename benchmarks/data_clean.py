@@ -11,8 +11,8 @@ Compares, in one run:
     .venv/bin/python benchmarks/data_clean.py            # 20,000 conversations
     .venv/bin/python benchmarks/data_clean.py -n 5000 --baseline-n 1000
 
-The baseline needs ``pip install markdownify`` (the ``bench`` extra); without it
-that row is skipped.
+The baseline needs ``markdownify`` (the ``bench`` extra: ``pip install -e '.[bench]'``, which
+``make benchmarks`` installs); without it that row is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from _bench import add_flags, recording, skip  # noqa: E402
 
 from vicuna.data.clean import Cleaner, clean_file  # noqa: E402
 from vicuna.data.synthetic import corpus  # noqa: E402
@@ -79,7 +79,10 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20000, help="conversations in the corpus")
     ap.add_argument("--baseline-n", type=int, default=2000, help="conversations for the (slow) baseline")
     ap.add_argument("--seed", type=int, default=0)
+    add_flags(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.baseline_n = 300, 50
 
     data = corpus(args.n, seed=args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_clean_"))
@@ -92,31 +95,34 @@ def main() -> None:
     rows = []
     baseline = fastchat_style_baseline()
     base_rate = None
-    if baseline is not None:
+    if baseline is None:
+        skip("the FastChat-style baseline", "markdownify is not installed (pip install -e '.[bench]')")
+    else:
         sub = data[: args.baseline_n]
         dt, cpu = timed(lambda: [baseline(s) for s in sub])
         base_rate = len(sub) / dt
-        rows.append(("FastChat-style markdownify, values only, 1 core", len(sub), dt, cpu))
+        rows.append(("FastChat-style markdownify, values only (baseline)", len(sub), dt, cpu))
     cleaner = Cleaner()
     dt, cpu = timed(lambda: [cleaner.clean(s, i) for i, s in enumerate(data)])
-    rows.append(("ours: Cleaner.clean in-process, 1 core", len(data), dt, cpu))
+    rows.append(("ours: `Cleaner.clean` in-process, all checks", len(data), dt, cpu))
     for workers in (1, 2):
         out = tmp / f"clean_{workers}.json"
         dt, cpu = timed(lambda: clean_file(str(src), str(out), workers=workers, force=True))
-        rows.append((f"ours: `vicuna data clean --workers {workers}` (read+clean+dedup+write)", len(data), dt, cpu))
+        what = " (read + clean + dedup + write)" if workers == 1 else ""
+        rows.append((f"ours: `vicuna data clean --workers {workers}`{what}", len(data), dt, cpu))
     same = (tmp / "clean_1.json").read_bytes() == (tmp / "clean_2.json").read_bytes()
 
-    print(f"\n{time.strftime('%Y-%m-%d')} | {os.cpu_count()} CPU cores | {platform.python_implementation()} "
-          f"{platform.python_version()} | corpus {args.n} conversations ({mb:.1f} MB) | "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print("| path | conversations | wall s | conversations/s (wall) | CPU s | conversations per CPU-second "
-          "| vs baseline (wall) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, dt, cpu in rows:
-        rate = n / dt
-        ratio = f"{rate / base_rate:.1f}x" if base_rate else "-"
-        print(f"| {name} | {n} | {dt:.2f} | {rate:,.0f} | {cpu:.2f} | {n / cpu:,.0f} | {ratio} |")
-    print(f"\noutputs of 1 and 2 workers identical: {same}")
+    with recording("data_clean", args):
+        print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, {platform.python_implementation()} "
+              f"{platform.python_version()}, corpus of {args.n:,} conversations ({mb:.0f} MB JSON), "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print("| path | conversations | wall s | conv/s (wall) | CPU s | conv per CPU-second | × baseline (wall) |")
+        print("|---|---|---|---|---|---|---|")
+        for name, n, dt, cpu in rows:
+            rate = n / dt
+            ratio = f"{rate / base_rate:.1f}" if base_rate else "-"
+            print(f"| {name} | {n:,} | {dt:.2f} | {rate:,.0f} | {cpu:.2f} | {n / cpu:,.0f} | {ratio} |")
+        print(f"\nOutputs of 1 and 2 workers byte-identical: {same}")
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()

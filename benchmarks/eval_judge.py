@@ -6,13 +6,14 @@
 2. Bradley-Terry fitting: our damped Newton on the k x k win matrix (vicuna.ratings) vs the
    classic minorise-maximise iteration (Hunter 2004; baseline), and the bootstrap cost.
 
-    .venv/bin/python benchmarks/eval_judge.py [--latency 0.05] [--questions 40]
+    .venv/bin/python benchmarks/eval_judge.py [--latency 0.05] [--questions 40] [--quick] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+from _bench import ROOT, add_flags, recording  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
 
 from test_eval_fakes import Reply, ScriptedServer  # noqa: E402  (the tests' scripted server)
 
@@ -86,20 +88,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency", type=float, default=0.05, help="scripted judge latency per call, seconds")
     ap.add_argument("--questions", type=int, default=40, help="questions (x2 judge calls each, both orders)")
+    add_flags(ap)
     args = ap.parse_args()
-    print(f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · python {platform.python_version()}")
+    sizes, rounds = ((2_000, 5), (20_000, 20), (100_000, 60)), 1000
+    if args.quick:
+        args.latency, args.questions, sizes, rounds = 0.01, 4, ((2_000, 5),), 20
+    with recording("eval_judge", args):
+        run(args, sizes, rounds)
 
-    print(f"\n## judging: {2 * args.questions} calls, {args.latency * 1000:.0f} ms judge latency")
-    print("| --parallel | judgments/s | ratio |\n|---|---|---|")
+
+def run(args, sizes, rounds: int) -> None:
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, python "
+          f"{platform.python_version()}")
+
+    print(f"\nJudging: {2 * args.questions} calls, {args.latency * 1000:.0f} ms judge latency")
+    print("| `--parallel` | judgments/s | × baseline |\n|---|---|---|")
     base = None
     for par in (1, 4, 16):
         rate = judge_throughput(args.latency, args.questions, par)
         base = base or rate
-        print(f"| {par}{' (baseline)' if par == 1 else ''} | {rate:.1f} | {rate / base:.2f}x |")
+        print(f"| {par}{' (baseline)' if par == 1 else ''} | {rate:.1f} | {rate / base:.2f} |")
 
-    print("\n## Bradley-Terry fit")
-    print("| battles, models | MM (baseline) | damped Newton (ours) | ratio | max rating diff |\n|---|---|---|---|---|")
-    for n, k in ((2_000, 5), (20_000, 20), (100_000, 60)):
+    print("\nBradley-Terry fit, best of 5")
+    print("| battles, models | MM (baseline) | Newton (ours) | speed-up | max rating diff |\n|---|---|---|---|---|")
+    for n, k in sizes:
         battles = synthetic(n, k)
         models, ia, ib, sa = ratings._parse_battles(battles)
         wins = ratings._win_matrix(len(models), ia, ib, sa)
@@ -109,11 +121,12 @@ def main() -> None:
         theta = ratings._fit_log_strengths(wins, prior=1e-9)
         diff = np.max(np.abs(ratings._to_elo(theta, 400, 10, 1000) - ratings._to_elo(np.log(p_mm), 400, 10, 1000)))
         print(f"| {n:,}, {k} | {t_mm * 1000:.2f} ms ({iters} it) | {t_newton * 1000:.2f} ms | "
-              f"{t_mm / t_newton:.1f}x | {diff:.3f} |")
+              f"{t_mm / t_newton:.1f}× | {diff:.3f} |")
     battles = synthetic(20_000, 20)
     t0 = time.perf_counter()
-    ratings.bootstrap_bradley_terry(battles, rounds=1000)
-    print(f"\nbootstrap, 1000 rounds, 20,000 battles, 20 models: {time.perf_counter() - t0:.2f} s (incl. parsing)")
+    ratings.bootstrap_bradley_terry(battles, rounds=rounds)
+    print(f"\n`bootstrap_bradley_terry`, {rounds:,} rounds, 20,000 battles, 20 models: "
+          f"{time.perf_counter() - t0:.2f} s (incl. parsing)")
 
 
 if __name__ == "__main__":

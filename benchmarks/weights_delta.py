@@ -8,6 +8,7 @@ the same tool run on a tiny checkpoint (interpreter + imports).
 
     .venv/bin/python benchmarks/weights_delta.py            # ~220 MB float32 model, 4 shards
     .venv/bin/python benchmarks/weights_delta.py --layers 31  # ~420 MB
+    .venv/bin/python benchmarks/weights_delta.py --record     # keep the table in benchmarks/results/
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _bench import ROOT, add_flags, recording  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "src"))
 
 from test_weights_memory import write_checkpoint  # noqa: E402  (the test's checkpoint builder)
 
@@ -61,10 +62,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=2, help="best of N")
+    add_flags(ap)
     args = ap.parse_args()
     big = dict(hidden=512, layers=args.layers, vocab=8000, inter=1376, shards=4)
+    if args.quick:
+        big, args.repeats = dict(hidden=64, layers=1, vocab=512, inter=128, shards=4), 1
     tiny = dict(hidden=16, layers=1, vocab=64, inter=32, shards=4)
-    with tempfile.TemporaryDirectory(dir=ROOT) as d:
+    with tempfile.TemporaryDirectory(prefix="bench-delta-") as d:
         d = Path(d)
         files = write_checkpoint(d / "base", seed=0, **big)
         files += write_checkpoint(d / "delta", seed=1, **big)
@@ -75,9 +79,9 @@ def main() -> None:
         py = [sys.executable]
         ways = {
             "from_pretrained x2 + save_pretrained (baseline)": lambda b, dl, t: py + ["-c", BASELINE, b, dl, t],
-            "vicuna weights apply-delta": lambda b, dl, t: py + ["-m", "vicuna", "weights", "apply-delta", "--base", b,
+            "`vicuna weights apply-delta`": lambda b, dl, t: py + ["-m", "vicuna", "weights", "apply-delta", "--base", b,
                                                                 "--delta", dl, "--target", t, "--force"],
-            "vicuna weights apply-delta --low-mem": lambda b, dl, t: py + [
+            "`vicuna weights apply-delta --low-mem`": lambda b, dl, t: py + [
                 "-m", "vicuna", "weights", "apply-delta", "--base", b, "--delta", dl, "--target", t, "--force",
                 "--low-mem"],
         }
@@ -88,13 +92,18 @@ def main() -> None:
                        key=lambda r: r[0])
             rows.append((label, best[0], best[1], best[1] - idle))
     base_t, _, base_m = rows[0][1], rows[0][2], rows[0][3]
+    with recording("weights_delta", args):
+        table(rows, model_mb, shard_mb, args, base_t, base_m)
+
+
+def table(rows, model_mb, shard_mb, args, base_t, base_m) -> None:
     print(f"\napply-delta, float32 LLaMA-like model of {model_mb:.0f} MiB in 4 shards (largest {shard_mb:.0f} MiB)")
     print(f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPU cores, torch "
           f"{__import__('torch').__version__}, best of {args.repeats}\n")
     print("| way | time s | × baseline | peak RSS MiB | above idle MiB | × baseline |")
     print("|---|---|---|---|---|---|")
     for label, t, m, above in rows:
-        print(f"| {label} | {t:.2f} | {t / base_t:.2f} | {m:.0f} | {above:.0f} | {above / base_m:.2f} |")
+        print(f"| {label} | {t:.2f} | {t / base_t:.2f} | {m:.0f} | {above:.0f} | {above / base_m if base_m > 0 else float('nan'):.2f} |")
 
 
 if __name__ == "__main__":
