@@ -34,6 +34,8 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--arena-db` defaults to the user's data folder: a test that names no file writes into a temporary one
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="vicuna-test-data-")
 
 CORPUS = [
     "Hello! How can I help you today? I am a helpful assistant.",

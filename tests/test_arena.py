@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, bradley_terry_battles, cli_env, run_cli
@@ -311,3 +312,29 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
                                 upstream_model="gpt-x")
         assert store.conversation("c")["upstream_model"] == "gpt-x"
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_default_database_lives_in_the_users_data_folder(monkeypatch, tmp_path):
+    """No `arena.db*` in whatever folder the server was started from (issue 29): the data folder, made on demand."""
+    from vicuna.cli import main
+    from vicuna.serve.arena import default_db
+    from vicuna.serve.launch import WebConfig, web_store
+
+    monkeypatch.delenv("VICUNA_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert default_db() == tmp_path / "data" / "vicuna" / "arena.db"
+    store = web_store(WebConfig())  # what `vicuna serve --web` opens without --arena-db
+    for cid, model in (("a1", "alpha"), ("b1", "beta")):
+        store.save_conversation(cid, mode="battle", model=model, messages=[{"role": "user", "content": "hi"}])
+    store.add_vote(mode="battle", model_a="alpha", model_b="beta", conv_a="a1", conv_b="b1", winner="model_a",
+                   anonymous=True)
+    store.close()
+    assert (tmp_path / "data" / "vicuna" / "arena.db").is_file() and not list((tmp_path / "cwd").iterdir())
+    assert main(["arena", "leaderboard", "--bootstrap", "10"]) == 0  # reads the same default
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    assert default_db() == tmp_path / "home" / "arena.db"
+    monkeypatch.delenv("VICUNA_HOME")
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_db() == Path.home() / ".local" / "share" / "vicuna" / "arena.db"

@@ -603,3 +603,17 @@ def leaderboard_figure(lb: Leaderboard):
     ax.set_xlabel(f"rating ({int(round(lb.confidence * 100))}% bootstrap interval)")
     ax.grid(axis="x", alpha=0.3)
     return fig
+
+
+DEFAULT_DB_HELP = "$VICUNA_HOME/arena.db if set, else $XDG_DATA_HOME/vicuna/arena.db (~/.local/share/vicuna/arena.db)"
+
+
+def default_db() -> Path:
+    """Where votes go when no file is named: the user's data folder, never the working directory.
+
+    Not inside the virtual environment like the model cache: the models can be imported again, the
+    votes cannot, and `make clean` removes the environment.  ``$VICUNA_HOME`` moves both.
+    """
+    if os.environ.get("VICUNA_HOME"):
+        return Path(os.environ["VICUNA_HOME"]).expanduser() / "arena.db"
+    return Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser() / "vicuna" / "arena.db"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import atomic_open, write_figure, write_json
-from .arena import ArenaStore, compute_leaderboard, leaderboard_figure, leaderboard_markdown, win_rate_markdown
+from .arena import (DEFAULT_DB_HELP, ArenaStore, compute_leaderboard, default_db, leaderboard_figure, leaderboard_markdown,
+                    win_rate_markdown)
 
 TABLES = ("votes", "conversations", "feedback")
 
@@ -33,7 +34,7 @@ def add_commands(sub) -> None:
             "  vicuna arena export --db arena.db --table conversations --format jsonl | head -1"
         ),
     )
-    p.add_argument("--db", default="arena.db", help="arena database file")
+    p.add_argument("--db", default=None, help=f"arena database file (default: {DEFAULT_DB_HELP})")
     p.add_argument("--table", choices=TABLES, default="votes", help="what to export")
     p.add_argument("--format", choices=("jsonl", "json"), default=None,
                    help="output format (default: from the -o extension, JSONL on stdout)")
@@ -53,7 +54,7 @@ def add_commands(sub) -> None:
             "  vicuna arena leaderboard --db arena.db --bootstrap 1000 --online-elo --json lb.json --plot lb.png"
         ),
     )
-    p.add_argument("--db", default="arena.db", help="arena database file")
+    p.add_argument("--db", default=None, help=f"arena database file (default: {DEFAULT_DB_HELP})")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="ROUNDS", help="bootstrap rounds for the intervals")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -77,7 +78,7 @@ def export(args) -> int:
             raise UsageError(f"cannot tell the format of {args.output!r} from its extension; pass --format jsonl|json")
         fmt = suffix[1:]
     _check_new(args.output, args.force)
-    with ArenaStore(args.db, create=False) as store:
+    with ArenaStore(args.db or default_db(), create=False) as store:
         rows = {"votes": store.iter_votes, "conversations": store.iter_conversations,
                 "feedback": store.iter_feedback}[args.table]()
 
@@ -105,7 +106,7 @@ def leaderboard(args) -> int:
         raise UsageError(f"--confidence must be between 0 and 1, got {args.confidence}")
     _check_new(args.json, args.force)
     _check_new(args.plot, args.force)
-    with ArenaStore(args.db, create=False) as store:
+    with ArenaStore(args.db or default_db(), create=False) as store:
         battles = store.battles(include_named=args.include_named)
         counts = store.counts()
     lb = compute_leaderboard(battles, rounds=args.bootstrap, confidence=args.confidence, seed=args.seed,

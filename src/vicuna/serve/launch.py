@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from ..errors import UsageError, VicunaError
 from ..model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES
+from .arena import DEFAULT_DB_HELP
 from .endpoint import EndpointsConfig
 from .engine import EngineConfig
 from .moderation import ModerationConfig
@@ -139,8 +140,9 @@ class ControllerConfig:
 
 @dataclass
 class WebConfig:
-    arena_db: str = _f("arena.db", "SQLite file storing conversations, votes and feedback (created if missing; "
-                                   "the IP-hash salt goes to FILE.salt beside it)", metavar="FILE")
+    arena_db: str | None = _f(None, "SQLite file storing conversations, votes and feedback (created if missing; "
+                                    "the IP-hash salt goes to FILE.salt beside it; default: " + DEFAULT_DB_HELP + ")",
+                              metavar="FILE")
 
 
 # -- flags from fields ------------------------------------------------------------------------
@@ -261,9 +263,9 @@ def api_app(client, api: ApiConfig | None = None):
 
 
 def web_store(web: WebConfig):
-    from .arena import ArenaStore
+    from .arena import ArenaStore, default_db
 
-    return ArenaStore(web.arena_db)
+    return ArenaStore(web.arena_db or default_db())
 
 
 def front_client(base, endpoints: EndpointsConfig | None = None, moderation: ModerationConfig | None = None):
