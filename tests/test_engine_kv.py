@@ -17,7 +17,7 @@ from vicuna.conversation import encode, render_prompt
 from vicuna.generation import SamplingParams, generate, sampling_params
 from vicuna.model import load_model
 from vicuna.serve.model_client import LocalClient
-from vicuna.serve.core import InvalidRequest, ServeError
+from vicuna.errors import InvalidRequest, ServeError
 from vicuna.serve.engine import EngineConfig, HFEngine
 from vicuna.serve.kv import BlockAllocator, KVCacheError, KVPlan, KVShape, gpu_budget, parse_size
 from vicuna.serve.openai_api import create_app

@@ -10,7 +10,7 @@ import pytest
 from vicuna.errors import UsageError
 from vicuna.generation import SamplingParams
 from vicuna.model import ModelLoadError
-from vicuna.serve.core import ServeError
+from vicuna.errors import ServeError
 from vicuna.serve.engine import EngineConfig
 from vicuna.serve.engine_llamacpp import LlamaCppEngine, completion_body, parse_chunk
 from vicuna.serve.launch import ModelConfig

@@ -89,7 +89,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, permissions: int | 
             raise
         except OSError as e:
             raise _output_error(e, path) from None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if f is None:
             os.close(fd)
@@ -154,7 +154,7 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -260,7 +260,7 @@ def _default_permissions() -> int:
     return 0o666 & ~_UMASK
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

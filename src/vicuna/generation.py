@@ -44,19 +44,21 @@ class ContextLengthError(GenerationError):
 
 MAX_REPETITION_PENALTY = 10.0  # [0.1, 10]: beyond, logits scale into overflow
 MAX_SEED = 2**63 - 1  # what torch.Generator and every client language take
+DEFAULT_MAX_NEW_TOKENS = 512  # a completion's budget when the request sets none (chat, API, web UI)
+DEFAULT_TEMPERATURE = 0.7  # FastChat's default for chat models that ship none
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling settings; ``temperature == 0`` means greedy."""
 
-    temperature: float = 0.7
+    temperature: float = DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # HF-style, over prompt and output
     presence_penalty: float = 0.0  # OpenAI-style, over output
     frequency_penalty: float = 0.0
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -116,7 +118,7 @@ class ModelDefaults:
 
     stop_token_ids: tuple[int, ...] = ()
     stop_strs: tuple[str, ...] = ()  # the template's text stops ("###" for the old formats)
-    temperature: float = 0.7  # FastChat's default for chat models that ship none
+    temperature: float = DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
@@ -167,7 +169,8 @@ def sampling_params(
     )
 
 
-def fit_max_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int, default: int = 512) -> int:
+def fit_max_new_tokens(prompt_tokens: int, max_new_tokens: int | None, context_length: int,
+                       default: int = DEFAULT_MAX_NEW_TOKENS) -> int:
     """Bound the completion by the context; an explicit request that cannot fit is an error.
 
     Like OpenAI and vLLM: an explicit ``max_tokens`` beyond what is left is a

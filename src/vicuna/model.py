@@ -331,38 +331,3 @@ def _load_lora(model, adapter: str):
         return PeftModel.from_pretrained(model, adapter)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(f"cannot apply the LoRA adapter {adapter} to this base model: {e}") from None
-
-
-def add_model_args(parser, *, model_required: bool = False, multiple: bool = False) -> None:
-    """The model-loading flags shared by chat, serve and eval.
-
-    ``multiple=True`` makes --model-path/--model-name repeatable (one process, several models).
-    """
-    g = parser.add_argument_group("model")
-    repeat = {"action": "append"} if multiple else {}
-    g.add_argument("--model-path", required=model_required, default=None, metavar="PATH", **repeat,
-                   help="Hugging Face model directory" + ("; repeat to serve several models" if multiple else "")
-                   + f" (default: {DEFAULT_MODEL_NAME}, imported by `make install`; 'demo': the tiny bundled "
-                   "demo model)")
-    g.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to load on top of --model-path")
-    g.add_argument("--model-name", default=None, metavar="NAME", **repeat,
-                   help=("name to serve each --model-path as, in the same order" if multiple
-                         else "name to show/serve the model as") + " (default: directory name)")
-    g.add_argument("--conv-template", default=None,
-                   help="conversation template (see `vicuna templates list`); default: the tokenizer's "
-                   "chat_template, then a match on the model name")
-    g.add_argument("--device", default="auto", choices=DEVICES, help="where to run the model")
-    g.add_argument("--dtype", default="auto", choices=DTYPES, help=AUTO_DTYPE_HELP)
-    g.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
-    g.add_argument("--max-gpu-memory", default=None, help="per-GPU memory cap with --num-gpus, e.g. 20GiB")
-    g.add_argument("--load-8bit", action="store_true", help="8-bit weights with bitsandbytes (CUDA only)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the model dir")
-
-
-def load_from_args(args) -> LoadedModel:
-    path = resolve_model_path(args.model_path)
-    return load_model(
-        path, device=args.device, dtype=args.dtype, num_gpus=args.num_gpus, max_gpu_memory=args.max_gpu_memory,
-        load_8bit=args.load_8bit, lora=args.lora, conv_template=args.conv_template, model_name=args.model_name,
-        trust_remote_code=args.trust_remote_code,
-    )

@@ -14,13 +14,13 @@ from ..errors import EvalUsageError
 from .records import BUILTIN_QUESTIONS, load_questions, load_references
 from .judge_prompts import PROTOCOLS, REFERENCE_CATEGORIES
 from .parse import MODES, parse_judgment
+from .openai_client import DEFAULT_API_KEY_ENV, DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 # The shared help formatter appends "(default: X)"; where the text already states the real
 # default, this empty format field (it renders as "") tells argparse not to.
 _OWN_DEFAULT = "%(default).0s"
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"  # kept here, not imported: `openai` takes ~1 s to import
 _QUESTIONS_HELP = ("question file (.jsonl/.json): {question_id, category, turns[, reference]} or the older "
                    "{question_id, text, category}; 'builtin' = the bundled 20-question set")
 
@@ -212,7 +212,7 @@ examples:
     p.add_argument("-o", "--output", type=Path, help="output folder (default: eval-out)" + _OWN_DEFAULT)
     p.add_argument("--parallel", type=int, help="concurrent requests (default 4)" + _OWN_DEFAULT)
     p.add_argument("--timeout", type=float, help="seconds before one request (answer or judgment) times out "
-                   "(default 120)" + _OWN_DEFAULT)
+                   f"(default {DEFAULT_TIMEOUT:g})" + _OWN_DEFAULT)
     p.add_argument("--force", action="store_true", help="start every step over, replacing earlier outputs")
 
     p = command(verbs, "agreement", _agreement, "how often two judges, or a judge and arena voters, agree",
@@ -262,9 +262,11 @@ def _endpoint_args(p, prefix: str) -> None:
                    "(default: $OPENAI_BASE_URL, else api.openai.com)" + _OWN_DEFAULT)
     p.add_argument(f"--{prefix}api-key-env", default=DEFAULT_API_KEY_ENV,
                    help="environment variable holding the API key (unset: no key, fine for local servers)")
-    p.add_argument(f"--{prefix}timeout", type=float, default=120.0, help="seconds before one request times out")
-    p.add_argument(f"--{prefix}retries", type=int, default=5, help="retries of a failed request (429/5xx/timeouts)")
-    p.add_argument(f"--{prefix}backoff", type=float, default=1.0,
+    p.add_argument(f"--{prefix}timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds before one request times out")
+    p.add_argument(f"--{prefix}retries", type=int, default=DEFAULT_RETRIES,
+                   help="retries of a failed request (429/5xx/timeouts)")
+    p.add_argument(f"--{prefix}backoff", type=float, default=DEFAULT_BACKOFF,
                    help="first retry wait in seconds; doubles each retry (honours Retry-After)")
 
 

@@ -13,12 +13,19 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import openai
+if TYPE_CHECKING:
+    import openai
 
 log = logging.getLogger(__name__)
 
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"  # also in eval/cli.py
+# The one home of an endpoint's defaults (flags, `eval run` configs and library callers all fall back to them).
+# `openai` is imported where it is used, so that `vicuna --help` can read these without its ~1 s import.
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_TIMEOUT = 120.0  # seconds before one request times out
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF = 1.0  # first wait in seconds; doubles each retry (with jitter), capped at 60 s
 
 
 @dataclass
@@ -28,11 +35,13 @@ class Endpoint:
     api_base: str | None
     model: str
     api_key_env: str = DEFAULT_API_KEY_ENV
-    timeout: float = 120.0
-    retries: int = 5
-    backoff: float = 1.0  # first wait in seconds; doubles each retry (with jitter), capped at 60 s
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF
 
     def client(self) -> openai.OpenAI:
+        import openai
+
         # Local servers (vicuna serve) need no key; the client insists on one being set.
         key = os.environ.get(self.api_key_env) or "EMPTY"
         return openai.OpenAI(base_url=self.api_base, api_key=key, timeout=self.timeout, max_retries=0)
@@ -50,12 +59,11 @@ class _Garbage(Exception):
     """A 2xx response without a usable completion."""
 
 
-_RETRYABLE = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
-              openai.InternalServerError, openai.APIResponseValidationError, _Garbage)
-
-
 def _is_retryable(e: Exception) -> bool:
-    if isinstance(e, _RETRYABLE):
+    import openai
+
+    if isinstance(e, (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
+                      openai.InternalServerError, openai.APIResponseValidationError, _Garbage)):
         return True
     # 408/409/425/429/5xx that the client maps to the generic APIStatusError
     return isinstance(e, openai.APIStatusError) and (e.status_code in (408, 409, 425, 429) or e.status_code >= 500)
@@ -128,6 +136,8 @@ def chat(
 
 
 def _describe(e: Exception) -> str:
+    import openai
+
     if isinstance(e, openai.APIStatusError):
         return f"HTTP {e.status_code}: {str(e.message)[:300]}"
     if isinstance(e, openai.APITimeoutError):

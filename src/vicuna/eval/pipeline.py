@@ -11,7 +11,7 @@ import yaml
 
 from ..errors import EvalUsageError
 from .answer import AnswerSettings, parse_temperatures, run_answers
-from .openai_client import DEFAULT_API_KEY_ENV, Endpoint
+from .openai_client import DEFAULT_API_KEY_ENV, DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Endpoint
 from .records import BUILTIN_QUESTIONS, find_answer_file, load_questions, load_references
 from .judge import judged_exit_code, resolve_setup, run_judge
 from .judge_prompts import REFERENCE_CATEGORIES
@@ -37,8 +37,9 @@ def _check_keys(where: str, data: dict, allowed: set[str]) -> None:
 def _endpoint(where: str, d: dict, model: str) -> Endpoint:
     try:
         return Endpoint(api_base=d.get("api_base"), model=model, api_key_env=d.get("api_key_env", DEFAULT_API_KEY_ENV),
-                        timeout=float(d.get("timeout", 120)), retries=int(d.get("retries", 5)),
-                        backoff=float(d.get("backoff", 1.0)))
+                        timeout=float(d.get("timeout", DEFAULT_TIMEOUT)),
+                        retries=int(d.get("retries", DEFAULT_RETRIES)),
+                        backoff=float(d.get("backoff", DEFAULT_BACKOFF)))
     except (TypeError, ValueError) as e:
         raise EvalUsageError(f"{where}: timeout/retries/backoff must be numbers ({e})") from None
 

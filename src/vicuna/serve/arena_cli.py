@@ -8,8 +8,10 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import atomic_open, write_figure, write_json
-from .arena import (DEFAULT_DB_HELP, ArenaStore, compute_leaderboard, default_db, leaderboard_figure, leaderboard_markdown,
-                    win_rate_markdown)
+from .arena import (
+    DEFAULT_DB_HELP, ArenaStore, compute_leaderboard, default_db, leaderboard_figure, leaderboard_markdown,
+    win_rate_markdown,
+)
 
 TABLES = ("votes", "conversations", "feedback")
 

@@ -20,8 +20,10 @@ from ..commands import command
 from ..conversation import TemplateError, encode, render_prompt, split_system
 from ..errors import UsageError, VicunaError
 from ..files import write_json
-from ..generation import GenerationError, SamplingParams, generate_stream, sampling_params
-from ..model import DEFAULT_MODEL_NAME, LoadedModel, add_model_args, load_from_args
+from ..generation import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, GenerationError, SamplingParams, generate_stream,
+                          sampling_params)
+from ..model import DEFAULT_MODEL_NAME, LoadedModel
+from .launch import ModelConfig, add_flags, from_flags, load_hf_model
 
 HELP = """Commands:
   /help                 this help
@@ -51,18 +53,19 @@ def add_commands(sub) -> None:
         "  vicuna chat --model-path lmsys/vicuna-7b-v1.5 --device cuda\n"
         "  echo 'Hello' | vicuna chat --model-path DIR  # answer piped lines, then exit\n\n" + HELP,
     )
-    add_model_args(p)
+    add_flags(p, ModelConfig, "model", skip=("backend", "threads"))  # the serve flags; chat runs transformers
     g = p.add_argument_group("chat")
     g.add_argument("--system", default=None, help="system prompt (default: the template's)")
     g.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default: the model's generation_config.json, else 0.7)")
+                   help=f"0 = greedy (default: the model's generation_config.json, else {DEFAULT_TEMPERATURE})")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
                    "whose probabilities sum to P (default: the model's, else 1.0)")
     g.add_argument("--top-k", type=int, default=None,
                    help="sample among the K most likely tokens; 0 = off (default: the model's, else 0)")
     g.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 1 discourages tokens already in the prompt or answer (default: the model's, else 1)")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"longest answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--multiline", action="store_true", help="multi-line input; submit with Esc then Enter")
     g.add_argument("--plain", action="store_true", help="print plain text, not rendered Markdown")
@@ -143,7 +146,7 @@ class ChatSession:
     def _params(self, settings: dict) -> SamplingParams:
         """The model's defaults under the user's settings (the one builder every path uses)."""
         settings = dict(settings)
-        return sampling_params(self.lm.defaults, max_new_tokens=settings.pop("max_new_tokens", 512),
+        return sampling_params(self.lm.defaults, max_new_tokens=settings.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
                                strip_leading=True, **settings)
 
     def save(self, path: str) -> str:
@@ -236,7 +239,7 @@ class Terminal:
 
 
 def run(args) -> int:
-    lm = load_from_args(args)
+    lm = load_hf_model(from_flags(ModelConfig, args))
     try:
         session = ChatSession(lm, {k: getattr(args, k) for k in SETTABLE}, args.system)
     except GenerationError as e:

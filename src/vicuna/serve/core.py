@@ -14,10 +14,7 @@ from typing import Any, AsyncIterator, Sequence, get_type_hints
 
 from pydantic import ConfigDict, ValidationError, create_model
 
-# Transitional: importable here until the branches written before errors.py have landed; import from vicuna.errors.
-from ..errors import (  # noqa: F401
-    AuthError, ContextLengthExceeded, InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable,
-)
+from ..errors import InvalidRequest
 
 
 @dataclass
@@ -46,11 +43,6 @@ class GenerateRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GenerateRequest":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_wire(cls, d: Any) -> "GenerateRequest":

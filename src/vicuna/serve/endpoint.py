@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 10.0  # seconds between health checks of each endpoint
 
 
-class Endpoint(BaseModel):
+class EndpointEntry(BaseModel):
     """One entry of the endpoints file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,7 +69,7 @@ class Endpoint(BaseModel):
         return self.model or self.name
 
 
-def load_endpoints(path: str | os.PathLike) -> list[Endpoint]:
+def load_endpoints(path: str | os.PathLike) -> list[EndpointEntry]:
     """The endpoints of a YAML file: a list of entries, or ``{"endpoints": [...]}``."""
     import yaml
 
@@ -92,7 +92,7 @@ def load_endpoints(path: str | os.PathLike) -> list[Endpoint]:
             raise UsageError(f"{where}: keys are not read from files; put the key in an environment variable "
                              "and name it with api_key_env")
         try:
-            endpoints.append(Endpoint.model_validate(entry))
+            endpoints.append(EndpointEntry.model_validate(entry))
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "entry"
@@ -122,7 +122,7 @@ class EndpointsConfig:
 class _Upstream:
     """One endpoint at run time: its key, its concurrency slots and its health."""
 
-    def __init__(self, endpoint: Endpoint, environ: Mapping[str, str]):
+    def __init__(self, endpoint: EndpointEntry, environ: Mapping[str, str]):
         self.endpoint = endpoint
         self.key = None
         if endpoint.api_key_env:
@@ -155,7 +155,7 @@ class _Upstream:
 class EndpointClient(_ClientBase):
     """The models of an endpoints file, as a :class:`~vicuna.serve.model_client.ModelClient`."""
 
-    def __init__(self, endpoints: list[Endpoint], *, environ: Mapping[str, str] | None = None,
+    def __init__(self, endpoints: list[EndpointEntry], *, environ: Mapping[str, str] | None = None,
                  health_interval: float = HEALTH_INTERVAL):
         import httpx
 

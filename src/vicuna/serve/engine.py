@@ -46,6 +46,7 @@ from ..conversation import TemplateError, encode, render_prompt
 from ..errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServeError
 from ..generation import (ContextLengthError, GenerationError, ModelDefaults, SamplingParams, Sequence,
                           fit_max_new_tokens, sampling_params)
+from ..generation import DEFAULT_MAX_NEW_TOKENS
 from .core import Delta, GenerateRequest
 from .kv import BlockAllocator, KVPlan, KVShape, PagedKVCache, default_budget, format_size, parse_size
 
@@ -64,7 +65,7 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata={
         "help": "prompt + completion token limit (default: the model's context length, at most what the KV "
                 "cache holds)"})
-    default_max_tokens: int = field(default=512, metadata={"help": "completion budget when a request sets none"})
+    default_max_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "completion budget when a request sets none"})
     max_prefill_tokens: int | None = field(default=None, metadata={
         "help": "prompt tokens (padding included) prefilled together in one forward; bounds how long "
                 "decoding pauses for newcomers and how long the first of them waits (one longer prompt still "

@@ -15,8 +15,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from ..errors import UsageError
-from .core import InvalidRequest, Overloaded
+from ..errors import InvalidRequest, Overloaded, UsageError
 from .engine import EngineBase, EngineStats
 
 

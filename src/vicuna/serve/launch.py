@@ -221,14 +221,19 @@ def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
         from .engine_llamacpp import LlamaCppEngine
 
         return LlamaCppEngine.load(model, engine).start()
-    from ..model import load_model, resolve_model_path
     from .engine import HFEngine
 
-    loaded = load_model(
+    return HFEngine(load_hf_model(model), engine).start()
+
+
+def load_hf_model(model: ModelConfig):
+    """``model`` loaded through transformers (:func:`vicuna.model.load_model`): the hf backend, and `vicuna chat`."""
+    from ..model import load_model, resolve_model_path
+
+    return load_model(
         resolve_model_path(model.model_path), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,
         max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.lora,
         conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code)
-    return HFEngine(loaded, engine).start()
 
 
 def load_engines(models: list[ModelConfig], engine: EngineConfig | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from ..conversation import message_text
 from ..errors import UsageError, VicunaError
+from ..generation import DEFAULT_MAX_NEW_TOKENS
 from .arena import (
     ArenaStore, compute_leaderboard, identity_leak, leaderboard_figure, leaderboard_markdown, win_rate_markdown,
 )
@@ -59,7 +60,7 @@ class WebSettings:
     rate_window: float = field(default=60.0, metadata={"help": "seconds of the rate limit's sliding window"})
     bootstrap_rounds: int = field(default=1000, metadata={
         "flag": "leaderboard-bootstrap", "help": "default bootstrap rounds for the leaderboard's confidence intervals"})
-    max_tokens: int = field(default=512, metadata={"flag": "web-max-tokens",
+    max_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"flag": "web-max-tokens",
                                                   "help": "default of the UI's max-tokens slider"})
     max_tokens_limit: int = field(default=4096, metadata={"flag": "web-max-tokens-limit",
                                                           "help": "top of the UI's max-tokens slider"})

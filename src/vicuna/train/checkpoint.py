@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import TrainError
-from ..files import write_json
+from ..files import fsync_dir, write_json
 from .distributed import Dist, gather_objects
 
 log = logging.getLogger("vicuna.train")
@@ -231,17 +231,6 @@ def _read_json(path: Path) -> Any:
         raise CheckpointLoadError(f"{path.parent.name}/{path.name} is unreadable ({type(e).__name__}: {e})") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _os_error(e: BaseException | None) -> OSError | None:
     """The OSError behind ``e``: also inside DCP's CheckpointException, which wraps every rank's failure."""
     stack, seen = [e], set()
@@ -410,7 +399,7 @@ class Checkpointer:
                 files = {k: v for r in results for k, v in r["files"].items()}
                 write_json(pending.path / MANIFEST, {"format": FORMAT, "step": pending.step,
                                                      "world_size": self.d.world, "files": files})
-                _fsync_dir(pending.path)
+                fsync_dir(pending.path)
                 self._rotate()
 
         _, error = _everywhere(manifest, self.d)
@@ -530,7 +519,7 @@ def _reader(path: Path):
 
 def sharded_load_problem(path: Path, names: list[str]) -> str | None:
     """Why the base model at ``path`` cannot be read shard by shard (None when it can)."""
-    from ..weights import WeightsError
+    from ..errors import WeightsError
     from ..weights.checkpoint import read_safetensors_header
 
     if not path.is_dir():
@@ -581,7 +570,7 @@ def consolidate(checkpoint: str | Path, output: str | Path, *, dtype: str | None
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from ..weights import CheckpointError
+    from ..errors import CheckpointError
     from ..weights.checkpoint import DTYPES, ShardWriter, atomic_output_dir, parse_size, set_config_dtype
 
     ckpt = Path(checkpoint)

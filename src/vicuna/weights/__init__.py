@@ -9,9 +9,6 @@ is fast; the work lives in the submodules.
 
 from __future__ import annotations
 
-# Transitional: importable here until the branches written before errors.py have landed; import from vicuna.errors.
-from ..errors import CheckpointError, WeightsError  # noqa: F401
-
 
 def add_commands(sub) -> None:
     from .cli import add_commands as _add
