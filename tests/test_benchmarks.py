@@ -124,3 +124,24 @@ def test_docs_say_when_and_where_not_who():
     hits = [f"{doc.relative_to(ROOT)}:{n}: {line.strip()}" for doc in DOCS if doc.name not in ELSEWHERE
             for n, line in enumerate(doc.read_text().splitlines(), 1) if WHO_AND_WHEN.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_record_keeps_exactly_what_the_script_printed(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _bench
+
+    monkeypatch.setattr(_bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(_bench, "ROOT", tmp_path)
+    with _bench.recording("demo", argparse.Namespace(record=True, quick=False)):
+        print("| a | b |\n|---|---|\n| 1 | 2.5 |")
+        print("progress", file=sys.stderr)  # not part of the record
+    assert (tmp_path / "results" / "demo.txt").read_text() == "| a | b |\n|---|---|\n| 1 | 2.5 |\n"
+    assert capsys.readouterr().out == "| a | b |\n|---|---|\n| 1 | 2.5 |\n"  # still shown
+    with pytest.raises(SystemExit, match="without --quick"):
+        with _bench.recording("demo", argparse.Namespace(record=True, quick=True)):
+            pass
+    with _bench.recording("other", argparse.Namespace(record=False, quick=False)):
+        print("not kept")
+    assert not (tmp_path / "results" / "other.txt").exists()
