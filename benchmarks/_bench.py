@@ -30,6 +30,15 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
                          "machine; docs/benchmarks.md shows these files). Refused with --quick")
 
 
+def parse_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The script's flags plus ``--quick`` and ``--record``, parsed."""
+    add_flags(ap)
+    args = ap.parse_args()
+    if args.quick and args.record:
+        ap.error("--record keeps figures for the docs: run it without --quick")
+    return args
+
+
 def skip(what: str, reason: str) -> None:
     """A peer or baseline that cannot run here: said on stderr, the run goes on without it."""
     print(f"SKIPPED {what}: {reason}", file=sys.stderr, flush=True)
@@ -56,7 +65,7 @@ def recording(name: str, args: argparse.Namespace) -> Iterator[None]:
         yield
         return
     if args.quick:
-        raise SystemExit("--record keeps figures for the docs: run it without --quick")
+        raise SystemExit("--record keeps figures for the docs: run it without --quick")  # parse_args says so first
     from vicuna.files import write_text
 
     buf = io.StringIO()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import add_flags, recording
+from _bench import parse_args, recording
 
 from vicuna.train.checkpoint import Checkpointer, consolidate
 from vicuna.train.distributed import Dist
@@ -49,8 +49,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the default real model)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     ap.add_argument("--repeat", type=int, default=2)
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     from transformers import AutoModelForCausalLM
 
     from vicuna.weights.gguf import ensure_default_model

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import add_flags, recording, skip  # noqa: E402
+from _bench import parse_args, recording, skip  # noqa: E402
 
 from vicuna.data.clean import Cleaner, clean_file  # noqa: E402
 from vicuna.data.synthetic import corpus  # noqa: E402
@@ -79,8 +79,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20000, help="conversations in the corpus")
     ap.add_argument("--baseline-n", type=int, default=2000, help="conversations for the (slow) baseline")
     ap.add_argument("--seed", type=int, default=0)
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.quick:
         args.n, args.baseline_n = 300, 50
 

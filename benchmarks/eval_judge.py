@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _bench import ROOT, add_flags, recording  # noqa: E402
+from _bench import ROOT, parse_args, recording  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -88,8 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency", type=float, default=0.05, help="scripted judge latency per call, seconds")
     ap.add_argument("--questions", type=int, default=40, help="questions (x2 judge calls each, both orders)")
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     sizes, rounds = ((2_000, 5), (20_000, 20), (100_000, 60)), 1000
     if args.quick:
         args.latency, args.questions, sizes, rounds = 0.01, 4, ((2_000, 5),), 20

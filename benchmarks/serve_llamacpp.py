@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from _bench import ROOT, add_flags, recording, skip  # noqa: E402
+from _bench import ROOT, parse_args, recording, skip  # noqa: E402
 from vicuna.gpucheck import throughput  # noqa: E402  (the GPU pack's load generator: openai client, streaming)
 from vicuna.serve.engine_llamacpp import DEFAULT_KV_BYTES, gguf_metadata  # noqa: E402
 from vicuna.serve.server import free_port  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="best of N per level (the servers alternate)")
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     levels = (1, 4) if args.quick else LEVELS
     if args.quick:
         args.tokens, args.rounds = 16, 1

@@ -47,7 +47,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from _bench import ROOT, add_flags, recording, skip  # noqa: E402
+from _bench import ROOT, parse_args, recording, skip  # noqa: E402
 
 QUESTIONS = [
     "Write a long story about a dragon who learns to cook.", "Explain in detail how a car engine works.",
@@ -405,8 +405,7 @@ def main() -> None:
     ap.add_argument("--llamacpp-threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 x C))")
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.quick:  # ours and the fastest-starting peer, one short request each
         args.servers, args.levels, args.repeats, args.max_tokens, args.requests = "ours,llama.cpp", "1", 1, 16, 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still ends its servers

@@ -19,7 +19,7 @@ import random
 import time
 
 import torch
-from _bench import add_flags, recording
+from _bench import parse_args, recording
 
 from vicuna.conversation import IGNORE_INDEX
 from vicuna.train.dataset import Sample, collate, pack_best_fit, plan_epoch
@@ -95,8 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a shared 2-core machine use 1: two OpenMP threads "
                          "competing with other jobs ran 10-50x slower here")
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.quick:
         args.num_samples, args.max_length, args.hidden_size, args.num_layers = 12, 256, 64, 2
     if args.threads:

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from _bench import ROOT, add_flags, recording  # noqa: E402
+from _bench import ROOT, parse_args, recording  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -178,8 +178,7 @@ def main() -> None:
     ap.add_argument("--battles", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--votes", type=int, default=100, help="battles stored per thread (8 threads)")
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.quick:
         args.battles, args.tokens, args.votes = 1, 8, 10
     import torch

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _bench import ROOT, add_flags, recording  # noqa: E402
+from _bench import ROOT, parse_args, recording  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -62,8 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=2, help="best of N")
-    add_flags(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     big = dict(hidden=512, layers=args.layers, vocab=8000, inter=1376, shards=4)
     if args.quick:
         big, args.repeats = dict(hidden=64, layers=1, vocab=512, inter=128, shards=4), 1
