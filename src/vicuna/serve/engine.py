@@ -65,7 +65,8 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata={
         "help": "prompt + completion token limit (default: the model's context length, at most what the KV "
                 "cache holds)"})
-    default_max_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "completion budget when a request sets none"})
+    default_max_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={
+        "help": "completion budget when a request sets none"})
     max_prefill_tokens: int | None = field(default=None, metadata={
         "help": "prompt tokens (padding included) prefilled together in one forward; bounds how long "
                 "decoding pauses for newcomers and how long the first of them waits (one longer prompt still "
