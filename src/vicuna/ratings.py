@@ -1,4 +1,5 @@
-"""Leaderboard maths: Bradley-Terry ratings on the Elo scale, bootstrap intervals, online Elo.
+"""Leaderboard maths: Bradley-Terry ratings on the Elo scale, bootstrap intervals, online Elo,
+and style control (Bradley-Terry with answer-style covariates).
 
 Shared by the evaluation reports (judge verdicts) and the web arena (human votes), so it
 depends on numpy only. A battle is ``(model_a, model_b, winner)`` with ``winner`` one of
@@ -13,6 +14,7 @@ a handful of steps, needs no extra dependency and makes a 1,000-round bootstrap 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -211,3 +213,161 @@ def expected_win_rate(ratings: Mapping[str, float], *, scale: float = SCALE, bas
     return {
         a: {b: 1.0 / (1.0 + base ** ((ratings[b] - ratings[a]) / scale)) for b in names if b != a} for a in names
     }
+
+
+# ---------------------------------------------------------------- style control
+
+# The style of an answer that FastChat's style-controlled leaderboard (and Arena-Hard's
+# --style-control) holds fixed: its length in tokens and its markdown elements.
+STYLE_FEATURES = ("tokens", "headers", "lists", "bold")
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_HEADER = re.compile(r"^#{1,6}\s+\S", re.MULTILINE)
+_LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S", re.MULTILINE)
+_BOLD = re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__")
+_FENCE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
+
+
+def count_tokens(text: str) -> int:
+    """Words and punctuation marks: a tokenizer-free length that tracks BPE token counts
+    closely enough for a length covariate (and is the same for every model's answers)."""
+    return len(_TOKEN.findall(text))
+
+
+def style_of(texts: str | Iterable[str]) -> dict[str, int]:
+    """Token count and markdown header / list item / bold counts, summed over the texts
+    (one answer, or every assistant turn of a conversation). Code blocks are not markdown:
+    a ``# comment`` or ``- x`` inside a fence counts as tokens only, as in FastChat."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = dict.fromkeys(STYLE_FEATURES, 0)
+    for text in texts:
+        out["tokens"] += count_tokens(text)
+        prose = _FENCE.sub("", text)
+        out["headers"] += len(_HEADER.findall(prose))
+        out["lists"] += len(_LIST_ITEM.findall(prose))
+        out["bold"] += len(_BOLD.findall(prose))
+    return out
+
+
+def style_covariates(style_a: Sequence[Mapping[str, float]], style_b: Sequence[Mapping[str, float]]) -> np.ndarray:
+    """n x 4 covariates as FastChat normalises them: per feature (a - b) / (a + b) (0 when
+    both are 0), then standardised over the battles (a constant column stays 0)."""
+    a = np.array([[float(s[f]) for f in STYLE_FEATURES] for s in style_a]).reshape(-1, len(STYLE_FEATURES))
+    b = np.array([[float(s[f]) for f in STYLE_FEATURES] for s in style_b]).reshape(-1, len(STYLE_FEATURES))
+    total = a + b
+    diff = np.divide(a - b, total, out=np.zeros_like(total), where=total > 0)
+    if len(diff) == 0:
+        return diff
+    sd = diff.std(axis=0)
+    return np.divide(diff - diff.mean(axis=0), sd, out=np.zeros_like(diff), where=sd > 0)
+
+
+@dataclass(frozen=True)
+class StyleControlled:
+    """Style-controlled ratings (best first) and the fitted style coefficients.
+
+    ``coefficients[f]`` is on the Elo scale: the rating points an answer gains from being one
+    standard deviation of the normalised feature ``f`` ahead of its opponent."""
+
+    ratings: dict[str, RatingInterval]
+    coefficients: dict[str, RatingInterval]
+
+
+def _design(k: int, ia: np.ndarray, ib: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+    """Rows +1 for model_a's column, -1 for model_b's, then the style covariates."""
+    n = len(ia)
+    x = np.zeros((n, k + covariates.shape[1]))
+    x[np.arange(n), ia] = 1.0
+    x[np.arange(n), ib] = -1.0
+    x[:, k:] = covariates
+    return x
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, reg: float, start: np.ndarray | None = None,
+                  max_iter: int = 100, tol: float = 1e-12) -> np.ndarray:
+    """argmax sum_i w_i [y_i log s(x_i.b) + (1 - y_i) log s(-x_i.b)] - reg/2 |b|^2 (damped Newton).
+
+    The L2 term (FastChat's contextual BT uses one too) makes the problem strictly concave:
+    it pins the ratings' free offset to mean 0 and keeps them finite when a model wins every
+    battle. A tie is y = 1/2, as in the plain fit."""
+    beta = np.zeros(x.shape[1]) if start is None else start.copy()
+
+    def objective(b):
+        z = x @ b
+        return -(w * (y * np.logaddexp(0.0, -z) + (1 - y) * np.logaddexp(0.0, z))).sum() - 0.5 * reg * b @ b
+
+    current = objective(beta)
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(x @ beta)))
+        grad = x.T @ (w * (y - p)) - reg * beta
+        hess = (x * (w * p * (1 - p))[:, None]).T @ x + reg * np.eye(x.shape[1])
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-8:
+            cand = beta + t * step
+            value = objective(cand)
+            if value >= current - 1e-12:
+                break
+            t *= 0.5
+        beta, current = cand, value
+        if np.max(np.abs(t * step)) < tol:
+            break
+    return beta
+
+
+def bootstrap_style_controlled(
+    battles: Iterable,
+    style_a: Sequence[Mapping[str, float]],
+    style_b: Sequence[Mapping[str, float]],
+    *,
+    rounds: int = 1000,
+    confidence: float = 0.95,
+    seed: int | None = 0,
+    reg: float = 0.5,
+    scale: float = SCALE,
+    base: float = BASE,
+    init_rating: float = INIT_RATING,
+    weights: Sequence[float] | None = None,
+) -> StyleControlled:
+    """Bradley-Terry with style covariates (FastChat's style control), with bootstrap intervals.
+
+    ``P(a beats b) = sigmoid(theta_a - theta_b + gamma . x)`` where ``x`` are the battle's
+    ``style_covariates``: the ratings say who wins between equally long, equally formatted
+    answers. ``style_a[i]`` / ``style_b[i]`` are ``style_of`` the two sides of battle i.
+    ``weights`` count a battle several times (Arena-Hard's strong verdicts). Each bootstrap
+    round resamples the battles and refits (covariates normalised once, on all battles).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be between 0 and 1")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    if reg <= 0:
+        raise ValueError("reg must be > 0")
+    models, ia, ib, sa = _parse_battles(battles)
+    if len(style_a) != len(sa) or len(style_b) != len(sa):
+        raise ValueError(f"style_a and style_b need one entry per battle ({len(sa)}), got {len(style_a)} and "
+                         f"{len(style_b)}")
+    if not models:
+        return StyleControlled({}, {})
+    k, n = len(models), len(sa)
+    x = _design(k, ia, ib, style_covariates(style_a, style_b))
+    base_w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    to_points = scale / math.log(base)
+    point = _fit_logistic(x, sa, base_w, reg)
+    rng = np.random.default_rng(seed)
+    samples = np.empty((rounds, x.shape[1]))
+    for r in range(rounds):
+        counts = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
+        samples[r] = _fit_logistic(x, sa, base_w * counts, reg, start=point)
+    alpha = (1.0 - confidence) / 2.0
+    lower, upper = np.quantile(samples, alpha, axis=0), np.quantile(samples, 1.0 - alpha, axis=0)
+
+    def interval(i: int, offset: float) -> RatingInterval:
+        return RatingInterval(float(point[i] * to_points + offset), float(lower[i] * to_points + offset),
+                              float(upper[i] * to_points + offset))
+
+    # The L2 term already centres theta on 0; the offset puts the mean on init_rating.
+    offset = init_rating - float(point[:k].mean() * to_points)
+    ratings = {m: interval(i, offset) for i, m in enumerate(models)}
+    coefs = {f: interval(k + j, 0.0) for j, f in enumerate(STYLE_FEATURES)}
+    return StyleControlled(dict(sorted(ratings.items(), key=lambda kv: -kv[1].rating)), coefs)
