@@ -118,6 +118,10 @@ def _to_elo(theta: np.ndarray, scale: float, base: float, init_rating: float) ->
     return ratings - ratings.mean() + init_rating
 
 
+def _anchored(ratings: np.ndarray, at: int | None, init_rating: float) -> np.ndarray:
+    return ratings if at is None else ratings - ratings[at] + init_rating
+
+
 def fit_bradley_terry(
     battles: Iterable,
     *,
@@ -151,8 +155,13 @@ def bootstrap_bradley_terry(
     base: float = BASE,
     init_rating: float = INIT_RATING,
     prior: float = 1.0,
+    anchor: str | None = None,
 ) -> dict[str, RatingInterval]:
     """Point ratings (fit on all battles) with percentile bootstrap intervals; best first.
+
+    With ``anchor`` (a model) every fit puts that model at ``init_rating`` instead of the
+    mean there, so the intervals are those of each model's distance to the anchor (how
+    Arena-Hard states ratings against its baseline).
 
     Each round resamples the battles with replacement and refits. Battles are first grouped
     into distinct (a, b, outcome) cells, so a round is one multinomial draw over at most
@@ -167,8 +176,12 @@ def bootstrap_bradley_terry(
     models, ia, ib, sa = _parse_battles(battles)
     if not models:
         return {}
+    if anchor is not None and anchor not in models:
+        raise ValueError(f"anchor {anchor!r} is in no battle")
     k, n = len(models), len(sa)
-    point = _to_elo(_fit_log_strengths(_win_matrix(k, ia, ib, sa), prior), scale, base, init_rating)
+    at = models.index(anchor) if anchor is not None else None
+    point = _anchored(_to_elo(_fit_log_strengths(_win_matrix(k, ia, ib, sa), prior), scale, base, init_rating),
+                      at, init_rating)
     # Identical battles form one cell; resampling n battles = a multinomial draw over cells.
     cells, counts = np.unique(np.stack([ia, ib, sa * 2]), axis=1, return_counts=True)
     ca, cb, cs = cells[0].astype(np.int64), cells[1].astype(np.int64), cells[2] / 2
@@ -177,7 +190,7 @@ def bootstrap_bradley_terry(
     for r in range(rounds):
         weights = rng.multinomial(n, counts / n).astype(float)
         theta = _fit_log_strengths(_win_matrix(k, ca, cb, cs, weights), prior)
-        samples[r] = _to_elo(theta, scale, base, init_rating)
+        samples[r] = _anchored(_to_elo(theta, scale, base, init_rating), at, init_rating)
     alpha = (1.0 - confidence) / 2.0
     lower = np.quantile(samples, alpha, axis=0)
     upper = np.quantile(samples, 1.0 - alpha, axis=0)
@@ -328,6 +341,7 @@ def bootstrap_style_controlled(
     base: float = BASE,
     init_rating: float = INIT_RATING,
     weights: Sequence[float] | None = None,
+    anchor: str | None = None,
 ) -> StyleControlled:
     """Bradley-Terry with style covariates (FastChat's style control), with bootstrap intervals.
 
@@ -336,6 +350,7 @@ def bootstrap_style_controlled(
     answers. ``style_a[i]`` / ``style_b[i]`` are ``style_of`` the two sides of battle i.
     ``weights`` count a battle several times (Arena-Hard's strong verdicts). Each bootstrap
     round resamples the battles and refits (covariates normalised once, on all battles).
+    ``anchor`` as in ``bootstrap_bradley_terry``: that model sits at ``init_rating`` in every fit.
     """
     if not 0 < confidence < 1:
         raise ValueError("confidence must be between 0 and 1")
@@ -349,6 +364,8 @@ def bootstrap_style_controlled(
                          f"{len(style_b)}")
     if not models:
         return StyleControlled({}, {})
+    if anchor is not None and anchor not in models:
+        raise ValueError(f"anchor {anchor!r} is in no battle")
     k, n = len(models), len(sa)
     x = _design(k, ia, ib, style_covariates(style_a, style_b))
     base_w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
@@ -359,6 +376,10 @@ def bootstrap_style_controlled(
     for r in range(rounds):
         counts = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
         samples[r] = _fit_logistic(x, sa, base_w * counts, reg, start=point)
+    if anchor is not None:  # ratings relative to the anchor in every fit
+        at = models.index(anchor)
+        point[:k] -= point[at]
+        samples[:, :k] -= samples[:, [at]]
     alpha = (1.0 - confidence) / 2.0
     lower, upper = np.quantile(samples, alpha, axis=0), np.quantile(samples, 1.0 - alpha, axis=0)
 
@@ -367,7 +388,12 @@ def bootstrap_style_controlled(
                               float(upper[i] * to_points + offset))
 
     # The L2 term already centres theta on 0; the offset puts the mean on init_rating.
-    offset = init_rating - float(point[:k].mean() * to_points)
+    offset = init_rating - (0.0 if anchor is not None else float(point[:k].mean() * to_points))
     ratings = {m: interval(i, offset) for i, m in enumerate(models)}
     coefs = {f: interval(k + j, 0.0) for j, f in enumerate(STYLE_FEATURES)}
     return StyleControlled(dict(sorted(ratings.items(), key=lambda kv: -kv[1].rating)), coefs)
+
+
+def win_rate_vs(rating: float, opponent: float, *, scale: float = SCALE, base: float = BASE) -> float:
+    """P(a model rated ``rating`` beats one rated ``opponent``) under Bradley-Terry."""
+    return 1.0 / (1.0 + base ** ((opponent - rating) / scale))
