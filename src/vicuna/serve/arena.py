@@ -719,8 +719,17 @@ def leaderboard_figure(lb: Leaderboard):
     x = [r.rating for r in rows]
     err = [[r.rating - r.lower for r in rows], [r.upper - r.rating for r in rows]]
     ax.errorbar(x, y, xerr=err, fmt="o", capsize=4, color="tab:blue", label="Bradley–Terry")
+    legend = False
+    if all(r.style is not None for r in rows):
+        ys = [v - 0.2 for v in y]
+        ax.errorbar([r.style.rating for r in rows], ys, xerr=[[r.style.rating - r.style.lower for r in rows],
+                    [r.style.upper - r.style.rating for r in rows]], fmt="s", capsize=3, color="tab:green",
+                    label="style-controlled")
+        legend = True
     if any(r.online_elo is not None for r in rows):
         ax.plot([r.online_elo for r in rows], y, "x", color="tab:orange", label="online Elo")
+        legend = True
+    if legend:
         ax.legend(loc="lower right")
     ax.set_yticks(list(y), [r.model for r in rows])
     ax.set_xlabel(f"rating ({int(round(lb.confidence * 100))}% bootstrap interval)")
