@@ -286,34 +286,38 @@ class StyleControlled:
     coefficients: dict[str, RatingInterval]
 
 
-def _design(k: int, ia: np.ndarray, ib: np.ndarray, covariates: np.ndarray) -> np.ndarray:
-    """Rows +1 for model_a's column, -1 for model_b's, then the style covariates."""
-    n = len(ia)
-    x = np.zeros((n, k + covariates.shape[1]))
-    x[np.arange(n), ia] = 1.0
-    x[np.arange(n), ib] = -1.0
-    x[:, k:] = covariates
-    return x
+def _fit_style_bt(ia: np.ndarray, ib: np.ndarray, feats: np.ndarray, y: np.ndarray, w: np.ndarray, k: int,
+                  reg: float, start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-12) -> np.ndarray:
+    """argmax sum_i w_i [y_i log s(z_i) + (1 - y_i) log s(-z_i)] - reg/2 |b|^2 by damped Newton,
+    z_i = theta[a_i] - theta[b_i] + gamma . feats_i and b = (theta, gamma).
 
-
-def _fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, reg: float, start: np.ndarray | None = None,
-                  max_iter: int = 100, tol: float = 1e-12) -> np.ndarray:
-    """argmax sum_i w_i [y_i log s(x_i.b) + (1 - y_i) log s(-x_i.b)] - reg/2 |b|^2 (damped Newton).
-
-    The L2 term (FastChat's contextual BT uses one too) makes the problem strictly concave:
-    it pins the ratings' free offset to mean 0 and keeps them finite when a model wins every
-    battle. A tie is y = 1/2, as in the plain fit."""
-    beta = np.zeros(x.shape[1]) if start is None else start.copy()
+    This is L2 logistic regression on the design "+1 for a's column, -1 for b's, then the
+    features" (what FastChat builds), but the gradient and Hessian are summed per model with
+    bincount instead of through that n x (k + 4) matrix: O(n) per step instead of O(n k^2),
+    which keeps a 1,000-round bootstrap over many models fast. The L2 term (FastChat's
+    contextual BT uses one too) makes the problem strictly concave: it pins the ratings'
+    free offset to mean 0 and keeps them finite when a model wins every battle. A tie is
+    y = 1/2, as in the plain fit."""
+    m = feats.shape[1]
+    beta = np.zeros(k + m) if start is None else start.copy()
+    cell = ia * k + ib
 
     def objective(b):
-        z = x @ b
+        z = b[ia] - b[ib] + feats @ b[k:]
         return -(w * (y * np.logaddexp(0.0, -z) + (1 - y) * np.logaddexp(0.0, z))).sum() - 0.5 * reg * b @ b
 
     current = objective(beta)
     for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(-(x @ beta)))
-        grad = x.T @ (w * (y - p)) - reg * beta
-        hess = (x * (w * p * (1 - p))[:, None]).T @ x + reg * np.eye(x.shape[1])
+        p = 1.0 / (1.0 + np.exp(-(beta[ia] - beta[ib] + feats @ beta[k:])))
+        r, c = w * (y - p), w * p * (1 - p)
+        grad = np.concatenate([np.bincount(ia, r, k) - np.bincount(ib, r, k), feats.T @ r]) - reg * beta
+        pair = np.bincount(cell, c, k * k).reshape(k, k)
+        hess = np.empty((k + m, k + m))
+        hess[:k, :k] = np.diag(pair.sum(axis=0) + pair.sum(axis=1)) - pair - pair.T
+        cf = feats * c[:, None]
+        cross = np.stack([np.bincount(ia, cf[:, j], k) - np.bincount(ib, cf[:, j], k) for j in range(m)], axis=1)
+        hess[:k, k:], hess[k:, :k], hess[k:, k:] = cross, cross.T, feats.T @ cf
+        hess += reg * np.eye(k + m)
         step = np.linalg.solve(hess, grad)
         t = 1.0
         while t > 1e-8:
@@ -367,15 +371,15 @@ def bootstrap_style_controlled(
     if anchor is not None and anchor not in models:
         raise ValueError(f"anchor {anchor!r} is in no battle")
     k, n = len(models), len(sa)
-    x = _design(k, ia, ib, style_covariates(style_a, style_b))
+    feats = style_covariates(style_a, style_b)
     base_w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     to_points = scale / math.log(base)
-    point = _fit_logistic(x, sa, base_w, reg)
+    point = _fit_style_bt(ia, ib, feats, sa, base_w, k, reg)
     rng = np.random.default_rng(seed)
-    samples = np.empty((rounds, x.shape[1]))
+    samples = np.empty((rounds, k + feats.shape[1]))
     for r in range(rounds):
         counts = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
-        samples[r] = _fit_logistic(x, sa, base_w * counts, reg, start=point)
+        samples[r] = _fit_style_bt(ia, ib, feats, sa, base_w * counts, k, reg, start=point, tol=1e-8)
     if anchor is not None:  # ratings relative to the anchor in every fit
         at = models.index(anchor)
         point[:k] -= point[at]
