@@ -138,9 +138,16 @@ def test_a_users_judge_config_and_bad_settings(tmp_path):
         refused = run_cli("eval", "judge", "--protocol", "arena-hard", "--judge-prompts", bad, "--models", "weak,base",
                           "--baseline", "base", "-o", tmp_path / "m.jsonl", *common)
         assert refused.returncode == 2 and "placeholder" in refused.stderr and "{question_1}" in refused.stderr
+        one_order = run_cli("eval", "judge", "--protocol", "arena-hard", "--no-swap", "--models", "weak,base",
+                            "--baseline", "base", "-o", tmp_path / "o.jsonl", *common)
+        assert one_order.returncode == 2 and "both answer orders" in one_order.stderr
         mixed = run_cli("eval", "judge", "--protocol", "arena-hard", "--prompts", "vicuna-judge-v1", "--models",
                         "weak,base", "--baseline", "base", "-o", tmp_path / "n.jsonl", *common)
         assert mixed.returncode == 2 and "--judge-prompts" in mixed.stderr
+    shown = run_cli("eval", "prompts", "arena-hard", check=True).stdout
+    assert "[[B>>A]]" in shown and "{question_1}" in shown and "max_tokens 4096" in shown
+    listed = run_cli("eval", "prompts", config, check=True).stdout
+    assert "arena-hard prompts for mode pairwise-5" in listed and "my-judge" in listed
     res = json.loads(run_cli("eval", "report", "--judgments", tmp_path / "j.jsonl", "--bootstrap-rounds", "5", "-o",
                              tmp_path / "rep", check=True).stdout and (tmp_path / "rep" / "results.json").read_text())
     assert res["arena_hard"]["models"]["weak"]["verdicts"]["tie"] == 2 * len(QUESTIONS)

@@ -449,14 +449,32 @@ def _parse(args) -> int:
     return 0
 
 
+def _is_arena_hard(path: str) -> bool:
+    """An Arena-Hard judge_config.yaml (rather than one of our YAML prompt sets)?"""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "system_prompt" in data
+
+
 def _prompts(args) -> int:
-    from .judge_prompts import describe, list_prompt_sets, load_judge_prompts, load_prompts
+    from .judge_prompts import describe, list_prompt_sets, load_arena_hard_prompts, load_judge_prompts, load_prompts
 
     if not args.name:
         for name in list_prompt_sets():
             print(name)
+        print("arena-hard  (the --protocol arena-hard judge prompt)")
         return 0
-    if args.name.endswith(".jsonl"):
+    if args.name == "arena-hard":
+        book = load_arena_hard_prompts()
+        print(f"# {book.version} (sha {book.prompt.sha}); temperature {book.prompt.temperature:g}, "
+              f"max_tokens {book.prompt.max_tokens}")
+        print(f"[system]\n{book.prompt.system.strip()}\n[user]\n{book.prompt.template.strip()}")
+        return 0
+    if args.name.endswith((".jsonl", ".yaml", ".yml")) and (args.name.endswith(".jsonl") or _is_arena_hard(args.name)):
         book = load_judge_prompts(Path(args.name), args.judge_reviewers)
         print(f"# {book.version}: {book.kind} prompts for mode {', '.join(book.modes)}")
         for name, sha in describe(book).items():
