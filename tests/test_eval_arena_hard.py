@@ -99,6 +99,9 @@ def test_arena_hard_run_end_to_end(tmp_path):
         sc = row["style_controlled"]
         assert sc["win_rate_lower"] <= sc["win_rate"] <= sc["win_rate_upper"]
     assert ah["models"]["strong"]["win_rate"] > 0.9 and ah["models"]["weak"]["win_rate"] < 0.35
+    # weak writes like the baseline and always loses: style control must not lift it (only strong's
+    # long, formatted answers carry a style difference)
+    assert ah["models"]["weak"]["style_controlled"]["win_rate"] < 0.35
     assert res["judgments"]["unparsed"] == 2
     # the generic tables carry the style-controlled ratings too (both orders combined per comparison)
     assert set(res["style_coefficients"]) == {"tokens", "headers", "lists", "bold"}

@@ -76,8 +76,9 @@ def independent_fit(battles, style_a, style_b, reg: float) -> dict[str, float]:
         for s, t in zip(style_a, style_b):
             total = s[f] + t[f]
             col.append((s[f] - t[f]) / total if total else 0.0)
+        both = np.array(col + [-c for c in col])  # the battles seen from both sides: mean 0
         col = np.array(col)
-        feats.append((col - col.mean()) / col.std() if col.std() > 0 else np.zeros_like(col))
+        feats.append((col - both.mean()) / both.std() if both.std() > 0 else np.zeros_like(col))
     rows, ys, ws = [], [], []
     for n, (a, b, w) in enumerate(battles):
         row = [1.0 if m == a else -1.0 if m == b else 0.0 for m in names] + [c[n] for c in feats]
@@ -124,8 +125,41 @@ def test_style_features_and_their_normalisation():
     x = style_covariates([{"tokens": 30, "headers": 0, "lists": 1, "bold": 0}] * 2 + [{"tokens": 10, "headers": 0,
                           "lists": 0, "bold": 0}], [{"tokens": 10, "headers": 0, "lists": 1, "bold": 0}] * 3)
     assert x.shape == (3, 4)
-    assert np.allclose(x.mean(axis=0), 0) and np.allclose(x[:, 0].std(), 1)
+    assert np.allclose(np.sqrt((x[:, 0] ** 2).mean()), 1)  # unit scale over both orientations
     assert np.all(x[:, 1] == 0)  # 0/0 headers: no difference, not NaN
+    # swapping the sides of a battle flips the sign of its covariates (and leaves the others alone)
+    sa = [{"tokens": 30, "headers": 2, "lists": 1, "bold": 0}, {"tokens": 10, "headers": 0, "lists": 3, "bold": 1}]
+    sb = [{"tokens": 10, "headers": 1, "lists": 1, "bold": 2}, {"tokens": 20, "headers": 1, "lists": 0, "bold": 1}]
+    x, y = style_covariates(sa, sb), style_covariates([sb[0], sa[1]], [sa[0], sb[1]])
+    assert np.allclose(y[0], -x[0]) and np.allclose(y[1], x[1])
+
+
+def test_orientation_does_not_change_the_fit():
+    """All battles written as (model, baseline), or half of them the other way round, is the same data."""
+    battles, sa, sb = length_biased_battles(800, seed=2)
+    swap = {"model_a": "model_b", "model_b": "model_a", "tie": "tie"}
+    flipped = [((b, a, swap[w]), y, x) if k % 2 else ((a, b, w), x, y)
+               for k, ((a, b, w), x, y) in enumerate(zip(battles, sa, sb))]
+    one = bootstrap_style_controlled(battles, sa, sb, rounds=1)
+    two = bootstrap_style_controlled([f[0] for f in flipped], [f[1] for f in flipped], [f[2] for f in flipped],
+                                     rounds=1)
+    for m in QUALITY:
+        assert two.ratings[m].rating == pytest.approx(one.ratings[m].rating, abs=1e-6)
+
+
+def test_a_model_is_not_charged_for_its_opponents_style():
+    """Every battle is (model, baseline); only 'verbose' writes long answers, 'plain' writes like the
+    baseline and always loses to it: style control must not lift 'plain' (centring on the one-sided
+    mean of the length covariate would)."""
+    battles, sa, sb = [], [], []
+    short = {"tokens": 50, "headers": 0, "lists": 0, "bold": 0}
+    for k in range(200):
+        long_ = {"tokens": 400 + k, "headers": 2, "lists": 5, "bold": 3}
+        battles += [("verbose", "base", "model_a"), ("plain", "base", "model_b" if k % 5 else "tie")]
+        sa += [long_, short]
+        sb += [short, short]
+    sc = bootstrap_style_controlled(battles, sa, sb, rounds=5, anchor="base")
+    assert sc.ratings["plain"].rating < sc.ratings["base"].rating == pytest.approx(1000)
 
 
 def test_bad_input_is_refused():

@@ -264,15 +264,22 @@ def style_of(texts: str | Iterable[str]) -> dict[str, int]:
 
 def style_covariates(style_a: Sequence[Mapping[str, float]], style_b: Sequence[Mapping[str, float]]) -> np.ndarray:
     """n x 4 covariates as FastChat normalises them: per feature (a - b) / (a + b) (0 when
-    both are 0), then standardised over the battles (a constant column stays 0)."""
+    both are 0), then standardised.
+
+    FastChat standardises over its battles, whose sides are drawn at random, so their mean
+    is ~0. Here battles may all be oriented one way (every game "model vs baseline"), and
+    centring on that mean would charge a model for its opponents' style: so the mean and
+    standard deviation are taken over the battles in both orientations (mean exactly 0, sd =
+    root mean square). A battle's covariates then flip sign when its sides are swapped, and
+    on randomly oriented battles this is FastChat's normalisation. A constant-0 column stays 0."""
     a = np.array([[float(s[f]) for f in STYLE_FEATURES] for s in style_a]).reshape(-1, len(STYLE_FEATURES))
     b = np.array([[float(s[f]) for f in STYLE_FEATURES] for s in style_b]).reshape(-1, len(STYLE_FEATURES))
     total = a + b
     diff = np.divide(a - b, total, out=np.zeros_like(total), where=total > 0)
     if len(diff) == 0:
         return diff
-    sd = diff.std(axis=0)
-    return np.divide(diff - diff.mean(axis=0), sd, out=np.zeros_like(diff), where=sd > 0)
+    scale = np.sqrt((diff ** 2).mean(axis=0))
+    return np.divide(diff, scale, out=np.zeros_like(diff), where=scale > 0)
 
 
 @dataclass(frozen=True)
