@@ -717,13 +717,14 @@ def leaderboard_figure(lb: Leaderboard):
     rows = lb.rows[::-1]
     y = range(len(rows))
     x = [r.rating for r in rows]
-    err = [[r.rating - r.lower for r in rows], [r.upper - r.rating for r in rows]]
+    err = [[max(0.0, r.rating - r.lower) for r in rows], [max(0.0, r.upper - r.rating) for r in rows]]
     ax.errorbar(x, y, xerr=err, fmt="o", capsize=4, color="tab:blue", label="Bradley–Terry")
     legend = False
     if all(r.style is not None for r in rows):
         ys = [v - 0.2 for v in y]
-        ax.errorbar([r.style.rating for r in rows], ys, xerr=[[r.style.rating - r.style.lower for r in rows],
-                    [r.style.upper - r.style.rating for r in rows]], fmt="s", capsize=3, color="tab:green",
+        # a percentile interval need not contain the point estimate (few, lopsided votes): clip at 0
+        ax.errorbar([r.style.rating for r in rows], ys, xerr=[[max(0.0, r.style.rating - r.style.lower) for r in rows],
+                    [max(0.0, r.style.upper - r.style.rating) for r in rows]], fmt="s", capsize=3, color="tab:green",
                     label="style-controlled")
         legend = True
     if any(r.online_elo is not None for r in rows):
