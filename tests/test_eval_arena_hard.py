@@ -155,3 +155,21 @@ def test_a_users_judge_config_and_bad_settings(tmp_path):
                              tmp_path / "rep", check=True).stdout and (tmp_path / "rep" / "results.json").read_text())
     assert res["arena_hard"]["models"]["weak"]["verdicts"]["tie"] == 2 * len(QUESTIONS)
     assert res["arena_hard"]["models"]["weak"]["win_rate"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_yaml_config_sets_the_strong_weight(tmp_path):
+    qfile, answers = write_inputs(tmp_path)
+    with ScriptedServer(scripted_judge) as judge:
+        def config(weight) -> Path:
+            path = tmp_path / "eval.yaml"
+            path.write_text(json.dumps({  # JSON is YAML
+                "questions": str(qfile), "output_dir": "out", "parallel": 2,
+                "models": [{"name": m, "answers": str(answers / f"{m}.jsonl")} for m in ("strong", "base")],
+                "judge": {"model": "j", "api_base": judge.base_url, "protocol": "arena-hard", "baseline": "base"},
+                "report": {"bootstrap_rounds": 5, "strong_weight": weight}}))
+            return path
+        bad = run_cli("eval", "run", config("x"))
+        assert bad.returncode == 2 and "strong_weight" in bad.stderr and not judge.requests  # refused up front
+        run_cli("eval", "run", config(2), check=True)
+    res = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
+    assert res["arena_hard"]["strong_weight"] == 2 and res["arena_hard"]["games"] == 10 * 2

@@ -29,7 +29,7 @@ _REPORT = {"bootstrap_rounds", "relative_to", "price_input", "price_output", "st
 
 
 def _whole(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise EvalUsageError(f"{where} must be a whole number >= 1, got {value!r}")
     return int(value)
 
@@ -75,6 +75,8 @@ def check_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         raise EvalUsageError(f"{where}: 'judge' must be a mapping with at least 'model'")
     _check_keys(f"{where}: judge", judge, _JUDGE)
     _check_keys(f"{where}: report", cfg.get("report") or {}, _REPORT)
+    if (cfg.get("report") or {}).get("strong_weight") is not None:  # fail before any judge call is paid
+        _whole(cfg["report"]["strong_weight"], f"{where}: report.strong_weight")
     return cfg
 
 
@@ -165,7 +167,7 @@ def run_config(path: Path | None, *, force: bool = False, cfg: dict[str, Any] | 
     prices = (float(r["price_input"]), float(r["price_output"])) if "price_input" in r else None
     res = write_report(judgments, out_dir / "report", baseline=j.get("baseline"), relative_to=r.get("relative_to"),
                        prices=prices, force=True, bootstrap_rounds=int(r.get("bootstrap_rounds", 1000)),
-                       strong_weight=_whole(r.get("strong_weight", 3), f"{where}: report.strong_weight"))
+                       strong_weight=_whole(r.get("strong_weight") or 3, f"{where}: report.strong_weight"))
     print(f"{out_dir / 'report' / 'report.md'}: {res['judgments']['total']} judgments "
           f"({res['judgments']['unparsed']} unparsed, {res['judgments']['error']} failed)")
     status = judged_exit_code(counts["file"], float(j.get("min_parsed", 0.5)), judgments)
