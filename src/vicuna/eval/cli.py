@@ -211,6 +211,11 @@ examples:
       --reference mt_bench/reference_answer/gpt-4.jsonl --judge-prompts judge_prompts.jsonl \\
       --model my-model --api-base http://127.0.0.1:8000/v1 \\
       --judge-model gpt-4 --judge-api-base https://api.openai.com/v1 -o mt-bench-out
+  # Arena-Hard-Auto: win rate vs a fixed baseline whose answers are in --answers
+  vicuna eval run --protocol arena-hard --questions arena-hard-v0.1/question.jsonl \\
+      --answers arena-hard-v0.1/model_answer --models gpt-4-0314 --baseline gpt-4-0314 \\
+      --model my-model --api-base http://127.0.0.1:8000/v1 \\
+      --judge-model gpt-4o --judge-api-base https://api.openai.com/v1 -o arena-hard-out
 """)
     p.add_argument("config", type=Path, nargs="?", help="YAML config (see above); or give the flags below")
     p.add_argument("--questions", help=_QUESTIONS_HELP + " (default: builtin)" + _OWN_DEFAULT)
