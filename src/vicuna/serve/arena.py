@@ -369,9 +369,11 @@ class ArenaStore:
                           (vote_id, tag, tagger))
 
     def retag(self, *, force: bool = False) -> int:
-        """Tag the votes this store's tagger has not tagged yet (all of them with ``force``,
-        replacing its earlier tags); returns how many votes were tagged. How an old database's
-        votes get categories, and how a new tagger (a judge model) is run over stored battles."""
+        """Tag the votes that have no tag of this store's tagger yet (all of them with ``force``,
+        replacing its earlier tags); returns how many votes were looked at (a vote the tagger
+        finds no category for is looked at again next time). How an old database's votes get
+        categories, and how a new tagger (a judge model) is run over stored battles. Two taggers
+        giving a vote the same category keep the first one's row."""
         if force:
             self._execute("DELETE FROM vote_categories WHERE tagger = ?", (self.tagger_name,))
         rows = self._execute(
