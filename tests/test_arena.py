@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, bradley_terry_battles, cli_env, run_cli
 
-from vicuna.serve.arena import ArenaError, ArenaStore, Battle, compute_leaderboard, identity_leak, identity_terms
+from vicuna.serve.arena import (
+    SCHEMA_VERSION, ArenaError, ArenaStore, Battle, compute_leaderboard, identity_leak, identity_terms,
+)
 
 TRUTH = {"strong": 1150.0, "middle": 1000.0, "weak": 850.0}  # mean 1000
 
@@ -302,7 +304,7 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
     with ArenaStore(db, salt="s") as store:
         add_battle(store, 1, "x", "y", "model_a")
     conn = sqlite3.connect(db)
-    conn.executescript("ALTER TABLE conversations DROP COLUMN served_by; "
+    conn.executescript("ALTER TABLE conversations DROP COLUMN served_by; DROP TABLE vote_categories; "
                        "ALTER TABLE conversations DROP COLUMN upstream_model; PRAGMA user_version = 1;")
     conn.close()
     with ArenaStore(db, salt="s") as store:
@@ -311,7 +313,95 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
         store.save_conversation("c", mode="battle", model="e", messages=[], served_by="endpoint",
                                 upstream_model="gpt-x")
         assert store.conversation("c")["upstream_model"] == "gpt-x"
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
+        assert vote["categories"] == []  # "hi" is too short to tell its language, and nothing else
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+# The tables of schema version 2, as vicuna wrote them before categories (kept verbatim: the upgrade's input).
+SCHEMA_2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE conversations (id TEXT PRIMARY KEY, mode TEXT NOT NULL, model TEXT NOT NULL, messages TEXT NOT NULL,
+    params TEXT NOT NULL DEFAULT '{}', finish TEXT, error TEXT, ip_hash TEXT, created REAL NOT NULL,
+    updated REAL NOT NULL, served_by TEXT, upstream_model TEXT);
+CREATE TABLE votes (id INTEGER PRIMARY KEY, created REAL NOT NULL, mode TEXT NOT NULL, anonymous INTEGER NOT NULL,
+    model_a TEXT NOT NULL, model_b TEXT NOT NULL, conv_a TEXT NOT NULL REFERENCES conversations (id),
+    conv_b TEXT NOT NULL REFERENCES conversations (id), winner TEXT NOT NULL, void INTEGER NOT NULL DEFAULT 0,
+    void_reason TEXT, ip_hash TEXT, UNIQUE (conv_a, conv_b));
+CREATE TABLE feedback (id INTEGER PRIMARY KEY, created REAL NOT NULL, conv_id TEXT NOT NULL, model TEXT NOT NULL,
+    message_index INTEGER NOT NULL, kind TEXT NOT NULL, note TEXT, ip_hash TEXT);
+PRAGMA user_version = 2;
+"""
+
+PROMPTS = {
+    "code": [{"role": "user", "content": "Write a Python function that reverses a linked list."}],
+    "math": [{"role": "user", "content": "Solve 3x + 5 = 20 for x."}],
+    "french": [{"role": "user", "content": "Écris un petit poème sur la mer, s'il te plaît."},
+               {"role": "assistant", "content": "..."}, {"role": "user", "content": "Encore un, plus court."}],
+    "plain": [{"role": "user", "content": "Tell me a short story about a brave little dog."}],
+}
+
+
+def test_categories_are_tagged_stored_and_filtered(tmp_path):
+    """An old (schema 2) database is upgraded: its votes are tagged; new votes are tagged as stored;
+    the leaderboard filters by category in the SQLite file and on the command line."""
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(SCHEMA_2)
+    for n, (name, msgs) in enumerate(PROMPTS.items()):
+        for side, model in (("a", "x"), ("b", "y")):
+            answer = [{"role": "assistant", "content": f"{model} answers"}]
+            conn.execute("INSERT INTO conversations VALUES (?, 'battle', ?, ?, '{}', 'stop', NULL, NULL, 1, 1, "
+                         "'local', NULL)", (f"{name}-{side}", model, json.dumps(msgs + answer)))
+        conn.execute("INSERT INTO votes (created, mode, anonymous, model_a, model_b, conv_a, conv_b, winner) "
+                     "VALUES (?, 'battle', 1, 'x', 'y', ?, ?, 'model_a')", (n, f"{name}-a", f"{name}-b"))
+    conn.commit()
+    conn.close()
+    with ArenaStore(db, salt="s") as store:  # the upgrade tags the four old votes
+        assert [v["categories"] for v in store.iter_votes()] == [["coding", "english", "lang:en"], ["math"],
+                                       ["lang:fr", "multi-turn", "non-english"], ["english", "lang:en"]]
+        # a new vote is tagged as it is stored (a long coding question, in a fenced block)
+        long_q = "Why does this fail?\n```python\n" + "x = 1\n" * 300 + "```"
+        for side, model in (("a", "y"), ("b", "x")):
+            store.save_conversation(f"new-{side}", mode="battle", model=model,
+                                    messages=[{"role": "user", "content": long_q},
+                                              {"role": "assistant", "content": "## Fix\n- **one**\n- two"}])
+        store.add_vote(mode="battle", model_a="y", model_b="x", conv_a="new-a", conv_b="new-b", winner="model_a",
+                       anonymous=True)
+        assert store.categories() == {"english": 3, "lang:en": 3, "coding": 2, "lang:fr": 1, "long-query": 1,
+                                      "math": 1, "multi-turn": 1, "non-english": 1}
+        coding = store.battles(category="coding", with_style=True)
+        assert [b.as_tuple() for b in coding] == [("x", "y", "model_a"), ("y", "x", "model_a")]
+        assert coding[1].style_a == {"tokens": 11, "headers": 1, "lists": 2, "bold": 1}
+        assert "long-query" in coding[1].categories
+        assert store.battles(category="nothing") == []
+        assert len(store.battles()) == 5
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 3
+
+    out = run_cli("arena", "leaderboard", "--db", db, "--category", "coding", "--bootstrap", "20",
+                  "--json", tmp_path / "c.json", check=True).stdout
+    assert "Category: **coding**" in out and "Style-controlled" in out
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["category"] == "coding" and data["battles"] == 2
+    assert {r["model"] for r in data["ratings"]} == {"x", "y"} and "style_controlled" in data["ratings"][0]
+    listing = run_cli("arena", "leaderboard", "--db", db, "--list-categories", check=True).stdout
+    assert "coding" in listing and "2" in listing
+    unknown = run_cli("arena", "leaderboard", "--db", db, "--category", "poetry")
+    assert unknown.returncode == 2 and "coding" in unknown.stderr  # names the categories there are
+
+
+def test_a_pluggable_tagger_and_retag(tmp_path):
+    db = tmp_path / "a.db"
+    with ArenaStore(db, salt="s") as store:
+        add_battle(store, 1, "x", "y", "model_a")
+    with ArenaStore(db, salt="s", tagger=lambda msgs: ["hard-prompt"], tagger_name="judge-x") as store:
+        assert store.retag() == 1 and store.retag() == 0  # only votes this tagger has not seen
+        assert store.categories() == {"hard-prompt": 1}
+        assert [b.as_tuple() for b in store.battles(category="hard-prompt")] == [("x", "y", "model_a")]
+    def broken(msgs):
+        raise RuntimeError("judge down")
+    with ArenaStore(db, salt="s", tagger=broken) as store:  # a failing tagger costs the tags, never the vote
+        add_battle(store, 2, "y", "x", "tie")
+        assert len(store.battles()) == 2
 
 
 def test_default_database_lives_in_the_users_data_folder(monkeypatch, tmp_path):

@@ -173,3 +173,61 @@ def test_parse_cli(tmp_path):
     assert bad.returncode == 2 and f"{f}:1: no field 'text'" in bad.stderr
     stdin = run_cli("eval", "parse", "--mode", "pairwise", "-", input=json.dumps({"text": "x [[B]]"}) + "\n", check=True)
     assert json.loads(stdin.stdout) == {"status": "ok", "verdict": "B"}
+
+
+# Arena-Hard five-level verdicts (judge outputs written for these tests in the shapes Arena-Hard's
+# judges write: their own answer first, then the comparison, then "My final verdict is ...").
+PAIRWISE_5 = [
+    ("My own answer: use a set.\n\nAssistant A uses a set and explains why; Assistant B loops twice.\n\n"
+     "My final verdict is: Assistant A is significantly better: [[A>>B]]", "A>>B"),
+    ("Both answers are correct; A is a little clearer.\n\nMy final verdict is Assistant A is slightly better: "
+     "[[A>B]]", "A>B"),
+    ("They are essentially the same.\n\nMy final verdict is tie: [[A=B]]", "A=B"),
+    ("Assistant B handles the edge case.\n\n[[B>A]]", "B>A"),
+    ("Assistant A's SQL does not run.\n\nMy final verdict is: [[B>>A]]", "B>>A"),
+    # the mirrored shapes and loose spacing / case
+    ("Assistant A falls short.\n\n[[A<<B]]", "B>>A"),
+    ("A small edge to B: [[ b > a ]]", "B>A"),
+    ("Equal: [[B=A]]", "A=B"),
+    # Arena-Hard's second pattern: single brackets
+    ("Assistant A is more complete.\nFinal verdict: [A>B]", "A>B"),
+    # unbracketed, but labelled or alone on the last line
+    ("**Final verdict:** B>>A", "B>>A"),
+    ("My final verdict is A>B.", "A>B"),
+    ("The explanation of B is more accurate.\n\nB>A", "B>A"),
+    # the judge revises: the last verdict of the strongest tier wins
+    ("At first I thought [[A>B]], but A's code has a bug.\n\nMy final verdict is: [[B>A]]", "B>A"),
+    # an answer under review quotes a verdict; the judge's own bracket form beats its single-bracket one
+    ("Assistant A's answer contains '[A>>B]' as a test string; irrelevant.\nMy final verdict is [[A=B]]", "A=B"),
+    # the judge echoes the instructions' option list, then gives its verdict
+    ("Options:\n1. Assistant A is significantly better: [[A>>B]]\n2. Assistant A is slightly better: [[A>B]]\n"
+     "3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n"
+     "5. Assistant B is significantly better: [[B>>A]]\n\nAssistant B is clearer.\n\nMy final verdict is "
+     "Assistant B is slightly better: [[B>A]]", "B>A"),
+    # quoted format examples are not verdicts
+    ('The format asks for "[[A>B]]" if A is slightly better. Having compared them: [[A>>B]]', "A>>B"),
+]
+
+PAIRWISE_5_UNPARSED = [
+    "Assistant A is good. Assistant B is also good.",
+    "[[A]]",  # a three-way verdict is no five-level one
+    "[[A>A]]",
+    "",
+    # only the echoed option list, no verdict of the judge's own
+    "1. Assistant A is significantly better: [[A>>B]]\n2. Assistant A is slightly better: [[A>B]]\n"
+    "3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n"
+    "5. Assistant B is significantly better: [[B>>A]]",
+    'Output your final verdict with a label, e.g. "[[A>B]]" or "[[B>>A]]".',
+    "A>B in speed, B>A in clarity, so I cannot decide.",  # prose comparisons are no verdict
+]
+
+
+@pytest.mark.parametrize("text, verdict", PAIRWISE_5)
+def test_pairwise_5_golden(text, verdict):
+    assert parse_judgment("pairwise-5", text) == {"status": "ok", "verdict": verdict}
+
+
+@pytest.mark.parametrize("text", PAIRWISE_5_UNPARSED)
+def test_pairwise_5_unparsed(text):
+    r = parse_judgment("pairwise-5", text)
+    assert r["status"] == "unparsed" and r["reason"] and "verdict" not in r

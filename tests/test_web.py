@@ -400,6 +400,25 @@ def test_leaderboard_view(store):
         app.leaderboard(0.4, False, False)
 
 
+def test_leaderboard_per_category_and_style_controlled(store):
+    """Votes are tagged from the prompt; the leaderboard view filters on a category and shows both rankings."""
+    app = make_app(store)
+    prompts = ["Write a Python function that sorts a list of numbers."] * 3 + ["Tell me a story about a brave dog."] * 4
+    for k, text in enumerate(prompts):
+        ha, hb, _, state = run_round(app, text, None)[-1]
+        best = "bravo" if "Python" in text else "alpha"  # bravo wins the coding votes, alpha the others
+        asyncio.run(app.vote(state, "model_a" if state["models"][0] == best else "model_b", IP))
+    choices = app.category_choices(False)
+    assert choices[0] == ("all votes", "(all)") and ("coding (3)", "coding") in choices
+    table, _, _ = app.leaderboard(30, False, False, "coding")
+    assert table.splitlines()[2].startswith("| 1 | bravo |") and "Category: **coding**" in table
+    assert "| 3 |" in table.splitlines()[2]  # three votes counted
+    assert "Style-controlled" in table.splitlines()[0]
+    table, _, _ = app.leaderboard(30, False, False, "(all)")
+    assert table.splitlines()[2].startswith("| 1 | alpha |") and "Category" not in table
+    assert "No votes in category **math**" in app.leaderboard(30, False, False, "math")[0]
+
+
 class ContextClient(ScriptedClient):
     """A model with a 10-token context: prompts cost 4 tokens, an explicit max_tokens beyond what is left is a 400."""
 

@@ -158,3 +158,34 @@ def test_arena_battle_vote_reveals_names_and_is_stored(page, web_server, artifac
     table = page.locator("#lb-table").inner_text()
     assert shown_a in table and shown_b in table and table.index(shown_a) < table.index(shown_b)
     page.screenshot(path=str(artifacts_dir / "web_leaderboard.png"), full_page=True)
+
+
+def test_leaderboard_category_selector(page, web_server, artifacts_dir):
+    """A coding battle is tagged in the SQLite file; the leaderboard's category selector ranks on it alone."""
+    _, db = web_server
+    page.get_by_role("tab", name="Arena (battle)").click()
+    page.locator("#arena-new").click()
+    page.locator("#arena-input textarea").fill("Write a Python function that reverses a list.")
+    page.locator("#arena-send").click()
+    page.wait_for_function("!document.querySelector('#arena-vote-b').disabled")
+    page.locator("#arena-vote-b").click()
+    page.wait_for_function("document.querySelector('#arena-reveal').innerText.includes('B is better')")
+    votes = db_rows(db, "SELECT v.id, v.model_a, v.model_b, group_concat(k.category) AS cats FROM votes v "
+                        "LEFT JOIN vote_categories k ON k.vote_id = v.id GROUP BY v.id ORDER BY v.id")
+    assert len(votes) == 2 and "coding" in votes[-1]["cats"].split(",") and "coding" not in (votes[0]["cats"] or "")
+    coding_winner = votes[-1]["model_b"]
+
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.wait_for_function("document.querySelector('#lb-table').innerText.includes('2 votes')")
+    assert "Style-controlled" in page.locator("#lb-table").inner_text()
+    page.locator("#lb-category input").click()
+    page.get_by_role("option", name="coding (1)").click()
+    page.wait_for_function("document.querySelector('#lb-table').innerText.includes('Category: coding')")
+    table = page.locator("#lb-table").inner_text()
+    assert "1 vote;" in table
+    rows = [line for line in table.splitlines() if re.match(r"\s*1\t", line)]
+    assert rows and coding_winner in rows[0], table  # the coding vote's winner ranks first in coding
+    page.screenshot(path=str(artifacts_dir / "web_leaderboard_category.png"), full_page=True)
+    page.locator("#lb-category input").click()
+    page.get_by_role("option", name="all votes").click()
+    page.wait_for_function("document.querySelector('#lb-table').innerText.includes('2 votes')")

@@ -69,6 +69,8 @@ Modes:
                   1-10 scores on its first line, then explains.
   pairwise        MT-bench style verdict: [[A]], [[B]] or [[C]] (tie).
   single          one answer graded 1-10 ("Rating: [[7]]").
+  pairwise-5      Arena-Hard's five-level verdicts: [[A>>B]], [[A>B]], [[A=B]], [[B>A]], [[B>>A]]
+                  (the arena-hard judge prompt; see --protocol arena-hard).
 Every pairwise comparison is judged in both orders (--no-swap to disable); the report counts
 disagreeing orders as a tie and averages pairwise-score scores. Math, reasoning and coding
 questions get reference-guided prompts when a reference exists (--reference, else the
@@ -84,11 +86,20 @@ Published protocols (--protocol, with FastChat's prompt files in --judge-prompts
   vicuna-blog        the original Vicuna evaluation: prompt.jsonl + --judge-reviewers reviewer.jsonl,
                      general/coding/math prompt by category, temperature 0.2, 1024 tokens, each
                      model shown first and --baseline second, one order.
+  arena-hard         Arena-Hard-Auto: each model vs one fixed --baseline on the first turn, five-level
+                     verdicts, both orders (two games), temperature 0, 4096 tokens. The judge prompt
+                     is our own wording in Arena-Hard's judge_config.yaml shape, or the config given
+                     with --judge-prompts (system_prompt, prompt_template with {question_1},
+                     {answer_1}, {answer_2}); nothing is downloaded. Question files in Arena-Hard's
+                     shape (uid or question_id, category, turns [{content}] or prompt) are read.
+                     The report adds the weighted tally and win rates vs the baseline (raw and
+                     style-controlled) with bootstrap 95% intervals.
 
 Output: JSONL, one record per judge call: {judgment_id, question_id, category, turn, mode,
 protocol, model_a, model_b, order, positions, baseline, judge_model, prompt_version,
 prompt_name, prompt_sha, temperature, max_tokens, reference_guided, answer_lengths,
-status: ok|unparsed|error, raw, parsed, result, error, attempts, usage, tstamp}.
+answer_style (tokens, headers, lists, bold of each answer), status: ok|unparsed|error, raw,
+parsed, result, error, attempts, usage, tstamp}.
 Unparsed outputs are kept and counted; the run exits 1 when fewer than --min-parsed of the
 judgments parsed. Resumable: re-running skips finished judgments (errors are retried);
 --force starts over. Ctrl+C keeps every finished judgment and exits 130. A second run on
@@ -101,6 +112,9 @@ examples:
   vicuna eval judge --protocol mt-bench-single --judge-prompts judge_prompts.jsonl \\
       --questions mt_bench/question.jsonl --reference mt_bench/reference_answer/gpt-4.jsonl \\
       --answers answers/ --models my-model --judge-model gpt-4 -o mt-judgments.jsonl
+  vicuna eval judge --protocol arena-hard --questions arena-hard/question.jsonl \\
+      --answers answers/ --models my-model,gpt-4-0314 --baseline gpt-4-0314 \\
+      --judge-model gpt-4o -o arena-hard-judgments.jsonl
 """)
     p.add_argument("--questions", default=BUILTIN_QUESTIONS, help=_QUESTIONS_HELP)
     p.add_argument("--answers", required=True, type=Path,
@@ -122,10 +136,15 @@ Reported per model (and per category): total scores and the relative score vs th
 ChatGPT"), win/tie/loss counts, win rate (wins/n) and adjusted win rate ((wins + ties/2)/n),
 length-controlled win rate (AlpacaEval-2 style: a logistic fit on the answers' length
 difference, predicted at equal length), MT-bench average score per turn, Bradley-Terry
-ratings on the Elo scale with bootstrap 95% intervals, unparsed and failed judgment counts,
+ratings on the Elo scale with bootstrap 95% intervals, the same style-controlled (answer
+token length and markdown headers/lists/bold as covariates, normalised as FastChat's
+leaderboard does: (a-b)/(a+b) per feature, standardised), unparsed and failed judgment counts,
 the judge's position consistency (share of swapped comparisons whose two orders agree; a
 disagreement counts as a tie), and the judge's token usage (and cost with --price-input and
---price-output). --relative-to R states every model's relative score as a share of R's,
+--price-output). Five-level (arena-hard) judgments add Arena-Hard's table: the tally of
+verdicts vs the baseline, and the win rate vs the baseline from Bradley-Terry ratings (each
+order one game, a strong verdict counted --strong-weight times, the baseline held at 1000),
+raw and style-controlled, with bootstrap 95% intervals. --relative-to R states every model's relative score as a share of R's,
 through the baseline (the Vicuna blog's "% of ChatGPT").
 Comparisons with an unparsed or failed judgment are counted but not scored.
 
@@ -192,6 +211,11 @@ examples:
       --reference mt_bench/reference_answer/gpt-4.jsonl --judge-prompts judge_prompts.jsonl \\
       --model my-model --api-base http://127.0.0.1:8000/v1 \\
       --judge-model gpt-4 --judge-api-base https://api.openai.com/v1 -o mt-bench-out
+  # Arena-Hard-Auto: win rate vs a fixed baseline whose answers are in --answers
+  vicuna eval run --protocol arena-hard --questions arena-hard-v0.1/question.jsonl \\
+      --answers arena-hard-v0.1/model_answer --models gpt-4-0314 --baseline gpt-4-0314 \\
+      --model my-model --api-base http://127.0.0.1:8000/v1 \\
+      --judge-model gpt-4o --judge-api-base https://api.openai.com/v1 -o arena-hard-out
 """)
     p.add_argument("config", type=Path, nargs="?", help="YAML config (see above); or give the flags below")
     p.add_argument("--questions", help=_QUESTIONS_HELP + " (default: builtin)" + _OWN_DEFAULT)
@@ -274,7 +298,8 @@ def _judging_args(p) -> None:
     p.add_argument("--protocol", choices=list(PROTOCOLS),
                    help="a published procedure: " + "; ".join(f"{n}: {x.help}" for n, x in PROTOCOLS.items()))
     p.add_argument("--judge-prompts", type=Path,
-                   help="FastChat judge prompts: MT-bench judge_prompts.jsonl, or the Vicuna blog's prompt.jsonl")
+                   help="judge prompts: FastChat's MT-bench judge_prompts.jsonl, the Vicuna blog's prompt.jsonl, or an "
+                   "Arena-Hard judge_config.yaml (for --protocol arena-hard; default there: ours, bundled)")
     p.add_argument("--judge-reviewers", type=Path, help="the Vicuna blog's reviewer.jsonl (with its prompt.jsonl)")
     p.add_argument("--prompts", help="our own judge prompt set: a bundled name (see `vicuna eval prompts`) or a YAML "
                    "file (default: vicuna-judge-v1)" + _OWN_DEFAULT)
@@ -299,6 +324,8 @@ def _report_args(p) -> None:
                    "--price-output: the report shows the cost)")
     p.add_argument("--price-output", type=float, metavar="USD", help="judge price per 1M completion tokens")
     p.add_argument("--bootstrap-rounds", type=int, default=1000, help="bootstrap rounds for rating intervals")
+    p.add_argument("--strong-weight", type=int, default=None, help="games a strong five-level verdict ([[A>>B]]) "
+                   "counts as (default 3, as Arena-Hard)" + _OWN_DEFAULT)
 
 
 def _common_run_args(p) -> None:
@@ -402,7 +429,8 @@ def _report(args) -> int:
     if args.bootstrap_rounds < 1:
         raise EvalUsageError("--bootstrap-rounds must be >= 1")
     res = write_report(args.judgments, args.output, baseline=args.baseline, relative_to=args.relative_to,
-                       prices=_prices(args), force=args.force, bootstrap_rounds=args.bootstrap_rounds)
+                       prices=_prices(args), force=args.force, bootstrap_rounds=args.bootstrap_rounds,
+                       strong_weight=3 if args.strong_weight is None else args.strong_weight)
     j = res["judgments"]
     print(f"{args.output}/report.md: {j['total']} judgments ({j['unparsed']} unparsed, {j['error']} failed)")
     return 0
@@ -428,14 +456,32 @@ def _parse(args) -> int:
     return 0
 
 
+def _is_arena_hard(path: str) -> bool:
+    """An Arena-Hard judge_config.yaml (rather than one of our YAML prompt sets)?"""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "system_prompt" in data
+
+
 def _prompts(args) -> int:
-    from .judge_prompts import describe, list_prompt_sets, load_judge_prompts, load_prompts
+    from .judge_prompts import describe, list_prompt_sets, load_arena_hard_prompts, load_judge_prompts, load_prompts
 
     if not args.name:
         for name in list_prompt_sets():
             print(name)
+        print("arena-hard  (the --protocol arena-hard judge prompt)")
         return 0
-    if args.name.endswith(".jsonl"):
+    if args.name == "arena-hard":
+        book = load_arena_hard_prompts()
+        print(f"# {book.version} (sha {book.prompt.sha}); temperature {book.prompt.temperature:g}, "
+              f"max_tokens {book.prompt.max_tokens}")
+        print(f"[system]\n{book.prompt.system.strip()}\n[user]\n{book.prompt.template.strip()}")
+        return 0
+    if args.name.endswith((".jsonl", ".yaml", ".yml")) and (args.name.endswith(".jsonl") or _is_arena_hard(args.name)):
         book = load_judge_prompts(Path(args.name), args.judge_reviewers)
         print(f"# {book.version}: {book.kind} prompts for mode {', '.join(book.modes)}")
         for name, sha in describe(book).items():

@@ -23,8 +23,10 @@ from .records import (
     run_parallel,
 )
 from .judge_prompts import (
-    DEFAULT_PROMPTS, PROTOCOLS, REFERENCE_CATEGORIES, JudgePrompt, MissingReference, load_judge_prompts, load_prompts,
+    DEFAULT_PROMPTS, PROTOCOLS, REFERENCE_CATEGORIES, JudgePrompt, MissingReference, load_arena_hard_prompts,
+    load_judge_prompts, load_prompts,
 )
+from ..ratings import style_of
 from .parse import MODES, OK, parse_judgment
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,16 @@ def resolve_setup(*, protocol: str | None = None, mode: str | None = None, judge
         raise EvalUsageError("give either --prompts (our YAML prompt sets) or --judge-prompts (a FastChat file), not both")
     if judge_reviewers and not judge_prompts:
         raise EvalUsageError("--judge-reviewers goes with --judge-prompts (the Vicuna-blog prompt.jsonl)")
-    book = load_judge_prompts(judge_prompts, judge_reviewers) if judge_prompts else load_prompts(prompts or DEFAULT_PROMPTS)
+    arena_hard = protocol == "arena-hard" or (protocol is None and mode == "pairwise-5")
+    if arena_hard and prompts:
+        raise EvalUsageError("--prompts names our pairwise/single prompt sets; five-level (arena-hard) judging takes "
+                             "an Arena-Hard judge_config.yaml in --judge-prompts, or none (ours is bundled)")
+    if judge_prompts:
+        book = load_judge_prompts(judge_prompts, judge_reviewers)
+    elif arena_hard:
+        book = load_arena_hard_prompts()
+    else:
+        book = load_prompts(prompts or DEFAULT_PROMPTS)
     if protocol is None:
         mode = mode or book.modes[0]  # ours: pairwise-score; MT-bench: single (FastChat's default)
         if mode not in book.modes:
@@ -62,9 +73,11 @@ def resolve_setup(*, protocol: str | None = None, mode: str | None = None, judge
     if protocol not in PROTOCOLS:
         raise EvalUsageError(f"unknown --protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     p = PROTOCOLS[protocol]
-    if not judge_prompts or book.kind != p.prompts:
-        what = ("FastChat's MT-bench judge_prompts.jsonl" if p.prompts == "mt-bench" else
-                "the Vicuna blog's prompt.jsonl (and --judge-reviewers reviewer.jsonl)")
+    if book.kind != p.prompts:
+        what = {"mt-bench": "FastChat's MT-bench judge_prompts.jsonl",
+                "vicuna-blog": "the Vicuna blog's prompt.jsonl (and --judge-reviewers reviewer.jsonl)",
+                "arena-hard": "an Arena-Hard judge_config.yaml (system_prompt, prompt_template), or no "
+                              "--judge-prompts for the bundled one"}[p.prompts]
         raise EvalUsageError(f"--protocol {protocol} needs --judge-prompts with {what}")
     if mode and mode != p.mode:
         raise EvalUsageError(f"--protocol {protocol} judges in mode {p.mode}, not --mode {mode}")
@@ -153,6 +166,10 @@ def to_canonical(mode: str, job: Job, parsed: dict) -> dict | None:
         sa, sb = (s1, s2) if first_is_a else (s2, s1)
         return {"score_a": sa, "score_b": sb, "winner": "model_a" if sa > sb else "model_b" if sb > sa else "tie"}
     v = parsed["verdict"]
+    if mode == "pairwise-5":  # "A>>B" ... "B>>A", positional
+        if v == "A=B":
+            return {"winner": "tie", "strong": False}
+        return {"winner": "model_a" if (v[0] == "A") == first_is_a else "model_b", "strong": ">>" in v}
     if v == "tie":
         return {"winner": "tie"}
     shown_first = v == "A"
@@ -186,6 +203,8 @@ def judge_one(job: Job, mode: str, answers: dict, book, endpoint: Endpoint, *, c
         "reference_guided": job.reference is not None,
         # characters of each model's answer to this turn: the length-controlled win rate needs them
         "answer_lengths": {m: len(answers[m][q.question_id][t - 1]) for m in dict.fromkeys(job.positions)},
+        # tokens and markdown elements of each answer to this turn: the style-controlled ratings need them
+        "answer_style": {m: style_of(answers[m][q.question_id][t - 1]) for m in dict.fromkeys(job.positions)},
     }
     try:
         reply = chat(endpoint, messages, temperature=job.prompt.temperature, max_tokens=max_tokens, client=client)
@@ -234,7 +253,8 @@ def run_judge(
         raise EvalUsageError(f"--baseline {baseline!r} must be one of --models ({', '.join(models)})")
     if setup.protocol and PROTOCOLS[setup.protocol].needs_baseline and not baseline:
         raise EvalUsageError(f"--protocol {setup.protocol} compares every model with one --baseline "
-                             "(shown second, as the blog's Vicuna-13B was)")
+                             + ("(shown second, as the blog's Vicuna-13B was)" if setup.protocol == "vicuna-blog" else
+                                "(Arena-Hard's fixed baseline model, whose answers are in --answers)"))
     output = Path(output)
     answers = {m: load_answers(find_answer_file(Path(answers_dir), m)) for m in models}
     jobs, missing = build_jobs(questions, answers, mode, baseline=baseline, swap=setup.swap,

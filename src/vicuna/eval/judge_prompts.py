@@ -13,6 +13,10 @@ judge settings; a ``PromptBook`` holds one protocol's prompts and that rule:
 * Vicuna blog (FastChat ``eval/table/prompt.jsonl`` + ``reviewer.jsonl``): one turn; the
   reviewer whose category is the question's (else the first, "general") names the prompt;
   temperature and max_tokens from the reviewer's metadata (0.2, 1024).
+* Arena-Hard-Auto (a ``judge_config.yaml``: ``system_prompt`` + ``prompt_template`` with
+  ``{question_1}``, ``{answer_1}``, ``{answer_2}``): the first turn, five-level verdicts;
+  temperature 0 and 4096 tokens unless the file says otherwise. Our own wording in that
+  shape is bundled (``prompts/arena-hard/judge_config.yaml``); nothing is ever fetched.
 
 Templates are filled exactly as FastChat fills them (``str.format`` with the same field
 names, no stripping), so a judge receives byte for byte the published prompt.
@@ -35,6 +39,7 @@ from .parse import MODES
 
 DEFAULT_PROMPTS = "vicuna-judge-v1"
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # FastChat's NEED_REF_CATS (MT-bench)
+PROMPT_SET_MODES = tuple(m for m in MODES if m != "pairwise-5")  # five-level verdicts: the arena-hard book
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,9 @@ PROTOCOLS = {p.name: p for p in (
              "MT-bench pairwise verdicts in both orders, against --baseline (or all pairs)"),
     Protocol("vicuna-blog", "pairwise-score", "vicuna-blog", False, True,
              "the original Vicuna evaluation: two 1-10 scores, --baseline always second, no swap"),
+    Protocol("arena-hard", "pairwise-5", "arena-hard", True, True,
+             "Arena-Hard-Auto: five-level verdicts vs one --baseline in both orders, strong verdicts weighted, "
+             "Bradley-Terry win rates (raw and style-controlled) with bootstrap intervals"),
 )}
 
 
@@ -106,7 +114,7 @@ class PromptSet:
     history_block: str
 
     kind = "vicuna"
-    modes = MODES
+    modes = PROMPT_SET_MODES
 
     def render_mode(self, mode: str, *, question: str, answers: list[str],
                     histories: list[list[tuple[str, str]]], reference: str | None) -> list[dict]:
@@ -185,7 +193,7 @@ def load_prompts(name_or_path: str = DEFAULT_PROMPTS) -> PromptSet:
     for key in ("name", "version"):
         if key not in data:
             raise EvalUsageError(f"{where}: missing {key!r}")
-    for mode in MODES:
+    for mode in PROMPT_SET_MODES:
         p = data["prompts"].get(mode)
         if not isinstance(p, dict) or not isinstance(p.get("system"), str) or not isinstance(p.get("user"), str):
             raise EvalUsageError(f"{where}: prompts.{mode} needs 'system' and 'user' strings")
@@ -195,7 +203,7 @@ def load_prompts(name_or_path: str = DEFAULT_PROMPTS) -> PromptSet:
         history_block=str(data.get("history_block", "{history}\n")),
     )
     # Fail now, naming the template, rather than in a worker thread halfway through a run.
-    for mode in MODES:
+    for mode in PROMPT_SET_MODES:
         try:
             ps.render_mode(mode, question="q", answers=["a", "b"], histories=[[("q0", "a0")], [("q0", "b0")]],
                            reference="r")
@@ -355,6 +363,68 @@ def _blog_book(records: list[dict], raw: bytes, reviewers_path: Path | None, whe
     return book
 
 
+# ---------------------------------------------------------------- Arena-Hard-Auto (judge_config.yaml)
+
+ARENA_HARD_BUNDLED = "arena-hard/judge_config.yaml"
+
+
+@dataclass(frozen=True)
+class ArenaHardBook:
+    """An Arena-Hard-Auto style judge config: one prompt, the question's first turn, five levels."""
+
+    version: str
+    prompt: JudgePrompt
+
+    kind = "arena-hard"
+    modes = ("pairwise-5",)
+
+    def reference_for(self, category: str, turn: int, reference: list[str] | None, categories) -> None:
+        return None  # the prompt asks the judge to write its own answer first
+
+    def choose(self, mode: str, *, category: str, turn: int, n_turns: int, guided: bool) -> JudgePrompt | None:
+        return self.prompt if turn == 1 else None  # Arena-Hard judges the first turn
+
+    def render(self, prompt: JudgePrompt, mode: str, *, questions: list[str], answers: list[list[str]],
+               reference: list[str] | None) -> list[dict]:
+        user = prompt.template.format(question_1=questions[0], answer_1=answers[0][0], answer_2=answers[1][0])
+        return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
+
+
+def load_arena_hard_prompts(path: Path | None = None) -> ArenaHardBook:
+    """Arena-Hard's ``judge_config.yaml`` shape (ours bundled when ``path`` is None)."""
+    if path is None:
+        raw = (resources.files("vicuna.eval") / "prompts" / ARENA_HARD_BUNDLED).read_bytes()
+        where = "the bundled arena-hard judge prompt"
+    else:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as e:
+            raise EvalUsageError(f"cannot read judge prompts {path}: {e.strerror or e}") from None
+        where = str(path)
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise EvalUsageError(f"{where}: not valid YAML: {e}") from None
+    template = data.get("prompt_template") if isinstance(data, dict) else None
+    if isinstance(template, list) and len(template) == 1:
+        template = template[0]
+    if not isinstance(template, str) or not isinstance(data.get("system_prompt"), str):
+        raise EvalUsageError(f"{where}: not an Arena-Hard judge config: expected 'system_prompt' (a string) and "
+                             "'prompt_template' (a string, or a list of one) with {question_1} {answer_1} {answer_2}")
+    try:
+        prompt = JudgePrompt(str(data.get("name", "arena-hard")), data["system_prompt"], template,
+                             float(data.get("temperature", 0.0)), int(data.get("max_tokens", 4096)))
+    except (TypeError, ValueError):
+        raise EvalUsageError(f"{where}: temperature and max_tokens must be numbers") from None
+    book = ArenaHardBook(f"{data.get('name', 'arena-hard')}-v{data.get('version', _sha(raw))}-{_sha(raw)}", prompt)
+    try:
+        book.render(prompt, "pairwise-5", questions=["q"], answers=[["a"], ["b"]], reference=None)
+    except (KeyError, IndexError, ValueError) as e:
+        raise EvalUsageError(f"{where}: prompt_template has a placeholder {e} that is not filled; allowed: "
+                             "{question_1} {answer_1} {answer_2}; write literal braces as {{ }}") from None
+    return book
+
+
 # ---------------------------------------------------------------- loading a FastChat file
 
 
@@ -377,6 +447,11 @@ def _check_template(book, mode: str, name: str, where: str, *, turns: int, guide
 def load_judge_prompts(path: Path, reviewers: Path | None = None):
     """A FastChat judge prompt file: MT-bench ``judge_prompts.jsonl``, or the blog's prompt.jsonl + reviewer.jsonl."""
     path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        if reviewers is not None:
+            raise EvalUsageError(f"{path} is an Arena-Hard judge config; --judge-reviewers belongs to the "
+                                 "Vicuna-blog prompt.jsonl")
+        return load_arena_hard_prompts(path)
     records = _read_jsonl(path)
     if not records:
         raise EvalUsageError(f"{path}: no prompts")
@@ -400,5 +475,7 @@ def describe(book) -> dict[str, Any]:
         return {name: p.sha for name, p in book.prompts.items()}
     if isinstance(book, BlogBook):
         return {f"{cat}: {p.name}": p.sha for cat, p in book.by_category.items()}
+    if isinstance(book, ArenaHardBook):
+        return {book.prompt.name: book.prompt.sha}
     return {f"{book.version}/{mode}": book.choose(mode, category="", turn=1, n_turns=1, guided=False).sha
             for mode in book.modes}

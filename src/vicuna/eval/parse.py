@@ -24,7 +24,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-MODES = ("pairwise-score", "pairwise", "single")
+MODES = ("pairwise-score", "pairwise", "single", "pairwise-5")
+# Arena-Hard-Auto's five-level verdicts, Assistant A first (its order of the options).
+VERDICTS_5 = ("A>>B", "A>B", "A=B", "B>A", "B>>A")
 
 OK, UNPARSED = "ok", "unparsed"
 
@@ -95,6 +97,19 @@ _BETTER = re.compile(r"\bassistant\s+(A|B)\b[^.\n]{0,40}?\b(?:is|was|provides|gi
                      r"(?:\s+(?:answer|response|one))?(?=\s*(?:[.!;]|$|than\b|overall\b))", _I)
 _TIE = re.compile(r"\b(?:it(?:'s| is) a tie|(?:are|were|is) (?:a )?tie\b|equally (?:good|bad|helpful|strong))", _I)
 _NEGATED = re.compile(r"\b(?:neither|not|n't|nor)\b", _I)
+
+# pairwise-5 (Arena-Hard) ---------------------------------------------------------------
+# "A>>B", "B > A", "A=B"; also the mirrored shapes Arena-Hard's tally accepts ("A<<B" = "B>>A").
+_V5 = r"([AB])\s*(>>|>|==|=|<<|<)\s*([AB])"
+_V5_DOUBLE = re.compile(_QUOTED + r"\[\[\s*" + _V5 + r"\s*\]\](?![\"'”])", _I)
+_V5_SINGLE = re.compile(_QUOTED + r"(?<!\[)\[\s*" + _V5 + r"\s*\](?!\])(?![\"'”])", _I)
+# "My final verdict is: A>>B", "**Verdict:** B>A" -- unbracketed, but labelled
+_V5_LABELLED = re.compile(r"(?:" + _LEAD + r"|\bfinal\s+)(?:verdict|decision)(?:\s+is)?(?:\s+\w+){0,3}?\s*\**\s*[:=\-–]?"
+                          r"\s*\**\s*`?" + _V5 + r"(?![\w<>=])", _IM)
+_V5_ALONE = re.compile(r"^[\s*`>]*" + _V5 + r"[\s*.`]*$", _IM)
+# A line of the prompt's option list, echoed ("1. Assistant A is significantly better: [[A>>B]]")
+_V5_OPTION = re.compile(r"^\W*(?:\d+[.)]\s*)?(?:assistant\s+[AB]\s+is\s+(?:significantly|slightly)\s+better|"
+                        r"tie,?\s+relatively\s+the\s+same)\s*:\s*\[", _I)
 
 
 def _score(text: str) -> float | None:
@@ -195,7 +210,48 @@ def parse_pairwise(text: str) -> dict[str, Any]:
     return _result(OK, verdict="tie" if v in ("C", "TIE") else v)
 
 
-PARSERS = {"pairwise-score": parse_pairwise_score, "pairwise": parse_pairwise, "single": parse_single}
+def _verdict5(m: re.Match) -> str | None:
+    """``(X, op, Y)`` -> one of VERDICTS_5, or None for "A>A"-like nonsense."""
+    x, op, y = m.group(1).upper(), m.group(2), m.group(3).upper()
+    if x == y:
+        return None
+    if op.startswith("<"):
+        x, y, op = y, x, op.replace("<", ">")
+    if op.startswith("="):
+        return "A=B"
+    return f"{x}{op}{y}"
+
+
+def _line_at(text: str, pos: int) -> str:
+    start = text.rfind("\n", 0, pos) + 1
+    end = text.find("\n", pos)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def _tier5(text: str, patterns) -> list[tuple[int, str]]:
+    """Verdicts found by ``patterns``, without an echoed option list (three or more of the
+    prompt's "Assistant A is slightly better: [[A>B]]" lines with different verdicts)."""
+    found = [(m.start(), v, m) for r in patterns for m in r.finditer(text) if (v := _verdict5(m))]
+    options = {i for i, (pos, _, _) in enumerate(found) if _V5_OPTION.match(_line_at(text, pos))}
+    if len({found[i][1] for i in options}) >= 3:
+        found = [f for i, f in enumerate(found) if i not in options]
+    return [(pos, v) for pos, v, _ in found]
+
+
+def parse_pairwise_5(text: str) -> dict[str, Any]:
+    """An Arena-Hard verdict -> ``{"status", "verdict": "A>>B" | "A>B" | "A=B" | "B>A" | "B>>A"}``.
+
+    Tiers as elsewhere: ``[[A>B]]``; then ``[A>B]`` (Arena-Hard's second pattern), a labelled
+    "Final verdict: A>B" or a verdict alone on its line. A three-way ``[[A]]`` is no answer
+    to a five-level question: unparsed, never guessed."""
+    v = (_last(_tier5(text, [_V5_DOUBLE])) or _last(_tier5(text, [_V5_SINGLE, _V5_LABELLED, _V5_ALONE])))
+    if v is None:
+        return _result(UNPARSED, "no verdict found: expected [[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]]")
+    return _result(OK, verdict=v)
+
+
+PARSERS = {"pairwise-score": parse_pairwise_score, "pairwise": parse_pairwise, "single": parse_single,
+           "pairwise-5": parse_pairwise_5}
 
 
 def parse_judgment(mode: str, text: str | None) -> dict[str, Any]:

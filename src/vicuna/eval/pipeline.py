@@ -25,7 +25,13 @@ _MODEL = {"name", "model", "api_base", "api_key_env", "answers", "temperature", 
 _JUDGE = {"model", "api_base", "api_key_env", "mode", "baseline", "reference", "reference_categories", "swap",
           "prompts", "judge_prompts", "judge_reviewers", "protocol", "max_tokens", "min_parsed", "timeout", "retries",
           "backoff"}
-_REPORT = {"bootstrap_rounds", "relative_to", "price_input", "price_output"}
+_REPORT = {"bootstrap_rounds", "relative_to", "price_input", "price_output", "strong_weight"}
+
+
+def _whole(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise EvalUsageError(f"{where} must be a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def _check_keys(where: str, data: dict, allowed: set[str]) -> None:
@@ -70,6 +76,8 @@ def check_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         raise EvalUsageError(f"{where}: 'judge' must be a mapping with at least 'model'")
     _check_keys(f"{where}: judge", judge, _JUDGE)
     _check_keys(f"{where}: report", cfg.get("report") or {}, _REPORT)
+    if (cfg.get("report") or {}).get("strong_weight") is not None:  # fail before any judge call is paid
+        _whole(cfg["report"]["strong_weight"], f"{where}: report.strong_weight")
     return cfg
 
 
@@ -96,7 +104,8 @@ def config_from_flags(args, *, prices: tuple[float, float] | None) -> dict[str, 
              "reference_categories": [c for c in args.reference_categories.split(",") if c],
              "swap": False if args.no_swap else None, "max_tokens": args.max_tokens, "min_parsed": args.min_parsed,
              "timeout": args.timeout}
-    report = {"bootstrap_rounds": args.bootstrap_rounds, "relative_to": args.relative_to}
+    report = {"bootstrap_rounds": args.bootstrap_rounds, "relative_to": args.relative_to,
+              "strong_weight": args.strong_weight}
     if prices:
         report.update(price_input=prices[0], price_output=prices[1])
     models = [{k: v for k, v in m.items() if v is not None} for m in models]
@@ -158,7 +167,8 @@ def run_config(path: Path | None, *, force: bool = False, cfg: dict[str, Any] | 
     r = cfg.get("report") or {}
     prices = (float(r["price_input"]), float(r["price_output"])) if "price_input" in r else None
     res = write_report(judgments, out_dir / "report", baseline=j.get("baseline"), relative_to=r.get("relative_to"),
-                       prices=prices, force=True, bootstrap_rounds=int(r.get("bootstrap_rounds", 1000)))
+                       prices=prices, force=True, bootstrap_rounds=int(r.get("bootstrap_rounds", 1000)),
+                       strong_weight=_whole(r.get("strong_weight") or 3, f"{where}: report.strong_weight"))
     print(f"{out_dir / 'report' / 'report.md'}: {res['judgments']['total']} judgments "
           f"({res['judgments']['unparsed']} unparsed, {res['judgments']['error']} failed)")
     status = judged_exit_code(counts["file"], float(j.get("min_parsed", 0.5)), judgments)

@@ -137,7 +137,8 @@ def builtin_questions_path() -> Path:
 
 
 def load_questions(path: str | Path | None) -> list[Question]:
-    """MT-bench form ``{question_id, category, turns, reference?}`` or old ``{question_id, text, category}``."""
+    """MT-bench form ``{question_id, category, turns, reference?}``, old ``{question_id, text, category}``,
+    or Arena-Hard's: ``uid`` for the id, ``turns`` as ``[{"content": ...}]`` or one ``prompt``."""
     if path is None or str(path) == BUILTIN_QUESTIONS:
         path = builtin_questions_path()
     path = Path(path)
@@ -145,19 +146,21 @@ def load_questions(path: str | Path | None) -> list[Question]:
     seen: set = set()
     for n, rec in enumerate(read_records(path), 1):
         where = f"{path}: question {n}"
-        qid = rec.get("question_id")
+        qid = rec.get("question_id", rec.get("uid"))
         if qid is None:
-            raise EvalUsageError(f"{where}: missing 'question_id'")
+            raise EvalUsageError(f"{where}: missing 'question_id' (or Arena-Hard's 'uid')")
         where = f"{path}: question {qid!r}"
         if qid in seen:
             raise EvalUsageError(f"{where}: duplicate question_id")
         seen.add(qid)
         if "turns" in rec:
-            turns = rec["turns"]
+            turns = _contents(rec["turns"])
         elif "text" in rec:
             turns = [rec["text"]]
+        elif "prompt" in rec:
+            turns = [rec["prompt"]]
         else:
-            raise EvalUsageError(f"{where}: needs 'turns' (a list of user messages) or 'text'")
+            raise EvalUsageError(f"{where}: needs 'turns' (a list of user messages), 'text' or 'prompt'")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise EvalUsageError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
         ref = rec.get("reference")
@@ -165,7 +168,8 @@ def load_questions(path: str | Path | None) -> list[Question]:
             ref = [ref]
         if ref is not None and not (isinstance(ref, list) and all(isinstance(r, str) for r in ref)):
             raise EvalUsageError(f"{where}: 'reference' must be a list of strings (one per turn)")
-        extra = {k: v for k, v in rec.items() if k not in ("question_id", "category", "turns", "text", "reference")}
+        extra = {k: v for k, v in rec.items()
+                 if k not in ("question_id", "uid", "category", "turns", "text", "prompt", "reference")}
         questions.append(Question(qid, str(rec.get("category") or "general"), turns, ref or None, extra))
     if not questions:
         raise EvalUsageError(f"{path}: no questions")
@@ -175,15 +179,26 @@ def load_questions(path: str | Path | None) -> list[Question]:
 # ---------------------------------------------------------------- answers
 
 
+def _contents(turns: Any) -> Any:
+    """Arena-Hard writes turns as ``{"content": ...}`` (answers: ``{"content", "token_len"}``)."""
+    if isinstance(turns, list):
+        return [t["content"] if isinstance(t, dict) and "content" in t else t for t in turns]
+    return turns
+
+
 def answer_turns(rec: dict) -> list[str] | None:
-    """The answer turns of an answer record (MT-bench ``choices`` or blog ``text``)."""
+    """The answer turns of an answer record (MT-bench / Arena-Hard ``choices``, Arena-Hard v2
+    ``messages``, blog ``text``)."""
     if rec.get("status", "ok") != "ok":
         return None
     if "choices" in rec:
         try:
-            turns = rec["choices"][0]["turns"]
+            turns = _contents(rec["choices"][0]["turns"])
         except (LookupError, TypeError):
             return None
+    elif isinstance(rec.get("messages"), list):
+        turns = [m.get("content") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+        turns = [t.get("answer") if isinstance(t, dict) else t for t in turns]
     elif "text" in rec:
         turns = [rec["text"]]
     elif "turns" in rec:
@@ -208,8 +223,9 @@ def load_answers(path: Path) -> dict[Any, list[str]]:
     out: dict[Any, list[str]] = {}
     for rec in read_records(path):
         turns = answer_turns(rec)
-        if turns is not None and "question_id" in rec:
-            out[rec["question_id"]] = turns
+        qid = rec.get("question_id", rec.get("uid"))
+        if turns is not None and qid is not None:
+            out[qid] = turns
     return out
 
 

@@ -17,7 +17,13 @@ Definitions (what the numbers mean, so they can be checked by hand):
 * Judge tokens: the usage each judge call reported, summed; cost = tokens x given prices.
 * Judge consistency = share of complete swapped comparisons whose two orders agree.
 * Ratings: Bradley-Terry on the Elo scale from all complete comparisons, with bootstrap
-  95% intervals (``vicuna.ratings``).
+  95% intervals (``vicuna.ratings``); style-controlled ratings add the answers' style
+  covariates (token length, markdown headers, lists, bold) to the same fit, so they rank
+  models as if their answers were equally long and equally formatted.
+* Arena-Hard (mode ``pairwise-5``): every judgment is one game, as in Arena-Hard-Auto (the
+  two orders are two games); a strong verdict (``>>``) counts ``strong_weight`` times (3);
+  Bradley-Terry with the baseline held at 1000 in every bootstrap round; win rate vs the
+  baseline = P(model beats baseline) at those ratings, raw and style-controlled.
 """
 
 from __future__ import annotations
@@ -60,9 +66,13 @@ def load_judgments(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- comparisons
 
 
-def _lengths(rec: dict, a: str, b: str) -> dict[str, int]:
+def _lengths(rec: dict, a: str, b: str) -> dict[str, Any]:
     lengths = rec.get("answer_lengths") or {}
-    return {"len_a": lengths[a], "len_b": lengths[b]} if a in lengths and b in lengths else {}
+    styles = rec.get("answer_style") or {}
+    out: dict[str, Any] = {"len_a": lengths[a], "len_b": lengths[b]} if a in lengths and b in lengths else {}
+    if a in styles and b in styles:
+        out.update(style_a=styles[a], style_b=styles[b])
+    return out
 
 
 def comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, int]]:
@@ -81,7 +91,9 @@ def comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, i
                     a, b = names[i], names[j]
                     sa, sb = ok[a]["result"]["score"], ok[b]["result"]["score"]
                     lengths = _lengths({"answer_lengths": {**(ok[a].get("answer_lengths") or {}),
-                                                           **(ok[b].get("answer_lengths") or {})}}, a, b)
+                                                           **(ok[b].get("answer_lengths") or {})},
+                                        "answer_style": {**(ok[a].get("answer_style") or {}),
+                                                         **(ok[b].get("answer_style") or {})}}, a, b)
                     comps.append({"question_id": qid, "turn": turn, "category": ok[a]["category"], "model_a": a,
                                   "model_b": b, "score_a": sa, "score_b": sb,
                                   "winner": "model_a" if sa > sb else "model_b" if sb > sa else "tie", **lengths})
@@ -112,7 +124,7 @@ def comparisons(records: list[dict], mode: str) -> tuple[list[dict], dict[str, i
 def _flip(c: dict) -> dict:
     w = {"model_a": "model_b", "model_b": "model_a"}.get(c["winner"], c["winner"])
     out = {**c, "model_a": c["model_b"], "model_b": c["model_a"], "winner": w}
-    for x, y in (("score_a", "score_b"), ("len_a", "len_b")):
+    for x, y in (("score_a", "score_b"), ("len_a", "len_b"), ("style_a", "style_b")):
         if x in c:
             out[x], out[y] = c[y], c[x]
     return out
@@ -171,8 +183,11 @@ def length_controlled_win_rate(comps: list[dict], ridge: float = 1e-4) -> float 
 
 def compute_report(records: list[dict], *, baseline: str | None = None, relative_to: str | None = None,
                    prices: tuple[float, float] | None = None, bootstrap_rounds: int = 1000,
-                   seed: int = 0) -> dict[str, Any]:
-    """Every number of the report; ``prices`` = USD per million (prompt, completion) judge tokens."""
+                   seed: int = 0, strong_weight: int = 3) -> dict[str, Any]:
+    """Every number of the report; ``prices`` = USD per million (prompt, completion) judge tokens;
+    ``strong_weight`` = how many games a strong five-level verdict counts as."""
+    if int(strong_weight) != strong_weight or strong_weight < 1:
+        raise EvalUsageError(f"--strong-weight must be a whole number >= 1 (Arena-Hard: 3), got {strong_weight}")
     modes = {r["mode"] for r in records}
     if len(modes) != 1:
         raise EvalUsageError(f"judgments mix modes {sorted(modes)}; report one mode at a time")
@@ -187,7 +202,7 @@ def compute_report(records: list[dict], *, baseline: str | None = None, relative
         baseline = bs.pop() if len(bs) == 1 else None
     if baseline is not None and baseline not in models:
         raise EvalUsageError(f"--baseline {baseline!r} is not among the judged models ({', '.join(models)})")
-    if relative_to is not None and (relative_to not in models or not baseline or mode == "pairwise"):
+    if relative_to is not None and (relative_to not in models or not baseline or mode in ("pairwise", "pairwise-5")):
         raise EvalUsageError(f"--relative-to {relative_to!r} needs scores (not --mode pairwise), a baseline, and one of "
                              f"the judged models ({', '.join(models)})")
 
@@ -204,6 +219,9 @@ def compute_report(records: list[dict], *, baseline: str | None = None, relative
 
     battles = [(c["model_a"], c["model_b"], c["winner"]) for c in comps]
     intervals = rt.bootstrap_bradley_terry(battles, rounds=bootstrap_rounds, seed=seed) if battles else {}
+    styled = bool(comps) and all("style_a" in c for c in comps)
+    style_ctrl = (rt.bootstrap_style_controlled(battles, [c["style_a"] for c in comps], [c["style_b"] for c in comps],
+                                                rounds=bootstrap_rounds, seed=seed) if styled else None)
 
     per_model: dict[str, dict[str, Any]] = {}
     for m in models:
@@ -216,6 +234,10 @@ def compute_report(records: list[dict], *, baseline: str | None = None, relative
         if m in intervals:
             iv = intervals[m]
             row.update(rating=iv.rating, rating_lower=iv.lower, rating_upper=iv.upper)
+        if style_ctrl and m in style_ctrl.ratings:
+            iv = style_ctrl.ratings[m]
+            row.update(style_controlled_rating=iv.rating, style_controlled_lower=iv.lower,
+                       style_controlled_upper=iv.upper)
         row.update(_model_stats(records, comps, mode, m, baseline))
         per_model[m] = row
 
@@ -245,7 +267,75 @@ def compute_report(records: list[dict], *, baseline: str | None = None, relative
         "models": dict(sorted(per_model.items(), key=lambda kv: -(kv[1].get("rating") or float("-inf")))),
         "pairs": pairs,
         "categories": categories,
+        "style_coefficients": ({f: iv.as_dict() for f, iv in style_ctrl.coefficients.items()} if style_ctrl else None),
+        "arena_hard": (arena_hard(records, baseline, strong_weight=int(strong_weight), rounds=bootstrap_rounds, seed=seed)
+                       if mode == "pairwise-5" and baseline else None),
     }
+
+
+VERDICT_NAMES = ("much better", "better", "tie", "worse", "much worse")  # the model vs the baseline
+
+
+def arena_hard(records: list[dict], baseline: str, *, strong_weight: int = 3, rounds: int = 1000,
+               seed: int = 0) -> dict[str, Any]:
+    """Arena-Hard-Auto's numbers: the five-level tally and BT win rates vs the baseline.
+
+    Each judgment is a game (both orders are two games); a strong verdict is counted
+    ``strong_weight`` times (Arena-Hard adds it that many times to the battles), so the
+    bootstrap resamples those weighted games, as Arena-Hard's does.
+    """
+    games, style_a, style_b = [], [], []
+    tally: dict[str, dict[str, int]] = {}
+    for r in records:
+        a, b = r["model_a"], r.get("model_b")
+        if b is None:
+            continue
+        if a == baseline:  # orient as (model, baseline)
+            a, b = b, a
+            flip = True
+        else:
+            flip = False
+        if b != baseline:
+            continue
+        t = tally.setdefault(a, {**dict.fromkeys(VERDICT_NAMES, 0), "unparsed": 0, "error": 0})
+        if r["status"] != "ok":
+            t[r["status"]] += 1
+            continue
+        res = r["result"]
+        winner = {"model_a": "model_b", "model_b": "model_a"}.get(res["winner"], "tie") if flip else res["winner"]
+        strong = bool(res.get("strong"))
+        name = ("tie" if winner == "tie" else
+                ("much better" if strong else "better") if winner == "model_a" else ("much worse" if strong else "worse"))
+        t[name] += 1
+        styles = r.get("answer_style") or {}
+        for _ in range(strong_weight if strong else 1):
+            games.append((a, b, winner))
+            if a in styles and b in styles:
+                style_a.append(styles[a])
+                style_b.append(styles[b])
+    out: dict[str, Any] = {"baseline": baseline, "strong_weight": strong_weight, "games": len(games), "models": {}}
+    if not games:
+        return out
+    raw = rt.bootstrap_bradley_terry(games, rounds=rounds, seed=seed, anchor=baseline)
+    sc = (rt.bootstrap_style_controlled(games, style_a, style_b, rounds=rounds, seed=seed, anchor=baseline)
+          if len(style_a) == len(games) else None)
+
+    def rates(iv: rt.RatingInterval) -> dict[str, float]:
+        base = rt.INIT_RATING
+        return {"rating": iv.rating, "rating_lower": iv.lower, "rating_upper": iv.upper,
+                "win_rate": rt.win_rate_vs(iv.rating, base), "win_rate_lower": rt.win_rate_vs(iv.lower, base),
+                "win_rate_upper": rt.win_rate_vs(iv.upper, base)}
+
+    for m in sorted(tally, key=lambda m: -(raw[m].rating if m in raw else float("-inf"))):
+        row: dict[str, Any] = {"verdicts": tally[m]}
+        if m in raw:
+            row.update(rates(raw[m]))
+        if sc and m in sc.ratings:
+            row["style_controlled"] = rates(sc.ratings[m])
+        out["models"][m] = row
+    if sc:
+        out["style_coefficients"] = {f: iv.as_dict() for f, iv in sc.coefficients.items()}
+    return out
 
 
 def _chain_relative_scores(per_model: dict[str, dict], baseline: str, ref: str) -> None:
@@ -348,8 +438,9 @@ def render_markdown(res: dict[str, Any]) -> str:
     if "mt-bench-single" in (res.get("protocols") or []):
         lines.append("- MT-bench score = avg score: the mean over every graded turn (FastChat's show_result.py)")
     lines += ["", "## Models", ""]
-    scored = mode != "pairwise"
-    head = ["model", "rating (95% CI)"]
+    scored = mode not in ("pairwise", "pairwise-5")
+    sc = res.get("style_coefficients") is not None
+    head = ["model", "rating (95% CI)"] + (["style-controlled (95% CI)"] if sc else [])
     if baseline:
         head += (["total", "baseline total", f"% of {baseline}"] if scored else [])
         head += [f"% of {ref}"] if ref else []
@@ -361,6 +452,11 @@ def render_markdown(res: dict[str, Any]) -> str:
     for m, row in res["models"].items():
         cells = [m, f"{_fmt(row.get('rating'), digits=0)} ({_fmt(row.get('rating_lower'), digits=0)}, "
                     f"{_fmt(row.get('rating_upper'), digits=0)})" if "rating" in row else "–"]
+        if sc:
+            cells.append(f"{_fmt(row.get('style_controlled_rating'), digits=0)} "
+                         f"({_fmt(row.get('style_controlled_lower'), digits=0)}, "
+                         f"{_fmt(row.get('style_controlled_upper'), digits=0)})" if "style_controlled_rating" in row
+                         else "–")
         if baseline:
             if m == baseline:
                 cells += (["–", "–", "(baseline)"] if scored else [])
@@ -379,6 +475,22 @@ def render_markdown(res: dict[str, Any]) -> str:
             cells += [_fmt(row.get("avg_score")), _fmt(turns.get("1")), _fmt(turns.get("2"))]
         cells += [str(row["unparsed"]), str(row["errors"])]
         lines.append("| " + " | ".join(cells) + " |")
+
+    ah = res.get("arena_hard")
+    if ah and ah["models"]:
+        lines += ["", f"## Arena-Hard: win rate vs {ah['baseline']}", "",
+                  f"{ah['games']} weighted games (each order one game; a strong verdict counts {ah['strong_weight']} "
+                  f"times); Bradley-Terry with {ah['baseline']} at 1000, 95% bootstrap intervals. Style-controlled: "
+                  "the same with token length and markdown headers/lists/bold as covariates.", "",
+                  "| model | win rate (95% CI) | style-controlled win rate (95% CI) | rating | "
+                  "much better / better / tie / worse / much worse | unparsed | failed |", "|---|---|---|---|---|---|---|"]
+        for m, row in ah["models"].items():
+            def wr(d):
+                return (f"{_fmt(d['win_rate'], pct=True)} ({_fmt(d['win_rate_lower'], pct=True)}, "
+                        f"{_fmt(d['win_rate_upper'], pct=True)})" if d and "win_rate" in d else "–")
+            v = row["verdicts"]
+            lines.append(f"| {m} | {wr(row)} | {wr(row.get('style_controlled'))} | {_fmt(row.get('rating'), digits=0)} | "
+                         + " / ".join(str(v[n]) for n in VERDICT_NAMES) + f" | {v['unparsed']} | {v['error']} |")
 
     lines += ["", "## Pairs", "", "| model | opponent | comparisons | W/T/L | adj. win rate | LC win rate | total | "
               "opponent total | relative |", "|---|---|---|---|---|---|---|---|---|"]
@@ -418,7 +530,7 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 
 def _category_metric(res: dict[str, Any]) -> tuple[str, str]:
-    if res["baseline"] and res["mode"] != "pairwise":
+    if res["baseline"] and res["mode"] not in ("pairwise", "pairwise-5"):
         return "relative_score", f"Relative score vs {res['baseline']} (sum of scores / baseline's sum)"
     if res["mode"] == "single":
         return "avg_score", "Average score (1-10)"
@@ -476,13 +588,13 @@ def write_charts(res: dict[str, Any], out_dir: Path) -> list[str]:
 
 def write_report(judgments: Path, out_dir: Path, *, baseline: str | None = None, relative_to: str | None = None,
                  prices: tuple[float, float] | None = None, force: bool = False, bootstrap_rounds: int = 1000,
-                 charts: bool = True) -> dict[str, Any]:
+                 charts: bool = True, strong_weight: int = 3) -> dict[str, Any]:
     out_dir = Path(out_dir)
     existing = [f for f in REPORT_FILES if (out_dir / f).exists()]
     if existing and not force:
         raise EvalUsageError(f"{out_dir} already holds a report ({', '.join(existing)}); use --force to replace it")
     res = compute_report(load_judgments(judgments), baseline=baseline, relative_to=relative_to, prices=prices,
-                         bootstrap_rounds=bootstrap_rounds)
+                         bootstrap_rounds=bootstrap_rounds, strong_weight=strong_weight)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", res)
     write_text(out_dir / "report.md", render_markdown(res))

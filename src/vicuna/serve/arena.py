@@ -43,7 +43,7 @@ from ..files import write_text
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 1: first; 2: conversations.served_by/upstream_model; 3: vote_categories
 MODES = ("chat", "battle", "side_by_side")
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
 FEEDBACK_KINDS = ("upvote", "downvote", "flag", "retract")
@@ -98,6 +98,17 @@ CREATE TABLE IF NOT EXISTS feedback (
     ip_hash       TEXT
 );
 """
+# Version 3. Categories of each vote's conversation (coding, math, multi-turn, ...), one row per
+# tag, with the tagger that gave it ('rules-v1'; later e.g. a judge model's name).
+CATEGORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vote_categories (
+    vote_id  INTEGER NOT NULL REFERENCES votes (id),
+    category TEXT NOT NULL,
+    tagger   TEXT NOT NULL,
+    PRIMARY KEY (vote_id, category)
+);
+CREATE INDEX IF NOT EXISTS vote_categories_category ON vote_categories (category);
+"""
 
 
 class ArenaError(VicunaError):
@@ -109,6 +120,9 @@ class Battle:
     model_a: str
     model_b: str
     winner: str
+    style_a: dict[str, int] | None = None  # vicuna.ratings.style_of each side's answers (battles(with_style=True))
+    style_b: dict[str, int] | None = None
+    categories: tuple[str, ...] = ()
 
     def as_tuple(self) -> tuple[str, str, str]:
         return (self.model_a, self.model_b, self.winner)
@@ -122,8 +136,13 @@ class ArenaStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, salt: str | None = None, create: bool = True,
-                 busy_timeout: float = 2.0, attempts: int = 3):
+                 busy_timeout: float = 2.0, attempts: int = 3, tagger: Any = None, tagger_name: str | None = None):
+        from .categories import RULES_TAGGER, tag_conversation
+
         self.path = Path(path)
+        # what tags a vote's conversation as it is stored (see serve/categories.py)
+        self.tagger = tagger or tag_conversation
+        self.tagger_name = tagger_name or (RULES_TAGGER if tagger is None else getattr(tagger, "__name__", "custom"))
         self.busy_timeout, self.attempts = busy_timeout, attempts
         if not create and not self.path.is_file():
             raise ArenaError(f"no arena database at {self.path}; pass --db with the file `vicuna serve --web` wrote")
@@ -156,11 +175,17 @@ class ArenaStore:
             if version == 0 and not create:
                 raise ArenaError(f"{self.path} is not an arena database (no arena tables in it)")
             if version == 0:
-                conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-            elif version < SCHEMA_VERSION:  # version 1 (before endpoints): two nullable columns more
+                conn.executescript(SCHEMA + CATEGORY_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+                return
+            if version < 2:  # version 1 (before endpoints): two nullable columns more
                 conn.executescript("BEGIN IMMEDIATE; ALTER TABLE conversations ADD COLUMN served_by TEXT; "
                                    "ALTER TABLE conversations ADD COLUMN upstream_model TEXT; "
-                                   f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                                   "PRAGMA user_version = 2; COMMIT;")
+            if version < 3:  # version 2: the categories table, and the old votes tagged
+                conn.executescript("BEGIN IMMEDIATE;" + CATEGORY_SCHEMA + "PRAGMA user_version = 3; COMMIT;")
+                tagged = self.retag()
+                log.info("arena database %s upgraded to schema 3: %d earlier votes tagged with categories",
+                         self.path, tagged)
         except sqlite3.DatabaseError as e:
             raise ArenaError(f"cannot open arena database {self.path}: {e}") from None
 
@@ -305,9 +330,12 @@ class ArenaStore:
         void_reason: str | None = None,
         ip_hash: str | None = None,
     ) -> int:
-        """Store a vote; a vote with ``void_reason`` is kept but left out of the leaderboard."""
+        """Store a vote, tagged with the categories of its conversation; a vote with ``void_reason``
+        is kept but left out of the leaderboard."""
         if winner not in WINNERS:
             raise ValueError(f"winner must be one of {WINNERS}, not {winner!r}")
+        row = self._execute("SELECT messages FROM conversations WHERE id = ?", (conv_a,)).fetchone()
+        tags = self._tags(json.loads(row["messages"])) if row else []
         try:
             cur = self._execute(
                 """INSERT INTO votes (created, mode, anonymous, model_a, model_b, conv_a, conv_b, winner,
@@ -320,7 +348,47 @@ class ArenaStore:
             if "UNIQUE" in str(e):
                 raise ArenaError("this round already has a vote; start a new round to vote again") from None
             raise ArenaError(f"vote not stored: {e} (both conversations must be saved first)") from None
-        return int(cur.lastrowid)
+        vote_id = int(cur.lastrowid)
+        self._store_tags(vote_id, tags, self.tagger_name)
+        return vote_id
+
+    # -- categories ----------------------------------------------------------------------
+
+    def _tags(self, messages: list[dict[str, Any]]) -> list[str]:
+        """The tagger's categories; a failing tagger costs the tags, never the vote."""
+        try:
+            return sorted({str(t) for t in self.tagger(messages)})
+        except Exception as e:  # noqa: BLE001 -- a pluggable tagger may fail in any way
+            log.warning("arena: the category tagger %s failed (%r); vote stored without categories",
+                        self.tagger_name, e)
+            return []
+
+    def _store_tags(self, vote_id: int, tags: Iterable[str], tagger: str) -> None:
+        for tag in tags:
+            self._execute("INSERT OR IGNORE INTO vote_categories (vote_id, category, tagger) VALUES (?, ?, ?)",
+                          (vote_id, tag, tagger))
+
+    def retag(self, *, force: bool = False) -> int:
+        """Tag the votes that have no tag of this store's tagger yet (all of them with ``force``,
+        replacing its earlier tags); returns how many votes were looked at (a vote the tagger
+        finds no category for is looked at again next time). How an old database's votes get
+        categories, and how a new tagger (a judge model) is run over stored battles. Two taggers
+        giving a vote the same category keep the first one's row."""
+        if force:
+            self._execute("DELETE FROM vote_categories WHERE tagger = ?", (self.tagger_name,))
+        rows = self._execute(
+            """SELECT v.id, c.messages FROM votes v JOIN conversations c ON c.id = v.conv_a
+               WHERE v.id NOT IN (SELECT vote_id FROM vote_categories WHERE tagger = ?) ORDER BY v.id""",
+            (self.tagger_name,)).fetchall()
+        for r in rows:
+            self._store_tags(r["id"], self._tags(json.loads(r["messages"])), self.tagger_name)
+        return len(rows)
+
+    def categories(self, *, include_named: bool = False, include_void: bool = False) -> dict[str, int]:
+        """Category -> number of counted votes in it, most votes first."""
+        sql = ("SELECT k.category, COUNT(*) AS n FROM vote_categories k JOIN votes v ON v.id = k.vote_id"
+               + _vote_filter(include_named, include_void, "v.") + " GROUP BY k.category ORDER BY n DESC, k.category")
+        return {r["category"]: r["n"] for r in self._execute(sql).fetchall()}
 
     def add_feedback(
         self,
@@ -346,18 +414,36 @@ class ArenaStore:
 
     # -- reads -------------------------------------------------------------------------
 
-    def battles(self, *, include_named: bool = False, include_void: bool = False) -> list[Battle]:
-        """Votes as rating battles, oldest first (anonymous, non-void ones by default)."""
-        where = []
-        if not include_named:
-            where.append("anonymous = 1")
-        if not include_void:
-            where.append("void = 0")
-        sql = "SELECT model_a, model_b, winner FROM votes"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self._execute(sql + " ORDER BY created, id").fetchall()
-        return [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
+    def battles(self, *, include_named: bool = False, include_void: bool = False, category: str | None = None,
+                with_style: bool = False) -> list[Battle]:
+        """Votes as rating battles, oldest first (anonymous, non-void ones by default).
+
+        ``category``: only votes tagged with it. ``with_style``: each battle also carries the
+        style of both sides' answers (``vicuna.ratings.style_of`` over all assistant turns) and
+        its categories, for the style-controlled leaderboard."""
+        where = _vote_filter(include_named, include_void, "v.")
+        params: list[Any] = []
+        if category is not None:
+            where += (" AND " if where else " WHERE ") + "v.id IN (SELECT vote_id FROM vote_categories WHERE category = ?)"
+            params.append(category)
+        if not with_style:
+            rows = self._execute(f"SELECT v.model_a, v.model_b, v.winner FROM votes v{where} ORDER BY v.created, v.id",
+                                 params).fetchall()
+            return [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
+        from ..conversation import message_text
+        from ..ratings import style_of
+
+        sql = f"""SELECT v.id, v.model_a, v.model_b, v.winner, ca.messages AS ma, cb.messages AS mb,
+                         (SELECT group_concat(category, char(10)) FROM vote_categories WHERE vote_id = v.id) AS cats
+                  FROM votes v JOIN conversations ca ON ca.id = v.conv_a JOIN conversations cb ON cb.id = v.conv_b
+                  {where} ORDER BY v.created, v.id"""
+        out = []
+        for r in self._execute(sql, params).fetchall():
+            styles = [style_of([message_text(m.get("content")) for m in json.loads(r[k]) if m.get("role") == "assistant"])
+                      for k in ("ma", "mb")]
+            out.append(Battle(r["model_a"], r["model_b"], r["winner"], styles[0], styles[1],
+                              tuple(sorted((r["cats"] or "").split("\n"))) if r["cats"] else ()))
+        return out
 
     def counts(self) -> dict[str, int]:
         out = {t: self._execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
@@ -377,7 +463,8 @@ class ArenaStore:
         """Votes with both conversations inlined (the export format)."""
         sql = """SELECT v.*, ca.messages AS messages_a, ca.params AS params_a, ca.served_by AS served_by_a,
                         ca.upstream_model AS upstream_model_a, cb.messages AS messages_b, cb.params AS params_b,
-                        cb.served_by AS served_by_b, cb.upstream_model AS upstream_model_b
+                        cb.served_by AS served_by_b, cb.upstream_model AS upstream_model_b,
+                        (SELECT group_concat(category, char(10)) FROM vote_categories WHERE vote_id = v.id) AS cats
                  FROM votes v JOIN conversations ca ON ca.id = v.conv_a JOIN conversations cb ON cb.id = v.conv_b
                  ORDER BY v.created, v.id"""
         for r in self._execute(sql):
@@ -401,6 +488,7 @@ class ArenaStore:
                 "served_by_b": r["served_by_b"] or "local",
                 "upstream_model_a": r["upstream_model_a"],
                 "upstream_model_b": r["upstream_model_b"],
+                "categories": sorted(r["cats"].split("\n")) if r["cats"] else [],
             }
 
     def iter_feedback(self) -> Iterator[dict[str, Any]]:
@@ -408,6 +496,11 @@ class ArenaStore:
             d = dict(r)
             d["tstamp"] = d.pop("created")
             yield d
+
+
+def _vote_filter(include_named: bool, include_void: bool, prefix: str = "") -> str:
+    where = ([] if include_named else [f"{prefix}anonymous = 1"]) + ([] if include_void else [f"{prefix}void = 0"])
+    return (" WHERE " + " AND ".join(where)) if where else ""
 
 
 def _conversation_dict(row: sqlite3.Row) -> dict[str, Any]:
@@ -470,6 +563,8 @@ class LeaderboardRow:
     votes: int
     wins: float  # ties count as half a win
     online_elo: float | None = None
+    style: Any = None  # RatingInterval of the style-controlled rating, when computed
+    style_rank: int | None = None
 
     @property
     def win_rate(self) -> float:
@@ -484,18 +579,24 @@ class Leaderboard:
     rounds: int
     confidence: float = 0.95
     notes: list[str] = field(default_factory=list)
+    category: str | None = None
+    style_coefficients: dict[str, Any] | None = None  # feature -> RatingInterval (Elo points per SD)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "battles": self.battles,
             "bootstrap_rounds": self.rounds,
             "confidence": self.confidence,
+            "category": self.category,
             "ratings": [
                 {"rank": i + 1, "model": r.model, "rating": r.rating, "lower": r.lower, "upper": r.upper,
                  "votes": r.votes, "win_rate": r.win_rate,
-                 **({"online_elo": r.online_elo} if r.online_elo is not None else {})}
+                 **({"online_elo": r.online_elo} if r.online_elo is not None else {}),
+                 **({"style_controlled": {"rank": r.style_rank, **r.style.as_dict()}} if r.style is not None else {})}
                 for i, r in enumerate(self.rows)
             ],
+            "style_coefficients": ({f: iv.as_dict() for f, iv in self.style_coefficients.items()}
+                                   if self.style_coefficients else None),
             "win_rate": self.win_rate,
         }
 
@@ -507,16 +608,27 @@ def compute_leaderboard(
     confidence: float = 0.95,
     seed: int | None = 0,
     online: bool = False,
+    category: str | None = None,
 ) -> Leaderboard:
-    """Bradley-Terry ratings with bootstrap intervals, vote counts and the win-rate matrix."""
+    """Bradley-Terry ratings with bootstrap intervals, vote counts and the win-rate matrix.
+
+    When every battle carries its answers' style (``ArenaStore.battles(with_style=True)``),
+    the rows also get the style-controlled rating and rank (``ratings.bootstrap_style_controlled``).
+    ``category`` only labels the result (filter the battles with ``battles(category=...)``)."""
     from .. import ratings  # numpy: imported only when a leaderboard is asked for
 
     if rounds < 1:
         raise UsageError(f"bootstrap rounds must be >= 1, got {rounds}")
+    battles = list(battles)
     tuples = [b.as_tuple() if isinstance(b, Battle) else tuple(b) for b in battles]
     if not tuples:
-        return Leaderboard([], {}, 0, rounds, confidence, ["no votes yet"])
+        return Leaderboard([], {}, 0, rounds, confidence, ["no votes yet" if category is None else
+                                                           f"no votes in category {category!r} yet"],
+                           category=category)
     intervals = ratings.bootstrap_bradley_terry(tuples, rounds=rounds, confidence=confidence, seed=seed)
+    styled = all(isinstance(b, Battle) and b.style_a is not None and b.style_b is not None for b in battles)
+    sc = (ratings.bootstrap_style_controlled(tuples, [b.style_a for b in battles], [b.style_b for b in battles],
+                                             rounds=rounds, confidence=confidence, seed=seed) if styled else None)
     elo = ratings.online_elo(tuples) if online else {}
     votes: dict[str, int] = {}
     wins: dict[str, float] = {}
@@ -529,8 +641,10 @@ def compute_leaderboard(
             wins[x] = wins.get(x, 0.0) + s
             pair_games[x, y] = pair_games.get((x, y), 0) + 1
             pair_wins[x, y] = pair_wins.get((x, y), 0.0) + s
+    style_rank = {m: i for i, m in enumerate(sc.ratings, 1)} if sc else {}
     rows = [
-        LeaderboardRow(m, iv.rating, iv.lower, iv.upper, votes[m], wins[m], elo.get(m)) for m, iv in intervals.items()
+        LeaderboardRow(m, iv.rating, iv.lower, iv.upper, votes[m], wins[m], elo.get(m),
+                       sc.ratings[m] if sc else None, style_rank.get(m)) for m, iv in intervals.items()
     ]
     order = [r.model for r in rows]
     matrix = {
@@ -540,28 +654,39 @@ def compute_leaderboard(
     notes = []
     if len(tuples) < 50:
         notes.append(f"only {len(tuples)} vote{'s' if len(tuples) != 1 else ''}: intervals are wide")
-    return Leaderboard(rows, matrix, len(tuples), rounds, confidence, notes)
+    return Leaderboard(rows, matrix, len(tuples), rounds, confidence, notes, category,
+                       sc.coefficients if sc else None)
 
 
 def leaderboard_markdown(lb: Leaderboard) -> str:
     """The ratings table as Markdown (used by the web UI and `vicuna arena leaderboard`)."""
     if not lb.rows:
+        if lb.category is not None:
+            return f"_No votes in category **{lb.category}** yet._"
         return "_No votes yet: play a few arena battles first._"
     pct = int(round(lb.confidence * 100))
     online = any(r.online_elo is not None for r in lb.rows)
+    styled = any(r.style is not None for r in lb.rows)
     head = ["Rank", "Model", "Rating", f"{pct}% CI", "Votes", "Win rate"] + (["Online Elo"] if online else [])
+    head += ["Rank (style ctrl.)", f"Style-controlled ({pct}% CI)"] if styled else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(lb.rows, 1):
         ci = f"{r.lower:.0f} – {r.upper:.0f} (+{r.upper - r.rating:.0f}/-{r.rating - r.lower:.0f})"
         cells = [str(i), r.model, f"{r.rating:.0f}", ci, str(r.votes), f"{r.win_rate:.0%}"]
         if online:
             cells.append(f"{r.online_elo:.0f}")
+        if styled:
+            cells += [str(r.style_rank), f"{r.style.rating:.0f} ({r.style.lower:.0f} – {r.style.upper:.0f})"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         f"{lb.battles} vote{'s' if lb.battles != 1 else ''}; Bradley–Terry maximum likelihood on the Elo scale, "
         f"{pct}% intervals from "
-        f"{lb.rounds} bootstrap rounds; ties count as half a win." + ("".join(f" Note: {n}." for n in lb.notes))
+        f"{lb.rounds} bootstrap rounds; ties count as half a win."
+        + (f" Category: **{lb.category}**." if lb.category is not None else "")
+        + (" Style-controlled: the same fit with the answers' length and markdown (headers, lists, bold) as "
+           "covariates, so it ranks models as if they wrote equally long, equally formatted answers." if styled else "")
+        + ("".join(f" Note: {n}." for n in lb.notes))
     )
     return "\n".join(lines)
 
@@ -594,10 +719,20 @@ def leaderboard_figure(lb: Leaderboard):
     rows = lb.rows[::-1]
     y = range(len(rows))
     x = [r.rating for r in rows]
-    err = [[r.rating - r.lower for r in rows], [r.upper - r.rating for r in rows]]
+    err = [[max(0.0, r.rating - r.lower) for r in rows], [max(0.0, r.upper - r.rating) for r in rows]]
     ax.errorbar(x, y, xerr=err, fmt="o", capsize=4, color="tab:blue", label="Bradley–Terry")
+    legend = False
+    if all(r.style is not None for r in rows):
+        ys = [v - 0.2 for v in y]
+        # a percentile interval need not contain the point estimate (few, lopsided votes): clip at 0
+        ax.errorbar([r.style.rating for r in rows], ys, xerr=[[max(0.0, r.style.rating - r.style.lower) for r in rows],
+                    [max(0.0, r.style.upper - r.style.rating) for r in rows]], fmt="s", capsize=3, color="tab:green",
+                    label="style-controlled")
+        legend = True
     if any(r.online_elo is not None for r in rows):
         ax.plot([r.online_elo for r in rows], y, "x", color="tab:orange", label="online Elo")
+        legend = True
+    if legend:
         ax.legend(loc="lower right")
     ax.set_yticks(list(y), [r.model for r in rows])
     ax.set_xlabel(f"rating ({int(round(lb.confidence * 100))}% bootstrap interval)")

@@ -51,8 +51,16 @@ def add_commands(sub) -> None:
             "then the win-rate matrix (row beats column; ties count 1/2). Counts anonymous battle votes\n"
             "that are not void (an answer revealed a model's name), like the public arena; add\n"
             "--include-named for votes from the named side-by-side tab.\n\n"
+            "Style control (as Chatbot Arena's default view): a second rating and rank from the same fit with\n"
+            "the answers' token length and markdown headers, lists and bold as covariates, so a model does\n"
+            "not climb by writing longer or fancier answers (--no-style-control to skip it).\n\n"
+            "Categories: every vote is tagged from its conversation's first user turn when it is stored\n"
+            "(coding, math, long-query, english / non-english and lang:XX) and its number of turns\n"
+            "(multi-turn); --category NAME ranks the models on those votes only, --list-categories shows\n"
+            "the categories with their vote counts.\n\n"
             "examples:\n"
             "  vicuna arena leaderboard --db arena.db\n"
+            "  vicuna arena leaderboard --db arena.db --category coding\n"
             "  vicuna arena leaderboard --db arena.db --bootstrap 1000 --online-elo --json lb.json --plot lb.png"
         ),
     )
@@ -62,6 +70,9 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--include-named", action="store_true", help="also count votes from named side-by-side rounds")
     p.add_argument("--online-elo", action="store_true", help="add a column with sequential (online) Elo ratings")
+    p.add_argument("--category", help="rank on the votes of this category only (see --list-categories)")
+    p.add_argument("--list-categories", action="store_true", help="print the categories and their vote counts, then exit")
+    p.add_argument("--no-style-control", action="store_true", help="skip the style-controlled rating columns")
     p.add_argument("--json", metavar="FILE", help="also write the leaderboard as JSON to FILE")
     p.add_argument("--plot", metavar="FILE", help="also save a plot of the ratings and intervals (PNG/SVG/PDF)")
     p.add_argument("--force", action="store_true", help="overwrite existing --json/--plot files")
@@ -108,11 +119,21 @@ def leaderboard(args) -> int:
         raise UsageError(f"--confidence must be between 0 and 1, got {args.confidence}")
     _check_new(args.json, args.force)
     _check_new(args.plot, args.force)
-    with ArenaStore(args.db or default_db(), create=False) as store:
-        battles = store.battles(include_named=args.include_named)
+    db = args.db or default_db()
+    with ArenaStore(db, create=False) as store:
+        cats = store.categories(include_named=args.include_named)
+        if args.list_categories:
+            print("| Category | Votes |\n|---|---|")
+            print("\n".join(f"| {c} | {n} |" for c, n in cats.items()) or "| (none yet) | 0 |")
+            return 0
+        if args.category is not None and args.category not in cats:
+            raise UsageError(f"no counted vote has category {args.category!r}; categories in {db}: "
+                             f"{', '.join(cats) or 'none yet'}")
+        battles = store.battles(include_named=args.include_named, category=args.category,
+                                with_style=not args.no_style_control)
         counts = store.counts()
     lb = compute_leaderboard(battles, rounds=args.bootstrap, confidence=args.confidence, seed=args.seed,
-                             online=args.online_elo)
+                             online=args.online_elo, category=args.category)
     print(leaderboard_markdown(lb))
     if lb.rows:
         print()

@@ -613,17 +613,27 @@ class WebApp:
 
     # -- leaderboard -----------------------------------------------------------------------
 
-    def leaderboard(self, rounds: float, include_named: bool, online: bool):
-        """(ratings Markdown, win-rate Markdown, matplotlib figure) from the stored votes."""
+    def leaderboard(self, rounds: float, include_named: bool, online: bool, category: str | None = None):
+        """(ratings Markdown, win-rate Markdown, matplotlib figure) from the stored votes, raw and
+        style-controlled; ``category`` (None or ALL_CATEGORIES: every vote) filters the votes."""
         rounds = int(rounds or self.settings.bootstrap_rounds)
         if not 1 <= rounds <= 100_000:
             raise WebError("Bad bootstrap rounds", f"Bootstrap rounds must be between 1 and 100000, got {rounds}.")
+        category = None if category in (None, "", ALL_CATEGORIES) else category
         try:
-            battles = self.store.battles(include_named=include_named)
+            battles = self.store.battles(include_named=include_named, category=category, with_style=True)
         except VicunaError as e:
             raise WebError("Leaderboard unavailable", str(e)) from None
-        lb = compute_leaderboard(battles, rounds=rounds, online=online)
+        lb = compute_leaderboard(battles, rounds=rounds, online=online, category=category)
         return leaderboard_markdown(lb), win_rate_markdown(lb), leaderboard_figure(lb)
+
+    def category_choices(self, include_named: bool) -> list[tuple[str, str]]:
+        """(label, value) of the category selector: every vote first, then each category with its count."""
+        try:
+            cats = self.store.categories(include_named=include_named)
+        except VicunaError as e:
+            raise WebError("Leaderboard unavailable", str(e)) from None
+        return [("all votes", ALL_CATEGORIES)] + [(f"{c} ({n})", c) for c, n in cats.items()]
 
     # -- Gradio wiring ---------------------------------------------------------------------
 
@@ -876,21 +886,31 @@ class WebApp:
                                    label="Bootstrap rounds", elem_id="lb-rounds")
                 named = gr.Checkbox(False, label="Include named side-by-side votes", visible=not s.arena_only)
                 online = gr.Checkbox(False, label="Show online Elo")
+                category = gr.Dropdown(choices=[("all votes", ALL_CATEGORIES)], value=ALL_CATEGORIES,
+                                       label="Category", elem_id="lb-category", interactive=True)
                 lb_refresh = gr.Button("↻ Refresh", elem_id="lb-refresh")
             lb_table = gr.Markdown("", elem_id="lb-table")
             lb_plot = gr.Plot(label="Ratings with confidence intervals")
             gr.Markdown("#### Win rate (row beats column; ties count ½)")
             lb_matrix = gr.Markdown("", elem_id="lb-matrix")
 
-            def lb_fn(r, inc, onl):
+            def lb_fn(r, inc, onl, cat):
                 try:
-                    return self.leaderboard(r, inc, onl)
+                    choices = self.category_choices(inc)
+                    if cat not in {v for _, v in choices}:
+                        cat = ALL_CATEGORIES  # a category with no votes left (e.g. named votes unticked)
+                    return (*self.leaderboard(r, inc, onl, cat), gr.update(choices=choices, value=cat))
                 except WebError as e:
-                    return refused(e), gr.skip(), gr.skip()
+                    return refused(e), gr.skip(), gr.skip(), gr.skip()
 
-            lb_io = dict(fn=lb_fn, inputs=[rounds, named, online], outputs=[lb_table, lb_matrix, lb_plot])
+            lb_io = dict(fn=lb_fn, inputs=[rounds, named, online, category],
+                         outputs=[lb_table, lb_matrix, lb_plot, category])
             lb_refresh.click(**lb_io)
             lb_tab.select(**lb_io)
+            category.input(**lb_io)
+
+
+ALL_CATEGORIES = "(all)"  # the category selector's value for every vote
 
 
 # -- mounting and the command line ---------------------------------------------------------
