@@ -112,6 +112,20 @@ def test_trained_model_dir_is_complete_and_loadable(tiny_model_dir, data_file, t
     assert p.returncode == 2 and "already holds a trained model" in p.stderr and "--force" in p.stderr
 
 
+@pytest.mark.parametrize("save_steps", [0, 2])  # never (SIGTERM only), and before the first log line
+@pytest.mark.parametrize("logging_steps", [1, 3, 100])  # each step, not a divisor of the run, never but the last
+def test_any_save_and_log_interval_finishes(tiny_model_dir, data_file, tmp_path, save_steps, logging_steps):
+    """A checkpoint saved before the first log line was a crash (issue 31: plot_loss read a log not yet
+    written). Every combination of intervals finishes, logs every Nth step and the last, and keeps its plot."""
+    out = tmp_path / "out"
+    train(_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=save_steps, logging_steps=logging_steps,
+               per_device_batch_size=2))
+    assert [r["step"] for r in log_rows(out)] == sorted({*range(logging_steps, 5, logging_steps), 4})
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    saved = sorted(int(c.name.split("-")[1]) for c in out.glob("checkpoint-*"))
+    assert saved == ([2] if save_steps else [])
+
+
 def test_help_explains_inputs_outputs_and_examples():
     p = run_cli("train", "--help", check=True)
     for s in ("--model-path", "--data-path", "--output-dir", "--lora", "torchrun", "Examples", "(default: 2048)"):

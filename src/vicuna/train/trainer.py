@@ -509,7 +509,9 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
 
 
 def plot_loss(out: Path) -> None:
-    rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    """The loss curve so far; nothing to draw (and no error) before the first log line is written."""
+    path = out / LOG_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     if not rows:
         return
     import matplotlib
