@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--glibc {args.glibc}: give MIN-MAX, e.g. 17-39")
     if args.have is not None and not args.have.is_file():
         ap.error(f"--have {args.have}: no such file; run `python3 -m pip freeze > FILE` on the GPU machine")
+    if args.model_parts < 0:
+        ap.error("--model-parts must be >= 0")
+    if args.model_parts:  # a local copy: done in --dry-run too
+        split_model(ROOT / ".model", args.model_parts)
     without = {norm(n) for n in args.without}
     pack, image = needs(ROOT / "pyproject.toml", without)
     target = target_args(args.python, lo, hi)
@@ -244,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
                                                     for w in excepted))
     # what gpu_check.sh installs: the pack's requirements as pyproject states them (pip checks the image's too)
     (args.dest / "requirements.txt").write_text("".join(r + "\n" for r in image + pack))
-    if args.model_parts:
-        split_model(ROOT / ".model", args.model_parts)
     if rest > args.max_mib:
         print(f"error: the wheels add up to {rest:.1f} MiB (besides {', '.join(BUDGET_EXCEPTIONS)}), over --max-mib "
               f"{args.max_mib:g}; the largest are listed first (--have FILE subtracts what the GPU machine has, "

@@ -277,8 +277,10 @@ def check_packing(ctx: Context, r: Result) -> None:
         p = vicuna(*train_args(ctx, path, out, "--max-steps", ctx.steps, "--save-steps", 0, "--packing"))
         if r.expect(p.returncode == 0, f"{label}: vicuna train --packing ran {ctx.steps} steps" + tail(p)):
             last = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()][-1]
+            memory = json.loads((out / "vicuna.json").read_text()).get("train", {}).get("memory", {})
             r.note(f"{label}, packed, {'bf16' if ctx.device == 'cuda' else 'fp32'} on {ctx.device}, last step: "
-                   f"{last.get('tokens_per_s', '?')} tokens/s, MFU {last.get('mfu', '?')}")
+                   f"{last.get('tokens_per_s', '?')} tokens/s, MFU {last.get('mfu', '?')}; peak memory "
+                   f"{memory.get('peak_gb_per_rank', '?')} GB ({memory.get('measured', '?')})")
 
 
 @check("flash-attn", "flash-attention-2 varlen vs SDPA, packed and unpacked (bf16)")
@@ -324,6 +326,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> bool:
     return True
 
 
+# float32 runs name SDPA: flash-attention 2 has no float32 kernels, and its backward is not bit-reproducible
+FP32_ATTN = ("--attn-implementation", "sdpa")
+
+
 def kill_and_resume(ctx: Context, r: Result, label: str, path: Path, precision: str) -> tuple[Path, Path, Path] | None:
     """An uninterrupted run and one SIGKILLed after a mid-run checkpoint, then rerun to the end.
 
@@ -332,7 +338,8 @@ def kill_and_resume(ctx: Context, r: Result, label: str, path: Path, precision: 
     steps = max(2, ctx.steps)
     every = max(1, steps // 4)
     mid_step = every * max(1, steps // every // 2)  # a checkpoint before the last step: the kill lands mid-run
-    common = ("--max-steps", steps, "--save-steps", every, "--precision", precision, "--no-packing")
+    common = ("--max-steps", steps, "--save-steps", every, "--precision", precision, "--no-packing",
+              *FP32_ATTN * (precision == "fp32"))
     ref, out = ctx.work / f"resume-{precision}-ref-{label}", ctx.work / f"resume-{precision}-{label}"
     p = vicuna(*train_args(ctx, path, ref, *common))
     if not r.expect(p.returncode == 0, f"{label}: {precision} full fine-tuning, {steps} steps uninterrupted"
@@ -360,7 +367,8 @@ def resume_wrongly(ctx: Context, path: Path, ckpt: Path, precision: str, kind: s
     out.mkdir()
     shutil.copytree(ckpt, out / ckpt.name)
     steps = max(2, ctx.steps)
-    common = ("--max-steps", steps, "--save-steps", max(1, steps // 4), "--precision", precision, "--no-packing")
+    common = ("--max-steps", steps, "--save-steps", max(1, steps // 4), "--precision", precision, "--no-packing",
+              *FP32_ATTN * (precision == "fp32"))
     p = vicuna(*train_args(ctx, path, out, *common), wrong_restore=kind)
     return out, "" if p.returncode == 0 and "resumed from" in p.stderr else tail(p) or ": did not resume"
 
@@ -488,7 +496,7 @@ def train_tiny(ctx: Context, steps: int) -> tuple[Path | None, str]:
     if (out / "vicuna.json").exists():
         return out, ""
     p = vicuna(*train_args(ctx, ctx.tiny, out, "--max-steps", steps, "--save-steps", 0, "--precision", "fp32",
-                           "--learning-rate", 1e-2, "--no-packing"))
+                           "--learning-rate", 1e-2, "--no-packing", *FP32_ATTN))
     return (out, "") if p.returncode == 0 else (None, tail(p))
 
 
@@ -656,7 +664,7 @@ def fsdp_two_ranks(ctx: Context, r: Result, backend: str) -> None:
     env = {"OMP_NUM_THREADS": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if backend == "gloo" else {})
     steps = max(2, ctx.steps // 2)
     common = ("--max-steps", steps, "--save-steps", 1, "--fsdp", "full_shard", "--no-packing", "--precision", "fp32",
-              "--per-device-batch-size", 1)
+              "--per-device-batch-size", 1, *FP32_ATTN)
     ref, out = ctx.work / f"fsdp-{backend}-ref", ctx.work / f"fsdp-{backend}"
     p = torchrun(2, *train_args(ctx, ctx.tiny, ref, *common), env=env)
     if not r.expect(p.returncode == 0 and (ref / "vicuna.json").exists(),
@@ -737,6 +745,8 @@ def report(results: list[tuple[Check, Result]], env: list[str], dry: bool, real:
     out = [head, "", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "", *[f"- {e}" for e in env],
            f"- models: {model}", "", "| check | what | result | seconds |", "|---|---|---|---|"]
     out += [f"| {c.name} | {c.what} | {r.status} | {r.seconds:.0f} |" for c, r in results]
+    out += ["", f"{sum(r.seconds for _, r in results):.0f} s in all; "
+            + ", ".join(f"{sum(r.status == s for _, r in results)} {s}" for s in (PASS, FAIL, SKIP))]
     for c, r in results:
         out += ["", f"## {c.name}: {r.status}", "", c.what, ""] + [f"- {line}" for line in r.lines]
     return "\n".join(out) + "\n"
