@@ -187,7 +187,8 @@ def test_gpu_check_script_is_executable_and_parses():
     assert help_.returncode == 0 and "--dry" in help_.stdout and "--list" in help_.stdout
     listing = subprocess.run([sys.executable, "-m", "vicuna.gpucheck", "--list"], capture_output=True, text=True,
                              env=cli_env())
-    assert {"fsdp-nccl", "fsdp-gloo", "load-8bit", "resume-bf16"} <= {ln.split()[0] for ln in listing.stdout.splitlines()}
+    names = {ln.split()[0] for ln in listing.stdout.splitlines()}
+    assert {"fsdp-nccl", "fsdp-gloo", "load-8bit", "resume-bf16"} <= names
     wheels = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_wheels.py"), "--help"],
                             capture_output=True, text=True)
     assert wheels.returncode == 0 and "--have" in wheels.stdout and "--dry-run" in wheels.stdout
