@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -743,7 +744,8 @@ def environment(device: str) -> list[str]:
                  "gguf"):
         try:
             mod = __import__(name)
-            lines.append(f"{name} {getattr(mod, '__version__', '?')}")
+            version = getattr(mod, "__version__", None) or importlib.metadata.version(name.replace("_", "-"))
+            lines.append(f"{name} {version}")
         except Exception as e:  # noqa: BLE001 - a broken install is reported, not fatal
             lines.append(f"{name}: not importable ({type(e).__name__})")
     return lines
