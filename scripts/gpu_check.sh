@@ -14,10 +14,18 @@ PY="${PYTHON:-python3}"
 start=$SECONDS
 
 if [ -f .whl/requirements.txt ]; then
-  echo "gpu_check: installing the carried wheels offline" >&2
-  "$PY" -m pip install -q --no-index --find-links .whl -r .whl/requirements.txt --no-warn-script-location \
-    || { echo "gpu_check: the offline install failed (see pip above); rerun scripts/gpu_wheels.py with" \
-              "--have FILE, FILE being \`$PY -m pip freeze\` of this machine" >&2; exit 1; }
+  if "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.access(sysconfig.get_paths()["purelib"], os.W_OK))'; then
+    echo "gpu_check: installing the carried wheels offline" >&2
+    "$PY" -m pip install -q --no-index --find-links .whl -r .whl/requirements.txt --no-warn-script-location \
+      || { echo "gpu_check: the offline install failed (see pip above); rerun scripts/gpu_wheels.py with" \
+                "--have FILE, FILE being \`$PY -m pip freeze\` of this machine" >&2; exit 1; }
+  else  # a read-only environment: the wheels go beside it, first on the path
+    site="${TMPDIR:-/tmp}/vicuna-gpu-site"
+    echo "gpu_check: $PY's site-packages is read-only: installing the carried wheels into $site" >&2
+    "$PY" -m pip install -q --no-index --no-deps --target "$site" --upgrade .whl/*.whl --no-warn-script-location \
+      || { echo "gpu_check: installing the carried wheels into $site failed (see pip above)" >&2; exit 1; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 elif compgen -G ".whl/*.whl" >/dev/null; then
   echo "gpu_check: .whl/ has wheels but no requirements.txt: make it with scripts/gpu_wheels.py" >&2
   exit 1
