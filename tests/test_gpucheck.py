@@ -256,3 +256,32 @@ def test_have_file_gives_names_and_pins(tmp_path):
     names, pins = gw.read_have(freeze)
     assert names == {"torch", "pyyaml", "matplotlib", "typing-extensions"}
     assert pins == ["torch==2.11.0", "PyYAML==6.0.2", "typing_extensions==4.15.0"]
+
+
+def test_packing_check_tells_a_leaking_packed_row(tmp_path):
+    """Packed = alone holds to far below the check's tolerance, and a packed row whose samples see each other
+    (positions not restarting, so transformers builds no per-sample mask) misses it by far."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicuna import gpucheck
+    from vicuna.model import load_model
+    from vicuna.train.dataset import collate
+
+    tiny, _ = gpucheck.prepare(tmp_path)
+    lm = load_model(tiny, device="cpu", dtype="float32")
+    samples, pad = gpucheck._qa_samples(lm), lm.tokenizer.pad_token_id or 0
+    alone = gpucheck.sample_logits(tiny, samples, pad, "cpu", torch.float32, "sdpa", packed=False)
+    packed = gpucheck.sample_logits(tiny, samples, pad, "cpu", torch.float32, "sdpa", packed=True)
+    tol = 1e-5 * max(1.0, max(float(x.abs().max()) for x in alone))
+    assert gpucheck.max_diff(packed, alone) < tol / 10
+    batch = collate(samples, [list(range(len(samples)))], pad, packed=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation="sdpa")
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        leaked = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False).logits[0]
+    start, rows = 0, []
+    for s in samples:
+        rows.append(leaked[start:start + len(s)])
+        start += len(s)
+    assert gpucheck.max_diff(rows, alone) > 100 * tol
