@@ -2,8 +2,8 @@
 # The GPU verification pack in one command, on a CUDA machine without network (docs/gpu.md):
 #   1. installs the wheels in .whl/ (made by scripts/gpu_wheels.py where a registry is reachable)
 #      offline: pip install --no-index --find-links .whl -r .whl/requirements.txt;
-#   2. imports the real model from .model/ (its GGUF, whole or as NAME.gguf.part-NN files with
-#      NAME.gguf.sha256) into .model/SmolLM2-135M-Instruct, unless that is there already;
+#   2. imports the real model from .model/ (its GGUF, whole, or as NAME.gguf.part-NN files up to
+#      one folder down, with NAME.gguf.sha256) into .model/SmolLM2-135M-Instruct, unless it is there;
 #   3. runs every check: python -m vicuna.gpucheck [--real-model .model/SmolLM2-135M-Instruct].
 # The report goes to $GPU_CHECK_REPORT (default: gpu-report.md). Exit 1 if the set-up or a check
 # failed. Without a GPU it runs the dry mode. Extra arguments go to `python -m vicuna.gpucheck`
@@ -36,15 +36,17 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HU
 model=.model/SmolLM2-135M-Instruct
 if [ ! -f "$model/config.json" ] && [ -d .model ]; then
   gguf=$(find .model -maxdepth 1 -name '*.gguf' | sort | head -n 1)
-  first=$(find .model -maxdepth 1 -name '*.gguf.part-*' | sort | head -n 1)
-  if [ -z "$gguf" ] && [ -n "$first" ]; then
-    name="${first%.part-*}"
-    gguf="$(mktemp -d)/$(basename "$name")"
-    cat "$name".part-* > "$gguf"
-    if [ -f "$name.sha256" ]; then
-      echo "$(cut -d' ' -f1 "$name.sha256")  $gguf" | sha256sum -c --quiet \
-        || { echo "gpu_check: $(basename "$name") reassembled from its parts does not match its sha256:" \
-                  "a part is missing or damaged" >&2; exit 1; }
+  # parts: NAME.gguf.part-NN anywhere up to .model/*/ (scripts/gpu_wheels.py puts each in its own folder)
+  mapfile -t parts < <(find .model -maxdepth 2 -name '*.gguf.part-*' -printf '%f\t%p\n' | sort | cut -f2)
+  if [ -z "$gguf" ] && [ "${#parts[@]}" -gt 0 ]; then
+    name=$(basename "${parts[0]%.part-*}")
+    gguf="$(mktemp -d)/$name"
+    cat "${parts[@]}" > "$gguf"
+    sum=$(find .model -maxdepth 2 -name "$name.sha256" | head -n 1)
+    if [ -n "$sum" ]; then
+      echo "$(cut -d' ' -f1 "$sum")  $gguf" | sha256sum -c --quiet \
+        || { echo "gpu_check: $name joined from ${#parts[@]} part(s) does not match its sha256: a part is" \
+                  "missing or damaged" >&2; exit 1; }
     fi
   fi
   if [ -n "$gguf" ]; then

