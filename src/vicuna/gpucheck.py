@@ -1,26 +1,25 @@
 """The GPU verification pack: every CUDA path of the project, exercised in one run.
 
-    python -m vicuna.gpucheck                 # on a GPU machine: all checks, report gpu-report.md
-    python -m vicuna.gpucheck --dry           # on a CPU: the same code paths at tiny size, CUDA parts skipped
+    python -m vicuna.gpucheck                 # on a GPU machine: every check, report in gpu-report.md
+    python -m vicuna.gpucheck --dry           # on a CPU: the checks that can run there, the others SKIP
+    python -m vicuna.gpucheck --list          # the checks, one per line
+    python -m vicuna.gpucheck --only resume-fp32,fsdp-gloo
 
-Checks (issue 17): (a) packed vs unpacked loss, flash-attention-2 varlen vs SDPA, tokens/s and
-MFU; (b) bf16 full fine-tuning, SIGKILL mid-run, resume to the same weights; (c) QLoRA steps,
-8- and 4-bit loading answering a greedy prompt; (d) the HF engine on CUDA: batched greedy =
-alone, throughput at c=1/16/64; (e) the vLLM backend through our API: conformance and
-throughput vs the HF engine; (f) FSDP2 at world size 1 (NCCL on CUDA, gloo in dry mode):
-save and resume.
-
-Each check runs the project's real entry points (`vicuna train` in a subprocess, the engine,
-`launch.local_api` and the official openai client) on a tiny random LLaMA, and on the real
-model when ``--real-model DIR`` is given. It writes a markdown report and exits 1 if any
-check failed; a check whose prerequisites are missing (no GPU in dry mode, no vLLM wheel)
-is SKIP with the reason, never PASS.
+Each check is one function registered with ``@check(name, what)`` and runs the project's real
+entry points (`vicuna train` in a subprocess, ``torchrun`` for FSDP, the engine,
+``launch.local_api`` and the official openai client) on a tiny random LLaMA, and on the real
+model when ``--real-model DIR`` is given. A check is PASS only when it ran what its row names
+and every verdict held; it is SKIP, with the reason, when a prerequisite is missing (no GPU, a
+single GPU for NCCL, no bitsandbytes/flash-attn/vLLM wheel), and FAIL when a verdict failed or
+it raised. The report is markdown; the exit code is 1 if any check failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ CORPUS = ["Hello! How can I help you today? I am a helpful assistant.",
 QA = [("What is the capital of France?", "Paris is the capital of France."), ("Say hello.", "Hello! How are you?"),
       ("Add 2 and 3.", "2 + 3 = 5"), ("Name a color.", "Blue, like the sky."), ("Count to five.", "1 2 3 4 5")]
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+LR = 3e-3  # every training run of the pack; the bf16 resume bound is in units of it
 
 
 @dataclass
@@ -56,17 +56,24 @@ class Result:
     def note(self, text: str) -> None:
         self.lines.append(text)
 
-    def expect(self, ok: bool, text: str) -> None:
-        """Record a verdict; one false one fails the check."""
+    def expect(self, ok: bool, text: str) -> bool:
+        """Record a verdict; one false one fails the check (a FAIL is never undone)."""
         self.lines.append(("ok: " if ok else "FAILED: ") + text)
         if not ok:
             self.status = FAIL
+        return ok
 
     def skip(self, why: str) -> "Result":
+        """The check could not run what its row names: SKIP (a FAIL already recorded stays FAIL)."""
         self.lines.append("skipped: " + why)
-        if self.status == PASS and not any(line.startswith(("ok:", "FAILED:")) for line in self.lines[:-1]):
+        if self.status != FAIL:
             self.status = SKIP
         return self
+
+    def finish(self) -> None:
+        """A PASS must rest on at least one verdict: a check that checked nothing is a FAIL."""
+        if self.status == PASS and not any(line.startswith("ok: ") for line in self.lines):
+            self.expect(False, "the check recorded no verdict")
 
 
 @dataclass
@@ -84,94 +91,244 @@ class Context:
         return [("tiny", self.tiny)] + ([("real", self.real)] if self.real else [])
 
 
-def vicuna(*args, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    """Run `python -m vicuna ARGS` (the user's entry point) and return its result."""
-    return subprocess.run([sys.executable, "-m", "vicuna", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=kw.pop("timeout", 900), **kw)
+@dataclass
+class Check:
+    name: str
+    what: str
+    run: Callable[[Context, Result], None]
+
+
+CHECKS: list[Check] = []
+
+
+def check(name: str, what: str) -> Callable:
+    """Register a check: ``fn(ctx, result)`` records verdicts with ``result.expect`` or ``result.skip``."""
+    def register(fn: Callable[[Context, Result], None]) -> Callable[[Context, Result], None]:
+        if any(c.name == name for c in CHECKS):
+            raise ValueError(f"two checks named {name}")
+        CHECKS.append(Check(name, what, fn))
+        return fn
+    return register
+
+
+def missing(module: str) -> str | None:
+    """Why ``module`` cannot be imported here, or None."""
+    try:
+        __import__(module)
+        return None
+    except Exception as e:  # noqa: BLE001 - a broken wheel (wrong CUDA) raises more than ImportError
+        return f"{module} is not importable here ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+
+
+# ------------------------------------------------------------------------- running `vicuna`
+
+# Wrong restores the resume checks use as negative controls: each leaves one piece of the training
+# state at its fresh value after a checkpoint is loaded. A resume comparison that cannot tell these
+# apart from a correct restore proves nothing.
+WRONG_RESTORES = {
+    "optimizer": "AdamW's moments dropped after loading (as if only the weights were restored)",
+    "scheduler": "the learning-rate schedule left at step 0 after loading",
+}
+
+
+def _break_restore(kind: str) -> None:
+    from vicuna.train import checkpoint
+
+    load = checkpoint.Checkpointer.load
+
+    def wrong_load(self, path):
+        fresh_epoch, fresh_last = self.scheduler.last_epoch, list(self.scheduler.get_last_lr())
+        state = load(self, path)
+        if kind == "optimizer":
+            self.optimizer.state.clear()
+        else:
+            self.scheduler.last_epoch, self.scheduler._last_lr = fresh_epoch, fresh_last
+            for group, lr in zip(self.optimizer.param_groups, fresh_last):
+                group["lr"] = lr
+        return state
+
+    checkpoint.Checkpointer.load = wrong_load
+
+
+def run_vicuna(argv: list[str]) -> int:
+    """``run-vicuna [--deterministic] [--wrong-restore KIND] -- ARGS``: `vicuna ARGS` (``vicuna.cli.main``),
+    with deterministic kernels (so float32 reruns are bit-equal on CUDA too) or a deliberately wrong restore."""
+    opts, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
+    if "--deterministic" in opts:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at its first call
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, for an op that has none
+    for opt in opts:
+        if opt.startswith("--wrong-restore="):
+            _break_restore(opt.split("=", 1)[1])
+    from .cli import main as vicuna_main
+
+    return vicuna_main(rest)
+
+
+def vicuna_cmd(*args, deterministic: bool = True, wrong_restore: str | None = None) -> list[str]:
+    """The command line of `vicuna ARGS` (through :func:`run_vicuna`)."""
+    opts = (["--deterministic"] if deterministic else []) + ([f"--wrong-restore={wrong_restore}"] if wrong_restore
+                                                             else [])
+    return ["-m", "vicuna.gpucheck", "run-vicuna", *opts, "--", *map(str, args)]
+
+
+def vicuna(*args, env: dict | None = None, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m vicuna ARGS` (deterministic kernels) and return its result."""
+    return subprocess.run([sys.executable, *vicuna_cmd(*args, **kw)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def torchrun(nproc: int, *args, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), *vicuna_cmd(*args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def tail(p: subprocess.CompletedProcess, n: int = 800) -> str:
+    return "" if p.returncode == 0 else f" (exit {p.returncode}): {p.stderr[-n:]}"
 
 
 def train_args(ctx: Context, model: Path, out: Path, *extra) -> list:
     return ["train", "--model-path", model, "--data-path", ctx.data, "--output-dir", out, "--max-length", 128,
-            "--per-device-batch-size", 2, "--learning-rate", "3e-3", "--seed", 7, "--save-total-limit", 5, *extra]
+            "--per-device-batch-size", 2, "--learning-rate", LR, "--seed", 7, "--save-total-limit", 5, *extra]
 
 
 def weights(out: Path) -> dict:
     from safetensors.torch import load_file
 
-    files = sorted(out.glob("*.safetensors"))
-    return {k: v for f in files for k, v in load_file(str(f)).items()}
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def same_weights(a: Path, b: Path, atol: float = 1e-6) -> bool:
+def weight_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between two saved models' weights (inf if their tensors differ in name or
+    shape, or there are none); 0.0 means bit-equal."""
     wa, wb = weights(a), weights(b)
-    return bool(wa) and wa.keys() == wb.keys() and all((wa[k].float() - wb[k].float()).abs().max() <= atol for k in wa)
+    if not wa or wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
+        return float("inf")
+    worst = 0.0
+    for k in wa:
+        if not (wa[k] == wb[k]).all():
+            diff = float((wa[k].double() - wb[k].double()).abs().max())
+            worst = max(worst, diff if diff == diff else float("inf"))  # NaN counts as different
+    return worst
 
 
-# ------------------------------------------------------------------------- (a) packing
+def bf16_resume_bound(steps_after_resume: int, lr: float = LR) -> float:
+    """How far a *correct* bf16 resume may end from the uninterrupted run, per weight.
+
+    The trainer keeps float32 master weights and AdamW state, and bf16 only in autocast compute. So
+    a resume can differ only where a kernel is not bit-reproducible (the runs use deterministic
+    algorithms, so usually nowhere). Such a kernel perturbs one bf16 rounding, 2^-8 relative, of an
+    activation or gradient; AdamW's update lr*m/sqrt(v) is scale-free, so a relative gradient error
+    e moves each update by at most about e*lr. Summed over the steps after the resume, that is
+    steps*lr*2^-8; twice that is the bound. A wrong restore misses by a sizable share of lr per
+    step (the negative controls in check resume-bf16 and tests/test_gpucheck.py show by how much).
+    """
+    return 2 * steps_after_resume * lr * 2 ** -8
 
 
+# ------------------------------------------------------------------------- training: packing, flash-attention
+
+
+def _qa_samples(lm):
+    from vicuna.train.dataset import tokenize_dataset
+
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    return tokenize_dataset(convs, lm.tokenizer, lm.template, 128)
+
+
+def sample_logits(path: Path, samples, pad: int, device: str, dtype, impl: str, packed: bool) -> list:
+    """Each sample's logits (float32, on the CPU), from one packed row or one row per sample."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicuna.train.dataset import collate
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=impl).to(device)
+    rows = [list(range(len(samples)))] if packed else [[i] for i in range(len(samples))]
+    out = []
+    for row in rows:
+        batch = collate(samples, [row], pad, packed=packed)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+        with torch.no_grad():  # use_cache=False, as the trainer calls it: with the cache on, transformers does
+            logits = model(**inputs, use_cache=False).logits[0].float().cpu()  # not split a packed row
+        start = 0
+        for i in row:
+            out.append(logits[start:start + len(samples[i])])
+            start += len(samples[i])
+    del model
+    return out
+
+
+def max_diff(a: list, b: list) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@check("packing", "packed vs unpacked logits (SDPA, float32); `vicuna train --packing` tokens/s and MFU")
 def check_packing(ctx: Context, r: Result) -> None:
     import torch
 
     from vicuna.model import load_model
-    from vicuna.train.dataset import IGNORE_INDEX, collate, tokenize_dataset
 
-    impls = ["sdpa"]
-    if ctx.device == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            impls.append("flash_attention_2")
-        except ImportError:
-            r.expect(False, "flash-attn is not importable on this GPU machine (carry its wheel in .whl/)")
-    else:
-        r.note("flash_attention_2: needs CUDA and flash-attn (dry mode: SDPA only)")
-    dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
     for label, path in ctx.models:
-        lm = load_model(path, device=ctx.device)
-        convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
-        samples = tokenize_dataset(convs, lm.tokenizer, lm.template, 128)
-        pad = lm.tokenizer.pad_token_id or 0
-        losses = {}
-        for impl in impls:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=impl).to(ctx.device)
-            for packed in (True, False):
-                rows = [list(range(len(samples)))] if packed else [[i] for i in range(len(samples))]
-                batch = collate(samples, rows, pad, packed=packed)
-                inputs = {k: batch[k].to(ctx.device) for k in ("input_ids", "position_ids", "attention_mask")
-                          if k in batch}
-                with torch.no_grad():
-                    logits = model(**inputs).logits.float()
-                tgt = batch["targets"].to(ctx.device)
-                losses[impl, packed] = float(torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")) / int(
-                    (tgt != IGNORE_INDEX).sum())
-        ref = losses["sdpa", False]
-        for (impl, packed), loss in losses.items():
-            if (impl, packed) == ("sdpa", False):
-                continue
-            r.expect(abs(loss - ref) <= 1e-3 * max(1.0, abs(ref)),
-                     f"{label}: {impl} {'packed' if packed else 'unpacked'} loss {loss:.5f} vs SDPA unpacked "
-                     f"{ref:.5f}")
-    # throughput and MFU from a short real training run (the trainer logs both)
-    out = ctx.work / "packing-run"
-    p = vicuna(*train_args(ctx, ctx.tiny, out, "--max-steps", ctx.steps, "--save-steps", 0, "--packing"))
-    r.expect(p.returncode == 0, f"vicuna train --packing ran {ctx.steps} steps" + ("" if p.returncode == 0 else
-                                                                                   f": {p.stderr[-500:]}"))
-    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()] if p.returncode == 0 else []
-    if rows:
-        last = rows[-1]
-        r.note(f"tiny, packed, last step: {last.get('tokens_per_s', '?')} tokens/s, MFU {last.get('mfu', '?')}")
+        lm = load_model(path, device="cpu", dtype="float32")
+        samples, pad = _qa_samples(lm), lm.tokenizer.pad_token_id or 0
+        packed, alone = (sample_logits(path, samples, pad, ctx.device, torch.float32, "sdpa", p) for p in (True, False))
+        d, scale = max_diff(packed, alone), max(1.0, max(float(x.abs().max()) for x in alone))
+        # float32: packing changes only which rows the kernels see, so logits agree to ~1e-6 of their size (CPU:
+        # 2e-7 tiny, 8e-5 of logits up to ~30 real); a sample that attends across its boundary moves them by
+        # orders of magnitude more (0.45 on the tiny model when transformers' packed mask is off)
+        r.expect(d <= 1e-5 * scale, f"{label}: each sample's logits packed = alone (float32, SDPA; max |diff| "
+                 f"{d:.2g}, logits up to {scale:.3g})")
+    for label, path in ctx.models:
+        out = ctx.work / f"packing-run-{label}"
+        p = vicuna(*train_args(ctx, path, out, "--max-steps", ctx.steps, "--save-steps", 0, "--packing"))
+        if r.expect(p.returncode == 0, f"{label}: vicuna train --packing ran {ctx.steps} steps" + tail(p)):
+            last = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()][-1]
+            memory = json.loads((out / "vicuna.json").read_text()).get("train", {}).get("memory", {})
+            r.note(f"{label}, packed, {'bf16' if ctx.device == 'cuda' else 'fp32'} on {ctx.device}, last step: "
+                   f"{last.get('tokens_per_s', '?')} tokens/s, MFU {last.get('mfu', '?')}; peak memory "
+                   f"{memory.get('peak_gb_per_rank', '?')} GB ({memory.get('measured', '?')})")
 
 
-# ------------------------------------------------------------------------- (b) resume
+@check("flash-attn", "flash-attention-2 varlen, packed and unpacked, as close to float32 as SDPA in bf16 is")
+def check_flash_attn(ctx: Context, r: Result) -> None:
+    if ctx.device != "cuda":
+        r.skip("flash-attention 2 needs CUDA")
+        return
+    why = missing("flash_attn")
+    if why:
+        r.skip(why + "; carry a prebuilt flash-attn wheel (docs/gpu.md)")
+        return
+    flash_vs_sdpa(ctx, r, "flash_attention_2")
 
 
-def _popen(args: list) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vicuna", *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def flash_vs_sdpa(ctx: Context, r: Result, impl: str) -> None:
+    """``impl`` in bf16, packed and unpacked, against float32 SDPA alone; allowed twice SDPA-bf16's own distance
+    from float32 (bf16 rounding), while attention across a sample boundary moves logits far more."""
+    import torch
+
+    from vicuna.model import load_model
+
+    for label, path in ctx.models:
+        lm = load_model(path, device="cpu", dtype="float32")
+        samples, pad = _qa_samples(lm), lm.tokenizer.pad_token_id or 0
+        ref = sample_logits(path, samples, pad, ctx.device, torch.float32, "sdpa", False)
+        floor = max_diff(sample_logits(path, samples, pad, ctx.device, torch.bfloat16, "sdpa", False), ref)
+        for packed in (True, False):
+            d = max_diff(sample_logits(path, samples, pad, ctx.device, torch.bfloat16, impl, packed), ref)
+            r.expect(d <= 2 * floor + 1e-3, f"{label}: {impl} {'packed' if packed else 'unpacked'} (bf16) is "
+                     f"{d:.3g} from float32 SDPA; SDPA in bf16 is {floor:.3g}")
+
+
+# ------------------------------------------------------------------------- training: kill and resume
+
+
+def _popen(args: list, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *vicuna_cmd(*args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> bool:
@@ -183,65 +340,227 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> bool:
     return True
 
 
-def check_resume(ctx: Context, r: Result) -> None:
-    precision = "bf16" if ctx.device == "cuda" else "fp32"
+# float32 runs name SDPA: flash-attention 2 has no float32 kernels, and its backward is not bit-reproducible
+FP32_ATTN = ("--attn-implementation", "sdpa")
+
+
+def kill_and_resume(ctx: Context, r: Result, label: str, path: Path, precision: str) -> tuple[Path, Path, Path] | None:
+    """An uninterrupted run and one SIGKILLed after a mid-run checkpoint, then rerun to the end.
+
+    Returns (uninterrupted output, resumed output, the checkpoint it resumed from), or None if a run failed.
+    """
     steps = max(2, ctx.steps)
     every = max(1, steps // 4)
     mid_step = every * max(1, steps // every // 2)  # a checkpoint before the last step: the kill lands mid-run
-    common = ("--max-steps", steps, "--save-steps", every, "--precision", precision, "--no-packing")
+    common = ("--max-steps", steps, "--save-steps", every, "--precision", precision, "--no-packing",
+              *FP32_ATTN * (precision == "fp32"))
+    ref, out = ctx.work / f"resume-{precision}-ref-{label}", ctx.work / f"resume-{precision}-{label}"
+    p = vicuna(*train_args(ctx, path, ref, *common))
+    if not r.expect(p.returncode == 0, f"{label}: {precision} full fine-tuning, {steps} steps uninterrupted"
+                    + tail(p)):
+        return None
+    proc = _popen(train_args(ctx, path, out, *common, "--throttle", 0.5))
+    mid = out / f"checkpoint-{mid_step}"
+    reached = _wait_for(mid / "manifest.json", proc)  # written last: the checkpoint is complete
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not r.expect(reached and not (out / "vicuna.json").exists(),
+                    f"{label}: SIGKILLed after {mid.name} was saved, before the end"):
+        return None
+    p = vicuna(*train_args(ctx, path, out, *common))
+    if not r.expect(p.returncode == 0 and f"resumed from {mid}" in p.stderr,
+                    f"{label}: the rerun resumed from {mid.name}" + tail(p)):
+        return None
+    return ref, out, mid
+
+
+def resume_wrongly(ctx: Context, path: Path, ckpt: Path, precision: str, kind: str) -> tuple[Path, str]:
+    """Resume a copy of ``ckpt`` with a deliberately wrong restore (see WRONG_RESTORES); returns its output."""
+    out = ctx.work / f"wrong-{kind}-{precision}-{path.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    shutil.copytree(ckpt, out / ckpt.name)
+    steps = max(2, ctx.steps)
+    common = ("--max-steps", steps, "--save-steps", max(1, steps // 4), "--precision", precision, "--no-packing",
+              *FP32_ATTN * (precision == "fp32"))
+    p = vicuna(*train_args(ctx, path, out, *common), wrong_restore=kind)
+    return out, "" if p.returncode == 0 and "resumed from" in p.stderr else tail(p) or ": did not resume"
+
+
+@check("resume-fp32", "float32 full fine-tuning: SIGKILL mid-run, resume bit-equal to the uninterrupted run")
+def check_resume_fp32(ctx: Context, r: Result) -> None:
     for label, path in ctx.models:
-        ref, out = ctx.work / f"resume-ref-{label}", ctx.work / f"resume-{label}"
-        p = vicuna(*train_args(ctx, path, ref, *common))
-        r.expect(p.returncode == 0, f"{label}: {precision} full fine-tuning, {steps} steps uninterrupted"
-                 + ("" if p.returncode == 0 else f": {p.stderr[-500:]}"))
-        proc = _popen(train_args(ctx, path, out, *common, "--throttle", 0.5))
-        mid = out / f"checkpoint-{mid_step}"
-        reached = _wait_for(mid / "manifest.json", proc)  # written last: the checkpoint is complete
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        r.expect(reached, f"{label}: SIGKILLed after {mid.name} was saved")
-        p = vicuna(*train_args(ctx, path, out, *common))
-        r.expect(p.returncode == 0 and "resumed from" in p.stderr, f"{label}: rerun resumed from a checkpoint")
-        r.expect(p.returncode == 0 and same_weights(ref, out, 1e-2 if precision == "bf16" else 1e-5),
-                 f"{label}: resumed weights equal the uninterrupted run's")
+        runs = kill_and_resume(ctx, r, label, path, "fp32")
+        if runs:
+            d = weight_diff(runs[0], runs[1])
+            # float32 weights, optimizer and schedule restored exactly + deterministic kernels: bit-equal
+            r.expect(d == 0.0, f"{label}: resumed weights bit-equal to the uninterrupted run's (max |diff| {d:.3g})")
 
 
-# ------------------------------------------------------------------------- (c) QLoRA, 8/4-bit
+@check("resume-bf16", "bf16 full fine-tuning: SIGKILL mid-run, resume within the bf16 bound; wrong restores exceed it")
+def check_resume_bf16(ctx: Context, r: Result) -> None:
+    if ctx.dry:
+        r.skip("dry mode: bf16 training is the GPU's precision; on CPU the same check, negative controls "
+               "included, runs in tests/test_gpucheck.py::test_bf16_resume_check_catches_wrong_restores")
+        return
+    for label, path in ctx.models:
+        runs = kill_and_resume(ctx, r, label, path, "bf16")
+        if not runs:
+            continue
+        ref, out, ckpt = runs
+        steps_after = max(2, ctx.steps) - int(ckpt.name.split("-")[1])
+        bound = bf16_resume_bound(steps_after)
+        d = weight_diff(ref, out)
+        r.expect(d <= bound, f"{label}: resumed weights within {bound:.2g} of the uninterrupted run's "
+                 f"(max |diff| {d:.3g}; {steps_after} steps after the resume at lr {LR})")
+        if label != "tiny":
+            continue
+        for kind, what in WRONG_RESTORES.items():  # negative controls: the bound must catch a wrong restore
+            bad, err = resume_wrongly(ctx, path, ckpt, "bf16", kind)
+            if r.expect(not err, f"{label}: a run with a wrong restore ({what}) completed" + err):
+                db = weight_diff(ref, bad)
+                r.expect(db > bound, f"{label}: that wrong restore ends {db:.3g} away, beyond the bound {bound:.2g}")
 
 
-def check_quantized(ctx: Context, r: Result) -> None:
-    out = ctx.work / "lora"
-    qlora = ctx.device == "cuda"
-    p = vicuna(*train_args(ctx, ctx.tiny, out, "--max-steps", ctx.steps, "--save-steps", 0,
-                           "--qlora" if qlora else "--lora", "--lora-r", 4))
-    what = "QLoRA (4-bit base)" if qlora else "LoRA (dry mode: QLoRA's 4-bit base needs CUDA)"
-    r.expect(p.returncode == 0 and (out / "adapter_model.safetensors").exists(),
-             f"{what}: {ctx.steps} steps, adapter saved" + ("" if p.returncode == 0 else f": {p.stderr[-500:]}"))
+# ------------------------------------------------------------------------- quantized: QLoRA, --load-8bit
+
+
+def _needs_bitsandbytes(ctx: Context, r: Result) -> bool:
     if ctx.device != "cuda":
-        r.skip("8-bit and 4-bit loading need CUDA and bitsandbytes")
+        r.skip("bitsandbytes' 4-/8-bit kernels need CUDA")
+        return False
+    why = missing("bitsandbytes")
+    if why:
+        r.skip(why + "; carry its wheel (scripts/gpu_wheels.py)")
+        return False
+    return True
+
+
+@check("qlora", "QLoRA (`vicuna train --qlora`, 4-bit NF4 base): loss falls; the adapter loads with --lora and "
+       "takes effect (the real model answers Paris)")
+def check_qlora(ctx: Context, r: Result) -> None:
+    if not _needs_bitsandbytes(ctx, r):
+        return
+    from vicuna.model import load_model
+
+    steps = max(10, ctx.steps)
+    for label, path in ctx.models:
+        out = ctx.work / f"qlora-{label}"
+        p = vicuna(*train_args(ctx, path, out, "--max-steps", steps, "--save-steps", 0, "--qlora", "--lora-r", 8))
+        if not r.expect(p.returncode == 0 and (out / "adapter_model.safetensors").exists(),
+                        f"{label}: {steps} QLoRA steps, adapter saved" + tail(p)):
+            continue
+        rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        r.expect(rows[-1]["loss"] < rows[0]["loss"], f"{label}: loss fell from {rows[0]['loss']:.4f} to "
+                 f"{rows[-1]['loss']:.4f}")
+        lm = load_model(path, device="cuda", lora=out)
+        if label == "tiny":  # its answers mean nothing: check the adapter is applied at all
+            import torch
+
+            base = load_model(path, device="cuda")
+            ids = base.tokenizer(PROMPT[0]["content"], return_tensors="pt")["input_ids"].to(base.device)
+            with torch.no_grad():
+                delta = float((lm.model(ids).logits - base.model(ids).logits).abs().max())
+            r.expect(delta > 1e-3, f"{label}: --lora {out.name} applies the adapter (logits move by {delta:.3g})")
+        else:  # the QA set holds "Paris is the capital of France."
+            text = _greedy(lm, PROMPT, 16)
+            r.expect("Paris" in text, f"{label}: the base with the adapter (--lora) answers {text!r}")
+
+
+def _greedy(lm, messages, max_new_tokens: int) -> str:
+    import torch
+
+    ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    device = next(lm.model.parameters()).device
+    with torch.no_grad():
+        gen = lm.model.generate(**{k: v.to(device) for k, v in ids.items()}, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    return lm.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def agreement(ref, other, samples, pad: int) -> tuple[float, float, float]:
+    """Teacher-forced top-1 on the trained (assistant) tokens of ``samples``: (accuracy of ``ref``, accuracy of
+    ``other``, share of positions where both predict the same token)."""
+    import torch
+
+    from vicuna.train.dataset import IGNORE_INDEX, collate
+
+    hits_ref = hits_other = same = total = 0
+    for i in range(len(samples)):
+        batch = collate(samples, [[i]], pad, packed=False)
+        tgt = batch["targets"][0]
+        mask = tgt != IGNORE_INDEX
+        preds = []
+        for model in (ref, other):
+            device = next(model.parameters()).device
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+            with torch.no_grad():
+                preds.append(model(**inputs, use_cache=False).logits[0].argmax(-1).cpu()[mask])
+        want = tgt[mask]
+        hits_ref += int((preds[0] == want).sum())
+        hits_other += int((preds[1] == want).sum())
+        same += int((preds[0] == preds[1]).sum())
+        total += int(mask.sum())
+    return hits_ref / total, hits_other / total, same / total
+
+
+def load_with_flags(*flags) -> object:
+    """A model loaded through the flags `vicuna chat/serve/eval` take (``vicuna.model.add_model_args``)."""
+    from vicuna.model import add_model_args, load_from_args
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    return load_from_args(parser.parse_args([str(f) for f in flags]))
+
+
+def train_tiny(ctx: Context, steps: int) -> tuple[Path | None, str]:
+    """The tiny model fine-tuned on the QA set (float32), so its predictions are confident enough to compare."""
+    out = ctx.work / f"tiny-trained-{steps}"
+    if (out / "vicuna.json").exists():
+        return out, ""
+    p = vicuna(*train_args(ctx, ctx.tiny, out, "--max-steps", steps, "--save-steps", 0, "--precision", "fp32",
+                           "--learning-rate", 1e-2, "--no-packing", *FP32_ATTN))
+    return (out, "") if p.returncode == 0 else (None, tail(p))
+
+
+MIN_LEARNED = 0.75  # the tiny model must predict this share of its trained tokens, or agreeing would mean little
+
+
+@check("load-8bit", "--load-8bit (bitsandbytes LLM.int8): agrees with bf16 on a trained tiny model; "
+       "the real model answers Paris")
+def check_load_8bit(ctx: Context, r: Result) -> None:
+    if not _needs_bitsandbytes(ctx, r):
         return
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    for label, path in ctx.models:
-        tok = AutoTokenizer.from_pretrained(path)
-        ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        answers = {}
-        for bits, q in (("16", None), ("8", BitsAndBytesConfig(load_in_8bit=True)),
-                        ("4", BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16))):
-            kw = {"quantization_config": q, "device_map": "cuda"} if q else {"dtype": torch.bfloat16}
-            model = AutoModelForCausalLM.from_pretrained(path, **kw)
-            model = model if q else model.to("cuda")
-            gen = model.generate(**{k: v.to("cuda") for k, v in ids.items()}, max_new_tokens=16, do_sample=False)
-            answers[bits] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-            del model
-            torch.cuda.empty_cache()
-        for bits in ("8", "4"):
-            sensible = bool(answers[bits].strip()) and (label == "tiny" or "Paris" in answers[bits])
-            r.expect(sensible, f"{label}: {bits}-bit greedy answer {answers[bits]!r} (bf16: {answers['16']!r})")
+    r.note("--load-4bit: not a flag of this project (4-bit weights are QLoRA's, check qlora)")
+    trained, err = train_tiny(ctx, 200)
+    if not r.expect(trained is not None, "tiny: fine-tuned on the QA set to compare on" + err):
+        return
+    for label, path in [("tiny (trained)", trained)] + ([("real", ctx.real)] if ctx.real else []):
+        ref = load_with_flags("--model-path", path, "--device", "cuda", "--dtype", "bfloat16")
+        q8 = load_with_flags("--model-path", path, "--device", "cuda", "--load-8bit")
+        r.expect(any("Linear8bitLt" in type(m).__name__ for m in q8.model.modules()),
+                 f"{label}: --load-8bit gave bitsandbytes Linear8bitLt layers")
+        samples = _qa_samples(ref)
+        acc_ref, acc_q, same = agreement(ref.model, q8.model, samples, ref.tokenizer.pad_token_id or 0)
+        if label.startswith("tiny"):
+            r.expect(acc_ref >= MIN_LEARNED, f"{label}: bf16 predicts {acc_ref:.0%} of its trained tokens "
+                     f"(>= {MIN_LEARNED:.0%}: it learned the set)")
+            r.expect(same >= 0.9, f"{label}: 8-bit and bf16 predict the same next token at {same:.0%} of the "
+                     f"trained positions (>= 90%); 8-bit accuracy {acc_q:.0%}")
+        else:
+            r.note(f"{label}: 8-bit and bf16 agree at {same:.0%} of the positions; accuracy {acc_q:.0%} vs "
+                   f"{acc_ref:.0%}")
+            answer = _greedy(q8, PROMPT, 24)
+            r.expect("Paris" in answer, f"{label}: the 8-bit model answers {answer!r} (bf16: "
+                     f"{_greedy(ref, PROMPT, 24)!r})")
+        del ref, q8
+        torch.cuda.empty_cache()
 
 
-# ------------------------------------------------------------------------- (d, e) engines
+# ------------------------------------------------------------------------- serving: HF engine, vLLM
 
 
 async def _stream(client, model: str, messages, max_tokens: int) -> tuple[str, int]:
@@ -301,18 +620,20 @@ def conformance(base: str, model: str, r: Result, label: str) -> None:
         r.expect(e.code == "context_length_exceeded", f"{label}: over-long max_tokens -> 400 context_length_exceeded")
 
 
+@check("hf-engine", "HF engine: batched greedy = alone (float32), API conformance, tok/s at c=1/16/64")
 def check_hf_engine(ctx: Context, r: Result) -> None:
     from vicuna.serve.core import GenerateRequest
     from vicuna.serve.engine import EngineConfig
     from vicuna.serve.launch import ModelConfig, local_api
 
     levels = (1, 16, 64) if not ctx.dry else (1, 4)
+    kv = "256MiB" if ctx.dry else "8GiB"  # ample for c=64 here; the GPU's default (90% of it) would stay reserved
     reqs = [GenerateRequest(messages=[{"role": "user", "content": f"Tell me {i} things " * (i % 4 + 1)}],
                             temperature=0, max_tokens=16) for i in range(8)]
     for label, path in ctx.models:
         # batch invariance is promised in float32 (docs/serving.md): 16-bit kernels round by batch shape
         exact = ModelConfig(model_path=str(path), model_name=label, device=ctx.device, dtype="float32")
-        with local_api(exact, EngineConfig(max_batch_size=64)) as (_, engines):
+        with local_api(exact, EngineConfig(max_batch_size=64, kv_cache_memory=kv)) as (_, engines):
             engine = engines[label]
 
             async def collect(q):
@@ -326,7 +647,7 @@ def check_hf_engine(ctx: Context, r: Result) -> None:
             r.expect(asyncio.run(together()) == alone,
                      f"{label} on {ctx.device}, float32: 8 batched greedy answers = alone")
         model = ModelConfig(model_path=str(path), model_name=label, device=ctx.device)  # --dtype auto, as served
-        with local_api(model, EngineConfig(max_batch_size=64)) as (base, engines):
+        with local_api(model, EngineConfig(max_batch_size=64, kv_cache_memory=kv)) as (base, engines):
             r.note(f"{label} hf on {ctx.device}: serving in {engines[label].info()['dtype']}")
             conformance(base, label, r, f"{label} hf")
             tokens = 32 if ctx.dry else 128
@@ -334,12 +655,12 @@ def check_hf_engine(ctx: Context, r: Result) -> None:
                 r.note(f"{label} hf on {ctx.device}: c={c}: {throughput(base, label, c, tokens):.1f} tok/s")
 
 
+@check("vllm", "vLLM backend through our API: conformance, tok/s vs the HF engine")
 def check_vllm(ctx: Context, r: Result) -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        r.skip("vllm is not importable here (CUDA only; its wheel is larger than what the device tool carries — "
-               "see docs/gpu.md); its option mapping is tested on CPU in tests/test_serve_vllm.py")
+    why = "vLLM runs on CUDA only" if ctx.device != "cuda" else missing("vllm")
+    if why:
+        r.skip(why + " (its wheel is several hundred MB: not among the carried wheels, docs/gpu.md); its option "
+               "mapping is tested on CPU in tests/test_serve_vllm.py")
         return
     from vicuna.serve.engine import EngineConfig
     from vicuna.serve.launch import ModelConfig, local_api
@@ -356,42 +677,57 @@ def check_vllm(ctx: Context, r: Result) -> None:
                f"(x{rates['vllm'] / max(rates['hf'], 1e-9):.2f})")
 
 
-# ------------------------------------------------------------------------- (f) FSDP2
+# ------------------------------------------------------------------------- FSDP2: 2 ranks
 
 
-def check_fsdp(ctx: Context, r: Result) -> None:
-    backend = "NCCL" if ctx.device == "cuda" else "gloo (dry mode)"
-    out, ref = ctx.work / "fsdp", ctx.work / "fsdp-ref"
+def fsdp_two_ranks(ctx: Context, r: Result, backend: str) -> None:
+    """2 ranks under torchrun: sharded loading of the base, per-rank checkpoint shards, resume bit-equal (float32).
+
+    ``backend`` nccl runs on the GPUs; gloo hides them (CUDA_VISIBLE_DEVICES="") so the same trainer path runs on
+    the CPU, where init_distributed picks gloo.
+    """
+    env = {"OMP_NUM_THREADS": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if backend == "gloo" else {})
     steps = max(2, ctx.steps // 2)
-    common = ("--max-steps", steps, "--save-steps", 1, "--fsdp", "full_shard", "--no-packing")
-
-    def torchrun(dst: Path, *extra) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                               "-m", "vicuna", *map(str, train_args(ctx, ctx.tiny, dst, *common, *extra))],
-                              capture_output=True, text=True, timeout=900)
-
-    p = torchrun(ref)
-    r.expect(p.returncode == 0 and (ref / "vicuna.json").exists(), f"FSDP2 over {backend}, world size 1: "
-             f"{steps} steps, saved" + ("" if p.returncode == 0 else f": {p.stderr[-800:]}"))
-    if p.returncode != 0:
+    common = ("--max-steps", steps, "--save-steps", 1, "--fsdp", "full_shard", "--no-packing", "--precision", "fp32",
+              "--per-device-batch-size", 1, *FP32_ATTN)
+    ref, out = ctx.work / f"fsdp-{backend}-ref", ctx.work / f"fsdp-{backend}"
+    p = torchrun(2, *train_args(ctx, ctx.tiny, ref, *common), env=env)
+    if not r.expect(p.returncode == 0 and (ref / "vicuna.json").exists(),
+                    f"2 ranks over {backend}: {steps} steps with --fsdp full_shard, model saved" + tail(p)):
         return
-    out.mkdir()
+    meta = json.loads((ref / "vicuna.json").read_text())
+    r.expect(meta.get("train", {}).get("world_size") == 2, f"the run's summary says world size "
+             f"{meta.get('train', {}).get('world_size')} (2)")
+    r.expect("loading the whole model on every rank" not in p.stderr,
+             "sharded loading: each rank read only its shard of the base weights (no whole-model fallback)")
     first = ref / "checkpoint-1"
+    shards = sorted(x.name for x in (first / "state").glob("shard-*.safetensors"))
+    ranks = {name.split("-")[1] for name in shards}
+    r.expect(ranks == {"00001", "00002"}, f"{first.name} holds both ranks' shards ({len(shards)} files from ranks "
+             f"{sorted(ranks)})")
+    out.mkdir()
     shutil.copytree(first, out / first.name)
-    p = torchrun(out)
-    r.expect(p.returncode == 0 and "resumed from" in p.stderr, f"FSDP2: resumed from {first.name}")
-    r.expect(p.returncode == 0 and same_weights(ref, out, 1e-5 if ctx.device != "cuda" else 1e-2),
-             "FSDP2: resumed weights equal the uninterrupted run's")
+    p = torchrun(2, *train_args(ctx, ctx.tiny, out, *common), env=env)
+    if r.expect(p.returncode == 0 and "resumed from" in p.stderr, f"2 ranks over {backend}: resumed from "
+                f"{first.name}" + tail(p)):
+        d = weight_diff(ref, out)
+        r.expect(d == 0.0, f"resumed weights bit-equal to the uninterrupted run's (float32; max |diff| {d:.3g})")
 
 
-CHECKS: list[tuple[str, str, Callable[[Context, Result], None]]] = [
-    ("a", "packing: packed vs unpacked loss, flash-attention-2 vs SDPA, tokens/s, MFU", check_packing),
-    ("b", "full fine-tuning (bf16 on GPU): SIGKILL mid-run, resume to equal weights", check_resume),
-    ("c", "QLoRA steps; 8- and 4-bit loading answer a greedy prompt", check_quantized),
-    ("d", "HF engine: batched greedy = alone, API conformance, throughput", check_hf_engine),
-    ("e", "vLLM backend through our API: conformance, throughput vs HF", check_vllm),
-    ("f", "FSDP2 at world size 1: save and resume", check_fsdp),
-]
+@check("fsdp-nccl", "FSDP2, 2 ranks over NCCL: sharded load, per-rank checkpoint, resume bit-equal")
+def check_fsdp_nccl(ctx: Context, r: Result) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count() if ctx.device == "cuda" else 0
+    if gpus < 2:
+        r.skip(f"{gpus} GPU(s) visible: 2 NCCL ranks need 2 GPUs (check fsdp-gloo runs the same path over gloo)")
+        return
+    fsdp_two_ranks(ctx, r, "nccl")
+
+
+@check("fsdp-gloo", "FSDP2, 2 ranks over gloo on the CPU: sharded load, per-rank checkpoint, resume bit-equal")
+def check_fsdp_gloo(ctx: Context, r: Result) -> None:
+    fsdp_two_ranks(ctx, r, "gloo")
 
 
 # ------------------------------------------------------------------------- set-up, report
@@ -416,42 +752,68 @@ def environment(device: str) -> list[str]:
     lines = [f"python {platform.python_version()}, torch {torch.__version__}, device {device}"]
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
-    for name in ("transformers", "peft", "flash_attn", "bitsandbytes", "vllm", "xllamacpp"):
+        lines.append(f"GPU: {torch.cuda.device_count()} x {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                     f"CUDA {torch.version.cuda}")
+    for name in ("transformers", "peft", "accelerate", "flash_attn", "bitsandbytes", "vllm", "fastapi", "openai",
+                 "gguf"):
         try:
             mod = __import__(name)
-            lines.append(f"{name} {getattr(mod, '__version__', '?')}")
+            version = getattr(mod, "__version__", None) or importlib.metadata.version(name.replace("_", "-"))
+            lines.append(f"{name} {version}")
         except Exception as e:  # noqa: BLE001 - a broken install is reported, not fatal
             lines.append(f"{name}: not importable ({type(e).__name__})")
     return lines
 
 
-def report(results: list[tuple[str, str, Result]], env: list[str], dry: bool) -> str:
+def report(results: list[tuple[Check, Result]], env: list[str], dry: bool, real: Path | None) -> str:
     head = "# GPU verification pack" + (" (dry mode, CPU)" if dry else "")
-    out = [head, "", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "", *[f"- {e}" for e in env], "",
-           "| check | what | result | seconds |", "|---|---|---|---|"]
-    out += [f"| {key} | {what} | {r.status} | {r.seconds:.0f} |" for key, what, r in results]
-    for key, what, r in results:
-        out += ["", f"## ({key}) {what}: {r.status}", ""] + [f"- {line}" for line in r.lines]
+    model = f"tiny random LLaMA and {real.name}" if real else "tiny random LLaMA only (no --real-model)"
+    out = [head, "", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "", *[f"- {e}" for e in env],
+           f"- models: {model}", "", "| check | what | result | seconds |", "|---|---|---|---|"]
+    out += [f"| {c.name} | {c.what} | {r.status} | {r.seconds:.0f} |" for c, r in results]
+    out += ["", f"{sum(r.seconds for _, r in results):.0f} s in all; "
+            + ", ".join(f"{sum(r.status == s for _, r in results)} {s}" for s in (PASS, FAIL, SKIP))]
+    for c, r in results:
+        out += ["", f"## {c.name}: {r.status}", "", c.what, ""] + [f"- {line}" for line in r.lines]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run-vicuna"]:  # internal: how the checks start `vicuna` (see run_vicuna)
+        return run_vicuna(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m vicuna.gpucheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry", action="store_true", help="CPU: run the CPU-capable parts at tiny size, skip CUDA parts "
-                    "(default when no GPU is visible)")
+    ap.add_argument("--dry", action="store_true", help="CPU: run the checks that can run there at tiny size, SKIP "
+                    "the others (default when no GPU is visible)")
     ap.add_argument("--real-model", type=Path, default=None, metavar="DIR",
                     help="also run the checks on this Hugging Face model folder (e.g. SmolLM2-135M-Instruct)")
-    ap.add_argument("--only", default="abcdef", metavar="KEYS", help="run only these checks, e.g. ade")
+    ap.add_argument("--only", default=None, metavar="NAMES", help="comma-separated check names (see --list); "
+                    "default: all")
+    ap.add_argument("--list", action="store_true", help="print each check's name and what it verifies, then exit")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: 20; dry: 4)")
-    ap.add_argument("--report", type=Path, default=Path("gpu-report.md"), help="markdown report to write")
+    ap.add_argument("--report", type=Path, default=Path("gpu-report.md"), help="markdown report to write "
+                    "(default: gpu-report.md)")
     args = ap.parse_args(argv)
+    if args.list:
+        for c in CHECKS:
+            print(f"{c.name:12} {c.what}")
+        return 0
+    names = [c.name for c in CHECKS]
+    only = names if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        print(f"error: --only: unknown check(s) {', '.join(unknown)}; known: {', '.join(names)}", file=sys.stderr)
+        return 2
+    if args.real_model is not None and not (args.real_model / "config.json").is_file():
+        print(f"error: --real-model {args.real_model}: no config.json there; pass a Hugging Face model folder",
+              file=sys.stderr)
+        return 2
     import torch
 
     dry = args.dry or not torch.cuda.is_available()
     if dry and not args.dry:
-        print("no CUDA GPU visible: running the dry mode (CPU-capable parts at tiny size)", file=sys.stderr)
+        print("no CUDA GPU visible: running the dry mode (CPU-capable checks at tiny size)", file=sys.stderr)
     device = "cpu" if dry else "cuda"
     work = Path(tempfile.mkdtemp(prefix="gpucheck-"))
     results = []
@@ -459,25 +821,29 @@ def main(argv: list[str] | None = None) -> int:
         tiny, data = prepare(work)
         ctx = Context(dry=dry, device=device, work=work, tiny=tiny, data=data, real=args.real_model,
                       steps=args.steps or (4 if dry else 20))
-        for key, what, check in CHECKS:
-            if key not in args.only:
+        for c in CHECKS:
+            if c.name not in only:
                 continue
             r, t = Result(), time.perf_counter()
-            print(f"({key}) {what} ...", file=sys.stderr, flush=True)
+            print(f"({c.name}) {c.what} ...", file=sys.stderr, flush=True)
             try:
-                check(ctx, r)
+                c.run(ctx, r)
             except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
                 r.expect(False, f"raised {type(e).__name__}: {e}")
                 r.note("```\n" + traceback.format_exc()[-2000:] + "\n```")
+            r.finish()
             r.seconds = time.perf_counter() - t
-            print(f"({key}) {r.status} in {r.seconds:.0f} s", file=sys.stderr, flush=True)
-            results.append((key, what, r))
-        text = report(results, environment(device), dry)
+            gc.collect()  # what one check loaded on the GPU is not left to the next
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            print(f"({c.name}) {r.status} in {r.seconds:.0f} s", file=sys.stderr, flush=True)
+            results.append((c, r))
+        text = report(results, environment(device), dry, args.real_model)
         write_text(args.report, text)
         print(text)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if any(r.status == FAIL for _, _, r in results) else 0
+    return 1 if any(r.status == FAIL for _, r in results) else 0
 
 
 if __name__ == "__main__":
