@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a queue length of "0" is a 400 naming it, not silently an int
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # What a worker may claim. A negative queue length would win every dispatch, an address that is not
@@ -76,6 +77,9 @@ class Registry:
     def __init__(self, heartbeat_expiry: float = 15.0):
         self.expiry = heartbeat_expiry
         self.workers: dict[str, WorkerState] = {}
+        # every model a worker registered since start: one with no live worker now is "unavailable" (503,
+        # retry), not "no such model" (404, which clients do not retry)
+        self.registered: set[str] = set()
 
     def live(self) -> list[WorkerState]:
         now = time.monotonic()
@@ -151,6 +155,7 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
     async def register(body: RegisterWorker):
         registry.workers[body.worker_address] = WorkerState(body.worker_address, body.models, body.queue_length,
                                                             info=body.info)
+        registry.registered.update(body.models)
         log.info("registered worker %s for %s", body.worker_address, ", ".join(body.models))
         return {"ok": True}
 
@@ -191,7 +196,8 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
             return {"address": "", "endpoint": routes[body.model] if up else None, "endpoint_down": not up,
                     "models": await all_models()}
         return {"address": registry.pick(body.model, body.exclude), "models": await all_models(),
-                "warming_up": warming_up()}
+                "warming_up": warming_up(), "registered": body.model in registry.registered,
+                "retry_after": max(1.0, heartbeat_expiry / 3)}
 
     @app.get("/workers")
     async def workers():
