@@ -176,11 +176,11 @@ class EngineBase:
 
     def prepare(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
         """Render, tokenize and validate; every failure is a 400 naming the parameter."""
-        tok = self.tokenizer
         if request.prompt_logprobs is not None and not self.supports_prompt_logprobs:
             raise InvalidRequest(f"prompt logprobs (echo with logprobs, prompt_logprobs) are not served by the "
                                  f"{getattr(self, 'backend', '?')} backend; use --backend hf",
                                  param="prompt_logprobs")
+        tok = self.tokenizer
         if request.messages is not None:
             if not isinstance(request.messages, list) or not request.messages:
                 raise InvalidRequest("messages must be a non-empty list of {role, content} objects",
