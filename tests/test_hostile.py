@@ -373,8 +373,30 @@ def test_worker_given_wrong_types_answers_an_openai_shaped_400(engine, request_,
         assert ok.status_code == 200 and json.loads(ok.text.splitlines()[-1])["finish_reason"]
 
 
+@pytest.mark.parametrize("path, body, param", [
+    (GEN, '{"model":"tiny","request":{"prompt":"\\ud800","max_tokens":2}}', "request.prompt"),
+    (GEN, '{"model":"tiny","request":{"messages":[{"role":"user","content":"a\\udfff"}]}}',
+     "request.messages[0].content"),
+    ("/worker_get_embeddings", '{"model":"tiny","input":["ok","\\ud800"]}', "input[1]"),
+    ("/count_token", '{"model":"tiny","prompt":"\\ud800"}', "prompt"),
+    ("/worker_tokenize", '{"model":"tiny","prompt":"\\ud800"}', "prompt"),
+])
+def test_worker_refuses_invalid_unicode_and_keeps_the_connection(engine, path, body, param):
+    """Issue 31 #2: a lone surrogate reached the tokenizer ("internal worker error", 500, connection reset)."""
+    with ServerThread(create_worker_app(engine, secret=SECRET)) as url:
+        status, data, kept = request_on_kept_connection(url, "POST", path, body.encode(),
+                                                        {**JSON_CT, "Authorization": f"Bearer {SECRET}"})
+        assert status == 400 and data["error"]["param"] == param and "lone surrogate" in data["error"]["message"]
+        assert kept
+
+
 @pytest.mark.parametrize("route,body,param", [
     ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": -1_000_000}, "queue_length"),
+    # issue 31 #5: strict types, no "0" for 0 or true for 1
+    ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": "0"}, "queue_length"),
+    ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": True}, "queue_length"),
+    ("/register_worker", {"worker_address": "http://127.0.0.1:9", "models": ["m"], "queue_length": "1"},
+     "queue_length"),
     ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": "short"}, "queue_length"),
     ("/register_worker", {"worker_address": "http://127.0.0.1:9", "models": ["m"], "queue_length": -1},
      "queue_length"),
