@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -325,6 +326,9 @@ def test_api_probes_get_openai_shaped_4xx_and_spare_other_users(server):
                     problems.append(f"param {err['param']!r}, expected {param!r}")
                 if says and says not in err["message"]:
                     problems.append(f"the message does not say {says!r}")
+                leaked = [w for w in ("TextEncodeInput", "Union[", "Traceback", "pydantic") if w in err["message"]]
+                if leaked:  # issue 31 #2: the user is told what to send, not what broke inside
+                    problems.append(f"the message shows internals: {leaked}")
             if not kept:
                 problems.append("the connection was dropped")
             if problems:
@@ -416,3 +420,18 @@ def test_controller_refuses_impossible_worker_claims(route, body, param):
         assert err["param"] == param and err["type"] == "invalid_request_error", err
         (worker,) = httpx.get(url + "/workers", headers=auth).json()["workers"]
         assert worker["queue_length"] == 3 and worker["models"] == ["m"]  # the claim changed nothing
+
+
+def test_docs_curl_examples_send_the_content_type_they_need():
+    """Issue 31 #7: the docs and the server agree — JSON goes as application/json (the form-encoded body
+    `curl -d` sends without -H is refused, see the "form-encoded JSON" probe)."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = "\n".join(p.read_text() for p in [*docs.glob("*.md"), docs.parent / "README.md"])
+    commands = re.findall(r"curl [^\n]*(?:\\\n[^\n]*)*", text)
+    posts = [c for c in commands if " -d " in c or " --data" in c]
+    assert posts, "no curl example found"
+    for c in posts:
+        assert "Content-Type: application/json" in c, c
+    assert "read as JSON whatever its" not in text

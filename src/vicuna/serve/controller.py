@@ -21,9 +21,10 @@ from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from ..errors import InvalidRequest, ServeError, error_response
 from .core import bearer_ok
 
 log = logging.getLogger(__name__)
@@ -138,17 +139,15 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
     async def _invalid(request: Request, exc: RequestValidationError):
         first = (exc.errors() or [{}])[0]
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return JSONResponse({"error": {"message": f"invalid {request.url.path} request: {param or 'body'}: "
-                                                  f"{first.get('msg')}", "type": "invalid_request_error",
-                                       "param": param, "code": None}}, status_code=400)
+        return error_response(InvalidRequest(f"invalid {request.url.path} request: {param or 'body'}: "
+                                             f"{first.get('msg')}", param=param))
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if secret and request.url.path != "/health":
             if not bearer_ok(request.headers.get("authorization"), [secret]):
-                return JSONResponse({"error": {"message": "missing or wrong controller secret", "type":
-                                               "authentication_error", "param": None, "code": "invalid_secret"}},
-                                    status_code=401)
+                return error_response(ServeError("missing or wrong controller secret", status=401,
+                                                 code="invalid_secret"))
         return await call_next(request)
 
     @app.post("/register_worker")
