@@ -221,3 +221,22 @@ def test_retry_after_follows_the_measured_drain_rate():
     assert drain_retry_after(3, slow, now) == 30.0
     assert drain_retry_after(3, [], now) == 2.0  # nothing measured yet: a short guess
     assert drain_retry_after(10_000, slow, now) == 60.0
+
+
+def test_errors_keep_openai_shape_with_the_web_ui_mounted(tmp_path):
+    """Issue 31 #4: with the UI mounted at /, its mount used to answer unknown /v1 paths and wrong methods
+    with {"detail": "Not Found"}."""
+    pytest.importorskip("gradio")
+    from vicuna.serve.arena import ArenaStore
+    from vicuna.serve.model_client import LocalClient
+    from vicuna.serve.web import mount_web
+
+    client = LocalClient({})
+    app = mount_web(create_app(client), client, ArenaStore(tmp_path / "arena.db", salt="s"))
+    with ServerThread(app) as url:
+        for method, path, status in (("GET", "/v1/chat/completions", 405), ("PUT", "/v1/completions", 405),
+                                     ("GET", "/v1/x", 404), ("POST", "/v1/engines/a/completions", 404)):
+            r = httpx.request(method, url + path, timeout=30)
+            assert r.status_code == status, (path, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert httpx.get(url + "/v1/chat/completions").headers["allow"] == "POST"
