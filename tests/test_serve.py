@@ -296,6 +296,21 @@ def test_completions_echo_and_logprobs(client):
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
 
 
+def test_prompt_logprobs_served_by_hf_refused_by_llamacpp(client, engine):
+    """Issue 23 #5: echo + logprobs scores the prompt (hf); a backend that cannot is a 400 naming the field."""
+    if engine.backend != "hf":
+        for extra in ({"echo": True, "logprobs": 1}, {"extra_body": {"prompt_logprobs": 1}}):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=2, **extra)
+            assert e.value.body["param"] == "prompt_logprobs"
+        return
+    r = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.usage.completion_tokens == 0 and r.choices[0].text == "The quick brown fox"
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == r.usage.prompt_tokens
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+
+
 def test_embeddings_base64_default_and_float(client, loaded, engine):
     if engine.backend != "hf":  # a clear 400, not a crash or a silent zero vector
         with pytest.raises(openai.BadRequestError, match="embeddings are served by the hf backend"):
