@@ -582,7 +582,8 @@ class HFEngine(EngineBase):
         # prompt logprobs (scoring): every position's logits, kept only in a group that holds such a request
         scoring = [r.seq.params.prompt_logprobs is not None and r.seq.prompt_logprobs is None for r in group]
         try:
-            logits = self._forward(ids, positions, mask[:, None], all_logits=any(scoring))
+            logits = (self._forward(ids, positions, mask[:, None], all_logits=True) if any(scoring)
+                      else self._forward(ids, positions, mask[:, None]))
         except Exception as e:  # e.g. out of memory on a long prompt: fail these, keep the batch
             log.exception("prefill failed")
             for r in group:
