@@ -435,3 +435,23 @@ def test_docs_curl_examples_send_the_content_type_they_need():
     for c in posts:
         assert "Content-Type: application/json" in c, c
     assert "read as JSON whatever its" not in text
+
+
+def test_null_means_unset_for_known_fields_and_is_still_refused_for_unknown_ones(server):
+    """Strict types (issue 31 #5) must not refuse the explicit nulls many clients send for defaults."""
+    nulls = {k: None for k in ("n", "stream", "logprobs", "presence_penalty", "frequency_penalty", "seed", "stop",
+                               "ignore_eos", "use_beam_search", "stream_options", "user", "best_of")}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server + CHAT, json=chat(**nulls), headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(server + CHAT, json=chat(not_a_field=None), headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "not_a_field"
+
+
+def test_docs_say_the_api_keys_do_not_guard_the_web_ui():
+    """Issue 31 #8: with --api-keys and --web the UI generates without a key; the docs say so plainly."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    assert "The keys do not guard the web UI" in (docs / "serving.md").read_text()
+    assert "`--api-keys` guards the API routes" in (docs / "web.md").read_text()

@@ -40,6 +40,8 @@ class _TopLevel(_Request):
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
         check_unicode(data)
+        if isinstance(data, dict):  # null for a known field means "not set", as OpenAI reads it (clients send
+            data = {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}  # their defaults)
         return data
 
     @model_validator(mode="after")
