@@ -240,3 +240,37 @@ def test_errors_keep_openai_shape_with_the_web_ui_mounted(tmp_path):
             assert r.status_code == status, (path, r.text)
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert httpx.get(url + "/v1/chat/completions").headers["allow"] == "POST"
+
+
+def test_prompt_logprobs_in_one_prefill_group_equal_direct_forwards(engine, real32):
+    """Batched and exact: three prompts of different lengths (left-padded) in ONE prefill forward, a row
+    that generates beside rows that only score (max_tokens=0), each equal to its own direct forward."""
+    from vicuna.serve.core import GenerateRequest
+
+    prompts = ["Paris is", "The quick brown fox jumps over the lazy dog.", "1 2 3"]
+
+    async def one_group():
+        engine._cv.acquire()  # the engine thread waits for this lock: all three are queued before it looks
+        try:
+            streams = [engine.generate(GenerateRequest(prompt=p, prompt_logprobs=3, temperature=0,
+                                                       max_tokens=2 if i == 1 else 0)) for i, p in enumerate(prompts)]
+            tasks = [asyncio.ensure_future(s.__anext__()) for s in streams]
+            await asyncio.sleep(0.2)
+            before = engine.stats().prefill_forwards
+        finally:
+            engine._cv.release()
+        firsts = await asyncio.gather(*tasks)
+        for s in streams:
+            async for _ in s:
+                pass
+        return firsts, engine.stats().prefill_forwards - before
+
+    firsts, forwards = asyncio.run(one_group())
+    assert forwards == 1
+    for prompt, first in zip(prompts, firsts):
+        ids = list(real32.tokenizer(prompt)["input_ids"])
+        entries = first.prompt_logprobs
+        assert [e["token_id"] for e in entries] == ids and entries[0]["logprob"] is None
+        got = torch.tensor([e["logprob"] for e in entries[1:]])
+        assert torch.allclose(got, direct_logprobs(real32, ids), atol=1e-4)
+        assert all(len(e["top"]) == 3 and e["rank"] >= 1 for e in entries[1:])
