@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -139,8 +140,10 @@ PROBES = [
     Probe("prompt is a number", "POST", COMPLETIONS, {"model": "tiny", "prompt": 5}, JSON_CT, 400, ...),
     Probe("empty prompt", "POST", COMPLETIONS, {"model": "tiny", "prompt": ""}, JSON_CT, 400, "prompt"),
     Probe("suffix", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "suffix": "b"}, JSON_CT, 400, "suffix"),
-    Probe("echo with logprobs", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "echo": True, "logprobs": 1},
-          JSON_CT, 400, "echo"),
+    Probe("max_tokens 0 without scoring the prompt", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a",
+                                                                         "max_tokens": 0}, JSON_CT, 400, "max_tokens"),
+    Probe("prompt_logprobs 21", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "prompt_logprobs": 21},
+          JSON_CT, 400, "prompt_logprobs"),
     Probe("too many prompts x n", "POST", COMPLETIONS, {"model": "tiny", "prompt": ["a"] * 40, "n": 8}, JSON_CT, 400,
           "prompt"),
     Probe("embeddings of nothing", "POST", EMBEDDINGS, {"model": "tiny", "input": []}, JSON_CT, 400, "input"),
@@ -150,8 +153,72 @@ PROBES = [
           400, "encoding_format"),
     Probe("embeddings with dimensions", "POST", EMBEDDINGS, {"model": "tiny", "input": "a", "dimensions": 3}, JSON_CT,
           400, "dimensions"),
-    # -- methods, paths and keys
+    # -- issue 23 #4: nothing is silently dropped
+    Probe("unknown field", "POST", CHAT, chat(no_such_field=[1, 2]), JSON_CT, 400, "no_such_field",
+          "Unrecognized request argument supplied: no_such_field"),
+    Probe("unknown field on completions", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "prompt_ids": [1]},
+          JSON_CT, 400, "prompt_ids", "Unrecognized request argument supplied"),
+    Probe("unknown field on embeddings", "POST", EMBEDDINGS, {"model": "tiny", "input": "a", "truncate": True},
+          JSON_CT, 400, "truncate", "Unrecognized request argument supplied"),
+    Probe("unknown field in a message", "POST", CHAT, chat(messages=[{"role": "user", "content": "hi", "x": 1}]),
+          JSON_CT, 400, "messages[0].x", "Unrecognized request argument supplied"),
+    Probe("unknown stream option", "POST", CHAT, chat(stream=True, stream_options={"include_usage": True, "y": 1}),
+          JSON_CT, 400, "stream_options.y"),
+    Probe("best_of 2", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "best_of": 2}, JSON_CT, 400, "best_of"),
+    Probe("use_beam_search", "POST", CHAT, chat(use_beam_search=True), JSON_CT, 400, "use_beam_search"),
+    Probe("logit_bias", "POST", CHAT, chat(logit_bias={"50": 100}), JSON_CT, 400, "logit_bias"),
+    Probe("audio modality", "POST", CHAT, chat(modalities=["text", "audio"]), JSON_CT, 400, ...),
+    # -- issue 31 #5: strict types
+    Probe("seed is a string", "POST", CHAT, chat(seed="5"), JSON_CT, 400, "seed"),
+    Probe("seed is true", "POST", CHAT, chat(seed=True), JSON_CT, 400, "seed"),
+    Probe("stream is the string true", "POST", CHAT, chat(stream="true"), JSON_CT, 400, "stream"),
+    Probe("stream is 1", "POST", CHAT, chat(stream=1), JSON_CT, 400, "stream"),
+    Probe("n is a string", "POST", CHAT, chat(n="2"), JSON_CT, 400, "n"),
+    Probe("temperature is a string", "POST", CHAT, chat(temperature="0.5"), JSON_CT, 400, "temperature"),
+    Probe("logprobs is a string", "POST", CHAT, chat(logprobs="true"), JSON_CT, 400, "logprobs"),
+    Probe("echo is 1", "POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "echo": 1}, JSON_CT, 400, "echo"),
+    # -- issue 31 #2: invalid Unicode is a 400 naming the field, on every route, the connection kept
+    Probe("lone surrogate in a prompt", "POST", COMPLETIONS, raw('{"model":"tiny","prompt":"\\ud800"}'), JSON_CT,
+          400, "prompt", "lone surrogate"),
+    Probe("lone surrogate in a prompt list", "POST", COMPLETIONS, raw('{"model":"tiny","prompt":["a","x\\udfff"]}'),
+          JSON_CT, 400, "prompt[1]", "lone surrogate"),
+    Probe("lone surrogate in embeddings input", "POST", EMBEDDINGS, raw('{"model":"tiny","input":"\\ud800"}'),
+          JSON_CT, 400, "input", "lone surrogate"),
+    Probe("lone surrogate in embeddings list", "POST", EMBEDDINGS, raw('{"model":"tiny","input":["ok","\\ud800"]}'),
+          JSON_CT, 400, "input[1]", "lone surrogate"),
+    Probe("lone surrogate in chat content", "POST", CHAT,
+          raw('{"model":"tiny","messages":[{"role":"user","content":"\\ud800"}]}'), JSON_CT, 400,
+          "messages[0].content", "lone surrogate"),
+    Probe("lone surrogate in a content part", "POST", CHAT,
+          raw('{"model":"tiny","messages":[{"role":"user","content":[{"type":"text","text":"\\udc00"}]}]}'),
+          JSON_CT, 400, "messages[0].content[0].text", "lone surrogate"),
+    Probe("lone surrogate in the model name", "POST", CHAT,
+          raw('{"model":"\\ud800","messages":[{"role":"user","content":"hi"}]}'), JSON_CT, 400, "model"),
+    Probe("lone surrogate in a field name", "POST", CHAT,
+          raw('{"model":"tiny","\\ud800":1,"messages":[{"role":"user","content":"hi"}]}'), JSON_CT, 400, ...),
+    Probe("lone surrogate in a stop string", "POST", CHAT, raw('{"model":"tiny","stop":["\\ud83d"],'
+                                                          '"messages":[{"role":"user","content":"hi"}]}'),
+          JSON_CT, 400, "stop[0]"),
+    Probe("lone surrogate to /tokenize", "POST", "/tokenize", raw('{"model":"tiny","prompt":"\\ud800"}'), JSON_CT,
+          400, "prompt"),
+    # -- /tokenize and /detokenize
+    Probe("tokenize with neither prompt nor messages", "POST", "/tokenize", {"model": "tiny"}, JSON_CT, 400, "prompt"),
+    Probe("tokenize with both", "POST", "/tokenize", {"model": "tiny", "prompt": "a", "messages": HELLO}, JSON_CT,
+          400, "prompt"),
+    Probe("detokenize a token id out of range", "POST", "/detokenize", {"model": "tiny", "tokens": [1, 10**9]},
+          JSON_CT, 400, "tokens[1]"),
+    Probe("detokenize a negative id", "POST", "/detokenize", {"model": "tiny", "tokens": [-1]}, JSON_CT, 400,
+          "tokens[0]"),
+    Probe("detokenize strings", "POST", "/detokenize", {"model": "tiny", "tokens": ["a"]}, JSON_CT, 400, ...),
+    Probe("tokenize an unknown model", "POST", "/tokenize", {"model": "nope", "prompt": "a"}, JSON_CT, 404, "model"),
+    # -- methods, paths and keys (issue 31 #4: OpenAI's shape everywhere, 405 where the path exists)
     Probe("GET on a POST route", "GET", CHAT, None, {}, 405, None),
+    Probe("PUT on a POST route", "PUT", CHAT, OK, JSON_CT, 405, None),
+    Probe("DELETE on embeddings", "DELETE", EMBEDDINGS, None, {}, 405, None),
+    Probe("POST on the models list", "POST", "/v1/models", OK, JSON_CT, 405, None),
+    Probe("GET on an unknown /v1 path", "GET", "/v1/x", None, {}, 404, None, "Invalid URL (GET /v1/x)"),
+    Probe("unknown path outside /v1", "GET", "/nothing/here", None, {}, 404, None),
+    Probe("retrieve an unknown model", "GET", "/v1/models/nope", None, {}, 404, "model"),
     Probe("unknown /v1 path", "POST", "/v1/engines/tiny/completions", OK, JSON_CT, 404, None),
     Probe("no key", "POST", CHAT, OK, {**JSON_CT, "Authorization": ""}, 401, None),
     Probe("wrong key", "POST", CHAT, OK, {**JSON_CT, "Authorization": "Bearer sk-guess"}, 401, None),
@@ -259,6 +326,9 @@ def test_api_probes_get_openai_shaped_4xx_and_spare_other_users(server):
                     problems.append(f"param {err['param']!r}, expected {param!r}")
                 if says and says not in err["message"]:
                     problems.append(f"the message does not say {says!r}")
+                leaked = [w for w in ("TextEncodeInput", "Union[", "Traceback", "pydantic") if w in err["message"]]
+                if leaked:  # issue 31 #2: the user is told what to send, not what broke inside
+                    problems.append(f"the message shows internals: {leaked}")
             if not kept:
                 problems.append("the connection was dropped")
             if problems:
@@ -307,8 +377,30 @@ def test_worker_given_wrong_types_answers_an_openai_shaped_400(engine, request_,
         assert ok.status_code == 200 and json.loads(ok.text.splitlines()[-1])["finish_reason"]
 
 
+@pytest.mark.parametrize("path, body, param", [
+    (GEN, '{"model":"tiny","request":{"prompt":"\\ud800","max_tokens":2}}', "request.prompt"),
+    (GEN, '{"model":"tiny","request":{"messages":[{"role":"user","content":"a\\udfff"}]}}',
+     "request.messages[0].content"),
+    ("/worker_get_embeddings", '{"model":"tiny","input":["ok","\\ud800"]}', "input[1]"),
+    ("/count_token", '{"model":"tiny","prompt":"\\ud800"}', "prompt"),
+    ("/worker_tokenize", '{"model":"tiny","prompt":"\\ud800"}', "prompt"),
+])
+def test_worker_refuses_invalid_unicode_and_keeps_the_connection(engine, path, body, param):
+    """Issue 31 #2: a lone surrogate reached the tokenizer ("internal worker error", 500, connection reset)."""
+    with ServerThread(create_worker_app(engine, secret=SECRET)) as url:
+        status, data, kept = request_on_kept_connection(url, "POST", path, body.encode(),
+                                                        {**JSON_CT, "Authorization": f"Bearer {SECRET}"})
+        assert status == 400 and data["error"]["param"] == param and "lone surrogate" in data["error"]["message"]
+        assert kept
+
+
 @pytest.mark.parametrize("route,body,param", [
     ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": -1_000_000}, "queue_length"),
+    # issue 31 #5: strict types, no "0" for 0 or true for 1
+    ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": "0"}, "queue_length"),
+    ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": True}, "queue_length"),
+    ("/register_worker", {"worker_address": "http://127.0.0.1:9", "models": ["m"], "queue_length": "1"},
+     "queue_length"),
     ("/receive_heartbeat", {"worker_address": "http://127.0.0.1:9", "queue_length": "short"}, "queue_length"),
     ("/register_worker", {"worker_address": "http://127.0.0.1:9", "models": ["m"], "queue_length": -1},
      "queue_length"),
@@ -328,3 +420,38 @@ def test_controller_refuses_impossible_worker_claims(route, body, param):
         assert err["param"] == param and err["type"] == "invalid_request_error", err
         (worker,) = httpx.get(url + "/workers", headers=auth).json()["workers"]
         assert worker["queue_length"] == 3 and worker["models"] == ["m"]  # the claim changed nothing
+
+
+def test_docs_curl_examples_send_the_content_type_they_need():
+    """Issue 31 #7: the docs and the server agree — JSON goes as application/json (the form-encoded body
+    `curl -d` sends without -H is refused, see the "form-encoded JSON" probe)."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = "\n".join(p.read_text() for p in [*docs.glob("*.md"), docs.parent / "README.md"])
+    commands = re.findall(r"curl [^\n]*(?:\\\n[^\n]*)*", text)
+    posts = [c for c in commands if " -d " in c or " --data" in c]
+    assert posts, "no curl example found"
+    for c in posts:
+        assert "Content-Type: application/json" in c, c
+    assert "read as JSON whatever its" not in text
+
+
+def test_null_means_unset_for_known_fields_and_is_still_refused_for_unknown_ones(server):
+    """Strict types (issue 31 #5) must not refuse the explicit nulls many clients send for defaults."""
+    nulls = {k: None for k in ("n", "stream", "logprobs", "presence_penalty", "frequency_penalty", "seed", "stop",
+                               "ignore_eos", "use_beam_search", "stream_options", "user", "best_of")}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server + CHAT, json=chat(**nulls), headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(server + CHAT, json=chat(not_a_field=None), headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "not_a_field"
+
+
+def test_docs_say_the_api_keys_do_not_guard_the_web_ui():
+    """Issue 31 #8: with --api-keys and --web the UI generates without a key; the docs say so plainly."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    assert "The keys do not guard the web UI" in (docs / "serving.md").read_text()
+    assert "`--api-keys` guards the API routes" in (docs / "web.md").read_text()

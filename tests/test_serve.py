@@ -264,13 +264,20 @@ def test_async_client_n2_seed_and_stop_list(server, engine):
 
 
 def test_parameters_and_unknown_fields(server, client):
+    # metadata fields and "off" values of unsupported ones are accepted; an unknown field is refused (it
+    # used to be ignored: issue 23 #4 — a field we drop silently is a bug the client never sees)
     r = client.chat.completions.create(
         model="tiny", messages=HELLO, max_completion_tokens=3, presence_penalty=1.5, frequency_penalty=0.5,
-        top_p=0.9, user="someone", extra_body={"ignore_eos": True, "logit_bias": {}, "no_such_field": [1, 2]})
+        top_p=0.9, user="someone", metadata={"a": "b"}, store=False,
+        extra_body={"ignore_eos": True, "logit_bias": {}, "best_of": 1, "use_beam_search": False})
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: no_such_field") as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2,
+                                       extra_body={"no_such_field": [1, 2]})
+    assert e.value.param == "no_such_field"
     r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
                    json={"model": "tiny", "messages": HELLO, "max_tokens": 2, "stop": "x", "whatever": True})
-    assert r.status_code == 200
+    assert r.status_code == 400 and r.json()["error"]["param"] == "whatever"
 
 
 def test_completions_echo_and_logprobs(client):
@@ -287,6 +294,21 @@ def test_completions_echo_and_logprobs(client):
     content = c.choices[0].logprobs.content
     assert len(content) == 3 and len(content[0].top_logprobs) == 3
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+
+
+def test_prompt_logprobs_served_by_hf_refused_by_llamacpp(client, engine):
+    """Issue 23 #5: echo + logprobs scores the prompt (hf); a backend that cannot is a 400 naming the field."""
+    if engine.backend != "hf":
+        for extra in ({"echo": True, "logprobs": 1}, {"extra_body": {"prompt_logprobs": 1}}):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=2, **extra)
+            assert e.value.body["param"] == "prompt_logprobs"
+        return
+    r = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.usage.completion_tokens == 0 and r.choices[0].text == "The quick brown fox"
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == r.usage.prompt_tokens
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
 
 
 def test_embeddings_base64_default_and_float(client, loaded, engine):

@@ -552,9 +552,10 @@ def _with(tokenizer, template) -> dict[str, Any]:
     return kwargs
 
 
-def render_prompt(template, messages, tokenizer) -> str:
-    """Generation prompt for ``messages`` with this tokenizer's BOS/EOS strings."""
-    return template.render(messages, add_generation_prompt=True, **_with(tokenizer, template))
+def render_prompt(template, messages, tokenizer, add_generation_prompt: bool = True) -> str:
+    """Generation prompt for ``messages`` with this tokenizer's BOS/EOS strings (without the assistant's
+    opening when ``add_generation_prompt`` is false, as /tokenize may ask)."""
+    return template.render(messages, add_generation_prompt=add_generation_prompt, **_with(tokenizer, template))
 
 
 def render_training(template, messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:

@@ -150,3 +150,15 @@ class Overloaded(ServeError):
 class Unavailable(ServeError):
     status = 503
     code = "model_unavailable"
+
+
+def error_response(err: ServeError):
+    """``err`` as an HTTP response (OpenAI's body, its status, Retry-After when it has one).
+
+    One home for every server of the project (API front end, worker, controller); Starlette is imported
+    here, not at the top, so the rest of this module stays free of HTTP for the CLI and library users.
+    """
+    from starlette.responses import JSONResponse
+
+    headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else None
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)

@@ -64,6 +64,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: chosen token plus the top k
+    prompt_logprobs: int | None = None  # None: off; k: every prompt token's logprob plus the top k (scoring)
     # Chat answers: drop whitespace before the first visible character. Templates put a space
     # between "ASSISTANT:" and the answer, which the model generates; kept, it would come back
     # doubled when the client sends the answer in the next turn's history (FastChat strips too).
@@ -85,17 +86,21 @@ class SamplingParams:
              f"{MAX_REPETITION_PENALTY:g}] (1 = off)", lambda v: 1 / MAX_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY),
             ("presence_penalty", self.presence_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2),
             ("frequency_penalty", self.frequency_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2),
-            ("max_tokens", self.max_new_tokens, "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+            # 0 new tokens only to score a prompt (echo + logprobs with max_tokens=0)
+            ("max_tokens", self.max_new_tokens, "an integer >= 1" if self.prompt_logprobs is None else
+             "an integer >= 0", lambda v: isinstance(v, int) and v >= (0 if self.prompt_logprobs is not None else 1)),
             ("seed", self.seed, f"an integer in [0, {MAX_SEED}]",
              lambda v: v is None or (isinstance(v, int) and 0 <= v <= MAX_SEED)),
             ("top_logprobs", self.logprobs, "an integer in [0, 20]",
+             lambda v: v is None or (isinstance(v, int) and 0 <= v <= 20)),
+            ("prompt_logprobs", self.prompt_logprobs, "an integer in [0, 20]",
              lambda v: v is None or (isinstance(v, int) and 0 <= v <= 20)),
         ]
         for param, value, rule, ok in checks:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if value is not None and (not number or not math.isfinite(value) or not ok(value)):
                 raise GenerationError(f"{param} must be {rule}, got {value!r}", param=param)
-            if value is None and param not in ("seed", "top_logprobs"):
+            if value is None and param not in ("seed", "top_logprobs", "prompt_logprobs"):
                 raise GenerationError(f"{param} must be {rule}, got None", param=param)
 
     @property
@@ -146,6 +151,7 @@ def sampling_params(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     strip_leading: bool = False,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The one place a request's settings meet the model's defaults.
 
@@ -166,6 +172,7 @@ def sampling_params(
         max_new_tokens=max_new_tokens, seed=seed,
         stop=request_stops + tuple(s for s in d.stop_strs if s not in request_stops),
         stop_token_ids=d.stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs, strip_leading=strip_leading,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -309,6 +316,32 @@ def logprob_token_text(tokenizer: Any, token_id: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
+def prompt_logprob_entries(tokenizer: Any, ids: Seq[int], logits, k: int) -> list[dict]:
+    """Each prompt token's log-probability given the tokens before it, from ``logits`` (one row per prompt
+    position: row j predicts token j + 1), with its rank and the top ``k`` alternatives. The first token has
+    nothing before it: its logprob is None (OpenAI's ``echo`` shape). Scores in float32 whatever the model's
+    dtype. Entries: ``{"token", "token_id", "logprob", "rank", "top": [(text, lp)], "top_ids": [(text, lp,
+    id, rank)]}``."""
+    import torch
+
+    text = lambda i: logprob_token_text(tokenizer, i)  # noqa: E731
+    ids = list(ids)
+    out = [{"token": text(ids[0]), "token_id": ids[0], "logprob": None, "rank": None, "top": [], "top_ids": []}]
+    if len(ids) < 2:
+        return out
+    lp = torch.log_softmax(logits[: len(ids) - 1].float(), dim=-1)
+    target = torch.tensor(ids[1:], device=lp.device)
+    chosen = lp.gather(1, target[:, None])[:, 0]
+    ranks = ((lp > chosen[:, None]).sum(dim=-1) + 1).tolist()
+    top_v, top_i = (t.tolist() for t in torch.topk(lp, k, dim=-1)) if k else ([[]] * len(chosen),) * 2
+    chosen = chosen.tolist()
+    for j, tid in enumerate(ids[1:]):
+        tops = [(text(i), v, i, r + 1) for r, (v, i) in enumerate(zip(top_v[j], top_i[j]))]
+        out.append({"token": text(tid), "token_id": tid, "logprob": chosen[j], "rank": ranks[j],
+                    "top": [(t, v) for t, v, _, _ in tops], "top_ids": tops})
+    return out
+
+
 def logprob_token_bytes(token: str) -> list[int]:
     """The UTF-8 bytes of a logprob token as :func:`logprob_token_text` names it."""
     if token.startswith("bytes:\\x"):
@@ -329,6 +362,7 @@ class Sequence:
         self.text = ""  # emitted text
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[dict] | None = None  # set by a prefill that scored the prompt
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopStringMatcher(params.stop)
         self._stop_ids = set(params.stop_token_ids)

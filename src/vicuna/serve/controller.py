@@ -21,16 +21,18 @@ from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from ..errors import InvalidRequest, ServeError, error_response
 from .core import bearer_ok
 
 log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a queue length of "0" is a 400 naming it, not silently an int
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # What a worker may claim. A negative queue length would win every dispatch, an address that is not
@@ -76,6 +78,9 @@ class Registry:
     def __init__(self, heartbeat_expiry: float = 15.0):
         self.expiry = heartbeat_expiry
         self.workers: dict[str, WorkerState] = {}
+        # every model a worker registered since start: one with no live worker now is "unavailable" (503,
+        # retry), not "no such model" (404, which clients do not retry)
+        self.registered: set[str] = set()
 
     def live(self) -> list[WorkerState]:
         now = time.monotonic()
@@ -134,23 +139,22 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
     async def _invalid(request: Request, exc: RequestValidationError):
         first = (exc.errors() or [{}])[0]
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return JSONResponse({"error": {"message": f"invalid {request.url.path} request: {param or 'body'}: "
-                                                  f"{first.get('msg')}", "type": "invalid_request_error",
-                                       "param": param, "code": None}}, status_code=400)
+        return error_response(InvalidRequest(f"invalid {request.url.path} request: {param or 'body'}: "
+                                             f"{first.get('msg')}", param=param))
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
         if secret and request.url.path != "/health":
             if not bearer_ok(request.headers.get("authorization"), [secret]):
-                return JSONResponse({"error": {"message": "missing or wrong controller secret", "type":
-                                               "authentication_error", "param": None, "code": "invalid_secret"}},
-                                    status_code=401)
+                return error_response(ServeError("missing or wrong controller secret", status=401,
+                                                 code="invalid_secret"))
         return await call_next(request)
 
     @app.post("/register_worker")
     async def register(body: RegisterWorker):
         registry.workers[body.worker_address] = WorkerState(body.worker_address, body.models, body.queue_length,
                                                             info=body.info)
+        registry.registered.update(body.models)
         log.info("registered worker %s for %s", body.worker_address, ", ".join(body.models))
         return {"ok": True}
 
@@ -191,7 +195,8 @@ def create_controller_app(*, secret: str | None = None, heartbeat_expiry: float 
             return {"address": "", "endpoint": routes[body.model] if up else None, "endpoint_down": not up,
                     "models": await all_models()}
         return {"address": registry.pick(body.model, body.exclude), "models": await all_models(),
-                "warming_up": warming_up()}
+                "warming_up": warming_up(), "registered": body.model in registry.registered,
+                "retry_after": max(1.0, heartbeat_expiry / 3)}
 
     @app.get("/workers")
     async def workers():

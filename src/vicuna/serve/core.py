@@ -40,6 +40,7 @@ class GenerateRequest:
     top_k: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus the top k
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +49,7 @@ class GenerateRequest:
     def from_wire(cls, d: Any) -> "GenerateRequest":
         """A request received over HTTP (by a worker): exact types, or a 400 naming the field (value
         ranges are checked where sampling settings are built, as for every request)."""
+        check_unicode(d, "request")
         try:
             checked = _wire_model().model_validate(d)
         except ValidationError as e:
@@ -81,6 +83,9 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[dict] | None = None
+    # the first delta of a request that asked for them: one entry per prompt token, the first one's
+    # logprob None ({"token", "token_id", "logprob", "rank", "top", "top_ids"})
+    prompt_logprobs: list[dict] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,12 +95,34 @@ class Delta:
         logprobs = None if self.logprobs is None and later.logprobs is None else \
             (self.logprobs or []) + (later.logprobs or [])
         return Delta(self.text + later.text, later.finish_reason, later.prompt_tokens, later.completion_tokens,
-                     logprobs)
+                     logprobs, self.prompt_logprobs or later.prompt_logprobs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Delta":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_unicode(data: Any, where: str = "") -> None:
+    """Refuse strings that are not valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON can
+    spell but UTF-8 cannot encode): a 400 naming where it is, before any tokenizer or JSON encoder meets it
+    (there it was a 500 that also dropped the connection). Iterative: nesting depth is bounded elsewhere."""
+    stack = [(where, data)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"{path or 'the request'} is not valid Unicode text: it contains a lone "
+                                     "surrogate (such as \\ud800, half of a UTF-16 pair); send UTF-8 text",
+                                     param=path or None, code="invalid_unicode") from None
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                check_unicode(k, f"{path}.<key>" if path else "<key>") if isinstance(k, str) else None
+                stack.append((f"{path}.{k}" if path else str(k), v))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
 
 
 def bearer_ok(authorization: str | None, keys: Sequence[str]) -> bool:

@@ -221,6 +221,9 @@ class EndpointClient(_ClientBase):
 
     def choices(self, model: str, request: GenerateRequest, n: int) -> list[AsyncIterator[Delta]]:
         """``n`` answers from one upstream request (``n`` passed through, as the upstream samples them)."""
+        if request.prompt_logprobs is not None:  # an OpenAI-compatible upstream need not score prompts
+            raise InvalidRequest(f"prompt logprobs (echo with logprobs, prompt_logprobs) are not served for "
+                                 f"{model!r}, an upstream endpoint", param="prompt_logprobs")
         self._watch()
         call = _Call(self, model, request, n)
         return [call.stream(i) for i in range(n)]
@@ -537,6 +540,12 @@ class RoutedClient(_ClientBase):
 
     async def embed(self, model: str, inputs: list[str]) -> Embeddings:
         return await self._for(model).embed(model, inputs)
+
+    async def tokenize(self, model: str, **how) -> dict[str, Any]:
+        return await self._for(model).tokenize(model, **how)
+
+    async def detokenize(self, model: str, tokens: list[int]) -> dict[str, Any]:
+        return await self._for(model).detokenize(model, tokens)
 
     async def close(self) -> None:
         await self.endpoints.close()

@@ -45,6 +45,7 @@ from typing import Any, AsyncIterator
 from ..conversation import TemplateError, encode, render_prompt
 from ..errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServeError
 from ..generation import (ContextLengthError, GenerationError, ModelDefaults, SamplingParams, Sequence,
+                          prompt_logprob_entries,
                           fit_max_new_tokens, sampling_params)
 from ..generation import DEFAULT_MAX_NEW_TOKENS
 from .core import Delta, GenerateRequest
@@ -122,6 +123,7 @@ class _Request:
     length: int = 0  # tokens of this request in the KV cache
     last_token: int = -1  # sampled, not yet in the cache
     logprobs_sent: int = 0
+    prompt_logprobs_sent: bool = False
     first_token_at: float | None = None
 
     def context(self) -> list[int]:
@@ -139,6 +141,17 @@ class _EmbedJob:
 def _deliver(items: list[tuple[_Request, Any]]) -> None:
     for r, item in items:
         r.queue.put_nowait(item)
+
+
+def drain_retry_after(waiting: int, finished_at: list[float], now: float, window: float = 30.0) -> float:
+    """Seconds until a queue of ``waiting`` requests has drained, at the rate requests finished lately (the
+    Retry-After of a 429). A burst that drains in 2 s is told 1-2 s, not a fixed 30; with no recent
+    finishes to measure, a short guess. Bounded to [1, 60] s."""
+    recent = [t for t in finished_at if now - t <= window]
+    if len(recent) < 2:
+        return 2.0
+    rate = (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)  # requests per second
+    return round(min(60.0, max(1.0, waiting / rate)), 1)
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -161,9 +174,14 @@ class EngineBase:
     max_model_len: int
     defaults: ModelDefaults
     config: EngineConfig
+    supports_prompt_logprobs = False  # scoring the prompt needs every position's logits (the hf engine has them)
 
     def prepare(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
         """Render, tokenize and validate; every failure is a 400 naming the parameter."""
+        if request.prompt_logprobs is not None and not self.supports_prompt_logprobs:
+            raise InvalidRequest(f"prompt logprobs (echo with logprobs, prompt_logprobs) are not served by the "
+                                 f"{getattr(self, 'backend', '?')} backend; use --backend hf",
+                                 param="prompt_logprobs")
         tok = self.tokenizer
         if request.messages is not None:
             if not isinstance(request.messages, list) or not request.messages:
@@ -189,7 +207,7 @@ class EngineBase:
                 top_k=request.top_k, repetition_penalty=request.repetition_penalty,
                 presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                 seed=request.seed, stop=request.stop, ignore_eos=request.ignore_eos, logprobs=request.logprobs,
-                strip_leading=request.messages is not None,
+                strip_leading=request.messages is not None, prompt_logprobs=request.prompt_logprobs,
             )
         except ContextLengthError as e:
             raise ContextLengthExceeded(str(e), param=where) from None
@@ -200,11 +218,33 @@ class EngineBase:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
+    def tokenize(self, *, prompt: str | None = None, messages: list[dict] | None = None,
+                 add_special_tokens: bool | None = None, add_generation_prompt: bool = True) -> list[int]:
+        """The ids ``/tokenize`` reports: a prompt as ``prepare`` encodes it (special tokens by default), or
+        messages rendered through the template (whose text already holds the special tokens)."""
+        tok = self.tokenizer
+        if messages is not None:
+            try:
+                text = render_prompt(self.template, messages, tok, add_generation_prompt=add_generation_prompt)
+            except (TemplateError, KeyError, TypeError, AttributeError) as e:
+                raise InvalidRequest(f"invalid messages: {e}", param="messages") from None
+            return list(tok(text, add_special_tokens=bool(add_special_tokens))["input_ids"])
+        return list(tok(prompt or "", add_special_tokens=add_special_tokens is not False)["input_ids"])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        vocab = len(self.tokenizer)
+        bad = next((i for i, t in enumerate(tokens) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"tokens[{bad}] = {tokens[bad]} is not a token id of this model (0 to {vocab - 1})",
+                                 param=f"tokens[{bad}]")
+        return self.tokenizer.decode(tokens)
+
 
 class HFEngine(EngineBase):
     """Continuous-batching engine over a :class:`vicuna.model.LoadedModel`, its KV cache paged by a budget."""
 
     backend = "hf"
+    supports_prompt_logprobs = True
 
     def __init__(self, loaded, config: EngineConfig | None = None):
         self.loaded = loaded
@@ -237,6 +277,7 @@ class HFEngine(EngineBase):
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
         self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (step time, tokens)
+        self._finished_at: collections.deque[float] = collections.deque(maxlen=256)  # when requests finished
         self._step_time = 0.0
         self._lock = threading.Lock()
         attn = getattr(self.model.config, "_attn_implementation", "sdpa")
@@ -325,8 +366,9 @@ class HFEngine(EngineBase):
                     self._cv.notify()
 
     def _retry_after(self) -> float:
-        rate = max(self.stats().tokens_per_second, 1.0)
-        return round(min(30.0, max(1.0, len(self._inbox) * self.config.default_max_tokens / rate / 4)), 1)
+        with self._lock:
+            finished = list(self._finished_at)
+        return drain_retry_after(len(self._inbox), finished, time.perf_counter())
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled last hidden state, L2-normalised; computed in bounded chunks between decode steps."""
@@ -508,7 +550,7 @@ class HFEngine(EngineBase):
         j = torch.arange(end)
         return torch.tensor(blocks)[j // bs] * bs + j % bs
 
-    def _forward(self, ids, positions, mask):
+    def _forward(self, ids, positions, mask, all_logits: bool = False):
         import torch
 
         d = self._device
@@ -516,8 +558,8 @@ class HFEngine(EngineBase):
         if self._float_mask:
             mask = torch.zeros(mask.shape, dtype=self._dtype, device=d).masked_fill(~mask, torch.finfo(self._dtype).min)
         out = self.model(input_ids=ids.to(d), position_ids=positions.to(d), attention_mask=mask, cache=self._kv,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+                         use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits if all_logits else out.logits[:, -1]
 
     def _prefill(self, group: list[_Request]) -> None:
         """Prefill ``group`` in one forward: left-padded, each row attending to its own tokens only."""
@@ -539,8 +581,11 @@ class HFEngine(EngineBase):
         if not valid.all():  # causal over real tokens; a padding position sees itself (no empty mask row)
             mask = mask & valid[:, None, :] | torch.eye(width, dtype=torch.bool)
         self._kv.plan_forward(write.view(-1).to(self._device))
+        # prompt logprobs (scoring): every position's logits, kept only in a group that holds such a request
+        scoring = [r.seq.params.prompt_logprobs is not None and r.seq.prompt_logprobs is None for r in group]
         try:
-            logits = self._forward(ids, positions, mask[:, None])
+            logits = (self._forward(ids, positions, mask[:, None], all_logits=True) if any(scoring)
+                      else self._forward(ids, positions, mask[:, None]))
         except Exception as e:  # e.g. out of memory on a long prompt: fail these, keep the batch
             log.exception("prefill failed")
             for r in group:
@@ -551,8 +596,20 @@ class HFEngine(EngineBase):
             self._stats.prefill_forwards += 1
         for r, ctx in zip(group, contexts):
             r.length = len(ctx)
+        if any(scoring):
+            for i, r in enumerate(group):
+                if scoring[i]:
+                    ctx = contexts[i]
+                    r.seq.prompt_logprobs = prompt_logprob_entries(self.tokenizer, ctx, logits[i, width - len(ctx):],
+                                                                   r.seq.params.prompt_logprobs)
+            logits = logits[:, -1]
         self._running += group
-        self._sample(group, logits)
+        scored_only = [r for r in group if r.seq.params.max_new_tokens == 0]
+        for r in scored_only:  # max_tokens=0: the prompt's scores are the whole answer
+            r.seq.finish("length")
+            self._emit(r, None)
+        self._sample([r for r in group if not r.done], logits[[i for i, r in enumerate(group) if not r.done]]
+                     if scored_only else logits)
         self._drop_finished()
 
     def _decode(self) -> None:
@@ -637,14 +694,18 @@ class HFEngine(EngineBase):
         return torch.nn.functional.normalize(hidden.float().mean(dim=0), dim=-1).cpu().tolist()
 
     # ---- rows
-    def _emit(self, r: _Request, token: int) -> None:
+    def _emit(self, r: _Request, token: int | None) -> None:
+        """Deliver what ``token`` releases (None: nothing sampled, the sequence was finished otherwise)."""
         seq = r.seq
-        text = seq.append(token)
-        r.last_token = token
+        text = seq.append(token) if token is not None else ""
+        if token is not None:
+            r.last_token = token
         now = time.perf_counter()
         with self._lock:
-            self._stats.generated_tokens += 1
-            if self._rate and self._rate[-1][0] == self._step_time:
+            self._stats.generated_tokens += token is not None
+            if token is None:
+                pass
+            elif self._rate and self._rate[-1][0] == self._step_time:
                 self._rate[-1] = (self._step_time, self._rate[-1][1] + 1)
             else:
                 self._rate.append((self._step_time, 1))
@@ -655,18 +716,23 @@ class HFEngine(EngineBase):
             logprobs = [{"token": lp.token, "logprob": lp.logprob, "top": lp.top}
                         for lp in seq.logprobs[r.logprobs_sent:]]
             r.logprobs_sent = len(seq.logprobs)
-        if text or seq.finished or logprobs:
+        prompt_lps = None
+        if seq.prompt_logprobs is not None and not r.prompt_logprobs_sent:
+            prompt_lps, r.prompt_logprobs_sent = seq.prompt_logprobs, True
+        if text or seq.finished or logprobs or prompt_lps:
             if r.first_token_at is None:
                 r.first_token_at = now
                 with self._lock:
                     self._stats.ttft_count += 1
                     self._stats.ttft_sum += now - r.arrival
-            self._send(r, Delta(text, seq.finish_reason, len(r.prompt_ids), len(seq.output_ids), logprobs))
+            self._send(r, Delta(text, seq.finish_reason, len(r.prompt_ids), len(seq.output_ids), logprobs,
+                                prompt_lps))
         if seq.finished:
             r.done = True
             self._release(r)
             with self._lock:
                 self._stats.requests_finished += 1
+                self._finished_at.append(now)
 
     def _release(self, r: _Request) -> None:
         self._blocks.free(r.blocks)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
-from ..errors import ModelNotFound, ServeError, Unavailable
+from ..errors import InvalidRequest, ModelNotFound, ServeError, Unavailable
 from ..generation import MAX_SEED
 from .core import Delta, GenerateRequest
 
@@ -50,7 +50,24 @@ class ModelClient(Protocol):
 
     async def embed(self, model: str, inputs: list[str]) -> Embeddings: ...
 
+    # vLLM's /tokenize and /detokenize: {count, max_model_len, tokens[, token_strs]} and {prompt}
+    async def tokenize(self, model: str, **how) -> dict[str, Any]: ...
+
+    async def detokenize(self, model: str, tokens: list[int]) -> dict[str, Any]: ...
+
     async def close(self) -> None: ...
+
+
+def tokenize_response(engine, *, prompt: str | None = None, messages: list[dict] | None = None,
+                      add_special_tokens: bool | None = None, add_generation_prompt: bool = True,
+                      return_token_strs: bool = False) -> dict[str, Any]:
+    """``/tokenize``'s answer from an engine (here or on a worker)."""
+    ids = engine.tokenize(prompt=prompt, messages=messages, add_special_tokens=add_special_tokens,
+                          add_generation_prompt=add_generation_prompt)
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+    if return_token_strs:
+        out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids)
+    return out
 
 
 def choice_request(base: GenerateRequest, i: int) -> GenerateRequest:
@@ -86,6 +103,12 @@ class _ClientBase:
         finally:
             await stream.aclose()
 
+    async def tokenize(self, model: str, **how) -> dict[str, Any]:
+        raise InvalidRequest(f"/tokenize is not available for {model!r} here", param="model")
+
+    async def detokenize(self, model: str, tokens: list[int]) -> dict[str, Any]:
+        raise InvalidRequest(f"/detokenize is not available for {model!r} here", param="model")
+
     async def close(self) -> None:
         return None
 
@@ -117,6 +140,19 @@ class LocalClient(_ClientBase):
     async def embed(self, model: str, inputs: list[str]) -> Embeddings:
         vectors, tokens = await self._engine(model).embed(inputs)
         return Embeddings(vectors, tokens)
+
+    async def tokenize(self, model: str, **how) -> dict[str, Any]:
+        return tokenize_response(self._tokenizing(model), **how)
+
+    async def detokenize(self, model: str, tokens: list[int]) -> dict[str, Any]:
+        return {"prompt": self._tokenizing(model).detokenize(tokens)}
+
+    def _tokenizing(self, model: str):
+        engine = self._engine(model)
+        if getattr(engine, "tokenizer", None) is None:  # an endpoint: its tokenizer is the upstream's
+            raise InvalidRequest(f"{model!r} is served by an upstream endpoint; its tokenizer is not here",
+                                 param="model")
+        return engine
 
     async def close(self) -> None:
         for engine in self.engines.values():
@@ -201,6 +237,9 @@ class ControllerClient(_ClientBase):
         if found.get("warming_up"):  # a restarted controller: the workers are re-registering
             raise Unavailable(f"no worker for model {model!r} yet: the controller has just started and its "
                               "workers are registering; retry shortly", retry_after=2)
+        if found.get("registered") is True:  # it had workers; none is alive now: retry, not "no such model"
+            raise Unavailable(f"model {model!r} has no live worker right now (its workers stopped sending "
+                              "heartbeats); retry later", retry_after=found.get("retry_after") or 5)
         if models is not None and model not in models:
             raise ModelNotFound.for_model(model, list(models))
         raise Unavailable(f"no live worker for model {model!r} right now; retry shortly", retry_after=2)
@@ -315,6 +354,31 @@ class ControllerClient(_ClientBase):
                 raise _error_from(r.content, r.status_code, r.headers.get("retry-after"))
             body = r.json()
             return Embeddings(body["embeddings"], int(body["token_num"]))
+        raise last or Unavailable(f"no worker could serve {model!r}", retry_after=2)
+
+    async def tokenize(self, model: str, **how) -> dict[str, Any]:
+        return await self._worker_call(model, "/worker_tokenize", {"model": model, **how})
+
+    async def detokenize(self, model: str, tokens: list[int]) -> dict[str, Any]:
+        return await self._worker_call(model, "/worker_detokenize", {"model": model, "tokens": tokens})
+
+    async def _worker_call(self, model: str, path: str, payload: dict) -> dict:
+        """A short JSON call to a worker of ``model`` (another one if it fails to answer)."""
+        import httpx
+
+        exclude: list[str] = []
+        last: ServeError | None = None
+        for _ in range(self.max_attempts):
+            address = await self._worker_for(model, exclude)
+            try:
+                r = await self._wait(self.http.post(address + path, json=payload), self.first_byte_timeout, address)
+            except (httpx.HTTPError, WorkerHung) as e:
+                exclude.append(address)
+                last = Unavailable(f"worker {address} failed: {e}", retry_after=1)
+                continue
+            if r.status_code != 200:
+                raise _error_from(r.content, r.status_code, r.headers.get("retry-after"))
+            return r.json()
         raise last or Unavailable(f"no worker could serve {model!r}", retry_after=2)
 
     async def close(self) -> None:

@@ -173,6 +173,12 @@ class ModeratedClient(_ClientBase):
             raise Flagged(f"The input was not sent to the model: {verdict} (moderation).", param="input")
         return await self.base.embed(model, inputs)
 
+    async def tokenize(self, model: str, **how) -> dict[str, Any]:
+        return await self.base.tokenize(model, **how)
+
+    async def detokenize(self, model: str, tokens: list[int]) -> dict[str, Any]:
+        return await self.base.detokenize(model, tokens)
+
     async def close(self) -> None:
         await self.moderator.close()
         await self.base.close()

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import InvalidRequest, ServeError
+from ..errors import InvalidRequest, ModelNotFound, ServeError, error_response
 from . import protocol as P
 from .core import Delta, GenerateRequest, bearer_ok, merge_streams
 from .metrics import Metrics
@@ -34,13 +34,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_N = 8
 # What --api-keys protects: the API and its description (the schema names every route and field).
-# /health and /metrics stay open for probes; a mounted web UI has its own limits.
-KEYED_PATHS = ("/v1/", "/openapi.json", "/docs", "/redoc")
-
-
-def error_response(err: ServeError) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after else None
-    return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+# /health and /metrics stay open for probes; a mounted web UI is NOT guarded by them (docs/serving.md).
+KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize", "/openapi.json", "/docs", "/redoc")
+UNAUTHENTICATED = "unauthenticated"  # the one metrics label of every request refused for its key
 
 
 def _sse(obj: Any) -> str:
@@ -70,7 +66,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        endpoint = path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other"
+        endpoint = None  # the metrics label: the route's template, never the raw path (bounded series)
         status_seen: list[int] = []
 
         async def send_counted(message):
@@ -83,6 +79,7 @@ class _Guard:
 
         try:
             if self.keys and path.startswith(KEYED_PATHS) and not self._authorized(scope):
+                endpoint = UNAUTHENTICATED
                 return await reply(ServeError(
                     "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY' (one of --api-keys).",
                     status=401, code="invalid_api_key"))
@@ -102,7 +99,8 @@ class _Guard:
 
             await self.app(scope, limited_receive, send_counted)
         finally:
-            self.metrics.requests.labels(endpoint, str(status_seen[0] if status_seen else 499)).inc()
+            self.metrics.requests.labels(endpoint or _route_label(scope),
+                                         str(status_seen[0] if status_seen else 499)).inc()
 
     def _authorized(self, scope) -> bool:
         return bearer_ok(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"), self.keys)
@@ -110,6 +108,16 @@ class _Guard:
     def _too_large(self, size: int) -> ServeError:
         return ServeError(f"request body of {size} bytes exceeds the limit of {self.max_body} bytes",
                           status=413, code="request_too_large")
+
+
+def _route_label(scope) -> str:
+    """The template of the route that served the request (Starlette leaves it in the scope): /v1/models/{model}
+    for every model id, the catch-all for every unknown /v1 path, the mount for the web UI."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path is None:
+        return "other"
+    return path or "/"
 
 
 def _validation_param(loc: tuple) -> str | None:
@@ -189,6 +197,9 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             return error_response(InvalidRequest(_body_problem(request, empty=first["type"] == "missing")))
         param = _validation_param(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":  # as OpenAI words it
+            return error_response(InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param,
+                                                 code="unrecognized_argument"))
         if first.get("type") == "missing":
             msg = f"missing required parameter {param!r}"
         elif param:
@@ -197,8 +208,15 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-        return error_response(ServeError(str(exc.detail), status=exc.status_code, code=code))
+        code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):  # OpenAI's words; FastAPI's are "Not Found"
+            message = (f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else
+                       f"Method {request.method} is not allowed on {request.url.path}")
+        response = error_response(ServeError(message, status=exc.status_code, code=code))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(Exception)
     async def _fault(request: Request, exc: Exception):
@@ -324,6 +342,36 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
     async def list_models():
         return P.model_list(await client.list_models())
 
+    @app.get("/v1/models/{model:path}")  # :path: model names may hold slashes (org/name)
+    async def retrieve_model(model: str):
+        names = await client.list_models()
+        if model not in names:
+            raise ModelNotFound.for_model(model, names)
+        return P.model_card(model)
+
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest):
+        model = await _model_or_only(body.model)
+        messages = [m.as_dict() for m in body.messages] if body.messages is not None else None
+        return await client.tokenize(model, prompt=body.prompt, messages=messages,
+                                     add_special_tokens=body.add_special_tokens,
+                                     add_generation_prompt=body.add_generation_prompt,
+                                     return_token_strs=body.return_token_strs)
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest):
+        return await client.detokenize(await _model_or_only(body.model), body.tokens)
+
+    async def _model_or_only(model: str | None) -> str:
+        """vLLM's tokenizer routes may leave out the model when one is served."""
+        if model is not None:
+            return model
+        names = await client.list_models()
+        if len(names) != 1:
+            raise InvalidRequest(f"name the model: this server has {len(names)} ({', '.join(names)})",
+                                 param="model")
+        return names[0]
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         started = time.perf_counter()
@@ -383,8 +431,12 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         rid, model, k = P.new_id("cmpl"), body.model, len(prompts) * n
         used = _Usage(k, n)
         echo = [prompts[i // n] if body.echo else "" for i in range(k)]
+        # the prompt's own logprobs came with each choice's first delta (computed in its prefill)
+        prompt_lps = [f.prompt_logprobs or [] for f in firsts]
+        echo_lps = [prompt_lps[i] if body.echo else [] for i in range(k)]
+        vllm_lps = [P.vllm_prompt_logprobs(p) if body.prompt_logprobs is not None else None for p in prompt_lps]
         if not body.stream:
-            texts, reasons, lps = [[e] for e in echo], [None] * k, [[] for _ in range(k)]
+            texts, reasons, lps = [[e] for e in echo], [None] * k, [list(e) for e in echo_lps]
 
             async def collect():
                 async for i, d in merged(model, streams, firsts, started):
@@ -397,26 +449,33 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             await unless_disconnected(request, collect())
             account(model, used)
             logprobs = [P.completion_logprobs(lp) if body.logprobs is not None else None for lp in lps]
-            return P.completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, logprobs)],
-                                used.prompt_tokens, used.completion_tokens)
+            out = P.completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, logprobs)],
+                               used.prompt_tokens, used.completion_tokens)
+            if body.prompt_logprobs is not None:
+                for choice, plp in zip(out["choices"], vllm_lps):
+                    choice["prompt_logprobs"] = plp
+            return out
 
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
             created = P.now()
 
-            def chunk(i, text, reason=None, lps=None):
-                return _sse(P.completion_chunk(rid, model, created, [{
-                    "index": i, "text": text, "finish_reason": reason,
-                    "logprobs": P.completion_logprobs(lps) if lps is not None else None}], with_usage=with_usage))
+            def chunk(i, text, reason=None, lps=None, prompt_lps=None):
+                choice = {"index": i, "text": text, "finish_reason": reason,
+                          "logprobs": P.completion_logprobs(lps) if lps is not None else None}
+                if prompt_lps is not None:
+                    choice["prompt_logprobs"] = prompt_lps
+                return _sse(P.completion_chunk(rid, model, created, [choice], with_usage=with_usage))
 
             def chunks(i: int, d: Delta) -> Iterator[str]:
                 if d.text or d.logprobs or d.finish_reason:
                     yield chunk(i, d.text, d.finish_reason, d.logprobs if body.logprobs is not None else None)
 
             for i in range(k):
-                if echo[i]:
-                    yield chunk(i, echo[i])
+                if echo[i] or vllm_lps[i] is not None:
+                    yield chunk(i, echo[i], lps=echo_lps[i] if body.echo and body.logprobs is not None else None,
+                                prompt_lps=vllm_lps[i])
             async for event in stream_events(
                     model, merged(model, streams, firsts, started), used, chunks,
                     (lambda: _sse(P.completion_chunk(rid, model, created, [], used.as_dict(), True)))
@@ -431,6 +490,18 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         result = await client.embed(body.model, texts)
         metrics.prompt_tokens.labels(body.model).inc(result.prompt_tokens)
         return P.embedding_response(body.model, result.vectors, body.encoding_format, result.prompt_tokens)
+
+    # Last: every other /v1 path and method gets OpenAI's 404 or 405 here, also when a web UI is mounted at /
+    # (its mount would otherwise answer in its own shape).
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                   include_in_schema=False)
+    async def unknown_v1(path: str, request: Request):
+        allowed = sorted({m for r in app.routes if getattr(r, "path", "").startswith("/v1/")
+                          and r.path != "/v1/{path:path}" and r.path_regex.match(request.url.path)
+                          for m in getattr(r, "methods", ()) or ()})
+        if allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(allowed)})
+        raise HTTPException(404)
 
     return app
 

@@ -1,8 +1,14 @@
 """The OpenAI wire protocol: typed requests, response builders. No serving logic here.
 
-Requests ignore unknown fields (clients send many we do not use); types are
-checked by pydantic and value ranges by :class:`vicuna.generation.SamplingParams`,
-both of which name the offending parameter in the 400 they cause.
+Nothing a client sends is dropped without a word (issue: an agent that asks for something we ignore
+loops or gets ``None``). Each request model *is* the list of fields we know: a field not declared
+here is a 400 "Unrecognized request argument supplied: NAME", as OpenAI answers; a declared field we
+cannot honour (``best_of`` > 1, ``use_beam_search``, ``suffix``...) is a 400 naming it; a few fields
+that are metadata for the client's own bookkeeping (``user``, ``metadata``, ``store``,
+``service_tier``) are accepted and have no effect (docs/serving.md lists every field). Types are
+strict (``"stream": "yes"``, ``"seed": "5"`` or ``true`` are 400s naming the field), strings must be
+valid Unicode (a lone surrogate such as ``"\\ud800"`` is a 400 naming where it is), and value ranges
+are checked by :class:`vicuna.generation.SamplingParams`.
 """
 
 from __future__ import annotations
@@ -11,30 +17,73 @@ import base64
 import struct
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..errors import InvalidRequest
 from ..generation import logprob_token_bytes
-from .core import Delta, GenerateRequest
+from .core import Delta, GenerateRequest, check_unicode
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: no "5" for 5 or true for 1; forbid: an unknown field is refused, never ignored
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _TopLevel(_Request):
+    """A whole request body: its strings are checked for invalid Unicode before anything else reads them."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, str]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        if isinstance(data, dict):  # null for a known field means "not set", as OpenAI reads it (clients send
+            data = {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}  # their defaults)
+        return data
+
+    @model_validator(mode="after")
+    def _supported(self):
+        for name, (default, why) in self.UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is not None and value != default and not (isinstance(default, (dict, list)) and not value):
+                raise InvalidRequest(f"{name}={value!r} is not supported: {why}", param=name,
+                                     code="unsupported_parameter")
+        return self
 
 
 class ChatMessage(_Request):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # What the official SDK's message objects carry when a client appends a previous answer to the
+    # history (``messages.append(response.choices[0].message)``): accepted when empty, refused otherwise.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("role", self.role), ("content", self.content), ("name", self.name))
+                if v is not None}
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk has usage; we always send it when included
 
 
-class _Sampling(_Request):
+# Fields OpenAI or vLLM define that we cannot honour: name -> (the value that means "off", why).
+_UNSUPPORTED_COMMON = {
+    "best_of": (1, "only best_of=1 (sample n, return n) is served"),
+    "use_beam_search": (False, "beam search is not implemented; sample with n instead"),
+    "logit_bias": ({}, "logit_bias is not implemented"),
+}
+
+
+class _Sampling(_TopLevel):
     model: str
     temperature: float | None = None
     top_p: float | None = None
@@ -46,16 +95,23 @@ class _Sampling(_Request):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # metadata for the client's own bookkeeping: accepted, no effect here
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # extensions (as in vLLM)
     top_k: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    # known but refused unless "off" (see _UNSUPPORTED_COMMON)
+    best_of: int | None = None
+    use_beam_search: bool = False
+    logit_bias: dict[str, float] | None = None
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, str]]] = _UNSUPPORTED_COMMON
 
     def sampling(self, *, max_tokens: int | None, logprobs: int | None, max_stops: int = 16) -> dict[str, Any]:
-        if max_tokens is not None and max_tokens < 1:
-            name = "max_completion_tokens" if getattr(self, "max_completion_tokens", None) is not None else "max_tokens"
-            raise InvalidRequest(f"{name} must be >= 1, got {max_tokens}", param=name)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > max_stops:
             raise InvalidRequest(f"stop: at most {max_stops} stop strings are allowed, got {len(stop)}", param="stop")
@@ -72,19 +128,22 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    modalities: list[Literal["text"]] | None = None  # text is what we answer; "audio" is refused by its type
 
     def to_generate(self) -> GenerateRequest:
-        if not self.messages:
-            raise InvalidRequest("messages must be a non-empty list", param="messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
+        name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is not None and max_tokens < 1:  # named as the client spelled it (the engine says max_tokens)
+            raise InvalidRequest(f"{name} must be >= 1, got {max_tokens}", param=name)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         for i, m in enumerate(self.messages):
             if m.content is None and m.role != "assistant":  # an assistant turn may carry only tool calls
                 raise InvalidRequest(f"messages[{i}].content is required for role {m.role!r}",
                                      param=f"messages[{i}].content")
-        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        # an empty list is refused by the engine's prepare, the one check every caller goes through
+        messages = [m.as_dict() for m in self.messages]
         return GenerateRequest(messages=messages, **self.sampling(max_tokens=max_tokens, logprobs=logprobs))
 
 
@@ -92,8 +151,11 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs (and top k), without echo
     suffix: str | None = None
     max_tokens: int | None = 16  # OpenAI's default for legacy completions
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, str]]] = {**_UNSUPPORTED_COMMON, "suffix": ("", "insertion (suffix) is not supported by this model")}
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -101,15 +163,25 @@ class CompletionRequest(_Sampling):
             raise InvalidRequest("prompt must be a non-empty string or list of strings", param="prompt")
         return prompts
 
+    @property
+    def scores_prompt(self) -> int | None:
+        """How many top alternatives each prompt token's logprob comes with; None: the prompt is not scored.
+        OpenAI's legacy API scores the prompt for ``echo`` with ``logprobs``; vLLM for ``prompt_logprobs``."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo and self.logprobs is not None else None
+
     def to_generate(self, prompt: str) -> GenerateRequest:
-        if self.suffix:
-            raise InvalidRequest("suffix is not supported", param="suffix")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequest("echo together with logprobs (prompt logprobs) is not supported", param="echo")
-        return GenerateRequest(prompt=prompt, **self.sampling(max_tokens=self.max_tokens, logprobs=self.logprobs))
+        max_tokens = self.max_tokens
+        if max_tokens == 0 and self.scores_prompt is None:
+            raise InvalidRequest("max_tokens=0 only makes sense with echo and logprobs (scoring the prompt); "
+                                 "ask for at least 1 token", param="max_tokens")
+        request = GenerateRequest(prompt=prompt, **self.sampling(max_tokens=max_tokens, logprobs=self.logprobs))
+        request.prompt_logprobs = self.scores_prompt
+        return request
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(_TopLevel):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -125,6 +197,28 @@ class EmbeddingRequest(_Request):
         if self.dimensions is not None:
             raise InvalidRequest("dimensions is not supported by this model", param="dimensions")
         return items
+
+
+class TokenizeRequest(_TopLevel):
+    """vLLM's ``/tokenize``: a ``prompt``, or chat ``messages`` rendered through the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (as vLLM)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("send exactly one of prompt or messages", param="prompt")
+        return self
+
+
+class DetokenizeRequest(_TopLevel):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------------- responses
@@ -143,10 +237,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def model_card(name: str, owned_by: str = "vicuna", created: int | None = None) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": now() if created is None else created, "owned_by": owned_by}
+
+
 def model_list(names: list[str], owned_by: str = "vicuna") -> dict[str, Any]:
     created = now()
-    return {"object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": owned_by} for n in names]}
+    return {"object": "list", "data": [model_card(n, owned_by, created) for n in names]}
 
 
 def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
@@ -157,14 +254,32 @@ def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
                         for e in entries]}
 
 
-def completion_logprobs(entries: list[dict], offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(entries: list[dict | None], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy shape; an entry of None is a prompt token with no logprob (the first one), as OpenAI
+    sends it under ``echo``: its token is still listed, with ``null`` logprob and ``null`` alternatives."""
     tokens = [e["token"] for e in entries]
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += 0 if t.startswith("bytes:\\x") else len(t)  # part of a character: no text of its own yet
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
+            "top_logprobs": [dict(e["top"]) if e["logprob"] is not None else None for e in entries],
+            "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(entries: list[dict]) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else ``{token_id: {logprob, rank,
+    decoded_token}}`` for the token itself and its top alternatives."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e["logprob"] is None:
+            out.append(None)
+            continue
+        item = {str(tid): {"logprob": lp, "rank": rank, "decoded_token": tok}
+                for tok, lp, tid, rank in e["top_ids"]}
+        item.setdefault(str(e["token_id"]), {"logprob": e["logprob"], "rank": e["rank"], "decoded_token": e["token"]})
+        out.append(item)
+    return out
 
 
 def chat_completion(rid: str, model: str, choices: list[tuple[str, str, list[dict] | None]],

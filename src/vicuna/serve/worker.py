@@ -16,18 +16,25 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from ..errors import InvalidRequest, ModelNotFound, ServeError
-from .core import GenerateRequest, bearer_ok
+from ..errors import InvalidRequest, ModelNotFound, ServeError, error_response
+from .core import GenerateRequest, bearer_ok, check_unicode
 from .metrics import Metrics
-from .openai_api import error_response
+from .model_client import tokenize_response
 
 log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict types; unknown fields ignored: front ends of another version may send more
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        return data
 
 
 class GenerateBody(_Body):
@@ -44,6 +51,20 @@ class CountBody(_Body):
 class EmbedBody(_Body):
     model: str | None = None
     input: list[str]
+
+
+class TokenizeBody(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 class Heartbeater:
@@ -168,6 +189,16 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
             ids, _ = engine.prepare(GenerateRequest(messages=body.messages, max_tokens=1))
             return {"count": len(ids), "error_code": 0}
         return {"count": engine.count_tokens(body.prompt or ""), "error_code": 0}
+
+    @app.post("/worker_tokenize")
+    async def tokenize(body: TokenizeBody):
+        check_model(body.model)
+        return tokenize_response(engine, **body.model_dump(exclude={"model"}))
+
+    @app.post("/worker_detokenize")
+    async def detokenize(body: DetokenizeBody):
+        check_model(body.model)
+        return {"prompt": engine.detokenize(body.tokens)}
 
     @app.post("/worker_get_conv_template")
     @app.get("/worker_get_conv_template")
