@@ -19,7 +19,10 @@ from vicuna.model import load_model
 from vicuna.serve.model_client import LocalClient
 from vicuna.serve.core import InvalidRequest, ServeError
 from vicuna.serve.engine import EngineConfig, HFEngine
-from vicuna.serve.kv import BlockAllocator, KVCacheError, KVPlan, KVShape, gpu_budget, parse_size
+from vicuna.errors import UsageError
+from vicuna.serve.engine.kv import KVCacheError, KVPlan, KVShape, gpu_budget
+from vicuna.serve.engine.scheduler import BlockPool
+from vicuna.sizes import parse_size
 from vicuna.serve.openai_api import create_app
 from vicuna.serve.server import ServerThread
 
@@ -55,10 +58,14 @@ async def collect(engine, ids, params):
 
 
 def test_parse_size_and_errors():
-    assert parse_size("4GiB") == parse_size("4G") == parse_size("4gb") == 4 * 1024 ** 3
-    assert parse_size("512MiB") == 512 * 1024 ** 2 and parse_size("1.5K") == 1536 and parse_size("1000") == 1000
-    for bad in ("lots", "4 parsecs", "", "-1G"):
-        with pytest.raises(KVCacheError, match="memory size"):
+    # one rule for the whole project, Hugging Face's and accelerate's: KiB/MiB/GiB are powers of 1024,
+    # K/M/G (with or without B) powers of 1000
+    assert parse_size("4GiB") == parse_size("4 gib") == 4 * 1024 ** 3
+    assert parse_size("4G") == parse_size("4gb") == parse_size("4GB") == 4 * 10 ** 9
+    assert parse_size("512MiB") == 512 * 1024 ** 2 and parse_size("512MB") == 512 * 10 ** 6
+    assert parse_size("1.5K") == 1500 and parse_size("1.5KiB") == 1536 and parse_size("1000") == 1000
+    for bad in ("lots", "4 parsecs", "", "-1G", "0", "4GiBB"):
+        with pytest.raises(UsageError, match="memory size"):
             parse_size(bad)
     with pytest.raises(KVCacheError, match="raise --kv-cache-memory"):
         KVPlan.for_budget(KVShape(30, 3, 64, 4), 1000)
@@ -73,7 +80,7 @@ def test_serve_refuses_an_unreadable_or_too_small_budget_with_exit_2(tiny_model_
 
 
 def test_block_allocator_all_or_nothing_and_reuses_freed_blocks_first():
-    a = BlockAllocator(5)
+    a = BlockPool(5, caching=False)
     first = a.allocate(3)
     assert sorted(first) == [1, 2, 3] and a.num_free == 2  # block 0 is never handed out
     assert a.allocate(3) is None and a.num_free == 2  # nothing taken when it does not fit
@@ -296,7 +303,7 @@ def test_a_row_whose_sampling_breaks_fails_alone(loaded):
 def test_non_finite_model_scores_fail_only_that_row(loaded, monkeypatch):
     engine = HFEngine(loaded, EngineConfig()).start()
     good, poisoned = chat_ids(loaded, "fine"), chat_ids(loaded, "poison")
-    forward = engine._forward
+    forward = engine.runner._forward
 
     def poison_rows(ids, positions, mask):  # the model "overflows" for one row only
         logits = forward(ids, positions, mask)
@@ -305,7 +312,7 @@ def test_non_finite_model_scores_fail_only_that_row(loaded, monkeypatch):
                 logits[i, 3] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine, "_forward", poison_rows)
+    monkeypatch.setattr(engine.runner, "_forward", poison_rows)
     try:
         async def run_both():
             async def bad():

@@ -17,8 +17,8 @@ from vicuna.errors import UsageError
 from vicuna.generation import SamplingParams
 from vicuna.model import load_model
 from vicuna.serve.engine import EngineConfig
-from vicuna.serve.engine_external import parse_size
-from vicuna.serve.engine_vllm import OutputReader, VLLMEngine, engine_args, logprob_entries, sampling_kwargs
+from vicuna.sizes import parse_size
+from vicuna.serve.engine.vllm import OutputReader, VLLMEngine, engine_args, logprob_entries, sampling_kwargs
 from vicuna.serve.launch import ModelConfig, local_app
 
 GiB = 1 << 30

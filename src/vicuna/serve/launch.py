@@ -4,7 +4,7 @@ Every entry point that serves a model goes through here: `vicuna serve` and its 
 (worker, controller, api, web), `eval answer`'s in-process server, the benchmarks and the
 tests. The configs are plain dataclasses; their CLI flags are generated from the fields
 (:func:`add_flags`, each field's ``metadata["help"]``), so a new field — in
-:class:`~vicuna.serve.engine.EngineConfig`, say — is a flag everywhere at once, with its
+:class:`~vicuna.serve.engine.base.EngineConfig`, say — is a flag everywhere at once, with its
 default stated only on the field. Below the CLI nothing sees an ``argparse.Namespace``.
 """
 
@@ -18,13 +18,11 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UsageError, VicunaError
-from ..model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES
 from .endpoint import EndpointsConfig
-from .engine import EngineConfig
+from .engine.base import BACKENDS, EngineConfig, ModelConfig  # noqa: F401 - the configs the commands use
 from .moderation import ModerationConfig
 from .openai_api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N
 from .web import WebSettings
@@ -32,57 +30,12 @@ from .web import WebSettings
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "VICUNA_SECRET"
-BACKENDS = ("hf", "llamacpp", "vllm")
 PORTS = {"api": 8000, "worker": 21002, "controller": 21001, "web": 7860}
 DEFAULT_CONTROLLER = f"http://127.0.0.1:{PORTS['controller']}"
 
 
 def _f(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
-
-
-@dataclass
-class ModelConfig:
-    """What to serve and how to load it."""
-
-    model_path: str | None = _f(None, f"Hugging Face model directory, or a .gguf file with --backend llamacpp "
-                                      f"(default: {DEFAULT_MODEL_NAME}, imported by `make install`, or its GGUF with "
-                                      "--backend llamacpp; 'demo': the tiny bundled demo model)", metavar="PATH")
-    model_name: str | None = _f(None, "name to serve the model as (default: the directory or file name)",
-                                metavar="NAME")
-    backend: str = _f("hf", "hf: our continuous-batching engine over transformers (CPU/CUDA); llamacpp: a GGUF "
-                            "file through llama.cpp (CPU/Metal, pip install -e '.[llamacpp]'); vllm: vLLM (CUDA, "
-                            "pip install -e '.[gpu]')", choices=BACKENDS)
-    lora: str | None = _f(None, "a PEFT LoRA adapter directory to serve on top of --model-path")
-    conv_template: str | None = _f(None, "conversation template (see `vicuna templates list`); default: the "
-                                         "tokenizer's chat_template, then a match on the model name")
-    device: str = _f("auto", "where to run the model (hf backend)", choices=DEVICES)
-    dtype: str = _f("auto", AUTO_DTYPE_HELP, choices=DTYPES)
-    num_gpus: int = _f(1, "split the model over this many GPUs (hf: device map; vllm: tensor parallel)")
-    max_gpu_memory: str | None = _f(None, "GPU memory the model may use per GPU, e.g. 20GiB (hf: device-map cap; "
-                                          "vllm: its gpu_memory_utilization)", metavar="SIZE")
-    load_8bit: bool = _f(False, "8-bit weights (hf: bitsandbytes; vllm: online FP8 quantization); CUDA only")
-    trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
-    threads: int | None = _f(None, "CPU threads for --backend llamacpp (default: llama.cpp's, the physical cores)",
-                             metavar="N")
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise UsageError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
-        if self.num_gpus < 1 or (self.threads is not None and self.threads < 1):
-            raise UsageError("--num-gpus and --threads must be >= 1")
-        if self.backend == "vllm" and not self.model_path:
-            raise UsageError("--backend vllm needs --model-path (a Hugging Face model directory or hub id)")
-
-    @property
-    def served_name(self) -> str:
-        """The name clients use: --model-name, else the directory or file name."""
-        if self.model_name:
-            return self.model_name
-        if not self.model_path:
-            return DEFAULT_MODEL_NAME
-        path = Path(str(self.model_path).rstrip("/"))
-        return path.stem if path.suffix == ".gguf" else path.name
 
 
 @dataclass
@@ -212,15 +165,15 @@ def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
     """A started engine serving ``model`` as ``model.served_name`` with the chosen backend."""
     engine = engine or EngineConfig()
     if model.backend == "vllm":
-        from .engine_vllm import VLLMEngine
+        from .engine.vllm import VLLMEngine
 
         return VLLMEngine.load(model, engine).start()
     if model.backend == "llamacpp":
-        from .engine_llamacpp import LlamaCppEngine
+        from .engine.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine.load(model, engine).start()
     from ..model import load_model, resolve_model_path
-    from .engine import HFEngine
+    from .engine.hf import HFEngine
 
     loaded = load_model(
         resolve_model_path(model.model_path), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,

@@ -27,19 +27,16 @@ import secrets
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
-from ..conversation import TemplateError, resolve_template
-from ..errors import ModelLoadError, ServeError, UsageError
-from ..generation import ModelDefaults, SamplingParams
-from ..model import model_defaults
-from .core import Delta, GenerateRequest
-from .engine import EngineConfig
-from .engine_external import ExternalEngine, LeadingStrip
-from .kv import parse_size
-
-if TYPE_CHECKING:
-    from .launch import ModelConfig
+from ...conversation import TemplateError, resolve_template
+from ...errors import ModelLoadError, ServeError, UsageError
+from ...generation import ModelDefaults, SamplingParams
+from ...model import model_defaults
+from ...sizes import parse_size
+from ..core import Delta, GenerateRequest
+from .base import EngineConfig, ModelConfig
+from .external import ExternalEngine, LeadingStrip
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +137,7 @@ def load_gguf_tokenizer(path: Path) -> tuple[Any, dict[str, Any]]:
     return tokenizer, meta
 
 
-def check_options(model: "ModelConfig") -> Path:
+def check_options(model: ModelConfig) -> Path:
     """The GGUF file to load; refuses the options llama.cpp would silently ignore here."""
     refused = [(model.lora, "--lora (merge the adapter first: vicuna weights merge-lora, then convert to GGUF)"),
                (model.load_8bit, "--load-8bit (the GGUF file's quantization decides the weights' format)"),
@@ -151,7 +148,7 @@ def check_options(model: "ModelConfig") -> Path:
         if given:
             raise UsageError(f"--backend llamacpp does not take {what}")
     if not model.model_path:
-        from ..weights.gguf import default_gguf
+        from ...weights.gguf import default_gguf
 
         return default_gguf()
     path = Path(str(model.model_path)).expanduser()
@@ -178,7 +175,7 @@ class LlamaCppEngine(ExternalEngine):
         self._init_bookkeeping()
 
     @classmethod
-    def load(cls, model: "ModelConfig", config: EngineConfig) -> "LlamaCppEngine":
+    def load(cls, model: ModelConfig, config: EngineConfig) -> "LlamaCppEngine":
         path = check_options(model)
         try:
             import xllamacpp
@@ -213,7 +210,7 @@ class LlamaCppEngine(ExternalEngine):
         # A GGUF holds no generation_config; the default model's sampling is the one its import ships.
         shipped = None
         if not model.model_path:
-            from ..weights.gguf import DEFAULT_SAMPLING
+            from ...weights.gguf import DEFAULT_SAMPLING
 
             shipped = DEFAULT_SAMPLING
         engine = cls(server, name=name, tokenizer=tokenizer, template=template, context_length=max_len,

@@ -22,18 +22,16 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
-from ..conversation import TemplateError, resolve_template
-from ..errors import ModelLoadError, ServeError, UsageError
-from ..generation import ModelDefaults, SamplingParams
-from ..model import context_length_of, model_defaults
-from .core import Delta, GenerateRequest
-from .engine import EngineConfig
-from .engine_external import ExternalEngine, LeadingStrip, parse_size
-
-if TYPE_CHECKING:
-    from .launch import ModelConfig
+from ...conversation import TemplateError, resolve_template
+from ...errors import ModelLoadError, ServeError, UsageError
+from ...generation import ModelDefaults, SamplingParams
+from ...model import context_length_of, model_defaults
+from ...sizes import parse_size
+from ..core import Delta, GenerateRequest
+from .base import EngineConfig, ModelConfig
+from .external import ExternalEngine, LeadingStrip
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ def lora_rank(adapter: str | Path) -> int:
                          "first with `vicuna weights merge-lora`")
 
 
-def engine_args(model: "ModelConfig", config: EngineConfig, gpu_memory_bytes: int | None = None) -> dict[str, Any]:
+def engine_args(model: ModelConfig, config: EngineConfig, gpu_memory_bytes: int | None = None) -> dict[str, Any]:
     """vLLM's ``AsyncEngineArgs`` keywords for our model and engine settings (refusing what vLLM cannot do)."""
     if model.device not in ("auto", "cuda"):
         raise UsageError(f"--backend vllm serves on CUDA GPUs; --device {model.device}: use --backend hf "
@@ -122,7 +120,7 @@ class VLLMEngine(ExternalEngine):
         self._init_bookkeeping()
 
     @classmethod
-    def load(cls, model: "ModelConfig", config: EngineConfig) -> "VLLMEngine":
+    def load(cls, model: ModelConfig, config: EngineConfig) -> "VLLMEngine":
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
         except ImportError:
