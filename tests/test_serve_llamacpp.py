@@ -33,6 +33,7 @@ def test_completion_body_maps_our_settings():
     assert b["samplers"] == ["penalties", "temperature", "top_k", "top_p"]  # temperature first, as HF/vLLM
     assert b["min_p"] == 0.0 and b["top_k"] == 0 and b["repeat_penalty"] == 1.1 and b["repeat_last_n"] > 10**6
     assert b["seed"] == 5 and b["stop"] == ["###"] and b["n_probs"] == 1  # the chosen token's logprob needs 1
+    assert b["cache_prompt"] is True and completion_body([1], p, cache_prompt=False)["cache_prompt"] is False
     assert "seed" not in completion_body([1], SamplingParams()) and "n_probs" not in completion_body([1], SamplingParams())
 
 

@@ -43,6 +43,11 @@ class EngineCollector:
             "preemptions": CounterMetricFamily(
                 "vicuna_engine_preemptions", "Requests preempted when KV blocks ran out (recomputed later)",
                 labels=["model"]),
+            "prefix_cache_queries": CounterMetricFamily(
+                "vicuna_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model"]),
+            "prefix_cache_hits": CounterMetricFamily(
+                "vicuna_prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed)",
+                labels=["model"]),
         }
         for name, engine in self.engines().items():
             s = engine.stats()

@@ -95,6 +95,10 @@ class EngineConfig:
                 "1000, as in Hugging Face); default: on CUDA up to 90 percent of the GPU less what is already in "
                 "use, on CPU min(a quarter of available RAM, 4 GiB)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV cache of prompt prefixes already computed (a shared system prompt, the earlier "
+                "turns of a chat), block by block; outputs are the same either way (hf: our prefix cache; "
+                "vllm: enable_prefix_caching; llamacpp: cache_prompt); --no-prefix-caching turns it off"})
     max_embedding_inputs: int = field(default=256, metadata={
         "help": "most inputs one /v1/embeddings request may carry (more: 400)"})
     max_embedding_tokens: int = field(default=65536, metadata={
@@ -118,7 +122,7 @@ class EngineStats:
     requests_finished: int = 0
     requests_aborted: int = 0
     generated_tokens: int = 0
-    prompt_tokens: int = 0  # tokens prefilled (a preempted request's are counted again when recomputed)
+    prompt_tokens: int = 0  # tokens prefilled, prefix-cache hits excluded (a preempted request's are counted again)
     tokens_per_second: float = 0.0  # over the last few seconds
     ttft_count: int = 0  # time to first token, summed, for a mean
     ttft_sum: float = 0.0
@@ -126,7 +130,10 @@ class EngineStats:
     prefill_forwards: int = 0
     preemptions: int = 0
     kv_blocks: int = 0  # usable blocks of the KV cache
-    kv_blocks_free: int = 0
+    kv_blocks_free: int = 0  # free blocks, cached prefixes waiting for reuse included
+    prefix_cache_queries: int = 0  # context tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, found there (not recomputed)
+    prefix_cache_evictions: int = 0  # cached blocks reused for other tokens (under memory pressure)
 
 
 class Meter:

@@ -97,7 +97,7 @@ class HFEngine(EngineBase):
         prefill_tokens = self.config.max_prefill_tokens or (2048 if self._device.type == "cuda" else 256)
         self.scheduler = Scheduler(self.kv_plan.num_blocks, self.kv_plan.block_size,
                                    max_batch_size=self.config.max_batch_size, max_prefill_tokens=prefill_tokens,
-                                   prefix_caching=False)
+                                   prefix_caching=self.config.prefix_caching)
         self._embeds: collections.deque[_EmbedJob] = collections.deque()
         self._cv = threading.Condition()
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
@@ -226,6 +226,8 @@ class HFEngine(EngineBase):
         s.waiting, s.running = len(sched.waiting), len(sched.running)
         s.preemptions = sched.preemptions
         s.kv_blocks, s.kv_blocks_free = sched.pool.num_blocks, sched.pool.num_free
+        s.prefix_cache_queries, s.prefix_cache_hits = sched.prefix_queries, sched.prefix_hits
+        s.prefix_cache_evictions = sched.pool.evictions
         return s
 
     @property
@@ -241,6 +243,7 @@ class HFEngine(EngineBase):
             "num_parameters": self.loaded.num_parameters, "max_batch_size": self.config.max_batch_size,
             "max_queue": self.config.max_queue, "kv_cache_tokens": self.kv_plan.tokens,
             "kv_cache_bytes": self.kv_plan.bytes, "kv_block_size": self.kv_plan.block_size,
+            "prefix_caching": self.scheduler.prefix_caching,
         }
 
     # ------------------------------------------------------------------ the model thread

@@ -48,10 +48,11 @@ DEFAULT_KV_BYTES = 2 << 30  # KV budget when --kv-cache-memory is not given: 2 G
 _END = object()
 
 
-def completion_body(prompt_ids: list[int], p: SamplingParams) -> dict[str, Any]:
-    """llama.cpp's completion request for our validated settings (its native parameter names)."""
+def completion_body(prompt_ids: list[int], p: SamplingParams, cache_prompt: bool = True) -> dict[str, Any]:
+    """llama.cpp's completion request for our validated settings (its native parameter names); ``cache_prompt``:
+    reuse the slot's KV of a common prefix (``--prefix-caching``, on by default)."""
     body: dict[str, Any] = {
-        "prompt": list(prompt_ids), "n_predict": p.max_new_tokens, "stream": True, "cache_prompt": True,
+        "prompt": list(prompt_ids), "n_predict": p.max_new_tokens, "stream": True, "cache_prompt": cache_prompt,
         "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": 0.0, "typical_p": 1.0,
         "repeat_penalty": p.repetition_penalty, "repeat_last_n": 1 << 30,  # the whole context, like HF
         "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
@@ -253,8 +254,9 @@ class LlamaCppEngine(ExternalEngine):
             raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
         with self.admitted(len(ids)) as track:
             loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-            thread = threading.Thread(target=self._complete, args=(completion_body(ids, p), loop, queue, cancelled),
-                                      daemon=True, name=f"llamacpp-{self.name}")
+            body = completion_body(ids, p, self.config.prefix_caching)
+            thread = threading.Thread(target=self._complete, args=(body, loop, queue, cancelled), daemon=True,
+                                      name=f"llamacpp-{self.name}")
             self._running[thread] = cancelled
             thread.start()
             strip, produced = LeadingStrip(p.strip_leading), 0

@@ -9,6 +9,7 @@ none is silently ignored:
 - ``--num-gpus N`` -> ``tensor_parallel_size=N``; ``--dtype`` -> ``dtype``;
 - ``--max-gpu-memory SIZE`` -> ``gpu_memory_utilization`` = SIZE / the GPU's memory;
 - ``--load-8bit`` -> vLLM's online FP8 weight quantization (``quantization="fp8"``; Ada/Hopper);
+- ``--no-prefix-caching`` -> ``enable_prefix_caching=False`` (on by default, as in vLLM);
 - ``--lora DIR`` -> ``enable_lora`` with the adapter's rank, and a ``LoRARequest`` per request;
 - ``--device cpu`` / ``--threads`` -> refused (vLLM serves on CUDA here; use hf or llamacpp).
 
@@ -65,7 +66,7 @@ def engine_args(model: ModelConfig, config: EngineConfig, gpu_memory_bytes: int 
     args: dict[str, Any] = {
         "model": path, "tokenizer": path, "tensor_parallel_size": model.num_gpus, "dtype": model.dtype,
         "max_model_len": config.max_model_len, "max_num_seqs": config.max_batch_size,
-        "trust_remote_code": model.trust_remote_code,
+        "trust_remote_code": model.trust_remote_code, "enable_prefix_caching": config.prefix_caching,
     }
     if model.max_gpu_memory:
         if not gpu_memory_bytes:
