@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from ..errors import UsageError, VicunaError
 from .endpoint import EndpointsConfig
-from .engine.base import BACKENDS, EngineConfig, ModelConfig  # noqa: F401 - the configs the commands use
+from .engine.base import BACKENDS, EngineConfig, ModelConfig, served  # noqa: F401 - the configs the commands use
 from .moderation import ModerationConfig
 from .openai_api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N
 from .web import WebSettings
@@ -60,6 +60,9 @@ class ApiConfig:
                                        "(default: none)", metavar="KEYS")
     max_body_bytes: int = _f(DEFAULT_MAX_BODY_BYTES, "largest accepted request body")
     max_n: int = _f(DEFAULT_MAX_N, "largest n (choices per request)")
+    allow_runtime_lora: bool = _f(False, "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+                                         "runtime LoRA API, behind --api-keys): a client may then make the server "
+                                         "read any adapter directory it can see, so it is off by default")
 
 
 @dataclass
@@ -121,7 +124,9 @@ def add_flags(parser, cls, title: str, *, defaults: dict[str, Any] | None = None
         meta, kind = f.metadata, _kind(hints[f.name])
         default = (defaults or {}).get(f.name, f.default)
         kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
-        if kind is bool:
+        if meta.get("append"):  # a repeatable flag whose values all go to this one config (--lora a=.. --lora b=..)
+            kw.update(action="append", default=None, type=str, metavar=meta.get("metavar"))
+        elif kind is bool:
             kw.update(action=argparse.BooleanOptionalAction if default else "store_true", default=default)
         else:
             kw.update(type=str if kind in (tuple, list) else kind, choices=meta.get("choices"),
@@ -162,7 +167,8 @@ def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
 
 
 def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
-    """A started engine serving ``model`` as ``model.served_name`` with the chosen backend."""
+    """A started engine serving ``model`` as ``model.served_name`` with the chosen backend (its ``--lora
+    NAME=PATH`` adapters are in ``served(engine)``)."""
     engine = engine or EngineConfig()
     if model.backend == "vllm":
         from .engine.vllm import VLLMEngine
@@ -177,9 +183,9 @@ def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
 
     loaded = load_model(
         resolve_model_path(model.model_path), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,
-        max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.lora,
+        max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.applied_lora,
         conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code)
-    return HFEngine(loaded, engine).start()
+    return HFEngine(loaded, engine, adapters=model.lora_adapters).start()
 
 
 def load_engines(models: list[ModelConfig], engine: EngineConfig | None = None) -> dict[str, Any]:
@@ -188,11 +194,14 @@ def load_engines(models: list[ModelConfig], engine: EngineConfig | None = None) 
     try:
         for m in models:
             e = load_engine(m, engine)
-            if e.name in engines:
+            names = served(e)
+            clash = sorted(set(names) & set(engines))
+            if clash:
                 e.stop()
-                raise UsageError(f"two models would be served as {e.name!r}; give distinct --model-name values")
-            engines[e.name] = e
-            log.info("serving %s (%s backend)", e.name, m.backend)
+                raise UsageError(f"two models would be served as {clash[0]!r}; give distinct --model-name values "
+                                 "and --lora names")
+            engines.update(names)
+            log.info("serving %s (%s backend)", ", ".join(names), m.backend)
     except BaseException:
         stop_engines(engines)
         raise
@@ -204,13 +213,15 @@ def stop_engines(engines: dict[str, Any]) -> None:
         e.stop()
 
 
-def api_app(client, api: ApiConfig | None = None):
-    """The OpenAI-compatible API over any ModelClient (engines in this process or a controller)."""
+def api_app(client, api: ApiConfig | None = None, engines: dict[str, Any] | None = None):
+    """The OpenAI-compatible API over any ModelClient (engines in this process or a controller); ``engines``
+    (a LocalClient's table) feed /metrics and, with --allow-runtime-lora, take adapters at runtime."""
     from .openai_api import create_app
 
     api = api or ApiConfig()
     return create_app(client, api_keys=list(api.api_keys) or None, max_body_bytes=api.max_body_bytes,
-                      max_n=api.max_n)
+                      max_n=api.max_n, engines=engines.engines if engines is not None else None,
+                      lora_manager=engines if engines is not None and api.allow_runtime_lora else None)
 
 
 def web_store(web: WebConfig):
@@ -246,8 +257,9 @@ def local_app(engines: dict[str, Any], api: ApiConfig | None = None, web: WebCon
     web UI mounted at / of the same app."""
     from .model_client import LocalClient
 
-    client = front_client(LocalClient(engines), endpoints, moderation)
-    app = api_app(client, api)
+    local = LocalClient(engines)
+    client = front_client(local, endpoints, moderation)
+    app = api_app(client, api, engines=local)
     return app if web is None else with_web(app, client, web, settings)
 
 

@@ -50,6 +50,8 @@ class EngineCollector:
                 labels=["model"]),
         }
         for name, engine in self.engines().items():
+            if getattr(engine, "base_engine", None) is not None:
+                continue  # a LoRA adapter's view: its engine is counted once, under the engine's name
             s = engine.stats()
             for key, fam in (*gauges.items(), *counters.items()):
                 fam.add_metric([name], float(getattr(s, key)))

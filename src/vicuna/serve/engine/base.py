@@ -41,7 +41,12 @@ class ModelConfig:
     backend: str = _f("hf", "hf: our continuous-batching engine over transformers (CPU/CUDA); llamacpp: a GGUF "
                             "file through llama.cpp (CPU/Metal, pip install -e '.[llamacpp]'); vllm: vLLM (CUDA, "
                             "pip install -e '.[gpu]')", choices=BACKENDS)
-    lora: str | None = _f(None, "a PEFT LoRA adapter directory to serve on top of --model-path")
+    lora: tuple[str, ...] = _f((), "a PEFT LoRA adapter on top of --model-path: PATH serves the model with the "
+                                   "adapter applied, under the model's name (with several --model-path, on each); "
+                                   "NAME=PATH serves it as model NAME beside the base, which stays servable under "
+                                   "its own name (hf, vllm; one base in memory, rows of different adapters decoded "
+                                   "together); repeat for several adapters, e.g. --lora math=out/math "
+                                   "--lora code=out/code", metavar="[NAME=]PATH", append=True)
     conv_template: str | None = _f(None, "conversation template (see `vicuna templates list`); default: the "
                                          "tokenizer's chat_template, then a match on the model name")
     device: str = _f("auto", "where to run the model (hf backend)", choices=DEVICES)
@@ -55,6 +60,14 @@ class ModelConfig:
                              metavar="N")
 
     def __post_init__(self):
+        self.lora = (self.lora,) if isinstance(self.lora, str) else tuple(self.lora or ())
+        bare = [x for x in self.lora if lora_spec(x)[0] is None]
+        if len(bare) > 1:
+            raise UsageError(f"{len(bare)} bare --lora PATH given ({', '.join(bare)}); one adapter can be applied "
+                             "to the model itself: name the others, --lora NAME=PATH, to serve each as its own model")
+        names = [lora_spec(x)[0] for x in self.lora if lora_spec(x)[0] is not None]
+        if len(set(names)) < len(names):
+            raise UsageError(f"two --lora adapters are named alike ({', '.join(names)}); give distinct NAMEs")
         if self.backend not in BACKENDS:
             raise UsageError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.num_gpus < 1 or (self.threads is not None and self.threads < 1):
@@ -71,6 +84,24 @@ class ModelConfig:
             return DEFAULT_MODEL_NAME
         path = Path(str(self.model_path).rstrip("/"))
         return path.stem if path.suffix == ".gguf" else path.name
+
+    @property
+    def applied_lora(self) -> str | None:
+        """The bare ``--lora PATH``: applied to the model, served under its name (what --lora always meant)."""
+        return next((x for x in self.lora if lora_spec(x)[0] is None), None)
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """``--lora NAME=PATH`` adapters by served name."""
+        return dict(spec for spec in map(lora_spec, self.lora) if spec[0] is not None)
+
+
+def lora_spec(text: str) -> tuple[str | None, str]:
+    """``"NAME=PATH"`` -> (NAME, PATH); a bare ``"PATH"`` (or one whose '=' sits inside a path) -> (None, PATH)."""
+    name, sep, path = str(text).partition("=")
+    if sep and name and path and "/" not in name and "\\" not in name:
+        return name, path
+    return None, str(text)
 
 
 @dataclass
@@ -230,3 +261,60 @@ class EngineBase:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
+
+
+def served(engine) -> dict[str, Any]:
+    """What ``engine`` serves by model name: itself, and a view per LoRA adapter it holds."""
+    views = engine.adapter_views() if hasattr(engine, "adapter_views") else {}
+    return {engine.name: engine, **views}
+
+
+class AdapterView:
+    """A LoRA adapter of an engine, served as a model of its own (``--lora NAME=PATH``).
+
+    Everything is the engine's — the one base model, its KV cache, its batch, its queue — except the
+    name clients use and the adapter applied to their rows, so the front ends (the API, ``/v1/models``,
+    the worker and the controller's model list, the web UI and the arena) treat it as one more model.
+    Its ``stats`` are the engine's (the metrics count an engine once, under its own name).
+    """
+
+    def __init__(self, engine, name: str, path: str):
+        self.engine, self.name, self.path = engine, name, path
+
+    backend = property(lambda self: self.engine.backend)
+    tokenizer = property(lambda self: self.engine.tokenizer)
+    template = property(lambda self: self.engine.template)
+    defaults = property(lambda self: self.engine.defaults)
+    config = property(lambda self: self.engine.config)
+    max_model_len = property(lambda self: self.engine.max_model_len)
+    queue_length = property(lambda self: self.engine.queue_length)
+    base_engine = property(lambda self: self.engine)
+
+    async def generate(self, request: GenerateRequest):
+        stream = self.engine.generate(request, adapter=self.name)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()
+
+    async def embed(self, texts: list[str]):
+        return await self.engine.embed(texts, adapter=self.name)
+
+    def prepare(self, request: GenerateRequest):
+        return self.engine.prepare(request)
+
+    def count_tokens(self, text: str) -> int:
+        return self.engine.count_tokens(text)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def info(self) -> dict[str, Any]:
+        return {**self.engine.info(), "model": self.name, "base_model": self.engine.name, "lora": self.path}
+
+    def start(self) -> "AdapterView":
+        return self
+
+    def stop(self) -> None:
+        """Nothing: the engine is stopped by whoever started it."""

@@ -49,7 +49,7 @@ class ExternalEngine(EngineBase):
                 else:
                     self._stats.requests_aborted += 1
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], adapter: str | None = None) -> tuple[list[list[float]], int]:
         raise InvalidRequest(f"embeddings are served by the hf backend only; {self.name} runs on {self.backend}. "
                              "Run a `--backend hf` model for /v1/embeddings", param="model")
 

@@ -32,11 +32,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from ...errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServeError
+from ...errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, Overloaded, ServeError
 from ...generation import SamplingParams, Sequence
 from ...sizes import format_size, parse_size
 from ..core import Delta, GenerateRequest
-from .base import EngineBase, EngineConfig, EngineStats, Meter
+from .base import AdapterView, EngineBase, EngineConfig, EngineStats, Meter
 from .kv import KVPlan, KVShape, default_budget
 from .scheduler import Request, Scheduler
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 class _EmbedJob:
     inputs: list[list[int]]
     future: concurrent.futures.Future
+    adapter: str | None = None
     vectors: list[list[float]] = field(default_factory=list)
 
 
@@ -67,7 +68,7 @@ class HFEngine(EngineBase):
 
     backend = "hf"
 
-    def __init__(self, loaded, config: EngineConfig | None = None):
+    def __init__(self, loaded, config: EngineConfig | None = None, adapters: dict[str, str] | None = None):
         from .runner import Runner  # torch: loaded with the engine, not with the CLI
 
         self.loaded = loaded
@@ -107,6 +108,95 @@ class HFEngine(EngineBase):
         self._meter = Meter()
         self._step_time = 0.0
         self._lock = threading.Lock()
+        # LoRA adapters served as models of their own: served name -> (peft adapter name, path). The peft name is
+        # new at every load, so a reloaded adapter never meets the prefix-cache blocks of its predecessor.
+        self.adapters: dict[str, tuple[str, str]] = {}
+        self._adapter_ids = 0
+        self._adapter_jobs: collections.deque[tuple[str, str, concurrent.futures.Future]] = collections.deque()
+        self._retired: list[str] = []  # peft adapters unloaded from serving, deleted once no request uses them
+        for name, path in (adapters or {}).items():
+            self._attach(name, path)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def _attach(self, name: str, path: str) -> None:
+        """Load the adapter at ``path`` onto the one base model in memory, to serve as ``name``."""
+        from pathlib import Path
+
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ModelLoadError(f"--lora {name}={path}: no adapter_config.json there; pass a PEFT adapter directory")
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ModelLoadError("--lora needs peft: pip install peft") from None
+        self._adapter_ids += 1
+        internal = f"lora-{self._adapter_ids}-{name}"
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=internal)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=internal)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ModelLoadError(f"cannot apply the LoRA adapter {path} to {self.name}: {e}") from None
+        self.model.eval()
+        self.runner.set_model(self.model, base_adapter=self._base_adapter())
+        self.adapters[name] = (internal, path)
+        log.info("%s: LoRA adapter %s loaded from %s", self.name, name, path)
+
+    def _base_adapter(self) -> str:
+        """What peft calls the rows served under the engine's own name: a bare --lora PATH, else the base."""
+        return "default" if "default" in getattr(self.model, "peft_config", {}) else "__base__"
+
+    def adapter_views(self) -> dict[str, AdapterView]:
+        return {name: AdapterView(self, name, path) for name, (_, path) in self.adapters.items()}
+
+    async def load_adapter(self, name: str, path: str) -> AdapterView:
+        """Load an adapter while serving (``POST /v1/load_lora_adapter``); done by the model thread between steps."""
+        if name in self.adapters or name == self.name:
+            raise InvalidRequest(f"a model named {name!r} is already served", param="lora_name")
+        job = (name, path, concurrent.futures.Future())
+        with self._cv:
+            if self._thread is None:
+                raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
+            self._adapter_jobs.append(job)
+            self._cv.notify()
+        await asyncio.wrap_future(job[2])
+        return AdapterView(self, name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` now; its weights go once the requests already using it are done."""
+        if name not in self.adapters:
+            raise ModelNotFound.for_model(name, list(self.adapters))
+        internal, _ = self.adapters.pop(name)
+        with self._cv:
+            self._retired.append(internal)
+            self._cv.notify()
+
+    def _adapter_work(self) -> None:
+        """In the model thread (peft changes the modules a forward runs): loads asked for, unloads now unused."""
+        while self._adapter_jobs:
+            name, path, future = self._adapter_jobs.popleft()
+            try:
+                self._attach(name, path)
+            except ModelLoadError as e:
+                _settle(future, exception=InvalidRequest(str(e), param="lora_path"))
+            else:
+                _settle(future, result=True)
+        if self._retired:
+            sched = self.scheduler
+            busy = {r.adapter for r in (*sched.running, *sched.waiting) if not r.done}
+            for internal in [a for a in self._retired if a not in busy]:
+                self.model.delete_adapter(internal)
+                self._retired.remove(internal)
+                log.info("%s: LoRA adapter %s unloaded", self.name, internal)
+
+    def _adapter(self, name: str | None) -> str | None:
+        """The peft name of served adapter ``name`` (None: the engine's own model)."""
+        if name is None:
+            return None
+        try:
+            return self.adapters[name][0]
+        except KeyError:
+            raise ModelNotFound.for_model(name, [self.name, *self.adapters]) from None
 
     def _plan_kv(self) -> tuple[KVPlan, str]:
         shape = KVShape.of(self.model.config, self._dtype)
@@ -138,22 +228,26 @@ class HFEngine(EngineBase):
         self._thread = None
 
     # ------------------------------------------------------------------ requests (the asyncio side)
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
-        """Stream deltas for one request. Closing the iterator aborts it in the engine."""
+    async def generate(self, request: GenerateRequest, adapter: str | None = None) -> AsyncIterator[Delta]:
+        """Stream deltas for one request (through LoRA ``adapter``, a served name). Closing the iterator aborts
+        it in the engine."""
+        internal = self._adapter(adapter)
         prompt_ids, params = self.prepare(request)
-        stream = self.stream(prompt_ids, params)
+        stream = self.stream(prompt_ids, params, adapter=internal)
         try:
             async for delta in stream:
                 yield delta
         finally:
             await stream.aclose()
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Stream deltas for already validated prompt ids and settings (what ``generate`` runs)."""
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     adapter: str | None = None) -> AsyncIterator[Delta]:
+        """Stream deltas for already validated prompt ids and settings (what ``generate`` runs); ``adapter``:
+        the peft name of a loaded adapter."""
         if self._thread is None:
             raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
         queue: asyncio.Queue = asyncio.Queue()
-        req = Request(list(prompt_ids), Sequence(self.tokenizer, prompt_ids, params),
+        req = Request(list(prompt_ids), Sequence(self.tokenizer, prompt_ids, params), adapter=adapter,
                       loop=asyncio.get_running_loop(), queue=queue)
         waiting = self.scheduler.waiting
         with self._cv:
@@ -188,8 +282,9 @@ class HFEngine(EngineBase):
         rate = max(self.stats().tokens_per_second, 1.0)
         return round(min(30.0, max(1.0, len(self.scheduler.waiting) * self.config.default_max_tokens / rate / 4)), 1)
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], adapter: str | None = None) -> tuple[list[list[float]], int]:
         """Mean-pooled last hidden state, L2-normalised; computed in bounded chunks between decode steps."""
+        internal = self._adapter(adapter)
         cfg = self.config
         if len(texts) > cfg.max_embedding_inputs:
             raise InvalidRequest(f"input has {len(texts)} items; this server embeds at most "
@@ -209,7 +304,7 @@ class HFEngine(EngineBase):
             raise InvalidRequest(f"input has {total} tokens in all; this server embeds at most "
                                  f"{cfg.max_embedding_tokens} tokens per request: split it into several requests",
                                  param="input")
-        job = _EmbedJob(ids, concurrent.futures.Future())
+        job = _EmbedJob(ids, concurrent.futures.Future(), internal)
         with self._cv:
             if self._thread is None:
                 raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
@@ -244,6 +339,7 @@ class HFEngine(EngineBase):
             "max_queue": self.config.max_queue, "kv_cache_tokens": self.kv_plan.tokens,
             "kv_cache_bytes": self.kv_plan.bytes, "kv_block_size": self.kv_plan.block_size,
             "prefix_caching": self.scheduler.prefix_caching,
+            "lora_adapters": {name: path for name, (_, path) in self.adapters.items()},
         }
 
     # ------------------------------------------------------------------ the model thread
@@ -255,7 +351,8 @@ class HFEngine(EngineBase):
             self._warm_up()
             while True:
                 with self._cv:
-                    while not (self._stopping or sched.waiting or sched.running or self._embeds):
+                    while not (self._stopping or sched.waiting or sched.running or self._embeds
+                               or self._adapter_jobs or self._retired):
                         self._cv.wait(timeout=1.0)
                     if self._stopping:
                         break
@@ -276,6 +373,8 @@ class HFEngine(EngineBase):
         self._flush()
         while self._embeds:
             _settle(self._embeds.popleft().future, exception=stopped)
+        while self._adapter_jobs:
+            _settle(self._adapter_jobs.popleft()[2], exception=stopped)
 
     def _warm_up(self) -> None:
         """One tiny prefill and decode at start, so the first request does not pay the kernels' set-up."""
@@ -297,6 +396,7 @@ class HFEngine(EngineBase):
             if r.cancelled and not r.done:
                 self._abort(r)
         sched.drop_finished()
+        self._adapter_work()
         self._embed_chunk()
         preempted = sched.reserve_decode_slots()
         group, cancelled = ([], []) if preempted else sched.admit()  # vLLM: no newcomers in a step that preempted
@@ -355,7 +455,7 @@ class HFEngine(EngineBase):
                 continue
             ids = job.inputs[len(job.vectors)]
             try:
-                job.vectors.append(self.runner.embed(ids))
+                job.vectors.append(self.runner.embed(ids, job.adapter))
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 self._embeds.popleft()
                 _settle(job.future, exception=e)

@@ -12,7 +12,16 @@ Seams for what other parts add on top (one function each, so they stay small):
 - :meth:`Runner.prefill` computes the last position's logits (``logits_to_keep=1``); a
   request that needs every prompt position's logits prefills with ``logits_to_keep=0``
   and is admitted with ``cache_prefix=False`` so the positions it needs are computed;
-- :meth:`Runner._forward` is the only call into the model (adapters per row go here).
+- :meth:`Runner._forward` is the only call into the model.
+
+Many LoRA adapters on one base: rows of different adapters (and of the base) run in one
+forward through peft's mixed-batch inference (``adapter_names``, one entry per row): each
+LoRA layer computes the base projection for the whole batch once and adds each adapter's
+low-rank update to its own rows. Why peft's and not a batched LoRA matmul of our own
+(S-LoRA/punica style): peft already handles every adapter layout it can load (ranks,
+alphas, rsLoRA, target modules) with the same code that trains them, one base stays in
+memory, and on CPU the per-adapter gather it does costs little next to the base matmuls;
+a fused kernel pays off on GPUs at dozens of adapters, where the vLLM backend has one.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ class Runner:
 
     def __init__(self, model, plan: KVPlan):
         self.model = model
+        self.base_adapter = "__base__"  # what peft calls rows without an adapter of their own
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.plan = plan
@@ -53,20 +63,32 @@ class Runner:
             attn = "sdpa"
         self._float_mask = attn == "eager"  # eager adds the mask; sdpa takes a boolean one
 
+    def set_model(self, model, base_adapter: str) -> None:
+        """The model with LoRA adapters loaded (or removed); ``base_adapter``: what rows of the served base use."""
+        self.model = model
+        self.base_adapter = base_adapter
+
+    def _adapter_kwargs(self, rows: list[Any]) -> dict[str, Any]:
+        """``adapter_names`` for peft's mixed batch, once named adapters are loaded (else a plain forward)."""
+        named = [a for a in getattr(self.model, "peft_config", {}) if a != "default"]
+        if not named:
+            return {}
+        return {"adapter_names": [r.adapter or self.base_adapter for r in rows]}
+
     def slots(self, blocks: list[int], start: int, end: int):
         """Slot of each token ``start..end-1`` of a sequence holding ``blocks``."""
         bs = self.plan.block_size
         j = torch.arange(start, end)
         return torch.tensor(blocks, dtype=torch.long)[j // bs] * bs + j % bs
 
-    def _forward(self, ids, positions, mask):
+    def _forward(self, ids, positions, mask, **adapters):
         """The model's scores at each row's last position (the only call into the model)."""
         d = self.device
         mask = mask.to(d)
         if self._float_mask:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=d).masked_fill(~mask, torch.finfo(self.dtype).min)
         out = self.model(input_ids=ids.to(d), position_ids=positions.to(d), attention_mask=mask, cache=self.kv,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **adapters)
         return out.logits[:, -1]
 
     def warm_up(self, blocks: list[int]) -> None:
@@ -115,7 +137,7 @@ class Runner:
             # a query sees the row's keys up to its own position (a padding query, at position 0, sees key 0)
             mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, :] < lengths[:, None])[:, None, :]
             self.kv.plan_forward(write.view(-1).to(self.device), read.to(self.device))
-        return self._forward(ids, positions, mask[:, None])
+        return self._forward(ids, positions, mask[:, None], **self._adapter_kwargs(rows))
 
     def decode(self, rows: list[Any]):
         """One forward adding every row's ``last_token`` after its ``length`` cached tokens; the logits."""
@@ -129,7 +151,7 @@ class Runner:
         write = slots.gather(1, lengths[:, None]).view(-1)
         self.kv.plan_forward(write.to(self.device), slots.to(self.device))
         return self._forward(torch.tensor([[r.last_token] for r in rows]), lengths[:, None],
-                             valid[:, None, None, :])
+                             valid[:, None, None, :], **self._adapter_kwargs(rows))
 
     def sample(self, rows: list[Any], logits) -> list[int | ServeError]:
         """The next token of every row, or the error that row fails with (it fails alone; the others go on).
@@ -156,8 +178,9 @@ class Runner:
                 out.append(ServeError(f"sampling failed: {type(e).__name__}: {e}", status=500))
         return out
 
-    def embed(self, ids: list[int]) -> list[float]:
+    def embed(self, ids: list[int], adapter: str | None = None) -> list[float]:
         """Mean-pooled last hidden state of ``ids``, L2-normalised (no KV cache involved)."""
+        row = type("Row", (), {"adapter": adapter})
         hidden = self.model(input_ids=torch.tensor([ids], device=self.device), output_hidden_states=True,
-                            use_cache=False, logits_to_keep=1).hidden_states[-1][0]
+                            use_cache=False, logits_to_keep=1, **self._adapter_kwargs([row])).hidden_states[-1][0]
         return torch.nn.functional.normalize(hidden.float().mean(dim=0), dim=-1).cpu().tolist()
