@@ -14,7 +14,7 @@ import random
 import pytest
 from conftest import run_cli, wait_idle
 
-from vicuna.generation import SamplingParams, generate
+from vicuna.generation import generate, sampling_params
 from vicuna.model import load_model
 from vicuna.serve.core import GenerateRequest
 from vicuna.serve.engine import EngineConfig, ModelConfig
@@ -47,7 +47,7 @@ def alone(model_dir, lora, messages, n):
     from vicuna.conversation import encode, render_prompt
 
     ids = encode(m.tokenizer, render_prompt(m.template, messages, m.tokenizer))
-    params = SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=tuple(m.defaults.stop_token_ids))
+    params = sampling_params(m.defaults, max_new_tokens=n, temperature=0)  # what the engine applies to a request
     return generate(m.model, m.tokenizer, ids, params)[0].strip()
 
 
