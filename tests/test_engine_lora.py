@@ -198,3 +198,25 @@ def test_vllm_maps_many_adapters(tmp_path):
     assert applied.lora_path == dirs["c"] and {n: r.lora_path for n, r in named.items()} == {"a": dirs["a"],
                                                                                             "b": dirs["b"]}
     assert len({r.lora_int_id for r in (applied, *named.values())}) == 3  # vLLM keys adapters by these ids
+
+
+def test_a_worker_registers_and_routes_its_adapters(tiny_model_dir, adapters):
+    from vicuna.serve.launch import load_engine
+    from vicuna.serve.worker import create_worker_app
+
+    engine = load_engine(ModelConfig(model_path=str(tiny_model_dir), model_name="tiny", device="cpu",
+                                     lora=(f"alpha={adapters['alpha']}",)), EngineConfig(kv_cache_memory="32MiB"))
+    try:
+        with ServerThread(create_worker_app(engine)) as url:
+            assert httpx.get(url + "/worker_get_status").json()["model_names"] == ["tiny", "alpha"]
+            body = {"request": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+                                "ignore_eos": True}}
+            answers = {}
+            for model in ("tiny", "alpha"):
+                r = httpx.post(url + "/worker_generate_stream", json={**body, "model": model})
+                answers[model] = "".join(json.loads(x).get("text", "") for x in r.text.splitlines() if x.strip())
+            assert answers["tiny"] != answers["alpha"]
+            r = httpx.post(url + "/worker_generate_stream", json={**body, "model": "beta"})
+            assert r.status_code == 404
+    finally:
+        engine.stop()
