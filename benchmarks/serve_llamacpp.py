@@ -32,7 +32,7 @@ from typing import Iterator
 
 from _bench import ROOT, parse_args, recording, skip  # noqa: E402
 from vicuna.gpucheck import throughput  # noqa: E402  (the GPU pack's load generator: openai client, streaming)
-from vicuna.serve.engine_llamacpp import DEFAULT_KV_BYTES, gguf_metadata  # noqa: E402
+from vicuna.serve.engine.llamacpp import DEFAULT_KV_BYTES, gguf_metadata  # noqa: E402
 from vicuna.serve.server import free_port  # noqa: E402
 
 LEVELS = (1, 16)

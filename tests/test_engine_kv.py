@@ -19,7 +19,10 @@ from vicuna.model import load_model
 from vicuna.serve.model_client import LocalClient
 from vicuna.errors import InvalidRequest, ServeError
 from vicuna.serve.engine import EngineConfig, HFEngine
-from vicuna.serve.kv import BlockAllocator, KVCacheError, KVPlan, KVShape, gpu_budget, parse_size
+from vicuna.errors import UsageError
+from vicuna.serve.engine.kv import KVCacheError, KVPlan, KVShape, gpu_budget
+from vicuna.serve.engine.scheduler import BlockPool
+from vicuna.sizes import parse_size
 from vicuna.serve.openai_api import create_app
 from vicuna.serve.server import ServerThread
 
@@ -55,10 +58,14 @@ async def collect(engine, ids, params):
 
 
 def test_parse_size_and_errors():
-    assert parse_size("4GiB") == parse_size("4G") == parse_size("4gb") == 4 * 1024 ** 3
-    assert parse_size("512MiB") == 512 * 1024 ** 2 and parse_size("1.5K") == 1536 and parse_size("1000") == 1000
-    for bad in ("lots", "4 parsecs", "", "-1G"):
-        with pytest.raises(KVCacheError, match="memory size"):
+    # one rule for the whole project, Hugging Face's and accelerate's: KiB/MiB/GiB are powers of 1024,
+    # K/M/G (with or without B) powers of 1000
+    assert parse_size("4GiB") == parse_size("4 gib") == 4 * 1024 ** 3
+    assert parse_size("4G") == parse_size("4gb") == parse_size("4GB") == 4 * 10 ** 9
+    assert parse_size("512MiB") == 512 * 1024 ** 2 and parse_size("512MB") == 512 * 10 ** 6
+    assert parse_size("1.5K") == 1500 and parse_size("1.5KiB") == 1536 and parse_size("1000") == 1000
+    for bad in ("lots", "4 parsecs", "", "-1G", "0", "4GiBB"):
+        with pytest.raises(UsageError, match="memory size"):
             parse_size(bad)
     with pytest.raises(KVCacheError, match="raise --kv-cache-memory"):
         KVPlan.for_budget(KVShape(30, 3, 64, 4), 1000)
@@ -73,7 +80,7 @@ def test_serve_refuses_an_unreadable_or_too_small_budget_with_exit_2(tiny_model_
 
 
 def test_block_allocator_all_or_nothing_and_reuses_freed_blocks_first():
-    a = BlockAllocator(5)
+    a = BlockPool(5, caching=False)
     first = a.allocate(3)
     assert sorted(first) == [1, 2, 3] and a.num_free == 2  # block 0 is never handed out
     assert a.allocate(3) is None and a.num_free == 2  # nothing taken when it does not fit
@@ -225,7 +232,8 @@ def test_waiting_requests_start_as_blocks_free_up(loaded):
 def test_prompts_arriving_together_are_prefilled_together_within_the_budget(loaded, budget):
     """Six prompts queued at once: one forward under a 2048-token prefill budget; under the CPU default (256
     tokens, padding included) as many forwards as the budget needs, each newcomer's first token sooner."""
-    engine = HFEngine(loaded, EngineConfig(max_prefill_tokens=budget)).start()
+    # no prefix cache: the prompts share a prefix, and the groups below are counted on whole prompts
+    engine = HFEngine(loaded, EngineConfig(max_prefill_tokens=budget, prefix_caching=False)).start()
     prompts = [chat_ids(loaded, "hello " * (1 + 3 * i)) for i in range(6)]
     try:
         async def run_all():
@@ -256,6 +264,95 @@ def test_prompts_arriving_together_are_prefilled_together_within_the_budget(load
                 groups, rows, width = groups + 1, 0, 0
             rows, width = rows + 1, max(width, len(ids))
         assert forwards == groups > 1
+
+
+# ---------------------------------------------------------------------- prefix cache
+
+
+def test_prefix_cache_outputs_equal_running_alone_through_preemption_and_eviction(loaded):
+    """Six requests sharing a long system text, twice over, in a cache that holds about three: rows are
+    preempted and readmitted from their cached blocks, cached prefixes are evicted under pressure, later
+    rounds hit the cache, and every stream is exactly what it is alone with no cache at all."""
+    engine = HFEngine(loaded, EngineConfig(block_size=8, kv_cache_memory=budget_for(loaded, 320))).start()
+    system = "you are a careful assistant " * 6
+    prompts = [chat_ids(loaded, system + "word " * (1 + 2 * i)) for i in range(6)]
+    settings = [dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=7)] * 3
+    try:
+        async def run_all():
+            return await asyncio.gather(*(
+                collect(engine, ids, SamplingParams(**s, max_new_tokens=60, ignore_eos=True))
+                for ids, s in zip(prompts, settings)))
+
+        rounds = [asyncio.run(run_all()) for _ in range(2)]
+        s = wait_idle(engine)
+    finally:
+        engine.stop()
+    assert s.preemptions >= 1 and s.prefix_cache_evictions >= 1, s
+    assert s.prefix_cache_hits >= 5 * len(prompts[0]) // 2, s  # most of every prompt after the first came cached
+    assert s.kv_blocks_free == s.kv_blocks  # cached blocks are free blocks: nothing leaked
+    for got in rounds:
+        for ids, kw, text in zip(prompts, settings, got):
+            assert text == alone(loaded, ids, 60, **kw)
+
+
+def test_a_prefill_after_a_cached_prefix_gives_the_scores_of_a_full_prefill(loaded):
+    """The runner alone, scores compared (the tiny model's greedy text is a weak witness): rows that start
+    after cached blocks, beside a row with nothing cached, score as a full prefill of their context does."""
+    import torch
+
+    from vicuna.serve.engine.scheduler import Request
+
+    engine = HFEngine(loaded, EngineConfig(block_size=4, kv_cache_memory=budget_for(loaded, 2048)))
+    sched, runner = engine.scheduler, engine.runner
+    shared = chat_ids(loaded, "a shared beginning " * 4)
+
+    def admit(ids, caching=True):
+        r = Request(ids, type("Seq", (), {"output_ids": []})(), cache_prefix=caching)
+        sched.waiting.append(r)
+        group, _ = sched.admit()
+        assert group == [r]
+        return r
+
+    with torch.inference_mode():
+        first = admit(shared)
+        runner.prefill([first])
+        first.length = len(shared)
+        sched.running_added([first])
+        rows = [admit(shared + chat_ids(loaded, "then this")), admit(shared[:-3] + [5, 6, 7, 8, 9]),
+                admit(chat_ids(loaded, "unrelated"), caching=False)]
+        assert [r.cached > 0 for r in rows] == [True, True, False]
+        cached = runner.prefill(rows)
+        for r, got in zip(rows, cached):
+            full = admit(r.prompt_ids, caching=False)
+            assert full.cached == 0
+            torch.testing.assert_close(runner.prefill([full])[0], got, rtol=0, atol=1e-5)
+
+
+def test_prefix_cache_off_and_on_give_the_same_chat_turns_and_metrics_count_hits(loaded):
+    """A three-turn chat through the API with the cache on and off: the same answers; on, the later turns'
+    history comes from the cache, and /metrics says how much."""
+    answers, hits = {}, {}
+    for caching in (True, False):
+        engine = HFEngine(loaded, EngineConfig(prefix_caching=caching, kv_cache_memory="64MiB")).start()
+        try:
+            with ServerThread(create_app(LocalClient({"tiny": engine}))) as url:
+                client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+                msgs, got = [{"role": "system", "content": "be brief " * 20}], []
+                for turn in ("hello there", "and then?", "one more"):
+                    msgs.append({"role": "user", "content": turn})
+                    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                                       extra_body={"ignore_eos": True})
+                    got.append(r.choices[0].message.content)
+                    msgs.append({"role": "assistant", "content": got[-1]})
+                metrics = httpx.get(url + "/metrics").text
+        finally:
+            engine.stop()
+        answers[caching] = got
+        line = next(x for x in metrics.splitlines() if x.startswith('vicuna_prefix_cache_hits_total{model="tiny"}'))
+        hits[caching] = float(line.split()[-1])
+        assert 'vicuna_prefix_cache_queries_total{model="tiny"}' in metrics
+    assert answers[True] == answers[False]
+    assert hits[True] >= 32 and hits[False] == 0  # the system text and earlier turns, in whole blocks
 
 
 # ---------------------------------------------------------------------- one bad row
@@ -296,7 +393,7 @@ def test_a_row_whose_sampling_breaks_fails_alone(loaded):
 def test_non_finite_model_scores_fail_only_that_row(loaded, monkeypatch):
     engine = HFEngine(loaded, EngineConfig()).start()
     good, poisoned = chat_ids(loaded, "fine"), chat_ids(loaded, "poison")
-    forward = engine._forward
+    forward = engine.runner._forward
 
     def poison_rows(ids, positions, mask):  # the model "overflows" for one row only
         logits = forward(ids, positions, mask)
@@ -305,7 +402,7 @@ def test_non_finite_model_scores_fail_only_that_row(loaded, monkeypatch):
                 logits[i, 3] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine, "_forward", poison_rows)
+    monkeypatch.setattr(engine.runner, "_forward", poison_rows)
     try:
         async def run_both():
             async def bad():
@@ -408,3 +505,25 @@ def test_real_model_batched_greedy_and_a_poisoned_neighbour(real_model):
     for ids, text in zip(prompts, texts):
         assert text == generate(real_model.model, real_model.tokenizer, ids, greedy)[0]
     assert isinstance(err, InvalidRequest) and err.param == "repetition_penalty"
+
+
+@pytest.mark.real_model
+def test_real_model_prefix_cache_gives_what_a_full_prefill_gives(real_model):
+    """SmolLM2 in float32: the second turn of a chat, its history found in the prefix cache, answers
+    exactly as a full prefill of it does."""
+    engine = HFEngine(real_model, EngineConfig(kv_cache_memory="128MiB")).start()
+    greedy = sampling_params(real_model.defaults, max_new_tokens=16, temperature=0)
+    msgs = [{"role": "system", "content": "You are a helpful assistant who answers in one sentence."},
+            {"role": "user", "content": "What is the capital of France?"}]
+    try:
+        first = asyncio.run(collect(engine, encode(real_model.tokenizer, render_prompt(
+            real_model.template, msgs, real_model.tokenizer)), greedy))
+        msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
+        ids = encode(real_model.tokenizer, render_prompt(real_model.template, msgs, real_model.tokenizer))
+        before = engine.stats().prefix_cache_hits
+        second = asyncio.run(collect(engine, ids, greedy))
+        hit = engine.stats().prefix_cache_hits - before
+    finally:
+        engine.stop()
+    assert hit >= 32, hit  # the system prompt and the first turn, in whole 16-token blocks
+    assert second == generate(real_model.model, real_model.tokenizer, ids, greedy)[0]

@@ -12,7 +12,7 @@ from vicuna.generation import SamplingParams
 from vicuna.model import ModelLoadError
 from vicuna.errors import ServeError
 from vicuna.serve.engine import EngineConfig
-from vicuna.serve.engine_llamacpp import LlamaCppEngine, completion_body, parse_chunk
+from vicuna.serve.engine.llamacpp import LlamaCppEngine, completion_body, parse_chunk
 from vicuna.serve.launch import ModelConfig
 
 
@@ -33,6 +33,7 @@ def test_completion_body_maps_our_settings():
     assert b["samplers"] == ["penalties", "temperature", "top_k", "top_p"]  # temperature first, as HF/vLLM
     assert b["min_p"] == 0.0 and b["top_k"] == 0 and b["repeat_penalty"] == 1.1 and b["repeat_last_n"] > 10**6
     assert b["seed"] == 5 and b["stop"] == ["###"] and b["n_probs"] == 1  # the chosen token's logprob needs 1
+    assert b["cache_prompt"] is True and completion_body([1], p, cache_prompt=False)["cache_prompt"] is False
     assert "seed" not in completion_body([1], SamplingParams()) and "n_probs" not in completion_body([1], SamplingParams())
 
 
@@ -95,7 +96,7 @@ def test_prompt_text_and_ids_match_the_hf_model_and_llama_cpp(real_model_dir):
 
     from vicuna.conversation import encode, render_prompt
     from vicuna.model import load_model
-    from vicuna.serve.engine_llamacpp import load_gguf_tokenizer
+    from vicuna.serve.engine.llamacpp import load_gguf_tokenizer
 
     gguf = smollm2_gguf()
     hf = load_model(real_model_dir, device="cpu")
@@ -133,7 +134,7 @@ def test_default_gguf_gets_the_default_models_sampling_and_the_kv_budget():
     try:
         d = engine.defaults
         assert (d.temperature, d.repetition_penalty) == (0.0, 1.2) and 2 in d.stop_token_ids
-        from vicuna.serve.engine_llamacpp import gguf_metadata
+        from vicuna.serve.engine.llamacpp import gguf_metadata
 
         per_token = gguf_metadata(smollm2_gguf())["kv_bytes_per_token"]
         assert engine.kv_cells == min(256 * 4, (16 << 20) // per_token) < 256 * 4  # the budget binds

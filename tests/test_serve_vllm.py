@@ -17,8 +17,8 @@ from vicuna.errors import UsageError
 from vicuna.generation import SamplingParams
 from vicuna.model import load_model
 from vicuna.serve.engine import EngineConfig
-from vicuna.serve.engine_external import parse_size
-from vicuna.serve.engine_vllm import OutputReader, VLLMEngine, engine_args, logprob_entries, sampling_kwargs
+from vicuna.sizes import parse_size
+from vicuna.serve.engine.vllm import OutputReader, VLLMEngine, engine_args, logprob_entries, sampling_kwargs
 from vicuna.serve.launch import ModelConfig, local_app
 
 GiB = 1 << 30
@@ -33,10 +33,12 @@ def test_every_option_is_mapped_or_refused(tmp_path):
     args = engine_args(m, EngineConfig(max_batch_size=48, max_model_len=4096), gpu_memory_bytes=80 * GiB)
     assert args == {"model": "/m", "tokenizer": "/m", "tensor_parallel_size": 2, "dtype": "bfloat16",
                     "max_model_len": 4096, "max_num_seqs": 48, "trust_remote_code": True,
-                    "gpu_memory_utilization": 0.25, "quantization": "fp8", "enable_lora": True, "max_loras": 1,
+                    "enable_prefix_caching": True, "gpu_memory_utilization": 0.25, "quantization": "fp8", "enable_lora": True, "max_loras": 1,
                     "max_lora_rank": 16}
     plain = engine_args(ModelConfig(model_path="/m", backend="vllm"), EngineConfig())
     assert not {"gpu_memory_utilization", "quantization", "enable_lora"} & set(plain)
+    no_cache = engine_args(ModelConfig(model_path="/m", backend="vllm"), EngineConfig(prefix_caching=False))
+    assert no_cache["enable_prefix_caching"] is False  # --no-prefix-caching
     for bad, match in [({"device": "cpu"}, "CUDA"), ({"threads": 4}, "--threads"),
                        ({"max_gpu_memory": "200GiB"}, "more than the GPU")]:
         with pytest.raises(UsageError, match=match):

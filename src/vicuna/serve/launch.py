@@ -4,7 +4,7 @@ Every entry point that serves a model goes through here: `vicuna serve` and its 
 (worker, controller, api, web), `eval answer`'s in-process server, the benchmarks and the
 tests. The configs are plain dataclasses; their CLI flags are generated from the fields
 (:func:`add_flags`, each field's ``metadata["help"]``), so a new field — in
-:class:`~vicuna.serve.engine.EngineConfig`, say — is a flag everywhere at once, with its
+:class:`~vicuna.serve.engine.base.EngineConfig`, say — is a flag everywhere at once, with its
 default stated only on the field. Below the CLI nothing sees an ``argparse.Namespace``.
 """
 
@@ -18,14 +18,12 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UsageError, VicunaError
-from ..model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES
 from .arena import DEFAULT_DB_HELP
 from .endpoint import EndpointsConfig
-from .engine import EngineConfig
+from .engine.base import BACKENDS, EngineConfig, ModelConfig, served  # noqa: F401 - the configs the commands use
 from .moderation import ModerationConfig
 from .openai_api import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_N
 from .web import WebSettings
@@ -33,57 +31,12 @@ from .web import WebSettings
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "VICUNA_SECRET"
-BACKENDS = ("hf", "llamacpp", "vllm")
 PORTS = {"api": 8000, "worker": 21002, "controller": 21001, "web": 7860}
 DEFAULT_CONTROLLER = f"http://127.0.0.1:{PORTS['controller']}"
 
 
 def _f(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
-
-
-@dataclass
-class ModelConfig:
-    """What to serve and how to load it."""
-
-    model_path: str | None = _f(None, f"Hugging Face model directory, or a .gguf file with --backend llamacpp "
-                                      f"(default: {DEFAULT_MODEL_NAME}, imported by `make install`, or its GGUF with "
-                                      "--backend llamacpp; 'demo': the tiny bundled demo model)", metavar="PATH")
-    model_name: str | None = _f(None, "name to serve the model as (default: the directory or file name)",
-                                metavar="NAME")
-    backend: str = _f("hf", "hf: our continuous-batching engine over transformers (CPU/CUDA); llamacpp: a GGUF "
-                            "file through llama.cpp (CPU/Metal, pip install -e '.[llamacpp]'); vllm: vLLM (CUDA, "
-                            "pip install -e '.[gpu]')", choices=BACKENDS)
-    lora: str | None = _f(None, "a PEFT LoRA adapter directory to serve on top of --model-path")
-    conv_template: str | None = _f(None, "conversation template (see `vicuna templates list`); default: the "
-                                         "tokenizer's chat_template, then a match on the model name")
-    device: str = _f("auto", "where to run the model (hf backend)", choices=DEVICES)
-    dtype: str = _f("auto", AUTO_DTYPE_HELP, choices=DTYPES)
-    num_gpus: int = _f(1, "split the model over this many GPUs (hf: device map; vllm: tensor parallel)")
-    max_gpu_memory: str | None = _f(None, "GPU memory the model may use per GPU, e.g. 20GiB (hf: device-map cap; "
-                                          "vllm: its gpu_memory_utilization)", metavar="SIZE")
-    load_8bit: bool = _f(False, "8-bit weights (hf: bitsandbytes; vllm: online FP8 quantization); CUDA only")
-    trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
-    threads: int | None = _f(None, "CPU threads for --backend llamacpp (default: llama.cpp's, the physical cores)",
-                             metavar="N")
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise UsageError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
-        if self.num_gpus < 1 or (self.threads is not None and self.threads < 1):
-            raise UsageError("--num-gpus and --threads must be >= 1")
-        if self.backend == "vllm" and not self.model_path:
-            raise UsageError("--backend vllm needs --model-path (a Hugging Face model directory or hub id)")
-
-    @property
-    def served_name(self) -> str:
-        """The name clients use: --model-name, else the directory or file name."""
-        if self.model_name:
-            return self.model_name
-        if not self.model_path:
-            return DEFAULT_MODEL_NAME
-        path = Path(str(self.model_path).rstrip("/"))
-        return path.stem if path.suffix == ".gguf" else path.name
 
 
 @dataclass
@@ -108,6 +61,9 @@ class ApiConfig:
                                        "(default: none)", metavar="KEYS")
     max_body_bytes: int = _f(DEFAULT_MAX_BODY_BYTES, "largest accepted request body")
     max_n: int = _f(DEFAULT_MAX_N, "largest n (choices per request)")
+    allow_runtime_lora: bool = _f(False, "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+                                         "runtime LoRA API, behind --api-keys): a client may then make the server "
+                                         "read any adapter directory it can see, so it is off by default")
 
 
 @dataclass
@@ -170,7 +126,9 @@ def add_flags(parser, cls, title: str, *, defaults: dict[str, Any] | None = None
         meta, kind = f.metadata, _kind(hints[f.name])
         default = (defaults or {}).get(f.name, f.default)
         kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
-        if kind is bool:
+        if meta.get("append"):  # a repeatable flag whose values all go to this one config (--lora a=.. --lora b=..)
+            kw.update(action="append", default=None, type=str, metavar=meta.get("metavar"))
+        elif kind is bool:
             kw.update(action=argparse.BooleanOptionalAction if default else "store_true", default=default)
         else:
             kw.update(type=str if kind in (tuple, list) else kind, choices=meta.get("choices"),
@@ -211,19 +169,20 @@ def model_configs(args: argparse.Namespace) -> list[ModelConfig]:
 
 
 def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
-    """A started engine serving ``model`` as ``model.served_name`` with the chosen backend."""
+    """A started engine serving ``model`` as ``model.served_name`` with the chosen backend (its ``--lora
+    NAME=PATH`` adapters are in ``served(engine)``)."""
     engine = engine or EngineConfig()
     if model.backend == "vllm":
-        from .engine_vllm import VLLMEngine
+        from .engine.vllm import VLLMEngine
 
         return VLLMEngine.load(model, engine).start()
     if model.backend == "llamacpp":
-        from .engine_llamacpp import LlamaCppEngine
+        from .engine.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine.load(model, engine).start()
-    from .engine import HFEngine
+    from .engine.hf import HFEngine
 
-    return HFEngine(load_hf_model(model), engine).start()
+    return HFEngine(load_hf_model(model), engine, adapters=model.lora_adapters).start()
 
 
 def load_hf_model(model: ModelConfig):
@@ -232,7 +191,7 @@ def load_hf_model(model: ModelConfig):
 
     return load_model(
         resolve_model_path(model.model_path), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,
-        max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.lora,
+        max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.applied_lora,
         conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code)
 
 
@@ -242,11 +201,14 @@ def load_engines(models: list[ModelConfig], engine: EngineConfig | None = None) 
     try:
         for m in models:
             e = load_engine(m, engine)
-            if e.name in engines:
+            names = served(e)
+            clash = sorted(set(names) & set(engines))
+            if clash:
                 e.stop()
-                raise UsageError(f"two models would be served as {e.name!r}; give distinct --model-name values")
-            engines[e.name] = e
-            log.info("serving %s (%s backend)", e.name, m.backend)
+                raise UsageError(f"two models would be served as {clash[0]!r}; give distinct --model-name values "
+                                 "and --lora names")
+            engines.update(names)
+            log.info("serving %s (%s backend)", ", ".join(names), m.backend)
     except BaseException:
         stop_engines(engines)
         raise
@@ -258,13 +220,15 @@ def stop_engines(engines: dict[str, Any]) -> None:
         e.stop()
 
 
-def api_app(client, api: ApiConfig | None = None):
-    """The OpenAI-compatible API over any ModelClient (engines in this process or a controller)."""
+def api_app(client, api: ApiConfig | None = None, engines: dict[str, Any] | None = None):
+    """The OpenAI-compatible API over any ModelClient (engines in this process or a controller); ``engines``
+    (a LocalClient's table) feed /metrics and, with --allow-runtime-lora, take adapters at runtime."""
     from .openai_api import create_app
 
     api = api or ApiConfig()
     return create_app(client, api_keys=list(api.api_keys) or None, max_body_bytes=api.max_body_bytes,
-                      max_n=api.max_n)
+                      max_n=api.max_n, engines=engines.engines if engines is not None else None,
+                      lora_manager=engines if engines is not None and api.allow_runtime_lora else None)
 
 
 def web_store(web: WebConfig):
@@ -300,8 +264,9 @@ def local_app(engines: dict[str, Any], api: ApiConfig | None = None, web: WebCon
     web UI mounted at / of the same app."""
     from .model_client import LocalClient
 
-    client = front_client(LocalClient(engines), endpoints, moderation)
-    app = api_app(client, api)
+    local = LocalClient(engines)
+    client = front_client(local, endpoints, moderation)
+    app = api_app(client, api, engines=local)
     return app if web is None else with_web(app, client, web, settings)
 
 

@@ -43,8 +43,15 @@ class EngineCollector:
             "preemptions": CounterMetricFamily(
                 "vicuna_engine_preemptions", "Requests preempted when KV blocks ran out (recomputed later)",
                 labels=["model"]),
+            "prefix_cache_queries": CounterMetricFamily(
+                "vicuna_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", labels=["model"]),
+            "prefix_cache_hits": CounterMetricFamily(
+                "vicuna_prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed)",
+                labels=["model"]),
         }
         for name, engine in self.engines().items():
+            if getattr(engine, "base_engine", None) is not None:
+                continue  # a LoRA adapter's view: its engine is counted once, under the engine's name
             s = engine.stats()
             for key, fam in (*gauges.items(), *counters.items()):
                 fam.add_metric([name], float(getattr(s, key)))

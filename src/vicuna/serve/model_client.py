@@ -154,6 +154,37 @@ class LocalClient(_ClientBase):
                                  param="model")
         return engine
 
+    # runtime LoRA adapters (POST /v1/load_lora_adapter, /v1/unload_lora_adapter)
+    async def load_lora_adapter(self, name: str, path: str, base: str | None = None) -> None:
+        """Load the adapter at ``path`` onto a base served here and serve it as model ``name``."""
+        from ..errors import InvalidRequest
+
+        if not name or name in self.engines:
+            raise InvalidRequest(f"a model named {name!r} is already served; unload it first or pick another "
+                                 "lora_name", param="lora_name")
+        bases = {n: e for n, e in self.engines.items()
+                 if hasattr(e, "load_adapter") and getattr(e, "base_engine", None) is None}
+        if base is not None:
+            if base not in bases:
+                raise InvalidRequest(f"base_model_name {base!r} is not a model here that takes LoRA adapters "
+                                     f"(these do: {', '.join(bases) or 'none'})", param="base_model_name")
+            engine = bases[base]
+        elif len(bases) == 1:
+            engine = next(iter(bases.values()))
+        else:
+            raise InvalidRequest(f"{len(bases)} models here take LoRA adapters ({', '.join(bases) or 'none'}); "
+                                 "say which with base_model_name", param="base_model_name")
+        self.engines[name] = await engine.load_adapter(name, path)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        view = self.engines.get(name)
+        if getattr(view, "base_engine", None) is None:
+            adapters = [n for n, e in self.engines.items() if getattr(e, "base_engine", None) is not None]
+            raise ModelNotFound(f"no LoRA adapter named {name!r} is loaded (loaded: {', '.join(adapters) or 'none'})",
+                                param="lora_name")
+        view.base_engine.unload_adapter(name)
+        del self.engines[name]
+
     async def close(self) -> None:
         for engine in self.engines.values():
             engine.stop()

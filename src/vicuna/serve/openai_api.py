@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import InvalidRequest, ModelNotFound, ServeError, error_response
@@ -169,8 +169,9 @@ class _Usage:
 
 def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = DEFAULT_MAX_N, engines: dict | None = None,
-               title: str = "vicuna OpenAI-compatible API") -> FastAPI:
-    """The API app. ``engines`` (default: a LocalClient's) feed the engine gauges in /metrics."""
+               title: str = "vicuna OpenAI-compatible API", lora_manager=None) -> FastAPI:
+    """The API app. ``engines`` (default: a LocalClient's) feed the engine gauges in /metrics; ``lora_manager``
+    (a :class:`~vicuna.serve.model_client.LocalClient`) serves runtime LoRA loading, off without one."""
     if engines is None:
         engines = getattr(client, "engines", None)
     metrics = Metrics((lambda: engines) if engines is not None else None)
@@ -371,6 +372,24 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             raise InvalidRequest(f"name the model: this server has {len(names)} ({', '.join(names)})",
                                  param="model")
         return names[0]
+
+    def _lora_manager():
+        if lora_manager is None:
+            raise ServeError("this server does not load LoRA adapters at runtime: start it with "
+                             "--allow-runtime-lora (in-process hf/vllm models), or give --lora NAME=PATH at start",
+                             status=404, code="runtime_lora_disabled")
+        return lora_manager
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: P.LoadLoraAdapterRequest):
+        """vLLM's runtime adapter loading: the adapter is then served as model ``lora_name``."""
+        await _lora_manager().load_lora_adapter(body.lora_name, body.lora_path, body.base_model_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: P.UnloadLoraAdapterRequest):
+        _lora_manager().unload_lora_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):

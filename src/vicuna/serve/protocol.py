@@ -181,6 +181,21 @@ class CompletionRequest(_Sampling):
         return request
 
 
+class LoadLoraAdapterRequest(_TopLevel):
+    """vLLM's ``POST /v1/load_lora_adapter`` body (``base_model_name``: ours, when several bases are served)."""
+
+    lora_name: str
+    lora_path: str
+    base_model_name: str | None = None
+
+
+class UnloadLoraAdapterRequest(_TopLevel):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body (``lora_int_id`` is accepted and not needed)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class EmbeddingRequest(_TopLevel):
     model: str
     input: str | list[str] | list[int] | list[list[int]]

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..errors import InvalidRequest, ModelNotFound, ServeError, error_response
 from .core import GenerateRequest, bearer_ok, check_unicode
+from .engine.base import served
 from .metrics import Metrics
 from .model_client import tokenize_response
 
@@ -96,7 +97,7 @@ class Heartbeater:
 
     def _register(self) -> None:
         r = self.http.post(self.controller + "/register_worker", json={
-            "worker_address": self.address, "models": [self.engine.name],
+            "worker_address": self.address, "models": list(served(self.engine)),
             "queue_length": self.engine.queue_length, "info": self.engine.info()})
         if r.status_code == 401:
             log.error("the controller refused our secret; set the same --secret / VICUNA_SECRET everywhere")
@@ -151,15 +152,20 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return error_response(ServeError(f"internal worker error: {type(exc).__name__}", status=500))
 
-    def check_model(model: str | None) -> None:
-        if model is not None and model != engine.name:
-            raise ModelNotFound.for_model(model, [engine.name])
+    def check_model(model: str | None):
+        """The engine, or the LoRA adapter view, serving ``model`` (None: the worker's own model)."""
+        table = served(engine)
+        if model is None:
+            return engine
+        if model not in table:
+            raise ModelNotFound.for_model(model, list(table))
+        return table[model]
 
     @app.post("/worker_generate_stream")
     async def generate_stream(body: GenerateBody):
-        check_model(body.model)
+        target = check_model(body.model)
         request = GenerateRequest.from_wire(body.request)
-        stream = engine.generate(request)
+        stream = target.generate(request)
         try:
             first = await stream.__anext__()  # validation / overload errors become statuses
         except BaseException:
@@ -214,15 +220,15 @@ def create_worker_app(engine, *, secret: str | None = None) -> FastAPI:
 
     @app.post("/worker_get_embeddings")
     async def embeddings(body: EmbedBody):
-        check_model(body.model)
-        vectors, tokens = await engine.embed(body.input)
+        target = check_model(body.model)
+        vectors, tokens = await target.embed(body.input)
         return {"embeddings": vectors, "token_num": tokens}
 
     @app.post("/worker_get_status")
     @app.get("/worker_get_status")
     async def status():
         s = engine.stats()
-        return {"model_names": [engine.name], "queue_length": engine.queue_length, "waiting": s.waiting,
+        return {"model_names": list(served(engine)), "queue_length": engine.queue_length, "waiting": s.waiting,
                 "running": s.running, "requests_finished": s.requests_finished,
                 "requests_aborted": s.requests_aborted, "tokens_per_second": s.tokens_per_second, "speed": 1}
 

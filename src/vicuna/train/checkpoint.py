@@ -571,7 +571,8 @@ def consolidate(checkpoint: str | Path, output: str | Path, *, dtype: str | None
     import torch.distributed.checkpoint as dcp
 
     from ..errors import CheckpointError
-    from ..weights.checkpoint import DTYPES, ShardWriter, atomic_output_dir, parse_size, set_config_dtype
+    from ..sizes import parse_size
+    from ..weights.checkpoint import DTYPES, ShardWriter, atomic_output_dir, set_config_dtype
 
     ckpt = Path(checkpoint)
     why = problem(ckpt, all_hashes=True) if ckpt.is_dir() else f"{ckpt} is not a folder"

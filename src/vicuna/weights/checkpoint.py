@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CheckpointError, UsageError, WeightsError
+from ..sizes import parse_size
 from ..files import replace_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -258,22 +259,6 @@ def embedding_rows(ck: Checkpoint) -> tuple[str, int] | None:
 
 
 # ---------------------------------------------------------------------------- writing
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500*2**20, '123' -> 123 bytes (HF's convention for GB/MB)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"cannot read size {text!r}: use e.g. 2GB, 500MB, 400MiB or a number of bytes")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    n = int(float(m.group(1)) * mult)
-    if n <= 0:
-        raise UsageError(f"size {text!r} must be positive")
-    return n
 
 
 def resolve_shard_size(text: str, source: Checkpoint) -> int:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .checkpoint import DTYPES, atomic_output_dir, parse_size
+from ..sizes import parse_size
+from .checkpoint import DTYPES, atomic_output_dir
 
 log = logging.getLogger(__name__)
 

@@ -27,43 +27,26 @@ never handed out) is kept finite and is where padding reads from and writes
 to. The scratch holds one layer's gathered K/V for the batch, ``batch × longest row``
 slots: about the cache in use divided by the layers, more when one long row pads many short
 ones. On CUDA at scale use the vLLM backend, whose kernels read blocks in place.
+
+Which blocks a sequence holds, and which are shared through the prefix cache, is decided by
+:mod:`vicuna.serve.engine.scheduler` (no torch); this module only sizes and holds the pools.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UsageError
+from ...errors import UsageError
+from ...sizes import GiB, format_size
 
-GiB = 1024 ** 3
 CPU_FRACTION, CPU_CAP = 0.25, 4 * GiB  # default on CPU: min(a quarter of available RAM, 4 GiB)
 GPU_UTILIZATION = 0.90  # default on CUDA: the cache fills the device up to 90% of its total memory
-
-_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": GiB, "t": 1024 ** 4}
 
 
 class KVCacheError(UsageError):
     """A KV cache setting that cannot work; the message says what to change (exit code 2)."""
-
-
-def parse_size(text: str | int) -> int:
-    """``"4GiB"``, ``"4G"``, ``"512MB"``, ``"1.5g"`` or a byte count → bytes (K/M/G/T are powers of 1024)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
-    if not m:
-        raise KVCacheError(f"cannot read {text!r} as a memory size; write e.g. 4GiB, 512MiB or 2G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_size(n: float) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
@@ -159,34 +142,6 @@ def _available_ram() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # macOS and friends: total RAM
-
-
-class BlockAllocator:
-    """The free list of block ids ``1..num_blocks`` (block 0 is reserved for padding).
-
-    Freed blocks are handed out again first (a stack), so on CPU the memory a
-    budget touches stays close to the peak in use: pages of blocks never used
-    are never touched, and the resident set grows only with real load.
-    """
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks, 0, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int] | None:
-        """``n`` blocks, or None (and nothing taken) when fewer are free."""
-        if n > len(self._free):
-            return None
-        taken = self._free[len(self._free) - n:][::-1]
-        del self._free[len(self._free) - n:]
-        return taken
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
 
 
 class PagedKVCache:

@@ -27,19 +27,16 @@ import secrets
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
-from ..conversation import TemplateError, resolve_template
-from ..errors import ModelLoadError, ServeError, UsageError
-from ..generation import ModelDefaults, SamplingParams
-from ..model import model_defaults
-from .core import Delta, GenerateRequest
-from .engine import EngineConfig
-from .engine_external import ExternalEngine, LeadingStrip
-from .kv import parse_size
-
-if TYPE_CHECKING:
-    from .launch import ModelConfig
+from ...conversation import TemplateError, resolve_template
+from ...errors import ModelLoadError, ServeError, UsageError
+from ...generation import ModelDefaults, SamplingParams
+from ...model import model_defaults
+from ...sizes import parse_size
+from ..core import Delta, GenerateRequest
+from .base import EngineConfig, ModelConfig
+from .external import ExternalEngine, LeadingStrip
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +48,11 @@ DEFAULT_KV_BYTES = 2 << 30  # KV budget when --kv-cache-memory is not given: 2 G
 _END = object()
 
 
-def completion_body(prompt_ids: list[int], p: SamplingParams) -> dict[str, Any]:
-    """llama.cpp's completion request for our validated settings (its native parameter names)."""
+def completion_body(prompt_ids: list[int], p: SamplingParams, cache_prompt: bool = True) -> dict[str, Any]:
+    """llama.cpp's completion request for our validated settings (its native parameter names); ``cache_prompt``:
+    reuse the slot's KV of a common prefix (``--prefix-caching``, on by default)."""
     body: dict[str, Any] = {
-        "prompt": list(prompt_ids), "n_predict": p.max_new_tokens, "stream": True, "cache_prompt": True,
+        "prompt": list(prompt_ids), "n_predict": p.max_new_tokens, "stream": True, "cache_prompt": cache_prompt,
         "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "min_p": 0.0, "typical_p": 1.0,
         "repeat_penalty": p.repetition_penalty, "repeat_last_n": 1 << 30,  # the whole context, like HF
         "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
@@ -140,7 +138,7 @@ def load_gguf_tokenizer(path: Path) -> tuple[Any, dict[str, Any]]:
     return tokenizer, meta
 
 
-def check_options(model: "ModelConfig") -> Path:
+def check_options(model: ModelConfig) -> Path:
     """The GGUF file to load; refuses the options llama.cpp would silently ignore here."""
     refused = [(model.lora, "--lora (merge the adapter first: vicuna weights merge-lora, then convert to GGUF)"),
                (model.load_8bit, "--load-8bit (the GGUF file's quantization decides the weights' format)"),
@@ -151,7 +149,7 @@ def check_options(model: "ModelConfig") -> Path:
         if given:
             raise UsageError(f"--backend llamacpp does not take {what}")
     if not model.model_path:
-        from ..weights.gguf import default_gguf
+        from ...weights.gguf import default_gguf
 
         return default_gguf()
     path = Path(str(model.model_path)).expanduser()
@@ -178,7 +176,7 @@ class LlamaCppEngine(ExternalEngine):
         self._init_bookkeeping()
 
     @classmethod
-    def load(cls, model: "ModelConfig", config: EngineConfig) -> "LlamaCppEngine":
+    def load(cls, model: ModelConfig, config: EngineConfig) -> "LlamaCppEngine":
         path = check_options(model)
         try:
             import xllamacpp
@@ -213,7 +211,7 @@ class LlamaCppEngine(ExternalEngine):
         # A GGUF holds no generation_config; the default model's sampling is the one its import ships.
         shipped = None
         if not model.model_path:
-            from ..weights.gguf import DEFAULT_SAMPLING
+            from ...weights.gguf import DEFAULT_SAMPLING
 
             shipped = DEFAULT_SAMPLING
         engine = cls(server, name=name, tokenizer=tokenizer, template=template, context_length=max_len,
@@ -256,8 +254,9 @@ class LlamaCppEngine(ExternalEngine):
             raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
         with self.admitted(len(ids)) as track:
             loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-            thread = threading.Thread(target=self._complete, args=(completion_body(ids, p), loop, queue, cancelled),
-                                      daemon=True, name=f"llamacpp-{self.name}")
+            body = completion_body(ids, p, self.config.prefix_caching)
+            thread = threading.Thread(target=self._complete, args=(body, loop, queue, cancelled), daemon=True,
+                                      name=f"llamacpp-{self.name}")
             self._running[thread] = cancelled
             thread.start()
             strip, produced = LeadingStrip(p.strip_leading), 0

@@ -9,7 +9,10 @@ none is silently ignored:
 - ``--num-gpus N`` -> ``tensor_parallel_size=N``; ``--dtype`` -> ``dtype``;
 - ``--max-gpu-memory SIZE`` -> ``gpu_memory_utilization`` = SIZE / the GPU's memory;
 - ``--load-8bit`` -> vLLM's online FP8 weight quantization (``quantization="fp8"``; Ada/Hopper);
-- ``--lora DIR`` -> ``enable_lora`` with the adapter's rank, and a ``LoRARequest`` per request;
+- ``--no-prefix-caching`` -> ``enable_prefix_caching=False`` (on by default, as in vLLM);
+- ``--lora DIR`` / ``--lora NAME=DIR`` (repeatable) -> ``enable_lora``, ``max_loras`` = the number of adapters,
+  ``max_lora_rank`` = the largest rank, and a ``LoRARequest`` per request (each NAME its own model; runtime
+  ``/v1/load_lora_adapter`` adds one with a new id);
 - ``--device cpu`` / ``--threads`` -> refused (vLLM serves on CUDA here; use hf or llamacpp).
 
 The mapping functions import nothing from vLLM, so they are tested on CPU with fakes of
@@ -22,18 +25,16 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
-from ..conversation import TemplateError, resolve_template
-from ..errors import ModelLoadError, ServeError, UsageError
-from ..generation import ModelDefaults, SamplingParams
-from ..model import context_length_of, model_defaults
-from .core import Delta, GenerateRequest
-from .engine import EngineConfig
-from .engine_external import ExternalEngine, LeadingStrip, parse_size
-
-if TYPE_CHECKING:
-    from .launch import ModelConfig
+from ...conversation import TemplateError, resolve_template
+from ...errors import ModelLoadError, ServeError, UsageError
+from ...generation import ModelDefaults, SamplingParams
+from ...model import context_length_of, model_defaults
+from ...sizes import parse_size
+from ..core import Delta, GenerateRequest
+from .base import EngineConfig, ModelConfig
+from .external import ExternalEngine, LeadingStrip
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def lora_rank(adapter: str | Path) -> int:
                          "first with `vicuna weights merge-lora`")
 
 
-def engine_args(model: "ModelConfig", config: EngineConfig, gpu_memory_bytes: int | None = None) -> dict[str, Any]:
+def engine_args(model: ModelConfig, config: EngineConfig, gpu_memory_bytes: int | None = None) -> dict[str, Any]:
     """vLLM's ``AsyncEngineArgs`` keywords for our model and engine settings (refusing what vLLM cannot do)."""
     if model.device not in ("auto", "cuda"):
         raise UsageError(f"--backend vllm serves on CUDA GPUs; --device {model.device}: use --backend hf "
@@ -67,7 +68,7 @@ def engine_args(model: "ModelConfig", config: EngineConfig, gpu_memory_bytes: in
     args: dict[str, Any] = {
         "model": path, "tokenizer": path, "tensor_parallel_size": model.num_gpus, "dtype": model.dtype,
         "max_model_len": config.max_model_len, "max_num_seqs": config.max_batch_size,
-        "trust_remote_code": model.trust_remote_code,
+        "trust_remote_code": model.trust_remote_code, "enable_prefix_caching": config.prefix_caching,
     }
     if model.max_gpu_memory:
         if not gpu_memory_bytes:
@@ -80,8 +81,20 @@ def engine_args(model: "ModelConfig", config: EngineConfig, gpu_memory_bytes: in
     if model.load_8bit:
         args["quantization"] = "fp8"  # online FP8 weights: the 8-bit mode vLLM has for an unquantized checkpoint
     if model.lora:
-        args.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank(model.lora))
+        paths = [model.applied_lora, *model.lora_adapters.values()]
+        paths = [p for p in paths if p]
+        args.update(enable_lora=True, max_loras=len(paths), max_lora_rank=max(map(lora_rank, paths)))
     return args
+
+
+def lora_requests(model: ModelConfig, lora_request_cls) -> tuple[Any, dict[str, Any]]:
+    """(the bare --lora PATH's request or None, {NAME: request}) — one ``LoRARequest(name, int_id, path)`` per
+    adapter, ids from 1 (vLLM caches loaded adapters by id, up to ``max_loras`` on the GPU at once)."""
+    applied = lora_request_cls(Path(model.applied_lora).name, 1, str(model.applied_lora)) if model.applied_lora \
+        else None
+    named = {name: lora_request_cls(name, i, str(path))
+             for i, (name, path) in enumerate(model.lora_adapters.items(), start=2)}
+    return applied, named
 
 
 def sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
@@ -114,15 +127,43 @@ class VLLMEngine(ExternalEngine):
     backend = "vllm"
 
     def __init__(self, engine, *, name: str, tokenizer, template, context_length: int, config: EngineConfig,
-                 defaults: ModelDefaults, lora_request=None):
+                 defaults: ModelDefaults, lora_request=None, adapters: dict[str, Any] | None = None):
         self.engine, self.name, self.tokenizer, self.template = engine, name, tokenizer, template
         self.config, self.defaults = config, defaults
         self.max_model_len = min(config.max_model_len or context_length, context_length)
         self.lora_request = lora_request
+        self.adapters: dict[str, Any] = dict(adapters or {})  # served name -> LoRARequest
         self._init_bookkeeping()
 
+    def adapter_views(self) -> dict[str, Any]:
+        from .base import AdapterView
+
+        return {name: AdapterView(self, name, r.lora_path) for name, r in self.adapters.items()}
+
+    async def load_adapter(self, name: str, path: str):
+        """A new LoRARequest: vLLM loads the adapter on its first request (into one of ``max_loras`` slots)."""
+        from vllm.lora.request import LoRARequest
+
+        from ...errors import InvalidRequest
+        from .base import AdapterView
+
+        if name in self.adapters or name == self.name:
+            raise InvalidRequest(f"a model named {name!r} is already served", param="lora_name")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise InvalidRequest(f"{path}: no adapter_config.json there; pass a PEFT adapter directory",
+                                 param="lora_path")
+        ids = [r.lora_int_id for r in self.adapters.values()] + [getattr(self.lora_request, "lora_int_id", 0)]
+        self.adapters[name] = LoRARequest(name, max(ids) + 1, str(path))
+        return AdapterView(self, name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        from ...errors import ModelNotFound
+
+        if self.adapters.pop(name, None) is None:
+            raise ModelNotFound.for_model(name, list(self.adapters))
+
     @classmethod
-    def load(cls, model: "ModelConfig", config: EngineConfig) -> "VLLMEngine":
+    def load(cls, model: ModelConfig, config: EngineConfig) -> "VLLMEngine":
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
         except ImportError:
@@ -140,15 +181,16 @@ class VLLMEngine(ExternalEngine):
                                         model_type=hf_config.model_type)
         except TemplateError as e:
             raise ModelLoadError(str(e)) from None
-        lora_request = None
+        lora_request, adapters = None, {}
         if model.lora:
             from vllm.lora.request import LoRARequest
 
-            lora_request = LoRARequest(Path(model.lora).name, 1, str(model.lora))
+            lora_request, adapters = lora_requests(model, LoRARequest)
         engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(engine, name=name, tokenizer=tokenizer, template=template,
                    context_length=config.max_model_len or context_length_of(hf_config), config=config,
-                   defaults=model_defaults(path, tokenizer, template), lora_request=lora_request)
+                   defaults=model_defaults(path, tokenizer, template), lora_request=lora_request,
+                   adapters=adapters)
 
     def start(self) -> "VLLMEngine":
         return self
@@ -158,14 +200,21 @@ class VLLMEngine(ExternalEngine):
         if callable(shutdown):
             shutdown()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerateRequest, adapter: str | None = None) -> AsyncIterator[Delta]:
         from vllm import SamplingParams as VSampling
 
+        from ...errors import ModelNotFound
+
+        lora = self.lora_request
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise ModelNotFound.for_model(adapter, [self.name, *self.adapters])
+            lora = self.adapters[adapter]
         ids, p = self.prepare(request)
         with self.admitted(len(ids)) as track:
             rid, read = uuid.uuid4().hex, OutputReader(p.strip_leading, p.logprobs, len(ids))
             stream = self.engine.generate({"prompt_token_ids": ids}, VSampling(**sampling_kwargs(p)), rid,
-                                          lora_request=self.lora_request)
+                                          lora_request=lora)
             try:
                 async for out in stream:
                     before = read.tokens

@@ -9,44 +9,24 @@ prompt ids and settings to the library, which batches them itself. Left to us: a
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import threading
 import time
 from typing import Any, Iterator
 
-from ..errors import InvalidRequest, Overloaded, UsageError
-from .engine import EngineBase, EngineStats
-
-
-_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "M": 1000**2, "MB": 1000**2, "MIB": 1 << 20,
-          "G": 1000**3, "GB": 1000**3, "GIB": 1 << 30, "T": 1000**4, "TB": 1000**4, "TIB": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in a size such as ``20GiB``, ``512MB``, ``1.5G`` or ``1000000``."""
-    s = str(text).strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or value <= 0:
-        raise UsageError(f"cannot read the size {text!r}: use a number with an optional unit, e.g. 20GiB or 512MB")
-    return int(value * _UNITS[unit])
+from ...errors import InvalidRequest, Overloaded
+from .base import EngineBase, EngineStats, Meter
 
 
 class ExternalEngine(EngineBase):
     """Bookkeeping for a delegating engine; subclasses implement ``generate``, ``start`` and ``stop``."""
 
     backend = "external"
-    RATE_WINDOW = 10.0  # seconds of history behind tokens_per_second
 
     def _init_bookkeeping(self) -> None:
         self._inflight = 0
         self._stats = EngineStats()
-        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._meter = Meter()
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -69,15 +49,7 @@ class ExternalEngine(EngineBase):
                 else:
                     self._stats.requests_aborted += 1
 
-    def _count(self, tokens: int) -> None:
-        now = time.perf_counter()
-        with self._lock:
-            self._stats.generated_tokens += tokens
-            self._rate.append((now, tokens))
-            while self._rate and now - self._rate[0][0] > self.RATE_WINDOW:
-                self._rate.popleft()
-
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, texts: list[str], adapter: str | None = None) -> tuple[list[list[float]], int]:
         raise InvalidRequest(f"embeddings are served by the hf backend only; {self.name} runs on {self.backend}. "
                              "Run a `--backend hf` model for /v1/embeddings", param="model")
 
@@ -86,14 +58,11 @@ class ExternalEngine(EngineBase):
         return self._inflight
 
     def stats(self) -> EngineStats:
-        now = time.perf_counter()
         with self._lock:
             s = EngineStats(**vars(self._stats))
-            window = [(t, n) for t, n in self._rate if now - t <= self.RATE_WINDOW]
+        self._meter.fill(s)
         s.running = min(self._inflight, self.config.max_batch_size)
         s.waiting = self._inflight - s.running
-        if window:
-            s.tokens_per_second = sum(n for _, n in window) / max(now - window[0][0], 1e-3)
         return s
 
     def info(self) -> dict[str, Any]:
@@ -116,10 +85,8 @@ class Tracker:
             return
         if self.first:
             self.first = False
-            with self.engine._lock:
-                self.engine._stats.ttft_count += 1
-                self.engine._stats.ttft_sum += time.perf_counter() - self.started
-        self.engine._count(n)
+            self.engine._meter.first_token(time.perf_counter() - self.started)
+        self.engine._meter.tokens(n)
 
 
 class LeadingStrip:
