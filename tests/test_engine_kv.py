@@ -395,8 +395,8 @@ def test_non_finite_model_scores_fail_only_that_row(loaded, monkeypatch):
     good, poisoned = chat_ids(loaded, "fine"), chat_ids(loaded, "poison")
     forward = engine.runner._forward
 
-    def poison_rows(ids, positions, mask):  # the model "overflows" for one row only
-        logits = forward(ids, positions, mask)
+    def poison_rows(ids, positions, mask, **kw):  # the model "overflows" for one row only
+        logits = forward(ids, positions, mask, **kw)
         for i in range(ids.shape[0]):
             if ids[i, -1] == poisoned[-1] and positions[i, -1] == len(poisoned) - 1:
                 logits[i, 3] = float("nan")

@@ -138,7 +138,7 @@ class Runner:
             # a query sees the row's keys up to its own position (a padding query, at position 0, sees key 0)
             mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, :] < lengths[:, None])[:, None, :]
             self.kv.plan_forward(write.view(-1).to(self.device), read.to(self.device))
-        return self._forward(ids, positions, mask[:, None], all_logits, **self._adapter_kwargs(rows))
+        return self._forward(ids, positions, mask[:, None], all_logits=all_logits, **self._adapter_kwargs(rows))
 
     def decode(self, rows: list[Any]):
         """One forward adding every row's ``last_token`` after its ``length`` cached tokens; the logits."""
