@@ -19,7 +19,8 @@ from vicuna.model import load_model
 from vicuna.serve.core import GenerateRequest
 from vicuna.serve.engine import EngineConfig, ModelConfig
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+# two 8-step LoRA trainings: about a minute each on an idle 2-core machine, far more beside other jobs
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 QUESTION = "What is your name?"
 
