@@ -19,7 +19,7 @@ from vicuna.model import load_model
 from vicuna.serve.core import GenerateRequest
 from vicuna.serve.engine import EngineConfig, ModelConfig
 
-# two 8-step LoRA trainings: about a minute each on an idle 2-core machine, far more beside other jobs
+# two 8-step LoRA trainings: each took ~9 minutes on a 2-core machine shared with other jobs
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 QUESTION = "What is your name?"
