@@ -19,7 +19,8 @@ from vicuna.model import load_model
 from vicuna.serve.core import GenerateRequest
 from vicuna.serve.engine import EngineConfig, ModelConfig
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+# two 8-step LoRA trainings: each took ~9 minutes on a 2-core machine shared with other jobs
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 QUESTION = "What is your name?"
 
