@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UsageError, VicunaError
-from ..model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES
+from ..errors import ModelLoadError, UsageError, VicunaError
+from ..model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES, check_quantization
+from ..quantize import QUANTIZATION_HELP, QUANTIZATIONS
 from .endpoint import EndpointsConfig
 from .engine import EngineConfig
 from .moderation import ModerationConfig
@@ -63,6 +64,7 @@ class ModelConfig:
                                           "vllm: its gpu_memory_utilization)", metavar="SIZE")
     load_8bit: bool = _f(False, "8-bit weights (hf: bitsandbytes; vllm: online FP8 quantization); CUDA only")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
+    quantization: str = _f("none", QUANTIZATION_HELP, choices=QUANTIZATIONS)
     threads: int | None = _f(None, "CPU threads for --backend llamacpp (default: llama.cpp's, the physical cores)",
                              metavar="N")
 
@@ -71,6 +73,13 @@ class ModelConfig:
             raise UsageError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.num_gpus < 1 or (self.threads is not None and self.threads < 1):
             raise UsageError("--num-gpus and --threads must be >= 1")
+        try:  # bad combinations are bad usage (exit 2), found before any weight is read
+            check_quantization(self.quantization, load_8bit=self.load_8bit, lora=self.lora, num_gpus=self.num_gpus)
+        except ModelLoadError as e:
+            raise UsageError(str(e)) from None
+        if self.quantization != "none" and self.backend != "hf":
+            raise UsageError(f"--quantization {self.quantization} is for the hf backend; --backend llamacpp takes "
+                             "a quantized GGUF file, --backend vllm --load-8bit quantizes to FP8")
         if self.backend == "vllm" and not self.model_path:
             raise UsageError("--backend vllm needs --model-path (a Hugging Face model directory or hub id)")
 
@@ -225,7 +234,8 @@ def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
     loaded = load_model(
         resolve_model_path(model.model_path), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,
         max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.lora,
-        conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code)
+        conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code,
+        quantization=model.quantization)
     return HFEngine(loaded, engine).start()
 
 
