@@ -249,6 +249,7 @@ def load_model(
     conv_template: str | None = None,
     model_name: str | None = None,
     trust_remote_code: bool = False,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load a local model directory (or a hub id when a network exists)."""
     import torch
@@ -264,6 +265,7 @@ def load_model(
         path = str(Path(path).expanduser())
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    check_quantization(quantization, load_8bit=load_8bit, lora=lora, num_gpus=num_gpus)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if load_8bit:
         if device != "cuda":
@@ -296,6 +298,8 @@ def load_model(
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot read the weights of {path} (corrupt or incomplete?): {first}") from None
+    if quantization == "int8":
+        apply_int8(model, path)  # on the host, before the move: the GPU never holds the float weights
     if "device_map" not in kwargs:
         model.to(device)
     if lora:
@@ -318,6 +322,37 @@ def load_model(
     log.info("loaded %s on %s in %s%s, template %s", name, device, str(torch_dtype).removeprefix("torch."), how,
              template.name)
     return loaded
+
+
+def check_quantization(quantization: str, *, load_8bit: bool = False, lora=None, num_gpus: int = 1) -> None:
+    """--quantization's value and the combinations it does not take, before any weight is read."""
+    from .quantize import QUANTIZATIONS
+
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "none":
+        return
+    if load_8bit:
+        raise ModelLoadError("--quantization int8 and --load-8bit are two 8-bit schemes; pick one")
+    if lora:
+        # PEFT wraps nn.Linear layers; ours are int8 modules it does not know. Merging first gives the
+        # same model, quantized once.
+        raise ModelLoadError("--quantization int8 does not take --lora; merge the adapter first "
+                             "(`vicuna weights merge-lora --base BASE --lora ADAPTER --target MERGED`) and "
+                             "serve MERGED with --quantization int8")
+    if num_gpus > 1:
+        raise ModelLoadError("--quantization int8 runs on one device; drop --num-gpus")
+
+
+def apply_int8(model, path: str) -> None:
+    """Quantize the float weights just loaded (our HF folders and `weights import-gguf` output alike)."""
+    from .quantize import quantize_int8
+
+    replaced = quantize_int8(model)
+    if not replaced:
+        raise ModelLoadError(f"{path}: --quantization int8 found no decoder projections (q/k/v/o, gate/up/down) "
+                             "to quantize in this architecture; serve it without --quantization")
+    log.info("int8 weight-only quantization: %d projections", replaced)
 
 
 def _load_lora(model, adapter: str):

@@ -192,7 +192,8 @@ def load_hf_model(model: ModelConfig):
     return load_model(
         resolve_model_path(model.model_path), device=model.device, dtype=model.dtype, num_gpus=model.num_gpus,
         max_gpu_memory=model.max_gpu_memory, load_8bit=model.load_8bit, lora=model.applied_lora,
-        conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code)
+        conv_template=model.conv_template, model_name=model.model_name, trust_remote_code=model.trust_remote_code,
+        quantization=model.quantization)
 
 
 def load_engines(models: list[ModelConfig], engine: EngineConfig | None = None) -> dict[str, Any]:

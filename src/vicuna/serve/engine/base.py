@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ...conversation import TemplateError, encode, render_prompt
-from ...errors import ContextLengthExceeded, InvalidRequest, ServeError, UsageError
+from ...errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ServeError, UsageError
 from ...generation import (DEFAULT_MAX_NEW_TOKENS, ContextLengthError, GenerationError, ModelDefaults,
                            SamplingParams, fit_max_new_tokens, sampling_params)
-from ...model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES
+from ...model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES, check_quantization
+from ...quantize import QUANTIZATION_HELP, QUANTIZATIONS
 from ...sizes import parse_size
 from ..core import GenerateRequest
 
@@ -56,6 +57,7 @@ class ModelConfig:
                                           "vllm: its gpu_memory_utilization)", metavar="SIZE")
     load_8bit: bool = _f(False, "8-bit weights (hf: bitsandbytes; vllm: online FP8 quantization); CUDA only")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
+    quantization: str = _f("none", QUANTIZATION_HELP, choices=QUANTIZATIONS)
     threads: int | None = _f(None, "CPU threads for --backend llamacpp (default: llama.cpp's, the physical cores)",
                              metavar="N")
 
@@ -72,6 +74,14 @@ class ModelConfig:
             raise UsageError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if self.num_gpus < 1 or (self.threads is not None and self.threads < 1):
             raise UsageError("--num-gpus and --threads must be >= 1")
+        try:  # bad combinations are bad usage (exit 2), found before any weight is read
+            check_quantization(self.quantization, load_8bit=self.load_8bit, lora=bool(self.lora),
+                               num_gpus=self.num_gpus)
+        except ModelLoadError as e:
+            raise UsageError(str(e)) from None
+        if self.quantization != "none" and self.backend != "hf":
+            raise UsageError(f"--quantization {self.quantization} is for the hf backend; --backend llamacpp takes "
+                             "a quantized GGUF file, --backend vllm --load-8bit quantizes to FP8")
         if self.backend == "vllm" and not self.model_path:
             raise UsageError("--backend vllm needs --model-path (a Hugging Face model directory or hub id)")
 
