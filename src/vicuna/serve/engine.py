@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from ..conversation import TemplateError, encode, render_prompt
 from ..errors import ContextLengthExceeded, InvalidRequest, Overloaded, ServeError
 from ..generation import (ContextLengthError, GenerationError, ModelDefaults, SamplingParams, Sequence,
                           fit_max_new_tokens, sampling_params)
+from . import structured
 from .core import Delta, GenerateRequest
 from .kv import BlockAllocator, KVPlan, KVShape, PagedKVCache, default_budget, format_size, parse_size
 
@@ -105,6 +107,8 @@ class EngineStats:
     preemptions: int = 0
     kv_blocks: int = 0  # usable blocks of the KV cache
     kv_blocks_free: int = 0
+    mask_seconds: float = 0.0  # structured outputs: time spent filling and applying token masks
+    mask_steps: int = 0
 
 
 @dataclass
@@ -121,6 +125,7 @@ class _Request:
     last_token: int = -1  # sampled, not yet in the cache
     logprobs_sent: int = 0
     first_token_at: float | None = None
+    matcher: Any = None  # [structured outputs] a structured.Matcher when the output follows a grammar
 
     def context(self) -> list[int]:
         """What a prefill runs: the prompt and, after a preemption, everything generated so far."""
@@ -168,7 +173,7 @@ class EngineBase:
                 raise InvalidRequest("messages must be a non-empty list of {role, content} objects",
                                      param="messages")
             try:
-                ids = encode(tok, render_prompt(self.template, request.messages, tok))
+                ids = encode(tok, render_prompt(self.template, request.messages, tok, tools=request.tools))
             except (TemplateError, KeyError, TypeError, AttributeError) as e:
                 raise InvalidRequest(f"invalid messages: {e}", param="messages") from None
             where = "messages"
@@ -193,7 +198,18 @@ class EngineBase:
             raise ContextLengthExceeded(str(e), param=where) from None
         except GenerationError as e:
             raise InvalidRequest(str(e), param=e.param) from None
+        # [structured outputs hook] compile the constraint once per schema (a bad one is a 400 naming its field)
+        if request.constraint is not None:
+            if request.ignore_eos:
+                raise InvalidRequest("ignore_eos cannot be combined with a structured output", param="ignore_eos")
+            params.constraint = self.grammars.compile(request.constraint)
         return ids, params
+
+    @functools.cached_property
+    def grammars(self) -> structured.GrammarCache:
+        """Compiled grammars for this engine's tokenizer (built on first use: the vocabulary scan takes ~0.1 s)."""
+        config = getattr(getattr(self, "model", None), "config", None)
+        return structured.GrammarCache(self.tokenizer, vocab_size=getattr(config, "vocab_size", None))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
@@ -294,6 +310,8 @@ class HFEngine(EngineBase):
         queue: asyncio.Queue = asyncio.Queue()
         req = _Request(list(prompt_ids), Sequence(self.tokenizer, prompt_ids, params), asyncio.get_running_loop(),
                        queue)
+        if params.constraint is not None:  # [structured outputs hook] this request's grammar state
+            req.matcher = structured.Matcher(params.constraint, list(params.stop_token_ids))
         with self._cv:
             if len(self._inbox) >= self.config.max_queue:
                 raise Overloaded(
@@ -579,6 +597,10 @@ class HFEngine(EngineBase):
         """Next token of each row; a row whose scores are not finite or whose sampling fails fails alone."""
         import torch
 
+        # [structured outputs hook] forbid what each constrained row's grammar does not allow; other rows untouched
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            logits = self._mask_logits(rows, logits, constrained)
         # one pass gives plain greedy rows their token (the first maximum, as argmax) and flags rows whose
         # best score is NaN or inf (NaN propagates through max)
         best, greedy = logits.max(dim=-1)
@@ -597,7 +619,23 @@ class HFEngine(EngineBase):
                 log.exception("sampling failed for one request")
                 self._fail(r, ServeError(f"sampling failed: {type(e).__name__}: {e}", status=500))
                 continue
+            if r.matcher is not None and not r.matcher.accept(token):  # [structured outputs hook] advance
+                self._fail(r, ServeError("the sampled token breaks the request's grammar", status=500))
+                continue
             self._emit(r, token)
+
+    def _mask_logits(self, rows: list[_Request], logits, constrained: list[int]):
+        """[structured outputs] Logits with each constrained row's forbidden tokens at -inf (timed per step)."""
+        started = time.perf_counter()
+        bitmask = structured.allocate_bitmask(len(rows), logits.shape[-1])
+        for i in constrained:
+            rows[i].matcher.fill_mask(bitmask, i)
+        logits = logits.float()  # the CPU kernel takes float32; sampling works in float32 anyway
+        structured.apply_masks(logits, bitmask, constrained)
+        with self._lock:
+            self._stats.mask_seconds += time.perf_counter() - started
+            self._stats.mask_steps += 1
+        return logits
 
     # ---- embeddings
     def _embed_chunk(self) -> None:
@@ -653,6 +691,8 @@ class HFEngine(EngineBase):
             logprobs = [{"token": lp.token, "logprob": lp.logprob, "top": lp.top}
                         for lp in seq.logprobs[r.logprobs_sent:]]
             r.logprobs_sent = len(seq.logprobs)
+        if r.matcher is not None and r.matcher.is_terminated() and not seq.finished:  # [structured outputs hook]
+            text += seq.finish("stop")  # the grammar is complete
         if text or seq.finished or logprobs:
             if r.first_token_at is None:
                 r.first_token_at = now
