@@ -165,7 +165,7 @@ def test_mixed_batch_unconstrained_rows_equal_their_solo_outputs(engine):
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
-    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name"),
     ({"tool_choice": "required"}, "tool_choice"),

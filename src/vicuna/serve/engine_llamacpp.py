@@ -33,6 +33,7 @@ from ..conversation import TemplateError, resolve_template
 from ..errors import ModelLoadError, ServeError, UsageError
 from ..generation import ModelDefaults, SamplingParams
 from ..model import model_defaults
+from . import structured
 from .core import Delta, GenerateRequest
 from .engine import EngineConfig
 from .engine_external import ExternalEngine, LeadingStrip
@@ -252,11 +253,12 @@ class LlamaCppEngine(ExternalEngine):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         ids, p = self.prepare(request)
+        body = completion_body(ids, p) | structured.llamacpp_fields(request.constraint)  # structured outputs
         if self.server is None:
             raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
         with self.admitted(len(ids)) as track:
             loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-            thread = threading.Thread(target=self._complete, args=(completion_body(ids, p), loop, queue, cancelled),
+            thread = threading.Thread(target=self._complete, args=(body, loop, queue, cancelled),
                                       daemon=True, name=f"llamacpp-{self.name}")
             self._running[thread] = cancelled
             thread.start()

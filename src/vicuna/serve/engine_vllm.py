@@ -84,9 +84,24 @@ def engine_args(model: "ModelConfig", config: EngineConfig, gpu_memory_bytes: in
     return args
 
 
-def sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
-    """vLLM ``SamplingParams`` keywords for our validated settings."""
-    return {
+def structured_params(c: dict | None):
+    """vLLM's structured-output parameters object for our constraint (None without one)."""
+    if c is None:
+        return None
+    try:
+        from vllm.sampling_params import StructuredOutputsParams as Params  # vLLM >= 0.11
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams as Params
+    return Params(**structured.vllm_fields(c))
+
+
+def sampling_kwargs(p: SamplingParams, structured_outputs: Any = None) -> dict[str, Any]:
+    """vLLM ``SamplingParams`` keywords for our validated settings (plus its structured-output object)."""
+    extra: dict[str, Any] = {}
+    if structured_outputs is not None:
+        name = type(structured_outputs).__name__
+        extra["guided_decoding" if name == "GuidedDecodingParams" else "structured_outputs"] = structured_outputs
+    return extra | {
         "n": 1, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
         "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
         "repetition_penalty": p.repetition_penalty, "max_tokens": p.max_new_tokens, "seed": p.seed,
@@ -164,7 +179,8 @@ class VLLMEngine(ExternalEngine):
         ids, p = self.prepare(request)
         with self.admitted(len(ids)) as track:
             rid, read = uuid.uuid4().hex, OutputReader(p.strip_leading, p.logprobs, len(ids))
-            stream = self.engine.generate({"prompt_token_ids": ids}, VSampling(**sampling_kwargs(p)), rid,
+            stream = self.engine.generate({"prompt_token_ids": ids}, VSampling(**sampling_kwargs(
+                p, structured_params(request.constraint))), rid,
                                           lora_request=self.lora_request)
             try:
                 async for out in stream:

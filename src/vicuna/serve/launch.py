@@ -107,6 +107,16 @@ class ApiConfig:
                                        "(default: none)", metavar="KEYS")
     max_body_bytes: int = _f(DEFAULT_MAX_BODY_BYTES, "largest accepted request body")
     max_n: int = _f(DEFAULT_MAX_N, "largest n (choices per request)")
+    tool_parser: str | None = _f(None, "how tool calls are read from a model's text with tool_choice auto: hermes "
+                                       "(<tool_call>{...}</tool_call>), mistral ([TOOL_CALLS] [...]) or llama3_json "
+                                       "({\"name\", \"parameters\"}); default: whichever format the text has",
+                                 metavar="NAME")
+
+    def __post_init__(self):
+        from .tools import PARSERS
+
+        if self.tool_parser is not None and self.tool_parser not in PARSERS:
+            raise UsageError(f"--tool-parser {self.tool_parser!r} is not one of {', '.join(PARSERS)}")
 
 
 @dataclass
@@ -257,7 +267,7 @@ def api_app(client, api: ApiConfig | None = None):
 
     api = api or ApiConfig()
     return create_app(client, api_keys=list(api.api_keys) or None, max_body_bytes=api.max_body_bytes,
-                      max_n=api.max_n)
+                      max_n=api.max_n, tool_parser=api.tool_parser)
 
 
 def web_store(web: WebConfig):

@@ -190,3 +190,47 @@ def apply_masks(logits, bitmask, rows: list[int]) -> None:
     import xgrammar as xgr
 
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+# ---------------------------------------------------------------------- other backends
+
+
+def llamacpp_fields(c: dict | None) -> dict[str, Any]:
+    """llama.cpp server's own fields for a constraint: ``json_schema`` (it converts to GBNF) or ``grammar``
+    (GBNF; xgrammar's EBNF is a superset, so a grammar both accept means the same). Regexes: 400."""
+    if c is None:
+        return {}
+    kind, value = c["type"], c["value"]
+    if kind == "json_schema":
+        return {"json_schema": value}
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "choice":
+        return {"grammar": choice_grammar(value)}
+    if kind == "grammar":
+        return {"grammar": value}
+    raise InvalidRequest(f"{c['param']}: regex-constrained output is not supported by the llamacpp backend "
+                         "(llama.cpp takes JSON Schema and GBNF grammars); use guided_grammar", param=c["param"])
+
+
+def vllm_fields(c: dict | None) -> dict[str, Any]:
+    """Keywords of vLLM's ``StructuredOutputsParams`` (``GuidedDecodingParams`` in older releases)."""
+    if c is None:
+        return {}
+    kind, value = c["type"], c["value"]
+    key = {"json_schema": "json", "json_object": "json_object", "regex": "regex", "choice": "choice",
+           "grammar": "grammar"}[kind]
+    return {key: True if kind == "json_object" else value}
+
+
+def openai_fields(c: dict | None) -> dict[str, Any]:
+    """Request fields an OpenAI-compatible upstream takes for a constraint: OpenAI's ``response_format`` for
+    JSON, vLLM's ``guided_*`` extras (which vLLM, SGLang and others accept) for the rest."""
+    if c is None:
+        return {}
+    kind, value = c["type"], c["value"]
+    if kind == "json_schema":
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": value}}}
+    if kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    return {{"regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}[kind]: value}
