@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import re
 from enum import Enum
+from typing import Literal
 
 import httpx
 import pytest
 from openai import OpenAI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from conftest import api_server
 
@@ -70,15 +71,22 @@ class Shopping(BaseModel):
     items: list[str] = Field(min_length=1, max_length=3)
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                                     "unit": {"type": "string", "enum": ["c", "f"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Current time in a timezone",
-    "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 20}},
-                   "required": ["tz"], "additionalProperties": False}}}
+class WeatherArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=20)
+    unit: Literal["c", "f"]
+
+
+class TimeArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tz: str = Field(max_length=20)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+                                            "parameters": WeatherArgs.model_json_schema()}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone",
+                                         "parameters": TimeArgs.model_json_schema()}}
+ARGS = {"get_weather": WeatherArgs, "get_time": TimeArgs}
 
 
 # ---------------------------------------------------------------------- structured outputs
@@ -201,16 +209,6 @@ def test_compiled_grammars_are_cached_by_schema(engine):
 # ---------------------------------------------------------------------- tool calling
 
 
-def _validate(schema: dict, args: dict) -> None:
-    try:
-        import jsonschema
-    except ImportError:  # pragma: no cover - the test extra has jsonschema through other packages
-        from pydantic import create_model  # noqa: F401
-        assert set(schema.get("required", [])) <= set(args)
-        return
-    jsonschema.validate(args, schema)
-
-
 def test_tool_choice_required_and_named_give_schema_valid_calls(client):
     for choice, name in (("required", None), ({"type": "function", "function": {"name": "get_time"}}, "get_time")):
         r = client.chat.completions.create(model="tiny", messages=ask("What's the weather in Paris?"),
@@ -218,9 +216,8 @@ def test_tool_choice_required_and_named_give_schema_valid_calls(client):
         c = r.choices[0]
         assert c.finish_reason == "tool_calls", c
         assert c.message.tool_calls and c.message.tool_calls[0].id.startswith("call_")
-        for call in c.message.tool_calls:
-            fn = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
-            _validate(fn["parameters"], json.loads(call.function.arguments))
+        for call in c.message.tool_calls:  # the arguments validate against the function's schema
+            ARGS[call.function.name].model_validate_json(call.function.arguments)
         if name:
             assert [t.function.name for t in c.message.tool_calls] == [name]
 
@@ -251,7 +248,7 @@ def test_streamed_tool_calls_assembled_by_the_sdk_stream_helper(client):
         assert c.finish_reason == "tool_calls"
         call = c.message.tool_calls[0]
         assert call.function.name == "get_weather" and call.id
-        _validate(WEATHER["function"]["parameters"], json.loads(call.function.arguments))
+        WeatherArgs.model_validate_json(call.function.arguments)
 
 
 def test_auto_parses_hermes_calls_and_plain_text_stays_content():
@@ -298,6 +295,6 @@ def test_langchain_bind_tools_and_with_structured_output(url):
                                       max_tokens=48, max_retries=0)
     msg = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Paris?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
-    _validate(WEATHER["function"]["parameters"], msg.tool_calls[0]["args"])
+    WeatherArgs.model_validate(msg.tool_calls[0]["args"])
     pet = llm.with_structured_output(Pet, method="json_schema").invoke("Describe a pet.")
     assert isinstance(pet, Pet)

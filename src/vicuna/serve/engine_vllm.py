@@ -28,6 +28,7 @@ from ..conversation import TemplateError, resolve_template
 from ..errors import ModelLoadError, ServeError, UsageError
 from ..generation import ModelDefaults, SamplingParams
 from ..model import context_length_of, model_defaults
+from . import structured
 from .core import Delta, GenerateRequest
 from .engine import EngineConfig
 from .engine_external import ExternalEngine, LeadingStrip, parse_size
