@@ -240,7 +240,7 @@ def test_streamed_tool_calls_assembled_by_the_sdk_stream_helper(client):
     stream_ = getattr(client.chat.completions, "stream", None) or client.beta.chat.completions.stream
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         with stream_(model="tiny", messages=ask("Weather in Rome?"), tools=[WEATHER], tool_choice=choice,
-                     max_tokens=48, temperature=0) as s:
+                     parallel_tool_calls=False, max_tokens=48, temperature=0) as s:
             for _ in s:
                 pass
             done = s.get_final_completion()
@@ -260,6 +260,10 @@ def test_auto_parses_hermes_calls_and_plain_text_stays_content():
     assert content == "Let me check." and reason == "tool_calls"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "c"}
     assert tools.complete("Just words.", "stop", p) == ("Just words.", None, "stop")
+    # a required array cut by max_tokens keeps its complete calls
+    cut = '[{"name": "get_time", "arguments": {"tz": "UTC"}}, {"name": "get_wea'
+    _, calls, reason = tools.complete(cut, "length", tools.ToolPlan(mode="required", tools=[TIME]))
+    assert [c["function"]["name"] for c in calls] == ["get_time"] and reason == "length"
     # streamed: content goes out at once, the call is held and sent whole at the end
     s = tools.ToolStream(p)
     out = [s.feed(piece) for piece in re.findall(r".{1,5}", text, re.S)]

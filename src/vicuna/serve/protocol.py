@@ -45,7 +45,7 @@ class ChatMessage(_Request):
 
 
 class JsonSchemaFormat(_Request):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Request's
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
@@ -65,11 +65,7 @@ class StructuredOutputs(_Request):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    @property
-    def json(self):  # noqa: A003 - the field's wire name
-        return self.json_
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Request's
 
 
 class ToolFunction(_Request):

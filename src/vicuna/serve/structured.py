@@ -86,7 +86,7 @@ def from_request(body: Any) -> dict | None:
     so = getattr(body, "structured_outputs", None)
     if so is not None:
         for kind, name in (("json_schema", "json"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):
-            v = getattr(so, name)
+            v = getattr(so, "json_" if name == "json" else name)
             if v is not None:
                 found.append((f"structured_outputs.{name}", constraint(kind, v, f"structured_outputs.{name}")))
         if so.json_object:

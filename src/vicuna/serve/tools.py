@@ -205,11 +205,21 @@ def parse_tool_calls(text: str, parser: str | None = None) -> tuple[str, list[di
 
 
 def forced_calls(text: str, p: ToolPlan) -> list[dict]:
-    """The calls of a ``required`` / named output (constrained JSON); [] when it was cut short."""
+    """The calls of a ``required`` / named output (constrained JSON). Cut short by max_tokens: a named call
+    is lost ([]), a ``required`` array keeps its complete elements."""
     try:
         obj = json.loads(text)
     except ValueError:
-        return []
+        if p.mode == "named":
+            return []
+        obj, at, dec = [], text.find("[") + 1, json.JSONDecoder()
+        while 0 < at < len(text):
+            try:
+                item, at = dec.raw_decode(text, at)
+            except ValueError:
+                break
+            obj.append(item)
+            at = len(text) - len(text[at:].lstrip().removeprefix(",").lstrip())
     if p.mode == "named":
         c = _call(p.named, obj)
         return [c] if c else []
