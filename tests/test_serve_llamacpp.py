@@ -192,14 +192,16 @@ def test_structured_outputs_and_forced_tool_calls_through_llamacpp():
                                           max_tokens=4, extra_body={"guided_choice": ["yes", "no"]})
             assert r.choices[0].message.content in ("yes", "no")
             r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather in Oslo?"}],
-                                          tools=[tool], tool_choice="required", max_tokens=32, temperature=0)
+                                          tools=[tool], tool_choice="required", parallel_tool_calls=False,
+                                          max_tokens=48, temperature=0)
+            assert r.choices[0].message.tool_calls, r.choices[0]
             call = r.choices[0].message.tool_calls[0]
             assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
             assert set(json.loads(call.function.arguments)) == {"city"}
             bad = httpx.post(url + "/v1/chat/completions", json={
-                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "guided_regex": "a+"})
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "guided_regex": "a+"}, timeout=60)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
             assert httpx.post(url + "/v1/chat/completions", json={
-                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=60).status_code == 200
     finally:
         engine.stop()
