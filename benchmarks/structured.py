@@ -32,7 +32,7 @@ SCHEMA = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the default real model)")
-    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the serving default)")
+    ap.add_argument("--dtype", default="auto", help="auto / float32 / bfloat16 (default: auto, as vicuna serve)")
     ap.add_argument("--concurrency", type=int, default=16, help="the second concurrency level (default 16)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per answer at most (default 64)")
     ap.add_argument("--quick", action="store_true", help="c=1 and c=4, 16 tokens: a smoke run")
