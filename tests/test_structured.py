@@ -131,6 +131,7 @@ def test_completions_honour_guided_choice(client):
     assert r.choices[0].text in ("blue", "green")
 
 
+@pytest.mark.slow
 def test_mixed_batch_unconstrained_rows_equal_their_solo_outputs(engine):
     """Rows with different grammars and rows with none decode in the same steps; the free rows' tokens are
     exactly what they are alone (float32, greedy)."""
@@ -209,6 +210,7 @@ def test_compiled_grammars_are_cached_by_schema(engine):
 # ---------------------------------------------------------------------- tool calling
 
 
+@pytest.mark.slow
 def test_tool_choice_required_and_named_give_schema_valid_calls(client):
     for choice, name in (("required", None), ({"type": "function", "function": {"name": "get_time"}}, "get_time")):
         r = client.chat.completions.create(model="tiny", messages=ask("What's the weather in Paris?"),
@@ -222,6 +224,7 @@ def test_tool_choice_required_and_named_give_schema_valid_calls(client):
             assert [t.function.name for t in c.message.tool_calls] == [name]
 
 
+@pytest.mark.slow
 def test_full_tool_round_trip(client):
     messages = ask("What's the weather in Paris?")
     r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], max_tokens=48,
@@ -236,6 +239,7 @@ def test_full_tool_round_trip(client):
     assert final.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow
 def test_streamed_tool_calls_assembled_by_the_sdk_stream_helper(client):
     stream_ = getattr(client.chat.completions, "stream", None) or client.beta.chat.completions.stream
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
@@ -293,6 +297,7 @@ def test_tool_fallback_prompt_for_templates_without_tool_support(real_model):
 # ---------------------------------------------------------------------- LangChain
 
 
+@pytest.mark.slow
 def test_langchain_bind_tools_and_with_structured_output(url):
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(model="tiny", base_url=url + "/v1", api_key="unused", temperature=0,
