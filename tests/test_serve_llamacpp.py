@@ -141,3 +141,68 @@ def test_default_gguf_gets_the_default_models_sampling_and_the_kv_budget():
         assert engine.info()["model"] == "SmolLM2-135M-Instruct"
     finally:
         engine.stop()
+
+
+def test_constraints_map_to_llamacpps_fields_and_regex_is_refused():
+    from vicuna.errors import InvalidRequest
+    from vicuna.serve import structured
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert structured.llamacpp_fields(structured.constraint("json_schema", schema, "guided_json")) == {
+        "json_schema": schema}
+    assert structured.llamacpp_fields(structured.constraint("choice", ["a", "b"], "guided_choice")) == {
+        "grammar": 'root ::= "a" | "b"'}
+    with pytest.raises(InvalidRequest, match="regex") as e:
+        structured.llamacpp_fields(structured.constraint("regex", "a+", "guided_regex"))
+    assert e.value.param == "guided_regex"
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_structured_outputs_and_forced_tool_calls_through_llamacpp():
+    """The core structured-output and tool checks with --backend llamacpp (llama.cpp applies the grammar)."""
+    import json
+
+    import httpx
+    from openai import OpenAI
+    from pydantic import BaseModel, Field
+
+    from conftest import api_server
+
+    pytest.importorskip("xllamacpp", reason="needs the xllamacpp wheel (.[llamacpp])")
+    smollm2_gguf()
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=30)
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+        "additionalProperties": False}}}
+    engine = LlamaCppEngine.load(ModelConfig(backend="llamacpp"), EngineConfig(kv_cache_memory="64MiB",
+                                                                              max_model_len=512, max_batch_size=2))
+    engine.start()
+    try:
+        for url in api_server(engine):
+            c = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+            parse = getattr(c.chat.completions, "parse", None) or c.beta.chat.completions.parse
+            r = parse(model="tiny", messages=[{"role": "user", "content": "A pet as JSON."}], response_format=Pet,
+                      max_tokens=48, temperature=0)
+            assert isinstance(r.choices[0].message.parsed, Pet)
+            r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Yes or no?"}],
+                                          max_tokens=4, extra_body={"guided_choice": ["yes", "no"]})
+            assert r.choices[0].message.content in ("yes", "no")
+            r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                          tools=[tool], tool_choice="required", parallel_tool_calls=False,
+                                          max_tokens=48, temperature=0)
+            assert r.choices[0].message.tool_calls, r.choices[0]
+            call = r.choices[0].message.tool_calls[0]
+            assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+            assert set(json.loads(call.function.arguments)) == {"city"}
+            bad = httpx.post(url + "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "guided_regex": "a+"}, timeout=60)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
+            assert httpx.post(url + "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=60).status_code == 200
+    finally:
+        engine.stop()

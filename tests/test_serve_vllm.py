@@ -183,3 +183,32 @@ def test_vllm_request_closed_early_is_aborted_in_vllm(fake_vllm):
 
     assert asyncio.run(first_only()).text == " The"
     assert len(fake.aborted) == 1 and engine.stats().requests_aborted == 1
+
+
+def test_constraints_map_to_vllms_structured_outputs(fake_vllm, monkeypatch):
+    """Our constraint becomes vLLM's StructuredOutputsParams on its SamplingParams (CPU: vLLM faked)."""
+    from vicuna.serve import structured
+    from vicuna.serve.core import GenerateRequest
+
+    engine, fake = fake_vllm
+    mod = types.ModuleType("vllm.sampling_params")
+
+    class StructuredOutputsParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    mod.StructuredOutputsParams = StructuredOutputsParams
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", mod)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for kind, value, want in (("json_schema", schema, {"json": schema}), ("regex", "[0-9]+", {"regex": "[0-9]+"}),
+                              ("choice", ["x", "y"], {"choice": ["x", "y"]}), ("json_object", None, {"json_object": True}),
+                              ("grammar", 'root ::= "a"', {"grammar": 'root ::= "a"'})):
+        req = GenerateRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                              constraint=structured.constraint(kind, value, "guided_x"))
+
+        async def run():
+            return [d async for d in engine.generate(req)]
+
+        asyncio.run(run())
+        _, params, _ = fake.calls[-1]
+        assert params.kw["structured_outputs"].kw == want

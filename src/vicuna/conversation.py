@@ -453,6 +453,26 @@ class JinjaTemplate:
         with _refusals():
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat_template renders ``tools`` itself (it reads the ``tools`` variable)."""
+        return bool(re.search(r"\btools\b", self.source))
+
+    def render_with_tools(self, messages, tools, *, tokenizer=None) -> str:
+        """The generation prompt through the template's own tool support; assistant calls' arguments are
+        given as objects (what HF templates expect)."""
+        msgs = []
+        for m in messages:
+            m = dict(m)
+            m["content"] = message_text(m.get("content"))
+            if m.get("tool_calls"):
+                m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(_call_json(c))[
+                    "arguments"]}} for c in m["tool_calls"]]
+            msgs.append(m)
+        with _refusals():
+            return _tokenizer(tokenizer).apply_chat_template(msgs, tools=tools or None, tokenize=False,
+                                                             add_generation_prompt=True)
+
     def stop_token_strings(self, eos_token):
         return [eos_token] if eos_token else []
 
@@ -552,10 +572,81 @@ def _with(tokenizer, template) -> dict[str, Any]:
     return kwargs
 
 
-def render_prompt(template, messages, tokenizer, add_generation_prompt: bool = True) -> str:
+def render_prompt(template, messages, tokenizer, add_generation_prompt: bool = True,
+                  tools: list[dict] | None = None) -> str:
     """Generation prompt for ``messages`` with this tokenizer's BOS/EOS strings (without the assistant's
-    opening when ``add_generation_prompt`` is false, as /tokenize may ask)."""
+    opening when ``add_generation_prompt`` is false, as /tokenize may ask).
+
+    With ``tools`` (OpenAI tool objects) or tool turns in the history (assistant ``tool_calls``, role ``tool``),
+    a tokenizer chat_template that knows tools renders them itself; any other template gets
+    :func:`tool_fallback_messages`.
+    """
+    if tools or _has_tool_turns(messages):
+        if isinstance(template, JinjaTemplate) and template.supports_tools:
+            return template.render_with_tools(messages, tools, tokenizer=tokenizer)
+        messages = tool_fallback_messages(messages, tools, default_system=getattr(template, "system", "") or "")
     return template.render(messages, add_generation_prompt=add_generation_prompt, **_with(tokenizer, template))
+
+
+# ----------------------------------------------------------------------------
+# Tool calling for templates that have no tool support (Hermes style, as Qwen and NousResearch models use)
+
+TOOL_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}}\n</tool_call>"
+)
+
+
+def _has_tool_turns(messages) -> bool:
+    return any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+
+
+def _call_json(call: dict) -> str:
+    fn = call.get("function") or {}
+    args = fn.get("arguments")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        pass  # the API validated arguments already; a raw client of this function keeps its text
+    return json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
+
+
+def tool_fallback_messages(messages, tools: list[dict] | None, default_system: str = "") -> list[dict[str, str]]:
+    """Plain system/user/assistant turns for a template without tool support.
+
+    The tools are described in the system message (after the client's own system text, or the template's
+    default), an assistant's calls become ``<tool_call>{"name", "arguments"}</tool_call>`` lines after its
+    text, and tool results become a user turn of ``<tool_response>...</tool_response>`` blocks (consecutive
+    results, and a user message that follows them, share one turn so roles still alternate).
+    """
+    msgs = list(messages)
+    system = default_system
+    if msgs and _role(msgs[0]) == "system":
+        system = message_text(msgs[0].get("content"))
+        msgs = msgs[1:]
+    if tools:
+        listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        system = (system + "\n\n" if system else "") + TOOL_SYSTEM.format(tools=listed)
+    out: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    for m in msgs:
+        role = _role(m)
+        if role == "tool":
+            text = f"<tool_response>\n{message_text(m.get('content'))}\n</tool_response>"
+            role = "user"
+        elif role == "assistant" and m.get("tool_calls"):
+            calls = "\n".join(f"<tool_call>\n{_call_json(c)}\n</tool_call>" for c in m["tool_calls"])
+            content = message_text(m.get("content"))
+            text = f"{content}\n{calls}" if content else calls
+        else:
+            text = message_text(m.get("content"))
+        if out and out[-1]["role"] == role == "user":
+            out[-1]["content"] += "\n" + text
+        else:
+            out.append({"role": role, "content": text})
+    return out
 
 
 def render_training(template, messages, tokenizer) -> tuple[str, list[tuple[int, int]]]:

@@ -69,6 +69,8 @@ class SamplingParams:
     # between "ASSISTANT:" and the answer, which the model generates; kept, it would come back
     # doubled when the client sends the answer in the next turn's history (FastChat strips too).
     strip_leading: bool = False
+    # Structured outputs: the compiled grammar the output must follow (vicuna.serve.structured), or None.
+    constraint: Any = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

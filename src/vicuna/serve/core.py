@@ -41,6 +41,8 @@ class GenerateRequest:
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus the top k
+    constraint: dict[str, Any] | None = None  # structured output: {"type", "value", "param"} (serve.structured)
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool objects, rendered into the prompt
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

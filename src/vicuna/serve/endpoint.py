@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..conversation import message_text
 from ..errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable, UsageError
 from .model_client import Embeddings, _ClientBase
+from . import structured
 from .core import Delta, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,11 @@ def _upstream_body(u: _Upstream, request: GenerateRequest, n: int) -> tuple[str,
         body["n"] = n
     if request.logprobs is not None:
         body.update({"logprobs": True, "top_logprobs": request.logprobs} if chat else {"logprobs": request.logprobs})
+    if request.tools and request.constraint is None:
+        raise InvalidRequest("tool_choice 'auto' is not supported through --endpoints (the upstream's own tool "
+                             "calls are not relayed); use tool_choice 'required' or a named function",
+                             param="tool_choice")
+    body.update(structured.openai_fields(request.constraint))  # a forced tool call arrives as constrained JSON
     return ("/chat/completions" if chat else "/completions"), body
 
 

@@ -64,6 +64,16 @@ class ApiConfig:
     allow_runtime_lora: bool = _f(False, "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
                                          "runtime LoRA API, behind --api-keys): a client may then make the server "
                                          "read any adapter directory it can see, so it is off by default")
+    tool_parser: str | None = _f(None, "how tool calls are read from a model's text with tool_choice auto: hermes "
+                                       "(<tool_call>{...}</tool_call>), mistral ([TOOL_CALLS] [...]) or llama3_json "
+                                       "({\"name\", \"parameters\"}); default: whichever format the text has",
+                                 metavar="NAME")
+
+    def __post_init__(self):
+        from .tools import PARSERS
+
+        if self.tool_parser is not None and self.tool_parser not in PARSERS:
+            raise UsageError(f"--tool-parser {self.tool_parser!r} is not one of {', '.join(PARSERS)}")
 
 
 @dataclass
@@ -229,7 +239,8 @@ def api_app(client, api: ApiConfig | None = None, engines: dict[str, Any] | None
     api = api or ApiConfig()
     return create_app(client, api_keys=list(api.api_keys) or None, max_body_bytes=api.max_body_bytes,
                       max_n=api.max_n, engines=engines.engines if engines is not None else None,
-                      lora_manager=engines if engines is not None and api.allow_runtime_lora else None)
+                      lora_manager=engines if engines is not None and api.allow_runtime_lora else None,
+                      tool_parser=api.tool_parser)
 
 
 def web_store(web: WebConfig):

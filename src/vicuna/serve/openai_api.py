@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import InvalidRequest, ModelNotFound, ServeError, error_response
 from . import protocol as P
+from . import tools as T
 from .core import Delta, GenerateRequest, bearer_ok, merge_streams
 from .metrics import Metrics
 from .model_client import ModelClient
@@ -169,9 +170,14 @@ class _Usage:
 
 def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = DEFAULT_MAX_N, engines: dict | None = None,
-               title: str = "vicuna OpenAI-compatible API", lora_manager=None) -> FastAPI:
+               title: str = "vicuna OpenAI-compatible API", lora_manager=None,
+               tool_parser: str | None = None) -> FastAPI:
     """The API app. ``engines`` (default: a LocalClient's) feed the engine gauges in /metrics; ``lora_manager``
-    (a :class:`~vicuna.serve.model_client.LocalClient`) serves runtime LoRA loading, off without one."""
+    (a :class:`~vicuna.serve.model_client.LocalClient`) serves runtime LoRA loading, off without one;
+    ``tool_parser`` (one of :data:`vicuna.serve.tools.PARSERS`) fixes how tool calls are read from text (default:
+    by format)."""
+    if tool_parser is not None and tool_parser not in T.PARSERS:
+        raise ValueError(f"unknown tool parser {tool_parser!r}; use one of {', '.join(T.PARSERS)}")
     if engines is None:
         engines = getattr(client, "engines", None)
     metrics = Metrics((lambda: engines) if engines is not None else None)
@@ -398,6 +404,7 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         n = check_n(body.n)
         streams, firsts = await open_streams(body.model, [base], n)
         rid, model, used = P.new_id("chatcmpl"), body.model, _Usage(n, n)
+        plan = body.tool_plan
         if not body.stream:
             texts, reasons, lps = [[] for _ in range(n)], [None] * n, [None] * n
             if base.logprobs is not None:
@@ -414,15 +421,40 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
 
             await unless_disconnected(request, collect())
             account(model, used)
-            return P.chat_completion(rid, model, [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, lps)],
-                                     used.prompt_tokens, used.completion_tokens)
+            answers = [("".join(t), r, lp) for t, r, lp in zip(texts, reasons, lps)]
+            if plan.parses:  # tool calls out of the text (or the constrained JSON of a forced call)
+                answers = [(c, fr, lp, calls) for (t, r, lp) in answers
+                           for c, calls, fr in [T.complete(t, r, plan, tool_parser)]]
+            return P.chat_completion(rid, model, answers, used.prompt_tokens, used.completion_tokens)
 
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
             created = P.now()
+            tool_streams = [T.ToolStream(plan, tool_parser) for _ in range(n)] if plan.parses else None
+
+            def tool_chunks(i: int, d: Delta) -> Iterator[str]:
+                s = tool_streams[i]
+                text, calls = s.feed(d.text)
+                if d.finish_reason:
+                    rest, more = s.finish()
+                    text, calls = text + rest, calls + more
+                body_ = {"content": text} if text else {}
+                if calls:
+                    body_["tool_calls"] = calls
+                if body_ or d.logprobs:
+                    yield _sse(P.chat_chunk(rid, model, created, [{
+                        "index": i, "delta": body_, "finish_reason": None,
+                        "logprobs": P.chat_logprobs(d.logprobs) if d.logprobs is not None else None}],
+                        with_usage=with_usage))
+                if d.finish_reason:
+                    yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
+                        i, Delta("", T.finish_reason(d.finish_reason, s.called())))], with_usage=with_usage))
 
             def chunks(i: int, d: Delta) -> Iterator[str]:
+                if tool_streams is not None:
+                    yield from tool_chunks(i, d)
+                    return
                 if d.text or d.logprobs:
                     yield _sse(P.chat_chunk(rid, model, created, [P.chat_choice_delta(
                         i, Delta(d.text, None, logprobs=d.logprobs))], with_usage=with_usage))

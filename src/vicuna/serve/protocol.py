@@ -19,10 +19,11 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..errors import InvalidRequest
 from ..generation import logprob_token_bytes
+from . import structured, tools
 from .core import Delta, GenerateRequest, check_unicode
 
 
@@ -54,6 +55,17 @@ class _TopLevel(_Request):
         return self
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -65,9 +77,57 @@ class ChatMessage(_Request):
     audio: None = None
     function_call: None = None
 
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a role "tool" message: the call it answers
+
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content), ("name", self.name))
-                if v is not None}
+        """What the template renders: the SDK's empty extras (refusal, annotations...) left out."""
+        return self.model_dump(include={"role", "content", "name", "tool_calls", "tool_call_id"}, exclude_none=True)
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Request's
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs`` object (the newer spelling of its ``guided_*`` fields)."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Request's
+
+
+class ToolFunction(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
 
 
 class StreamOptions(_Request):
@@ -111,6 +171,14 @@ class _Sampling(_TopLevel):
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, str]]] = _UNSUPPORTED_COMMON
 
+    # structured outputs (vicuna.serve.structured): OpenAI's response_format and vLLM's extras
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+
     def sampling(self, *, max_tokens: int | None, logprobs: int | None, max_stops: int = 16) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > max_stops:
@@ -120,6 +188,7 @@ class _Sampling(_TopLevel):
             temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, stop=stop, seed=self.seed,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, top_k=self.top_k,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            constraint=structured.from_request(self),
         )
 
 
@@ -129,6 +198,12 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     modalities: list[Literal["text"]] | None = None  # text is what we answer; "audio" is refused by its type
+
+    # tool calling (vicuna.serve.tools)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    _tool_plan: Any = PrivateAttr(default=None)
 
     def to_generate(self) -> GenerateRequest:
         if self.top_logprobs is not None and not self.logprobs:
@@ -144,7 +219,15 @@ class ChatCompletionRequest(_Sampling):
                                      param=f"messages[{i}].content")
         # an empty list is refused by the engine's prepare, the one check every caller goes through
         messages = [m.as_dict() for m in self.messages]
-        return GenerateRequest(messages=messages, **self.sampling(max_tokens=max_tokens, logprobs=logprobs))
+        options = self.sampling(max_tokens=max_tokens, logprobs=logprobs)
+        self._tool_plan = tools.plan(self, messages, options["constraint"])
+        options["constraint"] = self._tool_plan.constraint
+        return GenerateRequest(messages=messages, tools=self._tool_plan.tools, **options)
+
+    @property
+    def tool_plan(self) -> "tools.ToolPlan":
+        """How this request's tool calls are produced and parsed (set by ``to_generate``)."""
+        return self._tool_plan
 
 
 class CompletionRequest(_Sampling):
@@ -297,14 +380,17 @@ def vllm_prompt_logprobs(entries: list[dict]) -> list[dict | None]:
     return out
 
 
-def chat_completion(rid: str, model: str, choices: list[tuple[str, str, list[dict] | None]],
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """``choices``: (text, finish_reason, logprob entries or None) per choice."""
+def chat_completion(rid: str, model: str, choices: list[tuple], prompt_tokens: int, completion_tokens: int
+                    ) -> dict[str, Any]:
+    """``choices``: (text, finish_reason, logprob entries or None[, tool_calls or None]) per choice."""
+    def message(text, calls=None):
+        return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+
     return {
         "id": rid, "object": "chat.completion", "created": now(), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                     "logprobs": chat_logprobs(lps) if lps is not None else None, "finish_reason": reason}
-                    for i, (text, reason, lps) in enumerate(choices)],
+        "choices": [{"index": i, "message": message(c[0], *c[3:]),
+                     "logprobs": chat_logprobs(c[2]) if c[2] is not None else None, "finish_reason": c[1]}
+                    for i, c in enumerate(choices)],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 

@@ -35,6 +35,7 @@ from typing import Any, AsyncIterator
 from ...errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ModelNotFound, Overloaded, ServeError
 from ...generation import SamplingParams, Sequence, prompt_logprob_entries
 from ...sizes import format_size, parse_size
+from .. import structured
 from ..core import Delta, GenerateRequest
 from .base import AdapterView, EngineBase, EngineConfig, EngineStats, Meter, drain_retry_after
 from .kv import KVPlan, KVShape, default_budget
@@ -252,6 +253,8 @@ class HFEngine(EngineBase):
         req = Request(list(prompt_ids), Sequence(self.tokenizer, prompt_ids, params), adapter=adapter,
                       loop=asyncio.get_running_loop(), queue=queue,
                       cache_prefix=params.prompt_logprobs is None)  # scoring needs every position computed
+        if params.constraint is not None:  # structured outputs: this request's grammar state
+            req.matcher = structured.Matcher(params.constraint, list(params.stop_token_ids))
         waiting = self.scheduler.waiting
         with self._cv:
             if len(waiting) >= self.config.max_queue:
@@ -456,12 +459,30 @@ class HFEngine(EngineBase):
         self._sample(rows, logits)
 
     def _sample(self, rows: list[Request], logits) -> None:
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:  # structured outputs: forbid what each grammar does not allow; other rows untouched
+            logits = self._mask_logits(rows, logits, constrained)
         for r, token in zip(rows, self.runner.sample(rows, logits)):
             if isinstance(token, ServeError):
                 self._fail(r, token)
+            elif r.matcher is not None and not r.matcher.accept(token):  # advance the grammar
+                self._fail(r, ServeError("the sampled token breaks the request's grammar", status=500))
             else:
                 self._emit(r, token)
         self.scheduler.drop_finished()
+
+    def _mask_logits(self, rows: list[Request], logits, constrained: list[int]):
+        """Logits with each constrained row's forbidden tokens at -inf (timed per step)."""
+        started = time.perf_counter()
+        bitmask = structured.allocate_bitmask(len(rows), logits.shape[-1])
+        for i in constrained:
+            rows[i].matcher.fill_mask(bitmask, i)
+        logits = logits.float()  # the CPU kernel takes float32; sampling works in float32 anyway
+        structured.apply_masks(logits, bitmask, constrained)
+        with self._lock:
+            self._stats.mask_seconds += time.perf_counter() - started
+            self._stats.mask_steps += 1
+        return logits
 
     # ---- embeddings
     def _embed_chunk(self) -> None:
@@ -498,6 +519,8 @@ class HFEngine(EngineBase):
             logprobs = [{"token": lp.token, "logprob": lp.logprob, "top": lp.top}
                         for lp in seq.logprobs[r.logprobs_sent:]]
             r.logprobs_sent = len(seq.logprobs)
+        if r.matcher is not None and r.matcher.is_terminated() and not seq.finished:
+            text += seq.finish("stop")  # structured outputs: the grammar is complete
         prompt_lps = None
         if seq.prompt_logprobs is not None and not r.prompt_logprobs_sent:
             prompt_lps, r.prompt_logprobs_sent = seq.prompt_logprobs, True

@@ -34,6 +34,7 @@ from ...errors import ModelLoadError, ServeError, UsageError
 from ...generation import ModelDefaults, SamplingParams
 from ...model import model_defaults
 from ...sizes import parse_size
+from .. import structured
 from ..core import Delta, GenerateRequest
 from .base import EngineConfig, ModelConfig
 from .external import ExternalEngine, LeadingStrip
@@ -250,13 +251,14 @@ class LlamaCppEngine(ExternalEngine):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         ids, p = self.prepare(request)
+        body = (completion_body(ids, p, self.config.prefix_caching)
+                | structured.llamacpp_fields(request.constraint))  # structured outputs
         if self.server is None:
             raise ServeError("the engine is not running", status=503, code="model_unavailable", retry_after=5)
         with self.admitted(len(ids)) as track:
             loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-            body = completion_body(ids, p, self.config.prefix_caching)
-            thread = threading.Thread(target=self._complete, args=(body, loop, queue, cancelled), daemon=True,
-                                      name=f"llamacpp-{self.name}")
+            thread = threading.Thread(target=self._complete, args=(body, loop, queue, cancelled),
+                                      daemon=True, name=f"llamacpp-{self.name}")
             self._running[thread] = cancelled
             thread.start()
             strip, produced = LeadingStrip(p.strip_leading), 0

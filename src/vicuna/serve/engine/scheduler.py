@@ -159,6 +159,7 @@ class Request:
     last_token: int = -1  # sampled, not yet in the cache
     logprobs_sent: int = 0
     prompt_logprobs_sent: bool = False
+    matcher: Any = None  # structured outputs: a structured.Matcher when the output follows a grammar
     first_token_at: float | None = None
 
     def context(self) -> list[int]:

@@ -32,6 +32,7 @@ from ...errors import ModelLoadError, ServeError, UsageError
 from ...generation import ModelDefaults, SamplingParams
 from ...model import context_length_of, model_defaults
 from ...sizes import parse_size
+from .. import structured
 from ..core import Delta, GenerateRequest
 from .base import EngineConfig, ModelConfig
 from .external import ExternalEngine, LeadingStrip
@@ -97,9 +98,24 @@ def lora_requests(model: ModelConfig, lora_request_cls) -> tuple[Any, dict[str, 
     return applied, named
 
 
-def sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
-    """vLLM ``SamplingParams`` keywords for our validated settings."""
-    return {
+def structured_params(c: dict | None):
+    """vLLM's structured-output parameters object for our constraint (None without one)."""
+    if c is None:
+        return None
+    try:
+        from vllm.sampling_params import StructuredOutputsParams as Params  # vLLM >= 0.11
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams as Params
+    return Params(**structured.vllm_fields(c))
+
+
+def sampling_kwargs(p: SamplingParams, structured_outputs: Any = None) -> dict[str, Any]:
+    """vLLM ``SamplingParams`` keywords for our validated settings (plus its structured-output object)."""
+    extra: dict[str, Any] = {}
+    if structured_outputs is not None:
+        name = type(structured_outputs).__name__
+        extra["guided_decoding" if name == "GuidedDecodingParams" else "structured_outputs"] = structured_outputs
+    return extra | {
         "n": 1, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1,
         "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
         "repetition_penalty": p.repetition_penalty, "max_tokens": p.max_new_tokens, "seed": p.seed,
@@ -213,8 +229,8 @@ class VLLMEngine(ExternalEngine):
         ids, p = self.prepare(request)
         with self.admitted(len(ids)) as track:
             rid, read = uuid.uuid4().hex, OutputReader(p.strip_leading, p.logprobs, len(ids))
-            stream = self.engine.generate({"prompt_token_ids": ids}, VSampling(**sampling_kwargs(p)), rid,
-                                          lora_request=lora)
+            stream = self.engine.generate({"prompt_token_ids": ids}, VSampling(**sampling_kwargs(
+                p, structured_params(request.constraint))), rid, lora_request=lora)
             try:
                 async for out in stream:
                     before = read.tokens
