@@ -377,3 +377,20 @@ def test_tiny_model_learns_the_conversations(tmp_path):
         gen = lm.model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=stop_token_ids(t, tok))
         right += tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip() == a
     assert right >= len(QA) - 1, right
+
+
+# ----------------------------------------------------------------------------- save / log intervals
+
+
+@pytest.mark.parametrize("save_steps,logging_steps", [(s, g) for s in (0, 1, 2, 4) for g in (1, 3, 5, 9)])
+def test_every_save_and_log_interval_combination_finishes(tiny_model_dir, data_file, tmp_path, save_steps,
+                                                          logging_steps):
+    """A checkpoint (and the loss plot it refreshes) never depends on a log line having been written: a save
+    before the first --logging-steps boundary used to crash on the missing train_log.jsonl."""
+    out, total = tmp_path / "out", 5
+    train(_cfg(tiny_model_dir, data_file, out, max_steps=total, save_steps=save_steps, logging_steps=logging_steps,
+               save_total_limit=10, per_device_batch_size=2))
+    assert [r["step"] for r in log_rows(out)] == sorted({*range(logging_steps, total + 1, logging_steps), total})
+    saved = sorted(int(c.name.split("-")[1]) for c in complete(out))
+    assert saved == (list(range(save_steps, total, save_steps)) if save_steps else [])
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "vicuna.json").exists()

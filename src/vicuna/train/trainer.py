@@ -509,7 +509,12 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
 
 
 def plot_loss(out: Path) -> None:
-    rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines() if line.strip()]
+    """OUT/loss.png from the log so far; nothing to plot (no step logged yet, e.g. a save before the first
+    --logging-steps boundary) is not an error."""
+    path = out / LOG_FILE
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         return
     import matplotlib
@@ -794,8 +799,7 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
             plans = {epoch: plan_epoch(samples, cfg.batching, cfg.per_device_batch_size, epoch, cfg.seed, rows)}
         mine = plans[epoch][k * per_step:(k + 1) * per_step][d.rank * cfg.gradient_accumulation_steps:]
         mine = mine[:cfg.gradient_accumulation_steps]
-        pad_to = cfg.max_length if cfg.batching == "max_length" else None
-        batches = [collate(samples, mb, pad_id, pad_to=pad_to, packed=cfg.packing) for mb in mine]
+        batches = [collate(samples, mb, pad_id, packed=cfg.packing) for mb in mine]
         loss_sum, counts = accumulate_gradients(model, batches, d, fsdp=fsdp, autocast=autocast, scaler=scaler)
         n_tgt = counts[0].item()
         if scaler:
