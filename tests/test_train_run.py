@@ -394,3 +394,34 @@ def test_every_save_and_log_interval_combination_finishes(tiny_model_dir, data_f
     saved = sorted(int(c.name.split("-")[1]) for c in complete(out))
     assert saved == (list(range(save_steps, total, save_steps)) if save_steps else [])
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "vicuna.json").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_model_card_beside_the_trained_model(tiny_model_dir, data_file, tmp_path, lora):
+    import yaml
+
+    out = tmp_path / "out"
+    train(_cfg(tiny_model_dir, data_file, out, max_steps=3, lora=lora, per_device_batch_size=2))
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == Path(tiny_model_dir).name  # a name, never a local path
+    assert str(tiny_model_dir) not in text
+    assert front["library_name"] == ("peft" if lora else "transformers") and "sft" in front["tags"]
+    meta = json.loads((out / "vicuna.json").read_text())
+    assert f"| {Path(data_file).name} | 24 | 24 | {meta['data']['tokens']} |" in text
+    assert "Steps: 3" in text and f"final loss: {meta['train']['final_loss']}" in text
+    assert ("| lora_r | 8 |" in text) == lora
+
+
+def test_base_model_name_is_never_a_local_path(tmp_path):
+    from vicuna.train.trainer import base_model_name
+
+    assert base_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    d = tmp_path / "smol"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path / "elsewhere")}))
+    assert base_model_name(str(d)) == "smol"
+    (d / "vicuna.json").write_text(json.dumps({"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert base_model_name(str(d)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name(None) is None

@@ -467,6 +467,67 @@ def write_model_files(folder: Path, model, tokenizer, template, cfg: TrainConfig
                                      "stop_token_ids": stops, **meta, "config": asdict(cfg)}, default=str)
 
 
+def base_model_name(model_path: str | None) -> str | None:
+    """The base model's name for a model card: a hub id as given; for a local folder, the name its config or
+    vicuna.json records (when that is not a path), else the folder's name. Never a local path."""
+    if not model_path:
+        return None
+    p = Path(model_path)
+    if not p.exists():
+        return model_path  # a hub id
+    for meta, key in (("vicuna.json", "base_model"), ("config.json", "_name_or_path")):
+        try:
+            name = json.loads((p / meta).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and name and not Path(name).is_absolute() and not name.startswith(".") \
+                and not Path(name).exists():
+            return name
+    return p.resolve().name
+
+
+def model_card(out: Path, cfg: TrainConfig, template, stats: DataStats, summary: dict) -> str:
+    """README.md in Hugging Face model-card form (YAML front matter, then the facts of this run)."""
+    import yaml
+
+    base = base_model_name(cfg.model_path)
+    objective = "sft"  # the only training objective so far
+    front = {"library_name": "peft" if cfg.lora else "transformers", "pipeline_tag": "text-generation",
+             "tags": ["vicuna", objective, *(["lora"] if cfg.lora else [])]}
+    if base:
+        front["base_model"] = base
+    data = Path(str(cfg.data_path)).name
+    d = stats.to_dict()
+    settings = {k: getattr(cfg, k) for k in ("max_length", "packing", "num_epochs", "max_steps",
+                                             "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
+                                             "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+                                             "precision", "lora", "lora_r", "lora_alpha", "lora_target")}
+    if not cfg.lora:
+        for k in ("lora_r", "lora_alpha", "lora_target"):
+            settings.pop(k)
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {out.resolve().name}", "",
+             f"{'A LoRA adapter for' if cfg.lora else 'A fine-tune of'} `{base or 'a model built from model_init'}`, "
+             f"trained with `vicuna train` ({objective}); chat template `{template.name}`.", "",
+             "## Data", "", "| file | records | kept | tokens | trained tokens |", "|---|---|---|---|---|",
+             f"| {data} | {d.get('records')} | {d.get('kept')} | {d.get('tokens')} | {d.get('trained_tokens')} |", ""]
+    if d.get("skipped") or d.get("truncated") or d.get("dropped_long"):
+        lines += [f"Skipped: {d.get('skipped') or 'none'}; truncated {d.get('truncated', 0)}, dropped as too long "
+                  f"{d.get('dropped_long', 0)}.", ""]
+    lines += ["## Training", "", f"Objective: {objective}. Steps: {summary.get('steps')} on "
+              f"{summary.get('world_size', 1)} process(es).", "", "| setting | value |", "|---|---|",
+              *(f"| {k} | {v} |" for k, v in settings.items()), "",
+              "## Results", "", f"- first loss: {summary.get('first_loss')}", f"- final loss: {summary.get('final_loss')}",
+              f"- log: `{LOG_FILE}`, plot: `{PLOT_FILE}`", ""]
+    for report in (out / "eval" / "report" / "report.md", out / "report.md"):
+        if report.is_file():
+            lines += ["## Evaluation", "", report.read_text(encoding="utf-8").strip(), ""]
+            break
+    lines += ["## Use", "", "```bash", f"vicuna serve --model-path {'BASE --lora ' if cfg.lora else ''}{out.name}",
+              "```", ""]
+    return "\n".join(lines)
+
+
 def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: Dist, stats: DataStats,
                    summary: dict) -> None:
     """A Hugging Face model (or LoRA adapter) dir with the chat template embedded.
@@ -499,6 +560,7 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
                 writer.close()
     if d.main:
         write_model_files(tmp, model, tokenizer, template, cfg, {"data": stats.to_dict(), "train": summary})
+        write_text(tmp / "README.md", model_card(out, cfg, template, stats, summary))
         # a stale chat_template.jinja (from an earlier run with --force) would override the embedded one
         (out / "chat_template.jinja").unlink(missing_ok=True)
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_META):
