@@ -211,13 +211,17 @@ def export_pairs(inputs: list[str], out: str, *, report_path: str | None = None,
             if bad.count:
                 report["bad_records"][str(path)] = bad.to_dict()
         report["written"] = w.count
-    report["dropped"] = dict(sorted(dropped.items()))
+        report["dropped"] = dict(sorted(dropped.items()))
+        if w.count == 0:  # raised inside the writer: no empty output file is left behind
+            why = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
+            n_bad = sum(v["bad_records"] for v in report["per_input"].values())
+            raise DataError(f"no preference pairs in {', '.join(map(str, inputs))}: {report['records']} records, "
+                            f"not used: {why}; bad records {n_bad}. Each pair needs a prompt and two different, "
+                            "non-empty answers, one preferred (see `vicuna data pairs --help`)")
     if report_path:
         write_json(report_path, report)
     why = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
     n_bad = sum(v["bad_records"] for v in report["per_input"].values())
     log.info("wrote %d pairs from %d records to %s; not used: %s; duplicates %d; bad records %d",
              report["written"], report["records"], out, why, report["duplicates"], n_bad)
-    if report["written"] == 0:
-        log.warning("no pairs written: nothing in the inputs was a usable preference (see the counts above)")
     return report
