@@ -117,7 +117,8 @@ def test_cli_writes_atomically_and_refuses_bad_input(tmp_path):
     p = run_cli("data", "pairs", tmp_path / "missing.jsonl", "-o", tmp_path / "y.jsonl")
     assert p.returncode == 2 and "no such file" in p.stderr
     useless = tmp_path / "useless.jsonl"  # only identical or empty answers: a clear error, no output
-    useless.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n{"prompt": "a", "chosen": "", "rejected": "c"}\n')
+    useless.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}) + "\n"
+                       + json.dumps({"prompt": "a", "chosen": "", "rejected": "c"}) + "\n")
     p = run_cli("data", "pairs", useless, "-o", tmp_path / "z.jsonl")
     assert p.returncode == 2 and "no preference pairs" in p.stderr and "identical_answers 1" in p.stderr
     assert "empty_answer 1" in p.stderr and not (tmp_path / "z.jsonl").exists()

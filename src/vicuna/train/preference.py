@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LOSSES = ("sigmoid", "ipo", "hinge")
-OBJECTIVES = ("sft", "dpo", *LOSSES)  # dpo = sigmoid
 
 
 @dataclass
@@ -37,8 +36,8 @@ class PreferenceOutput:
                 "rewards/accuracy": (margin > 0).float().mean().item()}
 
 
-def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float, loss_type: str = "sigmoid",
-                    chosen_tokens=None, rejected_tokens=None) -> PreferenceOutput:
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
+                    loss_type: str = "sigmoid", chosen_tokens=None, rejected_tokens=None) -> PreferenceOutput:
     """The loss of one batch of pairs from summed answer log-probs (1-D tensors, one entry per pair).
 
     ``chosen_tokens`` / ``rejected_tokens`` (answer lengths in tokens) are needed by ``ipo`` only.

@@ -517,7 +517,8 @@ def model_card(out: Path, cfg: TrainConfig, template, stats: DataStats, summary:
     lines += ["## Training", "", f"Objective: {objective}. Steps: {summary.get('steps')} on "
               f"{summary.get('world_size', 1)} process(es).", "", "| setting | value |", "|---|---|",
               *(f"| {k} | {v} |" for k, v in settings.items()), "",
-              "## Results", "", f"- first loss: {summary.get('first_loss')}", f"- final loss: {summary.get('final_loss')}",
+              "## Results", "", f"- first loss: {summary.get('first_loss')}",
+              f"- final loss: {summary.get('final_loss')}",
               f"- log: `{LOG_FILE}`, plot: `{PLOT_FILE}`", ""]
     for report in (out / "eval" / "report" / "report.md", out / "report.md"):
         if report.is_file():
