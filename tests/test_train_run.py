@@ -17,7 +17,7 @@ from vicuna.conversation import get_template, render_prompt, resolve_template, s
 from vicuna.errors import TrainInputError
 from vicuna.train.checkpoint import complete_checkpoints
 from vicuna.train.config import load_recipe, make_config
-from vicuna.train.trainer import train
+from vicuna.train.trainer import train, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = [("What is the capital of France?", "Paris is the capital of France."),
@@ -411,7 +411,10 @@ def test_model_card_beside_the_trained_model(tiny_model_dir, data_file, tmp_path
     meta = json.loads((out / "vicuna.json").read_text())
     assert f"| {Path(data_file).name} | 24 | 24 | {meta['data']['tokens']} |" in text
     assert "Steps: 3" in text and f"final loss: {meta['train']['final_loss']}" in text
-    assert ("| lora_r | 8 |" in text) == lora
+    assert ("| lora_r | 8 |" in text) == lora and "## Evaluation" not in text
+    (out / "report.md").write_text("# Report\n\nheld-out exact rate 0.75\n")  # an evaluation written later
+    write_model_card(out)
+    assert "## Evaluation" in (out / "README.md").read_text() and "exact rate 0.75" in (out / "README.md").read_text()
 
 
 def test_base_model_name_is_never_a_local_path(tmp_path):

@@ -486,47 +486,49 @@ def base_model_name(model_path: str | None) -> str | None:
     return p.resolve().name
 
 
-def model_card(out: Path, cfg: TrainConfig, template, stats: DataStats, summary: dict) -> str:
-    """README.md in Hugging Face model-card form (YAML front matter, then the facts of this run)."""
+def model_card(out: Path, meta: dict) -> str:
+    """README.md in Hugging Face model-card form (YAML front matter, then the facts of this run), from the model's
+    vicuna.json; an evaluation report already in OUT (``report.md`` or ``eval/report/report.md``) is included."""
     import yaml
 
-    base = base_model_name(cfg.model_path)
+    cfg, d, summary = meta.get("config") or {}, meta.get("data") or {}, meta.get("train") or {}
+    lora = bool(cfg.get("lora"))
+    base = base_model_name(cfg.get("model_path"))
     objective = "sft"  # the only training objective so far
-    front = {"library_name": "peft" if cfg.lora else "transformers", "pipeline_tag": "text-generation",
-             "tags": ["vicuna", objective, *(["lora"] if cfg.lora else [])]}
+    front = {"library_name": "peft" if lora else "transformers", "pipeline_tag": "text-generation",
+             "tags": ["vicuna", objective, *(["lora"] if lora else [])]}
     if base:
         front["base_model"] = base
-    data = Path(str(cfg.data_path)).name
-    d = stats.to_dict()
-    settings = {k: getattr(cfg, k) for k in ("max_length", "packing", "num_epochs", "max_steps",
-                                             "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
-                                             "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-                                             "precision", "lora", "lora_r", "lora_alpha", "lora_target")}
-    if not cfg.lora:
-        for k in ("lora_r", "lora_alpha", "lora_target"):
-            settings.pop(k)
+    keys = ["max_length", "packing", "num_epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "precision",
+            "lora", *(["lora_r", "lora_alpha", "lora_target"] if lora else [])]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {out.resolve().name}", "",
-             f"{'A LoRA adapter for' if cfg.lora else 'A fine-tune of'} `{base or 'a model built from model_init'}`, "
-             f"trained with `vicuna train` ({objective}); chat template `{template.name}`.", "",
+             f"{'A LoRA adapter for' if lora else 'A fine-tune of'} `{base or 'a model built from model_init'}`, "
+             f"trained with `vicuna train` ({objective}); chat template `{meta.get('conv_template')}`.", "",
              "## Data", "", "| file | records | kept | tokens | trained tokens |", "|---|---|---|---|---|",
-             f"| {data} | {d.get('records')} | {d.get('kept')} | {d.get('tokens')} | {d.get('trained_tokens')} |", ""]
+             f"| {Path(str(cfg.get('data_path'))).name} | {d.get('records')} | {d.get('kept')} | {d.get('tokens')} "
+             f"| {d.get('trained_tokens')} |", ""]
     if d.get("skipped") or d.get("truncated") or d.get("dropped_long"):
         lines += [f"Skipped: {d.get('skipped') or 'none'}; truncated {d.get('truncated', 0)}, dropped as too long "
                   f"{d.get('dropped_long', 0)}.", ""]
     lines += ["## Training", "", f"Objective: {objective}. Steps: {summary.get('steps')} on "
               f"{summary.get('world_size', 1)} process(es).", "", "| setting | value |", "|---|---|",
-              *(f"| {k} | {v} |" for k, v in settings.items()), "",
+              *(f"| {k} | {cfg.get(k)} |" for k in keys if k in cfg), "",
               "## Results", "", f"- first loss: {summary.get('first_loss')}",
-              f"- final loss: {summary.get('final_loss')}",
-              f"- log: `{LOG_FILE}`, plot: `{PLOT_FILE}`", ""]
-    for report in (out / "eval" / "report" / "report.md", out / "report.md"):
+              f"- final loss: {summary.get('final_loss')}", f"- log: `{LOG_FILE}`, plot: `{PLOT_FILE}`", ""]
+    for report in (out / "report.md", out / "eval" / "report" / "report.md"):
         if report.is_file():
             lines += ["## Evaluation", "", report.read_text(encoding="utf-8").strip(), ""]
             break
-    lines += ["## Use", "", "```bash", f"vicuna serve --model-path {'BASE --lora ' if cfg.lora else ''}{out.name}",
+    lines += ["## Use", "", "```bash", f"vicuna serve --model-path {'BASE --lora ' if lora else ''}{out.name}",
               "```", ""]
     return "\n".join(lines)
+
+
+def write_model_card(out: Path) -> Path:
+    """(Re)write OUT/README.md from OUT/vicuna.json, e.g. after an evaluation report was added."""
+    return write_text(Path(out) / "README.md", model_card(Path(out), json.loads((Path(out) / MODEL_META).read_text())))
 
 
 def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: Dist, stats: DataStats,
@@ -561,7 +563,7 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
                 writer.close()
     if d.main:
         write_model_files(tmp, model, tokenizer, template, cfg, {"data": stats.to_dict(), "train": summary})
-        write_text(tmp / "README.md", model_card(out, cfg, template, stats, summary))
+        write_text(tmp / "README.md", model_card(out, json.loads((tmp / MODEL_META).read_text())))
         # a stale chat_template.jinja (from an earlier run with --force) would override the embedded one
         (out / "chat_template.jinja").unlink(missing_ok=True)
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_META):
