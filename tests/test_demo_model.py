@@ -89,6 +89,7 @@ def test_recipe_runs_end_to_end(tmp_path):
     results = json.loads((model / "eval.json").read_text())
     assert results["heldout_tokens"] > 0 and results["heldout_perplexity"] > 1
     assert "## Evaluation (greedy)" in (model / "report.md").read_text()
+    assert "## Evaluation (greedy)" in (model / "README.md").read_text()  # the model card took the report in
     assert load_model(model).template.name == "vicuna_v1.1"
     again = run_cli("recipe", "demo", "--work-dir", tmp_path / "work", "--max-steps", "3", "--no-install")
     assert again.returncode == 1 and "pass --force" in again.stderr

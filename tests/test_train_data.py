@@ -149,11 +149,11 @@ def test_packed_targets_are_exactly_assistant_outputs(name, any_tokenizer, tmp_p
 
 def test_padding_collation_masks_and_counts(bpe_tokenizer):
     s = [Sample([5, 6, 7], [IGNORE_INDEX, 6, 7]), Sample([8, 9], [IGNORE_INDEX, 9])]
-    b = collate(s, [[0], [1]], pad_id=3, pad_to=4, packed=False)
-    assert b["input_ids"].tolist() == [[5, 6, 7, 3], [8, 9, 3, 3]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    assert b["targets"].tolist() == [[6, 7, IGNORE_INDEX, IGNORE_INDEX], [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
-    assert (b["real_tokens"], b["computed_tokens"], b["target_tokens"]) == (5, 8, 3)
+    b = collate(s, [[0], [1]], pad_id=3, packed=False)  # padded to the longest row only
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 3]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["targets"].tolist() == [[6, 7, IGNORE_INDEX], [9, IGNORE_INDEX, IGNORE_INDEX]]
+    assert (b["real_tokens"], b["computed_tokens"], b["target_tokens"]) == (5, 6, 3)
     p = collate(s, [[0, 1]], pad_id=3)
     assert p["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and "attention_mask" not in p
 
@@ -175,13 +175,15 @@ def test_best_fit_packs_everything_within_capacity(lengths, cap):
 def test_epoch_plans_are_deterministic_and_cover_the_data():
     samples = [Sample([1] * n, [IGNORE_INDEX] * n) for n in (5, 9, 3, 7, 2, 8, 1, 6)]
     rows = pack_best_fit([len(s) for s in samples], 10)
-    for mode in ("packing", "dynamic", "max_length"):
+    for mode in ("packing", "dynamic"):
         a = plan_epoch(samples, mode, 2, epoch=0, seed=1, packed_rows=rows)
         assert a == plan_epoch(samples, mode, 2, epoch=0, seed=1, packed_rows=rows)
         assert a != plan_epoch(samples, mode, 2, epoch=1, seed=1, packed_rows=rows)
         assert sorted(j for mb in a for r in mb for j in r) == list(range(len(samples)))
     # length grouping: dynamic micro-batches hold neighbours in length
     dyn = plan_epoch(samples, "dynamic", 2, epoch=0, seed=1)
+    with pytest.raises(ValueError, match="unknown batching mode"):  # the dead max_length mode is gone
+        plan_epoch(samples, "max_length", 2, epoch=0, seed=1)
     assert all(abs(len(samples[mb[0][0]]) - len(samples[mb[-1][0]])) <= 2 for mb in dyn)
 
 

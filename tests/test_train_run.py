@@ -17,7 +17,7 @@ from vicuna.conversation import get_template, render_prompt, resolve_template, s
 from vicuna.errors import TrainInputError
 from vicuna.train.checkpoint import complete_checkpoints
 from vicuna.train.config import load_recipe, make_config
-from vicuna.train.trainer import train
+from vicuna.train.trainer import train, write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = [("What is the capital of France?", "Paris is the capital of France."),
@@ -110,20 +110,6 @@ def test_trained_model_dir_is_complete_and_loadable(tiny_model_dir, data_file, t
     # a finished model is never overwritten without --force
     p = run_cli(*args_for(tiny_model_dir, data_file, out, "--max-steps", 6))
     assert p.returncode == 2 and "already holds a trained model" in p.stderr and "--force" in p.stderr
-
-
-@pytest.mark.parametrize("save_steps", [0, 2])  # never (SIGTERM only), and before the first log line
-@pytest.mark.parametrize("logging_steps", [1, 3, 100])  # each step, not a divisor of the run, never but the last
-def test_any_save_and_log_interval_finishes(tiny_model_dir, data_file, tmp_path, save_steps, logging_steps):
-    """A checkpoint saved before the first log line was a crash (issue 31: plot_loss read a log not yet
-    written). Every combination of intervals finishes, logs every Nth step and the last, and keeps its plot."""
-    out = tmp_path / "out"
-    train(_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=save_steps, logging_steps=logging_steps,
-               per_device_batch_size=2))
-    assert [r["step"] for r in log_rows(out)] == sorted({*range(logging_steps, 5, logging_steps), 4})
-    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    saved = sorted(int(c.name.split("-")[1]) for c in out.glob("checkpoint-*"))
-    assert saved == ([2] if save_steps else [])
 
 
 def test_help_explains_inputs_outputs_and_examples():
@@ -391,3 +377,54 @@ def test_tiny_model_learns_the_conversations(tmp_path):
         gen = lm.model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=stop_token_ids(t, tok))
         right += tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip() == a
     assert right >= len(QA) - 1, right
+
+
+# ----------------------------------------------------------------------------- save / log intervals
+
+
+@pytest.mark.parametrize("save_steps,logging_steps", [(s, g) for s in (0, 1, 2, 4) for g in (1, 3, 5, 9)])
+def test_every_save_and_log_interval_combination_finishes(tiny_model_dir, data_file, tmp_path, save_steps,
+                                                          logging_steps):
+    """A checkpoint (and the loss plot it refreshes) never depends on a log line having been written: a save
+    before the first --logging-steps boundary used to crash on the missing train_log.jsonl."""
+    out, total = tmp_path / "out", 5
+    train(_cfg(tiny_model_dir, data_file, out, max_steps=total, save_steps=save_steps, logging_steps=logging_steps,
+               save_total_limit=10, per_device_batch_size=2))
+    assert [r["step"] for r in log_rows(out)] == sorted({*range(logging_steps, total + 1, logging_steps), total})
+    saved = sorted(int(c.name.split("-")[1]) for c in complete(out))
+    assert saved == (list(range(save_steps, total, save_steps)) if save_steps else [])
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "vicuna.json").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_model_card_beside_the_trained_model(tiny_model_dir, data_file, tmp_path, lora):
+    import yaml
+
+    out = tmp_path / "out"
+    train(_cfg(tiny_model_dir, data_file, out, max_steps=3, lora=lora, per_device_batch_size=2))
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == Path(tiny_model_dir).name  # a name, never a local path
+    assert str(tiny_model_dir) not in text
+    assert front["library_name"] == ("peft" if lora else "transformers") and "sft" in front["tags"]
+    meta = json.loads((out / "vicuna.json").read_text())
+    assert f"| {Path(data_file).name} | 24 | 24 | {meta['data']['tokens']} |" in text
+    assert "Steps: 3" in text and f"final loss: {meta['train']['final_loss']}" in text
+    assert ("| lora_r | 8 |" in text) == lora and "## Evaluation" not in text
+    (out / "report.md").write_text("# Report\n\nheld-out exact rate 0.75\n")  # an evaluation written later
+    write_model_card(out)
+    assert "## Evaluation" in (out / "README.md").read_text() and "exact rate 0.75" in (out / "README.md").read_text()
+
+
+def test_base_model_name_is_never_a_local_path(tmp_path):
+    from vicuna.train.trainer import base_model_name
+
+    assert base_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    d = tmp_path / "smol"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path / "elsewhere")}))
+    assert base_model_name(str(d)) == "smol"
+    (d / "vicuna.json").write_text(json.dumps({"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert base_model_name(str(d)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name(None) is None

@@ -84,6 +84,9 @@ def run_demo(args) -> int:
     results["minutes"] = round((time.time() - t0) / 60, 1)
     write_json(work / "model" / "eval.json", results)
     write_report(work, results)
+    from .train.trainer import write_model_card
+
+    write_model_card(work / "model")  # now with the evaluation report
 
     if not args.no_install:
         from .model import demo_model_path
@@ -279,7 +282,8 @@ def _training_summary(info: dict) -> str:
 def install(model_dir: Path, target: Path) -> None:
     """Copy what serving needs (weights, tokenizer, configs, report) into the package, atomically."""
     keep = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "vicuna.json", "eval.json", "report.md", "loss.png"}
+            "special_tokens_map.json", "chat_template.jinja", "vicuna.json", "eval.json", "report.md", "loss.png",
+            "README.md"}
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -119,6 +119,28 @@ def add_commands(sub) -> None:
     p.add_argument("--no-lang", action="store_true", help="skip language identification (faster)")
     _common(p)
 
+    p = command(verbs, "pairs", _pairs, "preference pairs (prompt, chosen, rejected) for DPO from arena votes and "
+                "preference files", description=(
+                    "Export preference pairs as JSONL in TRL's conversational format: {id, prompt: [messages],\n"
+                    "chosen: [assistant message], rejected: [assistant message], source, model_chosen?, "
+                    "model_rejected?}.\n\n"
+                    "Inputs (any mix, in order):\n"
+                    "- an arena SQLite database (.db, .sqlite, .sqlite3) written by `vicuna serve --web`;\n"
+                    "- arena exports / FastChat arena dumps: {conversation_a, conversation_b, winner};\n"
+                    "- prompt/chosen/rejected records (TRL, UltraFeedback-binarized), strings or message lists;\n"
+                    "  without prompt, the common beginning of chosen and rejected is the prompt;\n"
+                    "- ShareGPT {conversations: [...ending in a human turn], chosen, rejected}.\n"
+                    "Multi-turn prompts keep their history (in a battle: the winner's). Ties, both-bad votes,\n"
+                    "voided votes, identical or empty answers and battles whose sides were asked different\n"
+                    "questions are dropped and counted per reason; malformed records are counted apart;\n"
+                    "repeated pairs are written once.\n\n"
+                    "example:\n  vicuna data pairs arena.db ultrafeedback.jsonl -o pairs.jsonl --report "
+                    "pairs_report.json"))
+    p.add_argument("inputs", nargs="+", metavar="IN", help="arena database (.db/.sqlite/.sqlite3) or preference "
+                   "file (.json/.jsonl)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="pairs file (.jsonl or .json)")
+    _common(p, report=True)
+
     p = command(verbs, "merge", _merge, "concatenate data files",
                 description="Concatenate files in order (formats may differ).\n\n"
                 "example:\n  vicuna data merge clean.json identity.json -o all.jsonl\n\n" + FORMAT_NOTE)
@@ -242,6 +264,13 @@ def _stats(args) -> int:
             raise DataError(f"{args.input} has no samples to plot")
         plot_lengths(values, args.plot, unit=unit, title=f"{os.path.basename(args.input)}: {len(values)} samples",
                      max_length=args.max_length)
+    return 0
+
+
+def _pairs(args) -> int:
+    from .pairs import export_pairs
+
+    export_pairs(list(args.inputs), args.output, report_path=args.report, strict=args.strict, force=args.force)
     return 0
 
 

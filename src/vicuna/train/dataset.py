@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 # ShareGPT "from" values seen in the wild -> OpenAI roles
 NO_CONVERSATION = "no 'conversations' or 'messages' key"
-PACKING, DYNAMIC, MAX_LENGTH = "packing", "dynamic", "max_length"
-BATCHING_MODES = (PACKING, DYNAMIC, MAX_LENGTH)
+PACKING, DYNAMIC = "packing", "dynamic"
+BATCHING_MODES = (PACKING, DYNAMIC)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -254,13 +254,11 @@ def plan_epoch(
         mbs = [[[j] for j in grouped[i:i + micro_batch_size]] for i in range(0, len(grouped), micro_batch_size)]
         rng.shuffle(mbs)
         return mbs
-    if mode == MAX_LENGTH:
-        return [[[j] for j in idx[i:i + micro_batch_size]] for i in range(0, len(idx), micro_batch_size)]
     raise ValueError(f"unknown batching mode {mode!r}")
 
 
 def collate(samples: Sequence[Sample], micro_batch: Sequence[Sequence[int]], pad_id: int, *,
-            pad_to: int | None = None, packed: bool = True) -> dict[str, Any]:
+            packed: bool = True) -> dict[str, Any]:
     """Tensors for one micro-batch.
 
     Returns ``input_ids``, ``position_ids``, ``targets`` (already shifted per
@@ -272,7 +270,7 @@ def collate(samples: Sequence[Sample], micro_batch: Sequence[Sequence[int]], pad
 
     rows = [[samples[j] for j in row] for row in micro_batch]
     lens = [sum(len(s) for s in row) for row in rows]
-    width = max(max(lens), pad_to or 0)
+    width = max(lens)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     tgt = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     pos = np.zeros((len(rows), width), dtype=np.int64)

@@ -467,6 +467,70 @@ def write_model_files(folder: Path, model, tokenizer, template, cfg: TrainConfig
                                      "stop_token_ids": stops, **meta, "config": asdict(cfg)}, default=str)
 
 
+def base_model_name(model_path: str | None) -> str | None:
+    """The base model's name for a model card: a hub id as given; for a local folder, the name its config or
+    vicuna.json records (when that is not a path), else the folder's name. Never a local path."""
+    if not model_path:
+        return None
+    p = Path(model_path)
+    if not p.exists():
+        return model_path  # a hub id
+    for meta, key in (("vicuna.json", "base_model"), ("config.json", "_name_or_path")):
+        try:
+            name = json.loads((p / meta).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and name and not Path(name).is_absolute() and not name.startswith(".") \
+                and not Path(name).exists():
+            return name
+    return p.resolve().name
+
+
+def model_card(out: Path, meta: dict) -> str:
+    """README.md in Hugging Face model-card form (YAML front matter, then the facts of this run), from the model's
+    vicuna.json; an evaluation report already in OUT (``report.md`` or ``eval/report/report.md``) is included."""
+    import yaml
+
+    cfg, d, summary = meta.get("config") or {}, meta.get("data") or {}, meta.get("train") or {}
+    lora = bool(cfg.get("lora"))
+    base = base_model_name(cfg.get("model_path"))
+    objective = "sft"  # the only training objective so far
+    front = {"library_name": "peft" if lora else "transformers", "pipeline_tag": "text-generation",
+             "tags": ["vicuna", objective, *(["lora"] if lora else [])]}
+    if base:
+        front["base_model"] = base
+    keys = ["max_length", "packing", "num_epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "precision",
+            "lora", *(["lora_r", "lora_alpha", "lora_target"] if lora else [])]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {out.resolve().name}", "",
+             f"{'A LoRA adapter for' if lora else 'A fine-tune of'} `{base or 'a model built from model_init'}`, "
+             f"trained with `vicuna train` ({objective}); chat template `{meta.get('conv_template')}`.", "",
+             "## Data", "", "| file | records | kept | tokens | trained tokens |", "|---|---|---|---|---|",
+             f"| {Path(str(cfg.get('data_path'))).name} | {d.get('records')} | {d.get('kept')} | {d.get('tokens')} "
+             f"| {d.get('trained_tokens')} |", ""]
+    if d.get("skipped") or d.get("truncated") or d.get("dropped_long"):
+        lines += [f"Skipped: {d.get('skipped') or 'none'}; truncated {d.get('truncated', 0)}, dropped as too long "
+                  f"{d.get('dropped_long', 0)}.", ""]
+    lines += ["## Training", "", f"Objective: {objective}. Steps: {summary.get('steps')} on "
+              f"{summary.get('world_size', 1)} process(es).", "", "| setting | value |", "|---|---|",
+              *(f"| {k} | {cfg.get(k)} |" for k in keys if k in cfg), "",
+              "## Results", "", f"- first loss: {summary.get('first_loss')}",
+              f"- final loss: {summary.get('final_loss')}", f"- log: `{LOG_FILE}`, plot: `{PLOT_FILE}`", ""]
+    for report in (out / "report.md", out / "eval" / "report" / "report.md"):
+        if report.is_file():
+            lines += ["## Evaluation", "", report.read_text(encoding="utf-8").strip(), ""]
+            break
+    lines += ["## Use", "", "```bash", f"vicuna serve --model-path {'BASE --lora ' if lora else ''}{out.name}",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(out: Path) -> Path:
+    """(Re)write OUT/README.md from OUT/vicuna.json, e.g. after an evaluation report was added."""
+    return write_text(Path(out) / "README.md", model_card(Path(out), json.loads((Path(out) / MODEL_META).read_text())))
+
+
 def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: Dist, stats: DataStats,
                    summary: dict) -> None:
     """A Hugging Face model (or LoRA adapter) dir with the chat template embedded.
@@ -499,6 +563,7 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
                 writer.close()
     if d.main:
         write_model_files(tmp, model, tokenizer, template, cfg, {"data": stats.to_dict(), "train": summary})
+        write_text(tmp / "README.md", model_card(out, json.loads((tmp / MODEL_META).read_text())))
         # a stale chat_template.jinja (from an earlier run with --force) would override the embedded one
         (out / "chat_template.jinja").unlink(missing_ok=True)
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_META):
@@ -509,9 +574,12 @@ def save_model_dir(out: Path, model, tokenizer, template, cfg: TrainConfig, d: D
 
 
 def plot_loss(out: Path) -> None:
-    """The loss curve so far; nothing to draw (and no error) before the first log line is written."""
+    """OUT/loss.png from the log so far; nothing to plot (no step logged yet, e.g. a save before the first
+    --logging-steps boundary) is not an error."""
     path = out / LOG_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         return
     import matplotlib
@@ -796,8 +864,7 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
             plans = {epoch: plan_epoch(samples, cfg.batching, cfg.per_device_batch_size, epoch, cfg.seed, rows)}
         mine = plans[epoch][k * per_step:(k + 1) * per_step][d.rank * cfg.gradient_accumulation_steps:]
         mine = mine[:cfg.gradient_accumulation_steps]
-        pad_to = cfg.max_length if cfg.batching == "max_length" else None
-        batches = [collate(samples, mb, pad_id, pad_to=pad_to, packed=cfg.packing) for mb in mine]
+        batches = [collate(samples, mb, pad_id, packed=cfg.packing) for mb in mine]
         loss_sum, counts = accumulate_gradients(model, batches, d, fsdp=fsdp, autocast=autocast, scaler=scaler)
         n_tgt = counts[0].item()
         if scaler:
