@@ -324,10 +324,14 @@ def load_model(
     return loaded
 
 
+QUANTIZATIONS = ("none", "int8")
+QUANTIZATION_HELP = ("weight quantization at load (hf backend): int8 = weight-only int8 with one scale per output "
+                     "channel for the decoder's projections, activations in --dtype; halves the weight bytes a "
+                     "decode step reads (CPU: torch's packed int8 kernel; CUDA: dequantize + matmul, untested)")
+
+
 def check_quantization(quantization: str, *, load_8bit: bool = False, lora=None, num_gpus: int = 1) -> None:
     """--quantization's value and the combinations it does not take, before any weight is read."""
-    from .quantize import QUANTIZATIONS
-
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     if quantization == "none":

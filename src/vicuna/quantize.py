@@ -22,10 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATIONS = ("none", "int8")
-QUANTIZATION_HELP = ("weight quantization at load (hf backend): int8 = weight-only int8 with one scale per output "
-                     "channel for the decoder's projections, activations in --dtype; halves the weight bytes a "
-                     "decode step reads (CPU: torch's packed int8 kernel; CUDA: dequantize + matmul, untested)")
+from .model import QUANTIZATION_HELP, QUANTIZATIONS  # noqa: F401 - named where the flag is (no torch there)
+
 PACKED_MAX_ROWS = 32  # the packed kernel is a GEMV: beyond a few rows (prefill) dequantize + one GEMM wins
 _PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -19,8 +19,8 @@ from ...conversation import TemplateError, encode, render_prompt
 from ...errors import ContextLengthExceeded, InvalidRequest, ModelLoadError, ServeError, UsageError
 from ...generation import (DEFAULT_MAX_NEW_TOKENS, ContextLengthError, GenerationError, ModelDefaults,
                            SamplingParams, fit_max_new_tokens, sampling_params)
-from ...model import AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES, check_quantization
-from ...quantize import QUANTIZATION_HELP, QUANTIZATIONS
+from ...model import (AUTO_DTYPE_HELP, DEFAULT_MODEL_NAME, DEVICES, DTYPES, QUANTIZATION_HELP, QUANTIZATIONS,
+                      check_quantization)
 from ...sizes import parse_size
 from .. import structured
 from ..core import GenerateRequest
