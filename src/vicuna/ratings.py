@@ -99,18 +99,24 @@ def _fit_log_strengths(wins: np.ndarray, prior: float, max_iter: int = 100, tol:
         curv = games * p * (1.0 - p)
         hess = curv - np.diag(curv.sum(axis=1) + prior * p0 * (1.0 - p0))
         step = np.linalg.solve(hess, -grad)
-        # Damped Newton: halve the step until the (concave) objective improves.
-        t = 1.0
-        while t > 1e-8:
-            cand = theta + t * step
-            value = objective(cand)
-            if value >= current - 1e-12:
-                break
-            t *= 0.5
+        cand, value, moved = _damped_step(objective, theta, step, current)
         theta, improvement, current = cand, value - current, value
-        if np.max(np.abs(t * step)) < tol or improvement < tol * 1e-3:
+        if moved < tol or improvement < tol * 1e-3:
             break
     return theta
+
+
+def _damped_step(objective, x: np.ndarray, step: np.ndarray, current: float) -> tuple[np.ndarray, float, float]:
+    """Damped Newton for a concave ``objective``: halve ``step`` until the objective does not fall.
+    Returns the new point, its objective and the largest coordinate move."""
+    t = 1.0
+    while t > 1e-8:
+        cand = x + t * step
+        value = objective(cand)
+        if value >= current - 1e-12:
+            break
+        t *= 0.5
+    return cand, value, float(np.max(np.abs(t * step)))
 
 
 def _to_elo(theta: np.ndarray, scale: float, base: float, init_rating: float) -> np.ndarray:
@@ -326,15 +332,8 @@ def _fit_style_bt(ia: np.ndarray, ib: np.ndarray, feats: np.ndarray, y: np.ndarr
         hess[:k, k:], hess[k:, :k], hess[k:, k:] = cross, cross.T, feats.T @ cf
         hess += reg * np.eye(k + m)
         step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-8:
-            cand = beta + t * step
-            value = objective(cand)
-            if value >= current - 1e-12:
-                break
-            t *= 0.5
-        beta, current = cand, value
-        if np.max(np.abs(t * step)) < tol:
+        beta, current, moved = _damped_step(objective, beta, step, current)
+        if moved < tol:
             break
     return beta
 

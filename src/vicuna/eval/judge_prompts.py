@@ -179,15 +179,8 @@ def load_prompts(name_or_path: str = DEFAULT_PROMPTS) -> PromptSet:
     else:
         if path.suffix == ".jsonl":
             raise EvalUsageError(f"{path}: FastChat judge prompt files are read with --judge-prompts, not --prompts")
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise EvalUsageError(f"cannot read judge prompts {path}: {e.strerror or e}") from None
-        where = str(path)
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise EvalUsageError(f"{where}: not valid YAML: {e}") from None
+        raw, where = _read_prompt_file(path), str(path)
+    data = _parse_yaml(raw, where)
     if not isinstance(data, dict) or not isinstance(data.get("prompts"), dict):
         raise EvalUsageError(f"{where}: expected a mapping with name, version and prompts")
     for key in ("name", "version"):
@@ -396,15 +389,8 @@ def load_arena_hard_prompts(path: Path | None = None) -> ArenaHardBook:
         raw = (resources.files("vicuna.eval") / "prompts" / ARENA_HARD_BUNDLED).read_bytes()
         where = "the bundled arena-hard judge prompt"
     else:
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as e:
-            raise EvalUsageError(f"cannot read judge prompts {path}: {e.strerror or e}") from None
-        where = str(path)
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise EvalUsageError(f"{where}: not valid YAML: {e}") from None
+        raw, where = _read_prompt_file(Path(path)), str(path)
+    data = _parse_yaml(raw, where)
     template = data.get("prompt_template") if isinstance(data, dict) else None
     if isinstance(template, list) and len(template) == 1:
         template = template[0]
@@ -479,3 +465,17 @@ def describe(book) -> dict[str, Any]:
         return {book.prompt.name: book.prompt.sha}
     return {f"{book.version}/{mode}": book.choose(mode, category="", turn=1, n_turns=1, guided=False).sha
             for mode in book.modes}
+
+
+def _read_prompt_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise EvalUsageError(f"cannot read judge prompts {path}: {e.strerror or e}") from None
+
+
+def _parse_yaml(raw: bytes, where: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise EvalUsageError(f"{where}: not valid YAML: {e}") from None
