@@ -176,3 +176,49 @@ def test_bad_pairs_file_is_a_clear_usage_error(tiny_model_dir, tmp_path):
     p = run_cli(*args, "--data-path", same, "--beta", "0.5")
     assert p.returncode == 2 and "no usable preference pair" in p.stderr and "identical_answers" in p.stderr
     assert not (tmp_path / "out" / "vicuna.json").exists()
+
+
+def _arithmetic_pairs(numbers):
+    """Chosen: the plain answer; rejected: the same answer shouted. A feature a LoRA can learn and carry over."""
+    out = []
+    for a, b in numbers:
+        out.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} PLUS {b} IS {a + b}!!! OBVIOUSLY!!!"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_smollm2_dpo_raises_held_out_preference_accuracy(real_model_dir, tmp_path):
+    """30 LoRA DPO steps on SmolLM2: on pairs it never saw, the tuned adapter prefers the chosen answer (reward
+    margin > 0 against the base) for >= 80% of them."""
+    import random
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vicuna.conversation import resolve_template
+    from vicuna.train.dataset import collate_pairs
+    from vicuna.train.distributed import Dist
+    from vicuna.train.trainer import sequence_logps
+
+    rng = random.Random(0)
+    numbers = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(50)]
+    train_set, held_out = _arithmetic_pairs(numbers[:40]), _arithmetic_pairs(numbers[40:])
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r}) + "\n" for q, c, r in train_set))
+    out = train(_cfg(real_model_dir, data, tmp_path / "out", lora=True, max_steps=30, per_device_batch_size=2,
+                     learning_rate=1e-3, max_length=96))
+    assert _rows(out)[-1]["margin"] > 0
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(real_model_dir), out).eval()
+    pairs = tokenize_pairs([([{"role": "user", "content": q}], c, r) for q, c, r in held_out], tok,
+                           resolve_template(None, tokenizer=tok), 96)
+    b = collate_pairs(pairs, [[i] for i in range(len(pairs))], tok.pad_token_id, packed=False)
+    d = Dist(device=torch.device("cpu"))
+    with torch.no_grad():
+        policy = sequence_logps(model, b, d, None)
+        with model.disable_adapter():
+            base = sequence_logps(model, b, d, None)
+    margins = (policy - base)[0::2] - (policy - base)[1::2]
+    assert (margins > 0).float().mean().item() >= 0.8 and margins.mean().item() > 0
