@@ -222,3 +222,28 @@ def test_smollm2_dpo_raises_held_out_preference_accuracy(real_model_dir, tmp_pat
             base = sequence_logps(model, b, d, None)
     margins = (policy - base)[0::2] - (policy - base)[1::2]
     assert (margins > 0).float().mean().item() >= 0.8 and margins.mean().item() > 0
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_dpo_matches_one_process(tiny_model_dir, tmp_path):
+    """FSDP2 takes the same path: 2 ranks x 1 micro-batch give the losses, metrics and weights of 1 rank x 2."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import cli_env
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    common = ["--model-path", tiny_model_dir, "--data-path", data, "--objective", "dpo", "--max-steps", 3,
+              "--per-device-batch-size", 2, "--max-length", 128, "--learning-rate", 3e-3, "--save-steps", 0]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vicuna.train",
+           *map(str, common), "--output-dir", str(tmp_path / "fsdp"), "--fsdp", "full_shard"]
+    p = subprocess.run(cmd, env={**cli_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_cli("train", *common, "--output-dir", tmp_path / "one", "--gradient-accumulation-steps", 2, check=True)
+    a, b = _rows(tmp_path / "fsdp"), _rows(tmp_path / "one")
+    for key in ("loss", "margin", "accuracy", "grad_norm"):
+        assert [x[key] for x in a] == pytest.approx([y[key] for y in b], abs=1e-5), key
+    wa, wb = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
