@@ -1,14 +1,23 @@
-"""The preference losses agree with TRL's DPOTrainer (the test-only reference) on a fixed batch."""
+"""Preference tuning: the losses agree with TRL's DPOTrainer (the test-only reference) on a fixed batch, and
+`vicuna train --objective dpo` trains on pairs through the SFT loop."""
 
+import json
+import math
+import shutil
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import run_cli
+from vicuna.conversation import IGNORE_INDEX, get_template
+from vicuna.errors import TrainInputError
+from vicuna.train.config import make_config
+from vicuna.train.dataset import PROMPT_TOO_LONG, DataStats, tokenize_pairs
 from vicuna.train.preference import preference_loss
+from vicuna.train.trainer import train
 
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 
 
 def _trl_loss(logps, ref_chosen, ref_rejected, completion_mask, *, beta, loss_type):
@@ -17,6 +26,7 @@ def _trl_loss(logps, ref_chosen, ref_rejected, completion_mask, *, beta, loss_ty
     The model is a stand-in returning those log-probs (what TRL's fused LM head returns: zero outside the answer);
     everything from the log-probs to the loss is TRL's code.
     """
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     b2, seq = logps.shape
     outputs = SimpleNamespace(log_probs=logps, entropy=torch.zeros(b2, seq), mean_logits=torch.zeros(b2, seq),
                               is_top1=torch.zeros(b2, seq, dtype=torch.bool))
@@ -71,16 +81,6 @@ def test_bad_settings_are_refused():
 
 # ----------------------------------------------------------------------------- `vicuna train --objective dpo`
 
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-
-from conftest import run_cli  # noqa: E402
-from vicuna.conversation import IGNORE_INDEX, get_template  # noqa: E402
-from vicuna.train.config import make_config  # noqa: E402
-from vicuna.train.dataset import PROMPT_TOO_LONG, DataStats, tokenize_pairs  # noqa: E402
-from vicuna.train.trainer import train  # noqa: E402
-
 GOOD = ["Hello! I am a helpful assistant.", "Hello! How can I help you today?", "I am a helpful assistant."]
 BAD = ["1 2 3 4 5 6 7 8 9 10 numbers", "{too} [that] (and) quotes", "; punctuation 9 8 7"]
 QUESTIONS = ["What is the capital of France?", "Say hello.", "Add 2 and 3.", "Who are you?", "Name a color."]
@@ -121,7 +121,7 @@ def test_pairs_score_only_the_final_answer_and_long_prompts_are_refused(bpe_toke
     long_answer = [(prompt, "Hello! " * 100, BAD[0])]
     cut = tokenize_pairs(long_answer, bpe_tokenizer, template, 128, stats=(s := DataStats()))
     assert len(cut[0].chosen) == 128 and s.truncated == 1
-    with pytest.raises(Exception, match="no preference pair left"):
+    with pytest.raises(TrainInputError, match="no preference pair left"):
         tokenize_pairs(long_answer, bpe_tokenizer, template, 128, drop_long=True)
 
 

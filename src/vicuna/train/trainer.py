@@ -600,7 +600,7 @@ def plot_loss(out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per trained token)")
+    ax.set_ylabel("loss (per pair)" if "margin" in rows[0] else "loss (per trained token)")
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
