@@ -820,7 +820,8 @@ def dry_run(cfg: TrainConfig, world: int | None = None) -> tuple[MemoryPlan, str
     head = [f"model:  {cfg.model_path}: {plan.parameters / 1e9:.3g}B parameters"
             f" ({plan.trainable / 1e9:.3g}B trained{', LoRA' if cfg.lora else ''}), {config.num_hidden_layers} layers",
             f"run:    {world} rank(s), {mode}, {'fp32' if dtype is None else str(dtype).removeprefix('torch.')}"
-            f" compute, {cfg.per_device_batch_size} x {cfg.max_length} tokens per micro-batch",
+            f" compute, {cfg.per_device_batch_size} x {row_capacity(cfg)} tokens per micro-batch"
+            f"{' (a pair per row: chosen + rejected)' if cfg.preference else ''}",
             "per rank:"]
     notes = ["not counted: the CUDA context and allocator slack (~1-3 GB per GPU), communication buffers;"
              " on CPU, the interpreter and libraries"]
