@@ -25,12 +25,18 @@ class TrainConfig:
     model_path: str | None = _f(None, "base model: a Hugging Face model directory (or hub id when online)")
     model_init: dict | None = _f(None, "recipe only: build a fresh tiny LLaMA instead of loading --model-path, "
                                        "e.g. {from_tokenizer: DIR, hidden_size: 64, num_layers: 2}", cli=False)
-    data_path: str | None = _f(None, "training conversations, ShareGPT or {messages: [...]}, .json or .jsonl")
+    data_path: str | None = _f(None, "training conversations, ShareGPT or {messages: [...]}, .json or .jsonl; with "
+                                     "a preference --objective: preference pairs (`vicuna data pairs` output)")
     output_dir: str | None = _f(None, "where the model, checkpoints and logs go")
     conv_template: str | None = _f(None, "conversation template (see `vicuna templates list`); "
                                          "default: the one embedded in the base tokenizer")
+    objective: str = _f("sft", "sft: next-token loss on the assistant's answers; dpo (= sigmoid), ipo or hinge: "
+                               "preference tuning on prompt/chosen/rejected pairs against the base model as reference",
+                        choices=("sft", "dpo", "sigmoid", "ipo", "hinge"))
+    beta: float = _f(0.1, "preference objectives: how far the policy may move from the reference (higher: closer)")
     # data
-    max_length: int = _f(2048, "tokens per sample (and per packed row)")
+    max_length: int = _f(2048, "tokens per sample (and per packed row; with a preference objective, per sequence, "
+                               "a packed row holding up to twice this: each pair stays in one row)")
     packing: bool = _f(True, "pack several samples per row (padding-free); --no-packing: length-grouped "
                              "dynamic padding")
     drop_long: bool = _f(False, "drop samples longer than --max-length instead of truncating them at the end")
@@ -77,6 +83,10 @@ class TrainConfig:
     force: bool = _f(False, "write into an --output-dir that already holds a finished model (and with "
                             "--resume never, delete its checkpoints)")
     throttle: float = _f(0.0, argparse.SUPPRESS)  # seconds of sleep per step: lets tests kill a tiny run mid-way
+
+    @property
+    def preference(self) -> bool:
+        return self.objective != "sft"
 
     @property
     def batching(self) -> str:
@@ -150,6 +160,8 @@ def validate(cfg: TrainConfig, planning: bool = False) -> None:
     for name in ("max_length", "per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise TrainInputError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.beta <= 0:
+        raise TrainInputError("--beta must be > 0")
     if cfg.learning_rate <= 0:
         raise TrainInputError("--learning-rate must be > 0")
     if not 0 <= cfg.warmup_ratio < 1:

@@ -98,12 +98,13 @@ class DataStats:
     dropped_long: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    unit: str = "conversations"  # or "pairs" (preference data)
 
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common(5))
         return (
-            f"{self.kept}/{self.records} conversations kept ({self.tokens} tokens, {self.trained_tokens} trained); "
+            f"{self.kept}/{self.records} {self.unit} kept ({self.tokens} tokens, {self.trained_tokens} trained); "
             f"{self.truncated} truncated, {self.dropped_long} too long and dropped, {skipped} skipped"
             + (f" ({reasons})" if reasons else "")
         )
@@ -199,6 +200,132 @@ def tokenize_dataset(
     return samples
 
 
+# ----------------------------------------------------------------------------- preference pairs
+
+PROMPT_TOO_LONG = "prompt longer than --max-length"
+
+
+@dataclass
+class PairSample:
+    """One preference pair: prompt+chosen and prompt+rejected, labels on the final answer only.
+
+    ``ref_chosen`` / ``ref_rejected`` are the reference model's summed answer log-probs, filled in once before
+    training (:func:`vicuna.train.trainer.reference_logps`).
+    """
+
+    chosen: Sample
+    rejected: Sample
+    ref_chosen: float = float("nan")
+    ref_rejected: float = float("nan")
+
+    def __len__(self) -> int:  # both sequences always go into the same row
+        return len(self.chosen) + len(self.rejected)
+
+
+def load_pairs(path: str | Path, stats: DataStats | None = None) -> list[tuple[list[dict], str, str]]:
+    """(prompt messages, chosen answer, rejected answer) of every usable record of a preference-pair file.
+
+    The records are validated by the data area's :func:`~vicuna.data.pairs.pair_from_record` (so ``vicuna data
+    pairs`` output, TRL's formats and UltraFeedback-style records all work); what it rejects is counted.
+    """
+    from ..data.pairs import Skip, pair_from_record
+
+    stats = stats if stats is not None else DataStats()
+    stats.unit = "pairs"
+    records = read_records(path, stats)
+    stats.records += len(records)
+    if not stats.records:
+        raise TrainInputError(f"{path}: the file holds no records")
+    pairs = []
+    for rec in records:
+        try:
+            p = pair_from_record(rec)
+        except Skip as e:
+            stats.skipped[e.reason] += 1
+            continue
+        pairs.append((p["prompt"], p["chosen"][0]["content"], p["rejected"][0]["content"]))
+    if not pairs:
+        if records and not any(isinstance(r, dict) and ("chosen" in r or "conversation_a" in r) for r in records):
+            raise TrainInputError(
+                f"{path}: wrong format for a preference objective: no record has prompt/chosen/rejected (make "
+                "pairs with `vicuna data pairs`, or train with --objective sft on conversations)")
+        raise TrainInputError(f"{path}: no usable preference pair ({stats.summary()})")
+    return pairs
+
+
+def _final_answer_only(labels: list[int]) -> tuple[list[int], int]:
+    """Labels of the last contiguous trained run (the final answer); earlier assistant turns of a multi-turn
+    prompt are context, not scored. Returns the labels and the index where the answer starts."""
+    end = max(i for i, x in enumerate(labels) if x != IGNORE_INDEX) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [IGNORE_INDEX] * start + labels[start:end] + [IGNORE_INDEX] * (len(labels) - end), start
+
+
+def tokenize_pairs(pairs, tokenizer: Any, template: Any, max_length: int, *, drop_long: bool = False,
+                   stats: DataStats | None = None, source: str = "the data") -> list[PairSample]:
+    """Tokenize prompt+chosen and prompt+rejected with the SFT masks, scoring only the final answer.
+
+    Each sequence is at most ``max_length`` tokens: a longer answer is cut at its end (or, with ``drop_long``, the
+    pair is dropped); a pair whose prompt alone leaves no room for an answer token is refused and counted.
+    """
+    stats = stats if stats is not None else DataStats(unit="pairs")
+    out = []
+    for n, (prompt, chosen, rejected) in enumerate(pairs):
+        sides = []
+        try:
+            for answer in (chosen, rejected):
+                tc = tokenize_conversation(tokenizer, template,
+                                           [*prompt, {"role": "assistant", "content": answer}], max_length=None)
+                labels, start = _final_answer_only(list(tc.labels))
+                sides.append((list(tc.input_ids), labels, start))
+        except UntrainableTemplate as e:
+            raise TrainInputError(f"{source}: pair {n}: {e}") from None
+        except (TemplateError, ValueError) as e:  # ValueError: no trained token at all
+            stats.skipped[f"template: {e}" if isinstance(e, TemplateError) else "no answer token"] += 1
+            continue
+        if any(start >= max_length for _, _, start in sides):
+            stats.skipped[PROMPT_TOO_LONG] += 1
+            continue
+        if any(len(ids) > max_length for ids, _, _ in sides):
+            if drop_long:
+                stats.dropped_long += 1
+                continue
+            stats.truncated += 1
+            sides = [(ids[:max_length], labels[:max_length], start) for ids, labels, start in sides]
+        pair = PairSample(Sample(sides[0][0], sides[0][1]), Sample(sides[1][0], sides[1][1]))
+        out.append(pair)
+        stats.tokens += len(pair)
+        stats.trained_tokens += sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in (pair.chosen, pair.rejected))
+    stats.kept = len(out)
+    if not out:
+        raise TrainInputError(f"{source}: no preference pair left after filtering ({stats.summary()})")
+    return out
+
+
+def collate_pairs(pairs: Sequence[PairSample], micro_batch: Sequence[Sequence[int]], pad_id: int, *,
+                  packed: bool = True) -> dict[str, Any]:
+    """:func:`collate` for pairs: each row holds its pairs' chosen and rejected sequences side by side (packed:
+    kept apart by ``position_ids``), plus ``segments`` (which sequence each target belongs to: chosen of pair k is
+    2k, its rejected 2k+1, in row order; -1 elsewhere), the reference log-probs and the answers' token counts."""
+    import torch
+
+    flat = [s for row in micro_batch for j in row for s in (pairs[j].chosen, pairs[j].rejected)]
+    rows, k = [], 0
+    for row in micro_batch:
+        rows.append(list(range(k, k + 2 * len(row))))
+        k += 2 * len(row)
+    batch = collate(flat, rows, pad_id, packed=packed, segments=True)
+    order = [pairs[j] for row in micro_batch for j in row]
+    batch["ref_chosen"] = torch.tensor([p.ref_chosen for p in order], dtype=torch.float64)
+    batch["ref_rejected"] = torch.tensor([p.ref_rejected for p in order], dtype=torch.float64)
+    answer_tokens = torch.tensor([int((s.labels[1:] != IGNORE_INDEX).sum()) for s in flat], dtype=torch.float64)
+    batch["chosen_tokens"], batch["rejected_tokens"] = answer_tokens[0::2], answer_tokens[1::2]
+    batch["pairs"] = len(order)
+    return batch
+
+
 # ----------------------------------------------------------------------------- packing
 
 
@@ -258,12 +385,13 @@ def plan_epoch(
 
 
 def collate(samples: Sequence[Sample], micro_batch: Sequence[Sequence[int]], pad_id: int, *,
-            packed: bool = True) -> dict[str, Any]:
+            packed: bool = True, segments: bool = False) -> dict[str, Any]:
     """Tensors for one micro-batch.
 
     Returns ``input_ids``, ``position_ids``, ``targets`` (already shifted per
     sample; IGNORE_INDEX where nothing is trained), ``attention_mask`` (only when
-    not packed), and counts ``real_tokens`` / ``target_tokens`` / ``computed_tokens``.
+    not packed), and counts ``real_tokens`` / ``target_tokens`` / ``computed_tokens``; with ``segments``, also
+    ``segments``: the index of each target's sample in the micro-batch (in row order), -1 where nothing is trained.
     """
     import numpy as np
     import torch
@@ -275,12 +403,16 @@ def collate(samples: Sequence[Sample], micro_batch: Sequence[Sequence[int]], pad
     tgt = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     pos = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
+    seg = np.full((len(rows), width), -1, dtype=np.int64)
+    k = 0
     for r, row in enumerate(rows):
         off = 0
         for s in row:
             n = len(s)
             ids[r, off:off + n] = s.input_ids
             tgt[r, off:off + n - 1] = s.labels[1:]  # shifted within the sample; its last target stays ignored
+            seg[r, off:off + n - 1] = np.where(s.labels[1:] != IGNORE_INDEX, k, -1)
+            k += 1
             pos[r, off:off + n] = np.arange(n)
             off += n
         mask[r, :off] = 1
@@ -293,6 +425,8 @@ def collate(samples: Sequence[Sample], micro_batch: Sequence[Sequence[int]], pad
         "computed_tokens": width * len(rows),
     }
     batch["target_tokens"] = int((batch["targets"] != IGNORE_INDEX).sum())
+    if segments:
+        batch["segments"] = torch.from_numpy(seg)
     if not packed:
         batch["attention_mask"] = torch.from_numpy(mask)
     return batch

@@ -32,7 +32,8 @@ from ..files import write_figure, write_json, write_text
 from .checkpoint import (CHECKPOINT_RE, CheckpointLoadError, Checkpointer, checkpoint_dirs, complete_checkpoints,
                          full_tensors, load_pretrained_shards, model_tensors, problem, sharded_load_problem)
 from .config import TrainConfig, parse_rope_scaling
-from .dataset import DataStats, collate, load_conversations, pack_best_fit, plan_epoch, tokenize_dataset
+from .dataset import (DataStats, collate, collate_pairs, load_conversations, load_pairs, pack_best_fit, plan_epoch,
+                      tokenize_dataset, tokenize_pairs)
 from .distributed import Dist, all_reduce, barrier, broadcast_object, gather_objects, init_distributed
 from .memory import GB, MemoryPlan, PeakMeter, estimate, limit_heap_fragmentation
 
@@ -494,7 +495,8 @@ def model_card(out: Path, meta: dict) -> str:
     cfg, d, summary = meta.get("config") or {}, meta.get("data") or {}, meta.get("train") or {}
     lora = bool(cfg.get("lora"))
     base = base_model_name(cfg.get("model_path"))
-    objective = "sft"  # the only training objective so far
+    objective = cfg.get("objective") or "sft"
+    preference = objective != "sft"
     front = {"library_name": "peft" if lora else "transformers", "pipeline_tag": "text-generation",
              "tags": ["vicuna", objective, *(["lora"] if lora else [])]}
     if base:
@@ -502,21 +504,29 @@ def model_card(out: Path, meta: dict) -> str:
     keys = ["max_length", "packing", "num_epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
             "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "precision",
             "lora", *(["lora_r", "lora_alpha", "lora_target"] if lora else [])]
+    if preference:
+        keys[:0] = ["objective", "beta"]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {out.resolve().name}", "",
              f"{'A LoRA adapter for' if lora else 'A fine-tune of'} `{base or 'a model built from model_init'}`, "
              f"trained with `vicuna train` ({objective}); chat template `{meta.get('conv_template')}`.", "",
-             "## Data", "", "| file | records | kept | tokens | trained tokens |", "|---|---|---|---|---|",
+             "## Data", "", f"| file | records | {d.get('unit', 'conversations')} kept | tokens | trained tokens |",
+             "|---|---|---|---|---|",
              f"| {Path(str(cfg.get('data_path'))).name} | {d.get('records')} | {d.get('kept')} | {d.get('tokens')} "
              f"| {d.get('trained_tokens')} |", ""]
     if d.get("skipped") or d.get("truncated") or d.get("dropped_long"):
         lines += [f"Skipped: {d.get('skipped') or 'none'}; truncated {d.get('truncated', 0)}, dropped as too long "
                   f"{d.get('dropped_long', 0)}.", ""]
-    lines += ["## Training", "", f"Objective: {objective}. Steps: {summary.get('steps')} on "
+    setting = (f" (preference tuning, beta {cfg.get('beta')}; reference: the base model"
+               f"{' with the adapter disabled' if lora else ', its weights before the first step'})" if preference
+               else "")
+    lines += ["## Training", "", f"Objective: {objective}{setting}. Steps: {summary.get('steps')} on "
               f"{summary.get('world_size', 1)} process(es).", "", "| setting | value |", "|---|---|",
               *(f"| {k} | {cfg.get(k)} |" for k in keys if k in cfg), "",
               "## Results", "", f"- first loss: {summary.get('first_loss')}",
-              f"- final loss: {summary.get('final_loss')}", f"- log: `{LOG_FILE}`, plot: `{PLOT_FILE}`", ""]
+              f"- final loss: {summary.get('final_loss')}",
+              *(f"- final {k.replace('_', ' ')}: {v}" for k, v in (summary.get("final_metrics") or {}).items()),
+              f"- log: `{LOG_FILE}`, plot: `{PLOT_FILE}`", ""]
     for report in (out / "report.md", out / "eval" / "report" / "report.md"):
         if report.is_file():
             lines += ["## Evaluation", "", report.read_text(encoding="utf-8").strip(), ""]
@@ -590,7 +600,7 @@ def plot_loss(out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per trained token)")
+    ax.set_ylabel("loss (per pair)" if "margin" in rows[0] else "loss (per trained token)")
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -601,7 +611,8 @@ def plot_loss(out: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def accumulate_gradients(model, batches, d: Dist, *, fsdp: bool = False, autocast=None, scaler=None):
+def accumulate_gradients(model, batches, d: Dist, *, fsdp: bool = False, autocast=None, scaler=None,
+                         preference: tuple[str, float] | None = None):
     """Forward/backward every micro-batch of one optimizer step on this rank.
 
     The loss is the sum of per-token losses over the trained tokens of the
@@ -609,37 +620,106 @@ def accumulate_gradients(model, batches, d: Dist, *, fsdp: bool = False, autocas
     parallelism give the gradient of one big batch.  Returns the summed
     (unnormalised) loss of all ranks and the step's global counts
     ``[target, real, computed]`` tokens.
+
+    With ``preference`` (loss type, beta) the batches are pairs (:func:`collate_pairs`): the loss is summed per
+    pair and normalised by the pairs of the whole step (the mean over one big batch), ``counts[0]`` counts pairs,
+    and ``counts[3:6]`` are the step's sums of chosen rewards, rejected rewards and pairs ranked right.
     """
     import torch
 
-    counts = torch.tensor([sum(b["target_tokens"] for b in batches), sum(b["real_tokens"] for b in batches),
+    units = sum(b["pairs"] if preference else b["target_tokens"] for b in batches)
+    counts = torch.tensor([units, sum(b["real_tokens"] for b in batches),
                            sum(b["computed_tokens"] for b in batches)], dtype=torch.float64, device=d.device)
     counts = all_reduce(counts, d)
     scale = d.world / max(counts[0].item(), 1.0)  # DDP/FSDP average ranks' gradients, hence x world
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    metric_sums = torch.zeros(3, dtype=torch.float64, device=d.device)
     for i, b in enumerate(batches):
         # DDP skips the all-reduce until the last micro-batch. FSDP reduce-scatters after every one: skipping it
         # would keep every layer's *unsharded* gradients until the step ends, the whole model's worth per rank.
         sync = model.no_sync() if d.on and not fsdp and i < len(batches) - 1 else contextlib.nullcontext()
         with sync:
-            ce = _loss(model, b, d, autocast)
+            if preference:
+                ce, sums = _preference_loss(model, b, d, autocast, *preference)
+                metric_sums += sums
+            else:
+                ce = _loss(model, b, d, autocast)
             scaled = ce * scale
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += ce.detach().double()
+    if preference:
+        counts = torch.cat([counts, all_reduce(metric_sums, d)])
     return all_reduce(loss_sum, d), counts
+
+
+def _logits(model, b: dict, d: Dist, autocast):
+    with autocast or contextlib.nullcontext():
+        kw = {"input_ids": b["input_ids"].to(d.device), "position_ids": b["position_ids"].to(d.device)}
+        if "attention_mask" in b:
+            kw["attention_mask"] = b["attention_mask"].to(d.device)
+        return model(**kw, use_cache=False).logits
 
 
 def _loss(model, b: dict, d: Dist, autocast):
     """Summed cross-entropy of one micro-batch; the logits are not kept alive into backward (vocab x tokens)."""
     import torch.nn.functional as F
 
-    with autocast or contextlib.nullcontext():
-        kw = {"input_ids": b["input_ids"].to(d.device), "position_ids": b["position_ids"].to(d.device)}
-        if "attention_mask" in b:
-            kw["attention_mask"] = b["attention_mask"].to(d.device)
-        logits = model(**kw, use_cache=False).logits
+    logits = _logits(model, b, d, autocast)
     return F.cross_entropy(logits.float().flatten(0, 1), b["targets"].to(d.device).flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def sequence_logps(model, b: dict, d: Dist, autocast):
+    """Summed answer log-probs of every sequence of a :func:`collate_pairs` batch (chosen 2k, rejected 2k+1)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = _logits(model, b, d, autocast)
+    per_token = -F.cross_entropy(logits.float().flatten(0, 1), b["targets"].to(d.device).flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="none")
+    seg = b["segments"].to(d.device).flatten()
+    keep = seg >= 0
+    return torch.zeros(2 * b["pairs"], dtype=per_token.dtype, device=d.device).index_add(0, seg[keep], per_token[keep])
+
+
+def _preference_loss(model, b: dict, d: Dist, autocast, loss_type: str, beta: float):
+    """Summed preference loss of one micro-batch of pairs, and its sums of [chosen reward, rejected reward, right]."""
+    import torch
+
+    from .preference import preference_loss
+
+    logps = sequence_logps(model, b, d, autocast).double()
+    out = preference_loss(logps[0::2], logps[1::2], b["ref_chosen"].to(d.device), b["ref_rejected"].to(d.device),
+                          beta=beta, loss_type=loss_type, chosen_tokens=b["chosen_tokens"].to(d.device),
+                          rejected_tokens=b["rejected_tokens"].to(d.device))
+    sums = torch.stack([out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+                        (out.chosen_rewards > out.rejected_rewards).double().sum()])
+    return out.loss * b["pairs"], sums
+
+
+def reference_logps(model, pairs, groups: list[list[int]], cfg: TrainConfig, d: Dist, autocast, pad_id: int) -> None:
+    """Fill every pair's reference log-probs, once, before the first step (no grad, batched like training).
+
+    The reference is the model as built, before any checkpoint is loaded: for LoRA the base with the adapter
+    disabled (the same weights, no second copy); for full fine-tuning the initial weights. A resumed run
+    recomputes them the same way (the checkpoint is loaded after this), so it gets the same values. Every rank
+    computes all pairs (FSDP needs every rank in every forward; a rank's batches may hold any pair).
+    """
+    import torch
+
+    disabled = unwrap(model).disable_adapter() if cfg.lora else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()  # no dropout in the reference
+    try:
+        with torch.no_grad(), disabled:
+            for i in range(0, len(groups), cfg.per_device_batch_size):
+                mb = groups[i:i + cfg.per_device_batch_size]
+                logps = sequence_logps(model, collate_pairs(pairs, mb, pad_id, packed=cfg.packing), d,
+                                       autocast).double().cpu().tolist()
+                for k, j in enumerate(j for row in mb for j in row):
+                    pairs[j].ref_chosen, pairs[j].ref_rejected = logps[2 * k], logps[2 * k + 1]
+    finally:
+        model.train(was_training)
 
 
 class _Reporter:
@@ -691,13 +771,18 @@ def _check_report_backend(cfg: TrainConfig) -> None:
             raise TrainInputError(f"--report-to {cfg.report_to} needs the {mod} package: pip install {mod}") from None
 
 
+def row_capacity(cfg: TrainConfig) -> int:
+    """Tokens a packed row holds: --max-length, or twice it for pairs (a pair's two sequences share a row)."""
+    return 2 * cfg.max_length if cfg.preference else cfg.max_length
+
+
 def memory_plan(model, cfg: TrainConfig, world: int, device) -> MemoryPlan:
     """The per-rank estimate for ``model`` (real or on the meta device) under ``cfg`` at ``world`` ranks."""
     dtype = pick_dtype(cfg, device)
     inner = unwrap(model)
     sharded = world > 1 and cfg.fsdp != "none"
     return estimate(inner, inner.config, world=world, units=fsdp_units(inner, cfg) if sharded else [],
-                    rows=cfg.per_device_batch_size, row_tokens=cfg.max_length, compute_bytes=4 if dtype is None else 2,
+                    rows=cfg.per_device_batch_size, row_tokens=row_capacity(cfg), compute_bytes=4 if dtype is None else 2,
                     masked=pick_attention(cfg, device) != "flash_attention_2",
                     gradient_checkpointing=cfg.gradient_checkpointing, accumulation=cfg.gradient_accumulation_steps,
                     frozen_bytes=0.56 if cfg.qlora else 4, offload=cfg.fsdp_cpu_offload)
@@ -735,7 +820,8 @@ def dry_run(cfg: TrainConfig, world: int | None = None) -> tuple[MemoryPlan, str
     head = [f"model:  {cfg.model_path}: {plan.parameters / 1e9:.3g}B parameters"
             f" ({plan.trainable / 1e9:.3g}B trained{', LoRA' if cfg.lora else ''}), {config.num_hidden_layers} layers",
             f"run:    {world} rank(s), {mode}, {'fp32' if dtype is None else str(dtype).removeprefix('torch.')}"
-            f" compute, {cfg.per_device_batch_size} x {cfg.max_length} tokens per micro-batch",
+            f" compute, {cfg.per_device_batch_size} x {row_capacity(cfg)} tokens per micro-batch"
+            f"{' (a pair per row: chosen + rejected)' if cfg.preference else ''}",
             "per rank:"]
     notes = ["not counted: the CUDA context and allocator slack (~1-3 GB per GPU), communication buffers;"
              " on CPU, the interpreter and libraries"]
@@ -776,7 +862,11 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
 
     # ---- data, before any weights are loaded: bad input fails in seconds
     stats = DataStats()
-    convs = load_conversations(cfg.data_path, stats)
+    if cfg.preference:
+        pairs = load_pairs(cfg.data_path, stats)
+        convs = [[*p, {"role": "assistant", "content": a}] for p, c, r in pairs for a in (c, r)]
+    else:
+        convs = load_conversations(cfg.data_path, stats)
     base_config, limit = model_position_limit(cfg)
     apply_rope_scaling(base_config, cfg, limit)
     tokenizer = load_tokenizer(cfg, convs)
@@ -784,11 +874,16 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
         template = resolve_template(cfg.conv_template, tokenizer=tokenizer, model_name=str(cfg.model_path or ""))
     except TemplateError as e:
         raise TrainInputError(str(e)) from None
-    samples = tokenize_dataset(convs, tokenizer, template, cfg.max_length, drop_long=cfg.drop_long, stats=stats,
-                               source=str(cfg.data_path))
+    if cfg.preference:
+        samples = tokenize_pairs(pairs, tokenizer, template, cfg.max_length, drop_long=cfg.drop_long, stats=stats,
+                                 source=str(cfg.data_path))
+        del pairs
+    else:
+        samples = tokenize_dataset(convs, tokenizer, template, cfg.max_length, drop_long=cfg.drop_long, stats=stats,
+                                   source=str(cfg.data_path))
     del convs
     log.info("data: %s; template %s", stats.summary(), template.name)
-    rows = pack_best_fit([len(s) for s in samples], cfg.max_length) if cfg.packing else None
+    rows = pack_best_fit([len(s) for s in samples], row_capacity(cfg)) if cfg.packing else None
     per_step = cfg.gradient_accumulation_steps * d.world
     n_micro = len(plan_epoch(samples, cfg.batching, cfg.per_device_batch_size, 0, cfg.seed, rows))
     steps_per_epoch = n_micro // per_step
@@ -822,6 +917,12 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
                 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(d.device.type) if dtype == torch.float16 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    preference = ("sigmoid" if cfg.objective == "dpo" else cfg.objective, cfg.beta) if cfg.preference else None
+    if preference:  # before a checkpoint is loaded: the model still holds the reference weights
+        t0 = time.perf_counter()
+        reference_logps(model, samples, rows if rows is not None else [[i] for i in range(len(samples))], cfg, d,
+                        autocast, pad_id)
+        log.info("reference log-probs of %d pairs in %.1f s", len(samples), time.perf_counter() - t0)
     ckpt = Checkpointer(out, model, optimizer, scheduler, d, lora=cfg.lora, keep=cfg.save_total_limit,
                         background=cfg.async_save, model_files=lambda folder: write_model_files(
                             folder, model, tokenizer, template, cfg, {"data": stats.to_dict()}))
@@ -864,8 +965,9 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
             plans = {epoch: plan_epoch(samples, cfg.batching, cfg.per_device_batch_size, epoch, cfg.seed, rows)}
         mine = plans[epoch][k * per_step:(k + 1) * per_step][d.rank * cfg.gradient_accumulation_steps:]
         mine = mine[:cfg.gradient_accumulation_steps]
-        batches = [collate(samples, mb, pad_id, packed=cfg.packing) for mb in mine]
-        loss_sum, counts = accumulate_gradients(model, batches, d, fsdp=fsdp, autocast=autocast, scaler=scaler)
+        batches = [(collate_pairs if preference else collate)(samples, mb, pad_id, packed=cfg.packing) for mb in mine]
+        loss_sum, counts = accumulate_gradients(model, batches, d, fsdp=fsdp, autocast=autocast, scaler=scaler,
+                                                preference=preference)
         n_tgt = counts[0].item()
         if scaler:
             scaler.unscale_(optimizer)
@@ -883,6 +985,10 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss = (loss_sum / max(n_tgt, 1.0)).item()
         first_loss = loss if first_loss is None else first_loss
+        if preference:  # the step's means over its pairs
+            chosen, rejected, right = (counts[3:6] / max(n_tgt, 1.0)).tolist()
+            pref_metrics = {"rewards_chosen": round(chosen, 6), "rewards_rejected": round(rejected, 6),
+                            "margin": round(chosen - rejected, 6), "accuracy": round(right, 6)}
         window["real"] += counts[1].item()
         window["computed"] += counts[2].item()
         done = step + 1
@@ -895,6 +1001,8 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
                    "lr": lr, "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tps, 1),
                    "real_token_share": round(window["real"] / max(window["computed"], 1), 4),
                    "mfu": round(window["real"] / el * fpt / peak, 6)}
+            if preference:
+                row.update(pref_metrics)
             reporter.log(row)
             if progress is not None:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
@@ -924,6 +1032,8 @@ def _train(cfg: TrainConfig, d: Dist, torch) -> Path:
     reporter.close()
     summary = {"steps": total, "final_loss": loss, "first_loss": first_loss, "world_size": d.world,
                "memory": memory_summary(meter, planned, d)}
+    if preference and total > start:
+        summary["final_metrics"] = pref_metrics
     save_model_dir(out, model, tokenizer, template, cfg, d, stats, summary)
     if d.main:
         plot_loss(out)
