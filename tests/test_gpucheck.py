@@ -151,7 +151,7 @@ def test_8bit_agreement_measure_tells_a_trained_model_from_others(tmp_path):
 
 
 def test_load_8bit_goes_through_the_projects_flag(tiny_model_dir):
-    """The check loads through `--load-8bit` (vicuna.model's flags), whose CPU answer is a clear error."""
+    """The check loads through `--load-8bit` (the serve flags), whose CPU answer is a clear error."""
     from vicuna import gpucheck
     from vicuna.errors import VicunaError
 

@@ -506,12 +506,13 @@ def agreement(ref, other, samples, pad: int) -> tuple[float, float, float]:
 
 
 def load_with_flags(*flags) -> object:
-    """A model loaded through the flags `vicuna chat/serve/eval` take (``vicuna.model.add_model_args``)."""
-    from vicuna.model import add_model_args, load_from_args
+    """A model loaded through the flags `vicuna chat/serve` take (``ModelConfig`` as flags, then
+    ``launch.load_hf_model``): the project's own --load-8bit path, not transformers' directly."""
+    from vicuna.serve.launch import ModelConfig, add_flags, from_flags, load_hf_model
 
     parser = argparse.ArgumentParser()
-    add_model_args(parser)
-    return load_from_args(parser.parse_args([str(f) for f in flags]))
+    add_flags(parser, ModelConfig, "model")
+    return load_hf_model(from_flags(ModelConfig, parser.parse_args([str(f) for f in flags])))
 
 
 def train_tiny(ctx: Context, steps: int) -> tuple[Path | None, str]:
