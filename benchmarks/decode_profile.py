@@ -108,7 +108,7 @@ def main() -> None:
         print(f"{name}, dtype {args.dtype}, quantization {args.quantization}: {weight_bytes / 1e6:.0f} MB of "
               f"weights, memory bandwidth {bandwidth / 1e9:.1f} GB/s -> {weight_bytes / bandwidth * 1e3:.1f} ms "
               f"per step to read them; {torch.get_num_threads()} threads")
-        print(f"{'batch':>5} {'ms/step':>8} " + " ".join(f"{b:>16}" for b in BUCKETS))
+        print("| batch | ms/step | " + " | ".join(BUCKETS) + " |\n|---|---|" + "---|" * len(BUCKETS))
         for batch in [int(b) for b in args.batches.split(",")]:
             SPENT.clear()
             start = time.perf_counter()
@@ -117,8 +117,8 @@ def main() -> None:
             parts = {"weights": SPENT["weights"], "attention": SPENT["attention"],
                      "other ops": max(SPENT["forward"] - SPENT["weights"] - SPENT["attention"], 0.0),
                      "outside": max(wall - SPENT["forward"], 0.0)}
-            cells = " ".join(f"{parts[b] / steps * 1e3:>7.2f} ms {parts[b] / wall:>5.0%}" for b in BUCKETS)
-            print(f"{batch:>5} {wall / steps * 1e3:>8.2f} {cells}", flush=True)
+            cells = " | ".join(f"{parts[b] / steps * 1e3:.2f} ms ({parts[b] / wall:.0%})" for b in BUCKETS)
+            print(f"| {batch} | {wall / steps * 1e3:.2f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -146,19 +146,20 @@ def main() -> None:
         rows[name] = row
         print(f"  measured {name}", flush=True)
     ref = {"float32": rows.get("float32"), "bfloat16": rows.get("bfloat16")}
-    head = f"{'variant':<10} {'weights':>9} {'ppl':>7} {'/bf16':>6} {'/fp32':>6} {'paris':>5}"
+    head = "| variant | weights | ppl | /bf16 | /fp32 | paris |"
     for c in levels:
-        head += f" {'c=' + str(c) + ' tok/s':>12} {'/bf16':>6} {'roofline':>9} {'share':>6}"
+        head += f" c={c} tok/s | /bf16 | roofline | share |"
     print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for name, row in rows.items():
-        line = f"{name:<10} {row['bytes'] / 1e6:>7.0f}MB {row['ppl']:>7.3f}"
+        line = f"| {name} | {row['bytes'] / 1e6:.0f} MB | {row['ppl']:.3f} |"
         for base in ("bfloat16", "float32"):
-            line += f" {row['ppl'] / ref[base]['ppl']:>6.3f}" if ref[base] else f" {'-':>6}"
-        line += f" {'yes' if row['paris'] else 'NO':>5}"
+            line += f" {row['ppl'] / ref[base]['ppl']:.3f} |" if ref[base] else " - |"
+        line += f" {'yes' if row['paris'] else 'NO'} |"
         for c in levels:
             tps, roof = row["tok/s"][c], c * bw * 1e9 / row["bytes"]
-            vs = f"{tps / ref['bfloat16']['tok/s'][c]:>6.2f}" if ref["bfloat16"] else f"{'-':>6}"
-            line += f" {tps:>12.1f} {vs} {roof:>9.0f} {tps / roof:>6.1%}"
+            vs = f"{tps / ref['bfloat16']['tok/s'][c]:.2f}" if ref["bfloat16"] else "-"
+            line += f" {tps:.1f} | {vs} | {roof:.0f} | {tps / roof:.1%} |"
         print(line)
     same = {"int8/bf16": "bfloat16", "int8/fp32": "float32"}
     for name, base in same.items():

@@ -82,9 +82,9 @@ def main() -> None:
         engine.stop()
     print(f"model {loaded.name}, dtype {str(next(loaded.model.parameters()).dtype).removeprefix('torch.')}, "
           f"{args.max_tokens} tokens per answer at most")
-    print(f"{'c':>3} {'free tok/s':>11} {'json tok/s':>11} {'ratio':>6} {'mask ms/step':>13} {'json tokens':>12}")
+    print("| c | free tok/s | json tok/s | ratio | mask ms/step | json tokens |\n|---|---|---|---|---|---|")
     for c, free, con, ratio, mask_ms, n in rows:
-        print(f"{c:>3} {free:>11.1f} {con:>11.1f} {ratio:>6.2f} {mask_ms:>13.3f} {n:>12}")
+        print(f"| {c} | {free:.1f} | {con:.1f} | {ratio:.2f} | {mask_ms:.3f} | {n} |")
 
 
 if __name__ == "__main__":
