@@ -9,6 +9,9 @@ The upstream model named in a request picks the behaviour:
 - ``fail500`` / ``ratelimited`` (429, Retry-After: 7) / ``unavailable`` (503): refuses at once;
 - ``dropper`` (and ``echo`` asked something with DROP in it): two words, then the connection
   drops; ``hang``: one word, then silence;
+- ``tooler``: given ``tools`` and a ``tool_choice`` other than ``"none"``, calls the first tool (and the
+  second too unless ``parallel_tool_calls`` is false) as OpenAI streams calls: id and name first, then the
+  arguments in two pieces, finish reason ``tool_calls``; otherwise answers like ``echo``;
 - ``locked``: requires ``Authorization: Bearer sk-right-key`` and otherwise answers 401 with the
   wrong key echoed in the message (as some hosted APIs do).
 
@@ -134,7 +137,31 @@ def create_upstream() -> FastAPI:
             finally:
                 app.state.in_flight[model] -= 1
 
+        calling = (model == "tooler" and chat and body.get("tools") and body.get("tool_choice") != "none")
+
+        async def tool_events():
+            head = {"id": rid, "object": kind, "created": created, "model": model}
+            yield event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
+                                              "finish_reason": None}]})
+            tools = body["tools"][:1 if body.get("parallel_tool_calls") is False else 2]
+            for k, t in enumerate(tools):
+                args = json.dumps({"city": words_of(body)[-1], "call": k})
+                for part in ({"index": k, "id": f"call_up_{k}", "type": "function",
+                              "function": {"name": t["function"]["name"], "arguments": ""}},
+                             {"index": k, "function": {"arguments": args[:5]}},
+                             {"index": k, "function": {"arguments": args[5:]}}):
+                    yield event({**head, "choices": [{"index": 0, "delta": {"tool_calls": [part]},
+                                                      "finish_reason": None}]})
+            yield event({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+            yield event({**head, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5 * len(tools),
+                                                         "total_tokens": 9 + 5 * len(tools)}})
+            yield "data: [DONE]\n\n"
+
         async def events():
+            if calling:
+                async for e in tool_events():
+                    yield e
+                return
             if chat:
                 yield event({"id": rid, "object": kind, "created": created, "model": model,
                              "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},

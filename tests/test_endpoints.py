@@ -9,6 +9,7 @@ with the right status (before the answer) or an error event (during it) — neve
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import httpx
@@ -57,6 +58,7 @@ def write_endpoints(tmp_path, s_url: str, v_url: str, down_port: int) -> str:
 - {{name: warming, api_base: "{s_url}/v1", model: unavailable}}
 - {{name: dropper, api_base: "{s_url}/v1", model: dropper}}
 - {{name: hang, api_base: "{s_url}/v1", model: hang, timeout: 1}}
+- {{name: tooler, api_base: "{s_url}/v1", model: tooler}}
 - {{name: locked, api_base: "{s_url}/v1", model: locked, api_key_env: TEST_WRONG_KEY}}
 - {{name: down, api_base: "http://127.0.0.1:{down_port}/v1", model: echo}}
 """)
@@ -122,6 +124,50 @@ def test_answers_through_us_equal_the_upstreams(proxy, upstreams, name, upstream
                                   logprobs=1)
     assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens == b.usage.completion_tokens
     assert a.choices[0].logprobs.tokens == b.choices[0].logprobs.tokens
+
+
+TOOLS = [{"type": "function", "function": {"name": n, "description": f"the {n} of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}} for n in ("weather", "time")]
+ASK_TOOLS = [{"role": "user", "content": "What is the weather in Paris"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_auto_is_relayed_and_the_upstreams_calls_come_back(proxy, upstreams, stream):
+    scripted, _, _ = upstreams
+    c = oai(proxy)
+    if stream:
+        calls, reason = {}, None
+        for chunk in c.chat.completions.create(model="tooler", messages=ASK_TOOLS, tools=TOOLS, stream=True):
+            for ch in chunk.choices:
+                for t in ch.delta.tool_calls or []:
+                    got = calls.setdefault(t.index, {"id": t.id, "name": "", "arguments": ""})
+                    got["name"] += t.function.name or ""
+                    got["arguments"] += t.function.arguments or ""
+                reason = ch.finish_reason or reason
+        calls = [calls[k] for k in sorted(calls)]
+    else:
+        r = c.chat.completions.create(model="tooler", messages=ASK_TOOLS, tools=TOOLS, tool_choice="auto")
+        reason, m = r.choices[0].finish_reason, r.choices[0].message
+        assert m.content is None
+        calls = [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in m.tool_calls]
+    assert reason == "tool_calls"
+    assert calls == [{"id": f"call_up_{k}", "name": n, "arguments": json.dumps({"city": "Paris", "call": k})}
+                     for k, n in enumerate(("weather", "time"))]  # the upstream's ids, so its answers match
+    sent = scripted.state.calls[-1]["body"]
+    assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto" and "response_format" not in sent
+
+    # one call only when the client says so; the call's result goes back upstream as a tool message
+    r = c.chat.completions.create(model="tooler", messages=ASK_TOOLS, tools=TOOLS, parallel_tool_calls=False)
+    assert [t.function.name for t in r.choices[0].message.tool_calls] == ["weather"]
+    assert scripted.state.calls[-1]["body"]["parallel_tool_calls"] is False
+    call = r.choices[0].message.tool_calls[0]
+    history = ASK_TOOLS + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                           {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    r = c.chat.completions.create(model="tooler", messages=history, tools=TOOLS, tool_choice="none")
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
+    sent = scripted.state.calls[-1]["body"]
+    assert sent["tool_choice"] == "none" and sent["messages"][-1] == history[-1]
+    assert sent["messages"][1]["tool_calls"][0]["id"] == call.id
 
 
 def test_the_key_is_sent_upstream_from_the_environment(proxy, upstreams):

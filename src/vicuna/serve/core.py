@@ -43,6 +43,10 @@ class GenerateRequest:
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob plus the top k
     constraint: dict[str, Any] | None = None  # structured output: {"type", "value", "param"} (serve.structured)
     tools: list[dict[str, Any]] | None = None  # OpenAI tool objects, rendered into the prompt
+    # beside tools when no call is forced: "auto" or "none" (our engines render tools and parse the text;
+    # an upstream endpoint is passed them and returns its own calls). A forced call is a constraint.
+    tool_choice: str | None = None
+    parallel_tool_calls: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +92,9 @@ class Delta:
     # the first delta of a request that asked for them: one entry per prompt token, the first one's
     # logprob None ({"token", "token_id", "logprob", "rank", "top", "top_ids"})
     prompt_logprobs: list[dict] | None = None
+    # complete calls an upstream endpoint made itself ({"id", "type", "function": {"name", "arguments"}}),
+    # on the last delta; our own engines' calls are parsed from ``text`` (vicuna.serve.tools)
+    tool_calls: list[dict] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,8 +103,10 @@ class Delta:
         """This delta followed by ``later``, as one (a consumer that lags gets fewer, larger pieces)."""
         logprobs = None if self.logprobs is None and later.logprobs is None else \
             (self.logprobs or []) + (later.logprobs or [])
+        calls = None if self.tool_calls is None and later.tool_calls is None else \
+            (self.tool_calls or []) + (later.tool_calls or [])
         return Delta(self.text + later.text, later.finish_reason, later.prompt_tokens, later.completion_tokens,
-                     logprobs, self.prompt_logprobs or later.prompt_logprobs)
+                     logprobs, self.prompt_logprobs or later.prompt_logprobs, calls)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Delta":

@@ -35,6 +35,7 @@ from ..conversation import message_text
 from ..errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable, UsageError
 from .model_client import Embeddings, _ClientBase
 from . import structured
+from .tools import new_call_id
 from .core import Delta, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -294,10 +295,10 @@ def _upstream_body(u: _Upstream, request: GenerateRequest, n: int) -> tuple[str,
         body["n"] = n
     if request.logprobs is not None:
         body.update({"logprobs": True, "top_logprobs": request.logprobs} if chat else {"logprobs": request.logprobs})
-    if request.tools and request.constraint is None:
-        raise InvalidRequest("tool_choice 'auto' is not supported through --endpoints (the upstream's own tool "
-                             "calls are not relayed); use tool_choice 'required' or a named function",
-                             param="tool_choice")
+    if request.tools and request.tool_choice:  # the upstream decides, with its own template, and returns its calls
+        body.update(tools=request.tools, tool_choice=request.tool_choice)
+        if not request.parallel_tool_calls:
+            body["parallel_tool_calls"] = False
     body.update(structured.openai_fields(request.constraint))  # a forced tool call arrives as constrained JSON
     return ("/chat/completions" if chat else "/completions"), body
 
@@ -384,6 +385,7 @@ class _Call:
         chat, started = "messages" in body, False
         finish: list[str | None] = [None] * self.n
         tokens = [0] * self.n  # content chunks per choice: the usage when the upstream reports none
+        calls: list[dict[int, dict]] = [{} for _ in range(self.n)]  # per choice: tool-call index -> the call so far
         usage: dict = {}
         try:
             async with self.client.http.stream("POST", e.api_base + path, json=body, headers=u.headers(),
@@ -405,7 +407,11 @@ class _Call:
                         i = int(c.get("index", 0))
                         if not 0 <= i < self.n:
                             continue
-                        text = ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
+                        delta = c.get("delta") or {}
+                        text = (delta.get("content") if chat else c.get("text")) or ""
+                        for piece in (delta.get("tool_calls") or []) if chat else ():
+                            started = True
+                            _add_call_piece(calls[i], piece)
                         lps = (_chat_logprobs if chat else _completion_logprobs)(c.get("logprobs"))
                         if text or lps:
                             started = True
@@ -423,7 +429,17 @@ class _Call:
         prompt = int(usage.get("prompt_tokens", 0))
         completion = int(usage.get("completion_tokens", sum(tokens)))
         for i, reason in enumerate(finish):
-            self.queues[i].put_nowait(Delta("", reason, prompt, completion if i == 0 else 0))
+            made = [calls[i][k] for k in sorted(calls[i])] or None
+            self.queues[i].put_nowait(Delta("", reason, prompt, completion if i == 0 else 0, tool_calls=made))
+
+
+def _add_call_piece(calls: dict[int, dict], piece: dict) -> None:
+    """Accumulate one streamed tool-call delta (the id and name first, then argument pieces) into ``calls``."""
+    fn = piece.get("function") or {}
+    call = calls.setdefault(int(piece.get("index", len(calls))), {
+        "id": piece.get("id") or new_call_id(), "type": "function", "function": {"name": "", "arguments": ""}})
+    call["function"]["name"] += fn.get("name") or ""
+    call["function"]["arguments"] += fn.get("arguments") or ""
 
 
 def _status_error(u: _Upstream, status: int, body: bytes, retry_after: str | None) -> ServeError:

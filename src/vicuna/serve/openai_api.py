@@ -407,12 +407,14 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
         plan = body.tool_plan
         if not body.stream:
             texts, reasons, lps = [[] for _ in range(n)], [None] * n, [None] * n
+            made: list[list[dict]] = [[] for _ in range(n)]  # calls an upstream endpoint made itself
             if base.logprobs is not None:
                 lps = [[] for _ in range(n)]
 
             async def collect():
                 async for i, d in merged(model, streams, firsts, started):
                     texts[i].append(d.text)
+                    made[i].extend(d.tool_calls or [])
                     if d.logprobs:
                         lps[i].extend(d.logprobs)
                     if d.finish_reason:
@@ -425,6 +427,8 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
             if plan.parses:  # tool calls out of the text (or the constrained JSON of a forced call)
                 answers = [(c, fr, lp, calls) for (t, r, lp) in answers
                            for c, calls, fr in [T.complete(t, r, plan, tool_parser)]]
+                answers = [(c if not m else (c or "").strip() or None, T.finish_reason(fr, True) if m else fr, lp,
+                            (calls or []) + m or None) for (c, fr, lp, calls), m in zip(answers, made)]
             return P.chat_completion(rid, model, answers, used.prompt_tokens, used.completion_tokens)
 
         with_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -439,6 +443,10 @@ def create_app(client: ModelClient, *, api_keys: list[str] | None = None,
                 if d.finish_reason:
                     rest, more = s.finish()
                     text, calls = text + rest, calls + more
+                if d.tool_calls:  # an upstream endpoint's own calls, after any parsed from the text
+                    s.calls += d.tool_calls
+                    calls = calls + [{"index": len(s.calls) - len(d.tool_calls) + k, **c}
+                                     for k, c in enumerate(d.tool_calls)]
                 body_ = {"content": text} if text else {}
                 if calls:
                     body_["tool_calls"] = calls

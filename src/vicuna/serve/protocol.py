@@ -221,8 +221,11 @@ class ChatCompletionRequest(_Sampling):
         messages = [m.as_dict() for m in self.messages]
         options = self.sampling(max_tokens=max_tokens, logprobs=logprobs)
         self._tool_plan = tools.plan(self, messages, options["constraint"])
-        options["constraint"] = self._tool_plan.constraint
-        return GenerateRequest(messages=messages, tools=self._tool_plan.tools, **options)
+        plan = self._tool_plan
+        options["constraint"] = plan.constraint
+        free = plan.tools and plan.mode in ("auto", "none")
+        return GenerateRequest(messages=messages, tools=plan.tools, tool_choice=plan.mode if free else None,
+                               parallel_tool_calls=plan.parallel, **options)
 
     @property
     def tool_plan(self) -> "tools.ToolPlan":
