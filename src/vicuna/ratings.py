@@ -40,6 +40,17 @@ class RatingInterval:
         return asdict(self)
 
 
+def _check_bootstrap(confidence: float, rounds: int, **positive: float) -> None:
+    """The settings every bootstrapped fit shares, checked the same way (``positive``: strengths > 0)."""
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be between 0 and 1")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0")
+
+
 def _parse_battles(battles: Iterable) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Battles -> (models, index a, index b, score of a in {1, 0.5, 0})."""
     models: dict[str, int] = {}
@@ -173,12 +184,7 @@ def bootstrap_bradley_terry(
     into distinct (a, b, outcome) cells, so a round is one multinomial draw over at most
     3k^2 cells instead of touching every battle.
     """
-    if not 0 < confidence < 1:
-        raise ValueError("confidence must be between 0 and 1")
-    if rounds < 1:
-        raise ValueError("rounds must be >= 1")
-    if prior <= 0:
-        raise ValueError("prior must be > 0")
+    _check_bootstrap(confidence, rounds, prior=prior)
     models, ia, ib, sa = _parse_battles(battles)
     if not models:
         return {}
@@ -362,12 +368,7 @@ def bootstrap_style_controlled(
     round resamples the battles and refits (covariates normalised once, on all battles).
     ``anchor`` as in ``bootstrap_bradley_terry``: that model sits at ``init_rating`` in every fit.
     """
-    if not 0 < confidence < 1:
-        raise ValueError("confidence must be between 0 and 1")
-    if rounds < 1:
-        raise ValueError("rounds must be >= 1")
-    if reg <= 0:
-        raise ValueError("reg must be > 0")
+    _check_bootstrap(confidence, rounds, reg=reg)
     models, ia, ib, sa = _parse_battles(battles)
     if len(style_a) != len(sa) or len(style_b) != len(sa):
         raise ValueError(f"style_a and style_b need one entry per battle ({len(sa)}), got {len(style_a)} and "

@@ -132,13 +132,19 @@ class Sample:
         return len(self.input_ids)
 
 
-def load_conversations(path: str | Path, stats: DataStats | None = None) -> list[list[dict[str, str]]]:
-    """Messages of every usable record; bad records are counted in ``stats``."""
-    stats = stats if stats is not None else DataStats()
+def _records(path: str | Path, stats: DataStats) -> list:
+    """The file's records, counted in ``stats``; a file without any is an error."""
     records = read_records(path, stats)
     stats.records += len(records)
     if not stats.records:
         raise TrainInputError(f"{path}: the file holds no records")
+    return records
+
+
+def load_conversations(path: str | Path, stats: DataStats | None = None) -> list[list[dict[str, str]]]:
+    """Messages of every usable record; bad records are counted in ``stats``."""
+    stats = stats if stats is not None else DataStats()
+    records = _records(path, stats)
     convs = []
     for rec in records:
         try:
@@ -232,10 +238,7 @@ def load_pairs(path: str | Path, stats: DataStats | None = None) -> list[tuple[l
 
     stats = stats if stats is not None else DataStats()
     stats.unit = "pairs"
-    records = read_records(path, stats)
-    stats.records += len(records)
-    if not stats.records:
-        raise TrainInputError(f"{path}: the file holds no records")
+    records = _records(path, stats)
     pairs = []
     for rec in records:
         try:
