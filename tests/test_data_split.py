@@ -15,6 +15,7 @@ from vicuna.data.split import split_file
 from vicuna.errors import DataError
 
 DUMMY = SHARED_DATA / "sharegpt_sample" / "dummy_conversation.json"
+needs_sample = pytest.mark.skipif(not DUMMY.exists(), reason=f"shared data not available at {SHARED_DATA}")
 TEMPLATE = get_template("vicuna_v1.1")
 
 
@@ -135,6 +136,7 @@ def test_long_exchange_dropped_or_truncated_and_counted(tmp_path, tok_dir, any_t
 
 
 @pytest.mark.slow  # two CLI runs that import transformers
+@needs_sample
 def test_split_stats_cli_on_shared_sample(tmp_path, bpe_tokenizer):
     tok = save_tokenizer(bpe_tokenizer, tmp_path / "tok")
     out, rep = tmp_path / "split.jsonl", tmp_path / "split_report.json"
@@ -202,6 +204,9 @@ def test_filter_language_model_turns_chars_repetition(tmp_path):
     # records are copied unchanged (ids stay as given, fields kept)
     assert json.loads((tmp_path / "c.json").read_text())[0] == rows[0]
 
+
+@needs_sample
+def test_filter_cli_report_counts_the_shared_sample(tmp_path):
     rep = tmp_path / "rep.json"
     proc = run_cli("data", "filter", DUMMY, "-o", tmp_path / "g.jsonl", "--keep-lang", "en", "--min-turns", "4",
                    "--report", rep)

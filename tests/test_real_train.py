@@ -18,9 +18,10 @@ from safetensors import safe_open
 from conftest import SHARED_DATA, run_cli
 from vicuna.conversation import JinjaTemplate, encode, render_prompt, resolve_template
 
-pytestmark = pytest.mark.real_model
 
 SAMPLE = SHARED_DATA / "sharegpt_sample" / "dummy_conversation.json"
+pytestmark = [pytest.mark.real_model,
+              pytest.mark.skipif(not SAMPLE.exists(), reason=f"shared data not available at {SHARED_DATA}")]
 SHORT = ["--max-length", "256", "--save-steps", "0", "--seed", "7"]
 
 
