@@ -48,13 +48,17 @@ class EngineCollector:
             "prefix_cache_hits": CounterMetricFamily(
                 "vicuna_prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed)",
                 labels=["model"]),
+            "spec_draft_tokens": CounterMetricFamily(
+                "vicuna_spec_decode_num_draft_tokens", "Speculative draft tokens verified", labels=["model"]),
+            "spec_accepted_tokens": CounterMetricFamily(
+                "vicuna_spec_decode_num_accepted_tokens", "Speculative draft tokens accepted", labels=["model"]),
         }
         for name, engine in self.engines().items():
             if getattr(engine, "base_engine", None) is not None:
                 continue  # a LoRA adapter's view: its engine is counted once, under the engine's name
             s = engine.stats()
             for key, fam in (*gauges.items(), *counters.items()):
-                fam.add_metric([name], float(getattr(s, key)))
+                fam.add_metric([name], float(getattr(s, key, 0)))
         yield from gauges.values()
         yield from counters.values()
 

@@ -139,6 +139,16 @@ class EngineConfig:
                 "1000, as in Hugging Face); default: on CUDA up to 90 percent of the GPU less what is already in "
                 "use, on CPU min(a quarter of available RAM, 4 GiB)"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    speculative: str | None = field(default=None, metadata={"choices": ["ngram"], "help":
+        "speculative decoding (hf engine): 'ngram' drafts the next tokens by prompt lookup (the last n tokens "
+        "found earlier in prompt + answer; what followed them) and verifies them in one forward; only plain "
+        "greedy rows (temperature 0, no logprobs, no structured output) speculate; outputs are unchanged"})
+    num_speculative_tokens: int = field(default=4, metadata={
+        "help": "--speculative: most draft tokens verified per row and step"})
+    prompt_lookup_max: int = field(default=3, metadata={
+        "help": "--speculative ngram: longest n-gram looked up (tried first)"})
+    prompt_lookup_min: int = field(default=1, metadata={
+        "help": "--speculative ngram: shortest n-gram looked up"})
     prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV cache of prompt prefixes already computed (a shared system prompt, the earlier "
                 "turns of a chat), block by block; outputs are the same either way (hf: our prefix cache; "
@@ -180,6 +190,8 @@ class EngineStats:
     prefix_cache_evictions: int = 0  # cached blocks reused for other tokens (under memory pressure)
     mask_seconds: float = 0.0  # structured outputs: time spent filling and applying token masks
     mask_steps: int = 0
+    spec_draft_tokens: int = 0  # --speculative: draft tokens verified
+    spec_accepted_tokens: int = 0  # of them, accepted (equal to the model's own greedy token)
 
 
 class Meter:

@@ -52,6 +52,29 @@ class _EmbedJob:
     vectors: list[list[float]] = field(default_factory=list)
 
 
+def ngram_draft(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int]:
+    """Prompt lookup: the ``k`` tokens that followed the latest earlier occurrence of the sequence's last n
+    tokens (n from ``max_n`` down to ``min_n``); empty when none recurs."""
+    for n in range(min(max_n, len(tokens) - 1), max(min_n, 1) - 1, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+class _Chunk:
+    """A running row seen by :meth:`Runner.prefill` as a chunk to append: its next token and draft after the
+    ``length`` tokens already in its KV blocks."""
+
+    def __init__(self, r: Request, draft: list[int]):
+        self.r, self.draft = r, draft
+        self.blocks, self.cached, self.adapter = r.blocks, r.length, r.adapter
+
+    def context(self) -> list[int]:
+        return self.r.context() + self.draft
+
+
 def _deliver(items: list[tuple[Request, Any]]) -> None:
     for r, item in items:
         r.queue.put_nowait(item)
@@ -450,6 +473,9 @@ class HFEngine(EngineBase):
     def _decode(self) -> None:
         """One token for every running row, in one forward over their gathered blocks."""
         rows = self.scheduler.running
+        drafts = self._drafts(rows) if self.config.speculative == "ngram" else None
+        if drafts is not None and any(drafts):
+            return self._verify(rows, drafts)
         logits = self.runner.decode(rows)
         for r in rows:
             r.length += 1
@@ -457,6 +483,84 @@ class HFEngine(EngineBase):
         with self._lock:
             self._stats.decode_steps += 1
         self._sample(rows, logits)
+
+    # ---- speculative decoding (prompt lookup)
+    def _drafts(self, rows: list[Request]) -> list[list[int]]:
+        """Each row's n-gram draft (empty for rows that do not speculate), its KV blocks already reserved.
+
+        Only plain greedy rows speculate: accepting a draft token is exact there (it equals the argmax the
+        row would have taken), while sampled, logprob or grammar rows would need rejection sampling."""
+        from .runner import _plain_greedy  # the rule the batched argmax already serves
+
+        cfg, sched = self.config, self.scheduler
+        out: list[list[int]] = []
+        for r in rows:
+            p = r.seq.params
+            room = p.max_new_tokens - len(r.seq.output_ids) - 1  # the model's own token comes on top
+            draft = []
+            if r.matcher is None and _plain_greedy(p) and room > 0:
+                draft = ngram_draft(r.context(), min(cfg.num_speculative_tokens, room), cfg.prompt_lookup_max,
+                                    cfg.prompt_lookup_min)
+            if draft:  # slots for the draft after the reserved one of the next token; none free: no draft
+                need = sched.blocks_for(r.length + 1 + len(draft)) - len(r.blocks)
+                extra = sched.pool.allocate(need) if need > 0 else []
+                if extra is None:
+                    draft = []
+                else:
+                    r.blocks += extra  # kept for the next steps (or given back on release) when rejected
+            out.append(draft)
+        return out
+
+    def _verify(self, rows: list[Request], drafts: list[list[int]]) -> None:
+        """One forward over every row's next token and its draft (a chunked append into the paged KV); each
+        speculating row keeps its draft's longest prefix equal to the model's greedy tokens, plus the model's
+        token after it; the others take their next token as in plain decoding."""
+        import torch
+
+        views = [_Chunk(r, d) for r, d in zip(rows, drafts)]
+        try:
+            logits = self.runner.prefill(views, all_logits=True)  # (rows, width, vocab), right-aligned
+        except Exception as e:  # noqa: BLE001 - as a failed decode: these rows fail, the engine goes on
+            log.exception("speculative verify failed")
+            for r in rows:
+                self._fail(r, ServeError(f"internal engine error: {type(e).__name__}: {e}", status=500))
+            self.scheduler.drop_finished()
+            return
+        width = logits.shape[1]
+        with self._lock:
+            self._stats.decode_steps += 1
+        plain = [i for i, d in enumerate(drafts) if not d]
+        for i, (r, draft) in enumerate(zip(rows, drafts)):
+            if not draft:
+                continue
+            scores = logits[i, width - len(draft) - 1:]
+            best, greedy = scores.max(dim=-1)
+            if not bool(torch.isfinite(best).all()):
+                self._fail(r, ServeError("the model produced non-finite scores (inf/NaN) for this request; its "
+                                         "generation was stopped", status=500))
+                continue
+            greedy = greedy.tolist()
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == greedy[accepted]:
+                accepted += 1
+            with self._lock:
+                self._stats.spec_draft_tokens += len(draft)
+                self._stats.spec_accepted_tokens += accepted
+            base = r.length
+            for token in draft[:accepted] + [greedy[accepted]]:  # stops, EOS and max_tokens as in plain decoding
+                self._emit(r, token)
+                if r.done:
+                    break
+            if not r.done:  # the KV keeps the accepted tokens only; rejected slots are overwritten later
+                r.length = base + 1 + accepted
+                self.scheduler.computed(r)
+        if plain:
+            rest = [rows[i] for i in plain]
+            for r in rest:
+                r.length += 1
+                self.scheduler.computed(r)
+            self._sample(rest, logits[plain, -1])
+        self.scheduler.drop_finished()
 
     def _sample(self, rows: list[Request], logits) -> None:
         constrained = [i for i, r in enumerate(rows) if r.matcher is not None]

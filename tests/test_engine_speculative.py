@@ -1,0 +1,80 @@
+"""Speculative decoding by prompt lookup (``--speculative ngram``): greedy outputs must equal plain decoding.
+
+float32 throughout: the precision in which the engine promises batch-invariant greedy output."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import wait_idle
+
+from vicuna.conversation import encode, render_prompt
+from vicuna.generation import SamplingParams, generate
+from vicuna.model import load_model
+from vicuna.serve.engine import EngineConfig, HFEngine
+from vicuna.serve.engine.hf import ngram_draft
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")
+
+
+def chat_ids(loaded, text):
+    return encode(loaded.tokenizer, render_prompt(loaded.template, [{"role": "user", "content": text}],
+                                                  loaded.tokenizer))
+
+
+async def collect(engine, ids, params):
+    return "".join([d.text async for d in engine.stream(ids, params)])
+
+
+def run(loaded, prompts, settings, **config):
+    engine = HFEngine(loaded, EngineConfig(kv_cache_memory="64MiB", **config)).start()
+    try:
+        async def run_all():
+            return await asyncio.gather(*(collect(engine, ids, p) for ids, p in zip(prompts, settings)))
+
+        got = asyncio.run(run_all())
+        s = wait_idle(engine)
+    finally:
+        engine.stop()
+    assert s.kv_blocks_free == s.kv_blocks  # rolled-back and extra blocks all given back
+    return got, s
+
+
+def test_ngram_draft_takes_what_followed_the_latest_earlier_match():
+    assert ngram_draft([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2, 3, 1) == [7, 1]
+    assert ngram_draft([5, 6, 7, 5], 3, 3, 1) == [6, 7, 5]  # falls back to n=1
+    assert ngram_draft([1, 2, 3, 4], 4, 3, 1) == []
+    assert ngram_draft([1, 2, 1], 4, 3, 2) == []  # no bigram recurs, and n=1 is below the minimum
+
+
+def test_mixed_batch_equals_plain_decoding(loaded):
+    """Greedy rows speculate, sampled and stop-string rows share the batch; every stream is what plain
+    decoding gives, at a block size small enough that drafts cross block boundaries."""
+    prompts = [chat_ids(loaded, t) for t in ("a b a b a b a b", "word " * 5, "one two one two", "x y z x y z")]
+    plain_text = generate(loaded.model, loaded.tokenizer, prompts[2],
+                          SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True))[0]
+    stop = plain_text[len(plain_text) // 2:len(plain_text) // 2 + 3].strip() or plain_text[-3:]
+    settings = [SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True),
+                SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=30, ignore_eos=True),
+                SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True, stop=(stop,)),
+                SamplingParams(temperature=0, max_new_tokens=7, ignore_eos=True)]
+    plain, s0 = run(loaded, prompts, settings, block_size=4)
+    spec, s = run(loaded, prompts, settings, block_size=4, speculative="ngram", num_speculative_tokens=4)
+    assert spec == plain
+    assert s0.spec_draft_tokens == 0 and s.spec_draft_tokens > 0
+    assert 0 <= s.spec_accepted_tokens <= s.spec_draft_tokens
+
+
+def test_real_model_repeats_with_accepted_drafts_and_same_output(real_model):
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    ids = chat_ids(real_model, f"Repeat this text exactly: {text}")
+    settings = [SamplingParams(temperature=0, max_new_tokens=24)]
+    plain, s0 = run(real_model, [ids], settings)
+    spec, s = run(real_model, [ids], settings, speculative="ngram")
+    assert spec == plain
+    assert s.spec_accepted_tokens > 0, s
+    assert s.decode_steps < s0.decode_steps
