@@ -78,3 +78,40 @@ def test_real_model_repeats_with_accepted_drafts_and_same_output(real_model):
     assert spec == plain
     assert s.spec_accepted_tokens > 0, s
     assert s.decode_steps < s0.decode_steps
+
+
+def test_metrics_count_drafts_and_bad_flags_are_named(loaded):
+    import re
+
+    import httpx
+    import openai
+
+    from vicuna.errors import UsageError
+    from vicuna.serve.launch import ModelConfig, load_engine
+    from vicuna.serve.model_client import LocalClient
+    from vicuna.serve.openai_api import create_app
+    from vicuna.serve.server import ServerThread
+
+    engine = HFEngine(loaded, EngineConfig(kv_cache_memory="64MiB", speculative="ngram")).start()
+    try:
+        with ServerThread(create_app(LocalClient({"tiny": engine}))) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a b a b a b"}],
+                                           max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+            text = httpx.get(url + "/metrics").text
+        s = wait_idle(engine)
+    finally:
+        engine.stop()
+    got = {name: float(v) for name, v in re.findall(
+        r'^(vicuna_spec_decode_num_(?:draft|accepted)_tokens_total)\{model="tiny"\} (\S+)$', text, re.M)}
+    assert got == {"vicuna_spec_decode_num_draft_tokens_total": s.spec_draft_tokens,
+                   "vicuna_spec_decode_num_accepted_tokens_total": s.spec_accepted_tokens}, text
+    assert s.spec_draft_tokens > 0
+
+    for bad, says in ((dict(num_speculative_tokens=0), "must be >= 1"),
+                      (dict(prompt_lookup_min=4, prompt_lookup_max=2), "above --prompt-lookup-max"),
+                      (dict(speculative="eagle"), "use ngram")):
+        with pytest.raises(UsageError, match=says):
+            EngineConfig(speculative=bad.pop("speculative", "ngram"), **bad)
+    with pytest.raises(UsageError, match="for the hf backend"):
+        load_engine(ModelConfig(model_path="unused.gguf", backend="llamacpp"), EngineConfig(speculative="ngram"))

@@ -182,6 +182,9 @@ def load_engine(model: ModelConfig, engine: EngineConfig | None = None):
     """A started engine serving ``model`` as ``model.served_name`` with the chosen backend (its ``--lora
     NAME=PATH`` adapters are in ``served(engine)``)."""
     engine = engine or EngineConfig()
+    if engine.speculative and model.backend != "hf":
+        raise UsageError(f"--speculative is for the hf backend; --backend {model.backend} has its own (vLLM: "
+                         "--speculative-config; llama.cpp: --draft options of its server)")
     if model.backend == "vllm":
         from .engine.vllm import VLLMEngine
 

@@ -167,6 +167,14 @@ class EngineConfig:
                 raise ServeError(f"engine setting {name} must be >= 1, got {getattr(self, name)}", status=500)
         if self.kv_cache_memory is not None:
             parse_size(self.kv_cache_memory)  # fail at startup on an unreadable size
+        if self.speculative is not None:
+            if self.speculative != "ngram":
+                raise UsageError(f"--speculative {self.speculative!r} is not known; use ngram")
+            if self.num_speculative_tokens < 1 or self.prompt_lookup_min < 1:
+                raise UsageError("--num-speculative-tokens and --prompt-lookup-min must be >= 1")
+            if self.prompt_lookup_min > self.prompt_lookup_max:
+                raise UsageError(f"--prompt-lookup-min {self.prompt_lookup_min} is above --prompt-lookup-max "
+                                 f"{self.prompt_lookup_max}")
 
 
 @dataclass
