@@ -150,7 +150,9 @@ def test_sigstopped_worker_does_not_hang_clients(cluster):
                     model="tiny", messages=HELLO, max_tokens=4) for _ in range(6)))
 
             assert all(r.choices for r in asyncio.run(batch()))
-            assert other.hung_workers() == [address]  # some were routed there, and it is avoided now
+            # some were routed there, and it is avoided now -- unless (a loaded machine) its heartbeats had
+            # already expired and the controller no longer handed it out: avoided all the same
+            assert other.hung_workers() == [address] or address not in [w["address"] for w in cluster["live"]()]
             # The stream that had started on it ends with an error event.
             with pytest.raises(openai.APIError, match="stopped responding"):
                 for _ in stream:
