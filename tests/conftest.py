@@ -248,6 +248,24 @@ def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
     return save_model(make_tiny_llama(bpe_tokenizer), bpe_tokenizer, path)
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    """The tiny model loaded in float32 -- the precision in which the engine promises batch-invariant greedy
+    output (docs/serving.md; bfloat16 kernels round differently for different batch shapes). One per module:
+    an engine with adapters changes the model it is given."""
+    from vicuna.model import load_model
+
+    return load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")
+
+
+def chat_ids(loaded, text: str) -> list[int]:
+    """The token ids of one user turn in ``loaded``'s chat template, as the engine receives a prompt."""
+    from vicuna.conversation import encode, render_prompt
+
+    return encode(loaded.tokenizer, render_prompt(loaded.template, [{"role": "user", "content": text}],
+                                                  loaded.tokenizer))
+
+
 @pytest.fixture(scope="session")
 def sp_model_dir(tmp_path_factory, sp_tokenizer):
     """A saved random tiny LLaMA with a SentencePiece tokenizer (like real Vicuna)."""

@@ -11,7 +11,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from conftest import wait_idle
+from conftest import chat_ids, wait_idle
 
 from vicuna.conversation import encode, render_prompt
 from vicuna.generation import SamplingParams, generate, sampling_params
@@ -27,16 +27,6 @@ from vicuna.serve.openai_api import create_app
 from vicuna.serve.server import ServerThread
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    # float32: the precision in which the engine promises batch-invariant greedy output (docs/serving.md); in
-    # bfloat16 the kernels round differently for different batch shapes
-    return load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")
-
-
-def chat_ids(loaded, text):
-    return encode(loaded.tokenizer, render_prompt(loaded.template, [{"role": "user", "content": text}],
-                                                  loaded.tokenizer))
 
 
 def alone(loaded, ids, n, **sampling):

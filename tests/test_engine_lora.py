@@ -12,9 +12,8 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import wait_idle
+from conftest import chat_ids, wait_idle
 
-from vicuna.conversation import encode, render_prompt
 from vicuna.errors import UsageError
 from vicuna.generation import SamplingParams, generate
 from vicuna.model import load_model
@@ -42,14 +41,6 @@ def adapters(tiny_model_dir, tmp_path_factory):
     return {name: make_adapter(tiny_model_dir, tmp / name, seed) for name, seed in (("alpha", 1), ("beta", 2))}
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")
-
-
-def chat_ids(loaded, text):
-    return encode(loaded.tokenizer, render_prompt(loaded.template, [{"role": "user", "content": text}],
-                                                  loaded.tokenizer))
 
 
 def alone(model_dir, ids, n, lora=None):

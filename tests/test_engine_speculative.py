@@ -7,23 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import wait_idle
+from conftest import chat_ids, wait_idle
 
-from vicuna.conversation import encode, render_prompt
 from vicuna.generation import SamplingParams, generate
-from vicuna.model import load_model
 from vicuna.serve.engine import EngineConfig, HFEngine
 from vicuna.serve.engine.hf import ngram_draft
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", dtype="float32", model_name="tiny")
-
-
-def chat_ids(loaded, text):
-    return encode(loaded.tokenizer, render_prompt(loaded.template, [{"role": "user", "content": text}],
-                                                  loaded.tokenizer))
 
 
 async def collect(engine, ids, params):

@@ -517,15 +517,10 @@ class HFEngine(EngineBase):
         token after it; the others take their next token as in plain decoding."""
         import torch
 
-        views = [_Chunk(r, d) for r, d in zip(rows, drafts)]
-        try:
-            logits = self.runner.prefill(views, all_logits=True)  # (rows, width, vocab), right-aligned
-        except Exception as e:  # noqa: BLE001 - as a failed decode: these rows fail, the engine goes on
-            log.exception("speculative verify failed")
-            for r in rows:
-                self._fail(r, ServeError(f"internal engine error: {type(e).__name__}: {e}", status=500))
-            self.scheduler.drop_finished()
-            return
+        from .runner import non_finite_error
+
+        # a failure here is a failed decode step: the loop fails the running rows and goes on
+        logits = self.runner.prefill([_Chunk(r, d) for r, d in zip(rows, drafts)], all_logits=True)
         width = logits.shape[1]
         with self._lock:
             self._stats.decode_steps += 1
@@ -536,8 +531,7 @@ class HFEngine(EngineBase):
             scores = logits[i, width - len(draft) - 1:]
             best, greedy = scores.max(dim=-1)
             if not bool(torch.isfinite(best).all()):
-                self._fail(r, ServeError("the model produced non-finite scores (inf/NaN) for this request; its "
-                                         "generation was stopped", status=500))
+                self._fail(r, non_finite_error())
                 continue
             greedy = greedy.tolist()
             accepted = 0

@@ -44,6 +44,12 @@ def _plain_greedy(p: SamplingParams) -> bool:
         p.presence_penalty or p.frequency_penalty)
 
 
+def non_finite_error() -> ServeError:
+    """What a row whose scores turned inf/NaN fails with (it fails alone; the batch goes on)."""
+    return ServeError("the model produced non-finite scores (inf/NaN) for this request; its generation was stopped",
+                      status=500)
+
+
 class Runner:
     """Forwards over a paged KV cache. Rows are :class:`vicuna.serve.engine.scheduler.Request` objects."""
 
@@ -167,8 +173,7 @@ class Runner:
         out: list[int | ServeError] = []
         for i, r in enumerate(rows):
             if not finite[i]:
-                out.append(ServeError("the model produced non-finite scores (inf/NaN) for this request; its "
-                                      "generation was stopped", status=500))
+                out.append(non_finite_error())
                 continue
             try:
                 out.append(greedy[i] if _plain_greedy(r.seq.params) else r.seq.sample(logits[i]))
