@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from _bench import parse_args, recording  # noqa: E402
+
 BUCKETS = ("weights", "attention", "other ops", "outside")
 SPENT: collections.Counter = collections.Counter()  # seconds per timer
 
@@ -83,8 +85,12 @@ def main() -> None:
     p.add_argument("--quantization", default="none", help="--quantization of the served model (default none)")
     p.add_argument("--batches", default="1,16", help="concurrent requests = decode batch sizes (default 1,16)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default 64; --quick 16)")
-    p.add_argument("--quick", action="store_true", help="16-token answers")
-    args = p.parse_args()
+    args = parse_args(p)  # --quick: 16-token answers
+    with recording("decode_profile", args):
+        run(args)
+
+
+def run(args) -> None:
     from vicuna.model import resolve_model_path
     from vicuna.serve.engine import EngineConfig
     from vicuna.serve.launch import ModelConfig, local_api

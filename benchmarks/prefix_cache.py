@@ -33,6 +33,8 @@ from vicuna.generation import SamplingParams  # noqa: E402
 from vicuna.model import load_model, resolve_model_path  # noqa: E402
 from vicuna.serve.engine import EngineConfig, HFEngine  # noqa: E402
 
+from _bench import parse_args, recording  # noqa: E402
+
 
 def ids_of(loaded, messages):
     return encode(loaded.tokenizer, render_prompt(loaded.template, messages, loaded.tokenizer))
@@ -124,8 +126,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="HF model directory (default: the default model)")
     ap.add_argument("--dtype", default="auto", help="as `vicuna serve --dtype` (default: auto)")
-    ap.add_argument("--quick", action="store_true", help="the tiny demo model, short prompts: a smoke run")
-    args = ap.parse_args()
+    args = parse_args(ap)  # --quick: the tiny demo model, short prompts
+    with recording("prefix_cache", args):
+        return run(args)
+
+
+def run(args) -> int:
     model_dir = resolve_model_path("demo" if args.quick else args.model_dir)
     turns, user_words, answer = (3, 16, 8) if args.quick else (8, 48, 64)
     streams, system_words, tokens = (4, 60, 4) if args.quick else (16, 400, 16)

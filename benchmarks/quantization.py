@@ -21,10 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _bench import parse_args, recording  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ROOT / "docs" / "training.md"
@@ -123,9 +126,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default 128; --quick 16)")
     p.add_argument("--requests", type=int, default=2, help="requests per client per level (default 2; --quick 1)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"which of {', '.join(VARIANTS)} (default all)")
-    p.add_argument("--quick", action="store_true", help="bfloat16 and int8/bf16 only, 256 held-out tokens, 16-token "
-                   "answers, one request per client")
-    args = p.parse_args()
+    args = parse_args(p)  # --quick: bfloat16 and int8/bf16 only, 256 held-out tokens, 16-token answers, 1 request
+    with recording("quantization", args):
+        run(args)
+
+
+def run(args) -> None:
     from vicuna.model import load_model, resolve_model_path
 
     model_dir = resolve_model_path(args.model_dir)
@@ -144,7 +150,7 @@ def main() -> None:
         del lm
         row["tok/s"] = throughput(model_dir, dtype, quantization, levels, max_tokens, requests_each)
         rows[name] = row
-        print(f"  measured {name}", flush=True)
+        print(f"  measured {name}", file=sys.stderr, flush=True)
     ref = {"float32": rows.get("float32"), "bfloat16": rows.get("bfloat16")}
     head = "| variant | weights | ppl | /bf16 | /fp32 | paris |"
     for c in levels:

@@ -15,6 +15,8 @@ import argparse
 import asyncio
 import time
 
+from _bench import parse_args, recording  # noqa: E402
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -35,8 +37,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto / float32 / bfloat16 (default: auto, as vicuna serve)")
     ap.add_argument("--concurrency", type=int, default=16, help="the second concurrency level (default 16)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per answer at most (default 64)")
-    ap.add_argument("--quick", action="store_true", help="c=1 and c=4, 16 tokens: a smoke run")
-    args = ap.parse_args()
+    args = parse_args(ap)  # --quick: c=1 and c=4, 16 tokens
+    with recording("structured", args):
+        run(args)
+
+
+def run(args) -> None:
     if args.quick:
         args.concurrency, args.max_tokens = 4, 16
 

@@ -38,6 +38,13 @@ def test_makefile_lists_every_benchmark():
     assert "$(BENCHMARKS)" in (ROOT / "Makefile").read_text()
 
 
+def test_every_benchmark_takes_quick_and_record():
+    """`make benchmarks BENCH_ARGS=--record` passes --record to every script: each must take it from _bench."""
+    for name in makefile_list():
+        text = (BENCH / f"{name}.py").read_text()
+        assert "from _bench import" in text and "parse_args(" in text and f'recording("{name}"' in text, name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", makefile_list())
 def test_quick_mode_runs_to_the_end(name, tmp_path):
