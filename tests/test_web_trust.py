@@ -73,7 +73,8 @@ def test_battle_stores_only_what_models_said_and_samples_with_the_servers_settin
         assert [p["parameter_name"] for p in api["/send_fn"]["parameters"]] == ["text"]  # no temperature, no seed
         status = c.predict("Capital of France?", api_name="/send_fn")[-1]
         assert "Vote for the better answer" in status, status
-        reveal = c.predict(api_name="/do_vote")[0]
+        assert {"/vote_a", "/vote_b", "/vote_tie", "/vote_bothbad"} <= set(api)
+        reveal = c.predict(api_name="/vote_a")[0]
     assert "A is better" in reveal
     assert {params["temperature"] for _, _, params in client.calls} == {0.9}
     (vote,) = list(store.iter_votes())

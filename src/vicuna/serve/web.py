@@ -875,8 +875,11 @@ class WebApp:
 
             stop.click(stop_fn, None, None, queue=False)
             new_round.click(new_round_fn, None, [bot_a, bot_b, state, reveal, status, *buttons], queue=False)
+            # named API endpoints (/vote_a, /vote_b, /vote_tie, /vote_bothbad; /sbs_vote_a, ...), so a script
+            # (gradio_client, `vicuna recipe preference`'s voter) votes the way the buttons do
             for w, btn in vote_buttons.items():
-                btn.click(voter(w), [state], [reveal, status, state, *buttons, bot_a, bot_b], show_progress="hidden")
+                btn.click(voter(w), [state], [reveal, status, state, *buttons, bot_a, bot_b], show_progress="hidden",
+                          api_name=("vote_" if anonymous else "sbs_vote_") + VOTE_IDS[w])
 
     def _leaderboard_tab(self, gr, refused):
         s = self.settings
