@@ -247,3 +247,36 @@ def test_two_process_fsdp_dpo_matches_one_process(tiny_model_dir, tmp_path):
         assert [x[key] for x in a] == pytest.approx([y[key] for y in b], abs=1e-5), key
     wa, wb = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+
+
+@pytest.mark.slow
+def test_lora_dpo_killed_by_sigkill_resumes_to_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """`vicuna train --objective dpo --lora` SIGKILLed mid-run, then run again: it resumes from the last complete
+    checkpoint, and its losses and adapter weights are those of a run never interrupted."""
+    import signal
+
+    from safetensors.torch import load_file
+    from test_train_run import _popen, _wait_for, log_rows
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+
+    def args(out, *extra):
+        return ["train", "--model-path", tiny_model_dir, "--data-path", data, "--output-dir", out, "--objective",
+                "dpo", "--lora", "--max-steps", 8, "--save-steps", 2, "--per-device-batch-size", 2,
+                "--max-length", 128, "--learning-rate", 5e-3, "--seed", 7, *extra]
+
+    ref = tmp_path / "ref"
+    assert run_cli(*args(ref)).returncode == 0
+    out = tmp_path / "out"
+    proc = _popen(args(out, "--throttle", 0.4))
+    _wait_for(out / "checkpoint-4" / "manifest.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "vicuna.json").exists()
+    p = run_cli(*args(out))
+    assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-2000:]
+    a, b = log_rows(ref), log_rows(out)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert all(abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["margin"] - y["margin"]) < 1e-5 for x, y in zip(a, b))
+    wa, wb = (load_file(d / "adapter_model.safetensors") for d in (ref, out))
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
