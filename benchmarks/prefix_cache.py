@@ -136,7 +136,7 @@ def run(args) -> int:
     turns, user_words, answer = (3, 16, 8) if args.quick else (8, 48, 64)
     streams, system_words, tokens = (4, 60, 4) if args.quick else (16, 400, 16)
     n_adapters, lora_streams, lora_tokens = (2, 4, 8) if args.quick else (4, 16, 64)
-    print(f"# {platform.machine()}, {model_dir}, dtype {args.dtype}; {time.strftime('%Y-%m-%d')}")
+    print(f"# {platform.machine()}, {Path(model_dir).name}, dtype {args.dtype}; {time.strftime('%Y-%m-%d')}")
 
     print("\n## Multi-turn chat: time to first token per turn (s)")
     on, lengths = chat_turns(model_dir, args.dtype, True, turns, user_words, answer)

@@ -139,7 +139,7 @@ def run(args) -> None:
     max_tokens, requests_each, tokens = (16, 1, 256) if args.quick else (args.max_tokens, args.requests, 1024)
     text = HELD_OUT.read_text()
     bw = bandwidth_gbs()
-    print(f"model {model_dir}; memory bandwidth {bw:.1f} GB/s; torch {torch.__version__}, "
+    print(f"model {Path(model_dir).name}; memory bandwidth {bw:.1f} GB/s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; held-out text {HELD_OUT.relative_to(ROOT)} ({tokens} tokens)")
     rows = {}
     for name in (["bfloat16", "int8/bf16"] if args.quick else args.variants.split(",")):
