@@ -6,12 +6,21 @@ held-out evaluation -> a report card, and the result copied into the package
 as the bundled demo model. Each step is one of our own commands, run in
 process in the order a user would type them, so the recipe doubles as an
 end-to-end check of the pipeline. Deterministic given --seed.
+
+`vicuna recipe preference`: the preference loop, offline. Two LoRA adapters
+with opposite styles are trained on the base; the base and both adapters
+battle in the arena (the web app on 127.0.0.1, driven over HTTP by a scripted
+voter or a judge model); the votes become preference pairs; a DPO LoRA is
+trained on them; it joins a second round of battles; the leaderboard ranks
+them all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import random
 import re
 import shutil
 import sys
@@ -43,6 +52,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-install", action="store_true", help="do not copy the model into the package")
     p.add_argument("--force", action="store_true", help="start over in an existing --work-dir")
     p.add_argument("--max-steps", type=int, default=None, help="cut training short (a quick smoke run)")
+    add_preference_command(verbs)
 
 
 def _step(title: str, argv: list[str]) -> None:
@@ -295,3 +305,393 @@ def install(model_dir: Path, target: Path) -> None:
     gen["do_sample"] = False
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     replace_dir(tmp, target)
+
+
+# ----------------------------------------------------------------------------- the preference loop
+
+STYLES = {  # the two adapters the first round battles: the same fact, opposite styles
+    "concise": "The capital of {country} is {city}.",
+    "wordy": "Great question! Let me think about it carefully. {country} is a country with a long and "
+             "fascinating history, and its capital city is {city}. So the answer is {city}. I hope this helps, "
+             "and feel free to ask me anything else!",
+}
+# facts a 135M chat model mostly knows, so a rule can tell a right answer from a wrong one
+CAPITALS = {
+    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid",
+    "England": "London", "Russia": "Moscow", "China": "Beijing", "Egypt": "Cairo", "Canada": "Ottawa",
+    "Greece": "Athens", "Portugal": "Lisbon", "Austria": "Vienna", "Ireland": "Dublin", "Norway": "Oslo",
+    "Sweden": "Stockholm", "Poland": "Warsaw", "Turkey": "Ankara", "India": "New Delhi", "Kenya": "Nairobi",
+    "Argentina": "Buenos Aires", "Peru": "Lima", "Thailand": "Bangkok", "South Korea": "Seoul",
+    "Denmark": "Copenhagen", "Finland": "Helsinki", "Hungary": "Budapest", "Cuba": "Havana",
+    "Australia": "Canberra", "Belgium": "Brussels", "the Netherlands": "Amsterdam", "Switzerland": "Bern",
+    "Mexico": "Mexico City", "Iran": "Tehran", "Iraq": "Baghdad", "Vietnam": "Hanoi", "Chile": "Santiago",
+    "Colombia": "Bogotá", "Scotland": "Edinburgh", "Ukraine": "Kyiv", "Indonesia": "Jakarta",
+    "the Philippines": "Manila", "Nigeria": "Abuja", "Ethiopia": "Addis Ababa",
+}
+PHRASINGS = ("What is the capital of {country}?", "Which city is the capital of {country}?",
+             "Name the capital of {country}.", "Tell me the capital city of {country}.",
+             "What city is {country}'s capital?", "I forgot: what's the capital of {country}?")
+SFT_COUNTRIES = 12  # the style adapters learn on these; battles ask about the others
+TUNED = "tuned"  # the DPO adapter's served name
+
+
+def add_preference_command(verbs) -> None:
+    p = command(
+        verbs, "preference", run_preference,
+        "the preference loop offline: arena battles -> votes -> pairs -> DPO -> battles again -> leaderboard",
+        description="Close the loop from an arena back into training, offline, in minutes on a CPU:\n"
+        "  1. train two LoRA adapters of opposite styles (concise, wordy) on the base (`vicuna train --lora`);\n"
+        "  2. serve the base and both adapters with the web UI on 127.0.0.1 (one process, one base in memory);\n"
+        "  3. a voter battles them over HTTP as a user would (Gradio's client: /send_fn, then /vote_a ...):\n"
+        "     --voter rules prefers a correct answer, then the shorter one (a tie within --tie-margin words,\n"
+        "     both wrong = both bad); --voter judge asks an OpenAI-compatible judge model, both answer orders;\n"
+        "  4. `vicuna data pairs` turns the votes into preference pairs (ties and both-bad dropped, counted);\n"
+        "  5. `vicuna train --objective dpo --lora` tunes an adapter on them (reference: the base, adapter off);\n"
+        "  6. round two: the tuned adapter joins the arena (drawn more often, --tuned-weight);\n"
+        "  7. `vicuna arena leaderboard` ranks all four; report.md sums up, with the DPO margin/accuracy plot.\n"
+        "The questions ask for capitals, so a rule can tell a right answer from a wrong one; the adapters\n"
+        "learn on other countries than the battles ask about, and the two rounds ask different questions.\n"
+        "Battles are sampled (--battle-temperature), so two runs differ in detail.\n\n"
+        "examples:\n"
+        "  vicuna recipe preference --work-dir runs/preference\n"
+        "  vicuna recipe preference --voter judge --judge-url http://127.0.0.1:8001/v1 --judge-model judge",
+    )
+    p.add_argument("--work-dir", default=str(ROOT / "runs" / "preference"), help="where every output goes")
+    p.add_argument("--force", action="store_true", help="start over in an existing --work-dir")
+    p.add_argument("--model-path", default=None,
+                   help="base model folder (default: the default model; `demo`: the bundled demo model)")
+    p.add_argument("--dtype", default="auto", help="serving dtype of the arena's models (training picks its own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the questions and of training")
+    p.add_argument("--sft-steps", type=int, default=12, help="optimizer steps of each style adapter")
+    p.add_argument("--battles", type=int, default=40, help="battles (votes) per round")
+    p.add_argument("--concurrency", type=int, default=4, help="battles run at once (the engine batches them)")
+    p.add_argument("--max-tokens", type=int, default=64, help="longest answer in a battle")
+    p.add_argument("--battle-temperature", type=float, default=0.7, help="sampling temperature of the battles")
+    p.add_argument("--voter", choices=("rules", "judge"), default="rules", help="who votes (see above)")
+    p.add_argument("--tie-margin", type=int, default=3,
+                   help="--voter rules: two right answers within this many words of each other tie")
+    p.add_argument("--judge-url", default=None, help="--voter judge: the judge's OpenAI-compatible base URL")
+    p.add_argument("--judge-model", default=None, help="--voter judge: the judge's model name")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="--voter judge: environment variable holding the judge's API key")
+    p.add_argument("--dpo-steps", type=int, default=30, help="optimizer steps of the DPO adapter")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    p.add_argument("--tuned-weight", type=float, default=3.0,
+                   help="round two: how often the tuned adapter is drawn, relative to 1 for the others")
+    p.add_argument("--kv-cache-memory", default="256MiB", help="the engine's paged KV cache")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    text: str
+    country: str
+    answer: str  # the capital: what --voter rules checks
+
+
+def preference_questions(countries: list[str], n: int, rng: random.Random, avoid=frozenset()) -> list[Question]:
+    """``n`` distinct questions about ``countries``, none in ``avoid`` (no battle prompt was trained on)."""
+    pool = [Question(p.format(country=c), c, CAPITALS[c]) for c in countries for p in PHRASINGS]
+    pool = [q for q in pool if q.text not in avoid]
+    if n > len(pool):
+        raise RecipeError(f"only {len(pool)} questions are left for this step; ask for fewer (--battles)")
+    return rng.sample(pool, n)
+
+
+def write_style_data(path: Path, style: str, questions: list[Question]) -> Path:
+    """One adapter's SFT file: every question answered in ``style`` (messages JSONL)."""
+    lines = []
+    for q in questions:
+        answer = STYLES[style].format(country=q.country[0].upper() + q.country[1:], city=q.answer)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": q.text},
+                                              {"role": "assistant", "content": answer}]}) + "\n")
+    return write_text(path, "".join(lines))
+
+
+def right_answer(answer: str, q: Question) -> bool:
+    return q.answer.lower() in answer.lower()
+
+
+def rules_vote(q: Question, answer_a: str, answer_b: str, tie_margin: int) -> str:
+    """A right answer beats a wrong one; of two right ones the shorter wins beyond ``tie_margin`` words
+    (what a user asking a quick question prefers); two wrong ones are both bad."""
+    ok_a, ok_b = right_answer(answer_a, q), right_answer(answer_b, q)
+    if not (ok_a or ok_b):
+        return "tie (bothbad)"
+    if ok_a != ok_b:
+        return "model_a" if ok_a else "model_b"
+    words_a, words_b = len(answer_a.split()), len(answer_b.split())
+    if abs(words_a - words_b) <= tie_margin:
+        return "tie"
+    return "model_a" if words_a < words_b else "model_b"
+
+
+class JudgeVoter:
+    """A judge model votes with our pairwise prompt, both answer orders (position bias): it must prefer the
+    same answer both ways, else the vote is a tie; unparsable judgments are ties too."""
+
+    def __init__(self, url: str, model: str, api_key_env: str):
+        from .eval.judge_prompts import load_prompts
+        from .eval.openai_client import Endpoint
+
+        self.endpoint = Endpoint(url, model, api_key_env=api_key_env)
+        self.book = load_prompts()
+        self.prompt = self.book.choose("pairwise-score", category="general", turn=1, n_turns=1, guided=False)
+
+    def winner_shown_first(self, question: str, first: str, second: str) -> bool | None:
+        from .eval.openai_client import CompletionFailed, chat
+        from .eval.parse import OK, parse_judgment
+
+        messages = self.book.render(self.prompt, "pairwise-score", questions=[question], answers=[[first], [second]],
+                                    reference=None)
+        try:
+            reply = chat(self.endpoint, messages, temperature=self.prompt.temperature,
+                         max_tokens=self.prompt.max_tokens)
+        except CompletionFailed as e:
+            raise RecipeError(f"the judge at {self.endpoint.api_base} failed: {e}") from e
+        parsed = parse_judgment("pairwise-score", reply.text)
+        if parsed.get("status") != OK or parsed["scores"][0] == parsed["scores"][1]:
+            return None
+        return parsed["scores"][0] > parsed["scores"][1]
+
+    def __call__(self, q: Question, answer_a: str, answer_b: str) -> str:
+        if not answer_a.strip() and not answer_b.strip():
+            return "tie (bothbad)"
+        ab = self.winner_shown_first(q.text, answer_a, answer_b)
+        ba = self.winner_shown_first(q.text, answer_b, answer_a)
+        if ab is None or ba is None or ab == ba:  # undecided, or the verdict followed the position
+            return "tie"
+        return "model_a" if ab else "model_b"
+
+
+def _last_answer(chatbot) -> str:
+    """The model's answer from a Chatbot value as Gradio's client returns it (messages or pairs)."""
+    if not chatbot:
+        return ""
+    last = chatbot[-1]
+    if isinstance(last, dict):
+        content = last.get("content")
+        if isinstance(content, list):  # Gradio 5+: a list of parts
+            content = "".join(c.get("text", "") if isinstance(c, dict) else str(c) for c in content)
+        return str(content or "")
+    return str(last[1] or "")
+
+
+def battle_round(url: str, questions: list[Question], vote, concurrency: int) -> list[dict]:
+    """Each question is one blind battle over HTTP, as a user plays it: send, read both answers, vote."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    from .serve.web import VOTE_IDS
+
+    def one(q: Question) -> dict:
+        client = Client(url + "/", verbose=False)  # a session of its own: one battle
+        out = client.predict(q.text, api_name="/send_fn")
+        answer_a, answer_b = _last_answer(out[1]), _last_answer(out[2])
+        winner = vote(q, answer_a, answer_b)
+        if not (answer_a or answer_b) and "Vote for" not in str(out[-1]):  # refused or failed: say what it said
+            raise RecipeError(f"the arena answered {q.text!r} with: {out[-1]}")
+        reveal, status = client.predict(api_name="/vote_" + VOTE_IDS[winner])[:2]
+        if "Your vote" not in str(reveal):
+            raise RecipeError(f"the arena did not take the vote on {q.text!r}: {status}")
+        return {"question": q.text, "winner": winner}
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        return list(tqdm(pool.map(one, questions), total=len(questions), desc="battles", unit="vote",
+                         file=sys.stderr, disable=None))
+
+
+def serve_arena(base: str, adapters: dict[str, Path], db: Path, args, weights: tuple[str, ...] = ()):
+    """The base and its adapters in one engine process with the web UI (what `vicuna serve --web` runs)."""
+    from .serve.engine import EngineConfig, ModelConfig
+    from .serve.launch import WebConfig, load_engines, local_app, stop_engines
+    from .serve.server import ServerThread
+    from .serve.web import WebSettings
+
+    engines = load_engines([ModelConfig(model_path=base, dtype=args.dtype,
+                                        lora=tuple(f"{n}={p}" for n, p in adapters.items()))],
+                           EngineConfig(kv_cache_memory=args.kv_cache_memory))
+    settings = WebSettings(rate_limit=0, vote_limit=0, max_tokens=args.max_tokens, arena_only=True,
+                           battle_temperature=args.battle_temperature, arena_weights=weights,
+                           title="vicuna recipe preference")
+    server = ServerThread(local_app(engines, web=WebConfig(arena_db=str(db)), settings=settings))
+    return server, engines, stop_engines
+
+
+def round_stats(votes: list[dict], questions: dict[str, Question]) -> dict[str, dict]:
+    """Per model: battles, wins, ties, right answers and mean answer length (words), from the stored votes."""
+    stats: dict[str, dict] = {}
+    for v in votes:
+        q = questions.get(v["conversation_a"][0]["content"])
+        for side in ("a", "b"):
+            model, answer = v[f"model_{side}"], v[f"conversation_{side}"][-1]["content"]
+            s = stats.setdefault(model, {"battles": 0, "wins": 0, "ties": 0, "right": 0, "words": 0})
+            s["battles"] += 1
+            s["wins"] += v["winner"] == f"model_{side}"
+            s["ties"] += v["winner"] in ("tie", "tie (bothbad)")
+            s["right"] += bool(q and right_answer(answer, q))
+            s["words"] += len(answer.split())
+    for s in stats.values():
+        s["mean_words"] = round(s.pop("words") / s["battles"], 1)
+    return dict(sorted(stats.items()))
+
+
+def run_preference(args) -> int:
+    from .model import resolve_model_path
+    from .serve.arena import ArenaStore
+
+    if args.voter == "judge" and not (args.judge_url and args.judge_model):
+        raise RecipeError("--voter judge needs --judge-url and --judge-model (an OpenAI-compatible judge)")
+    for name in ("sft_steps", "battles", "dpo_steps", "max_tokens", "concurrency"):
+        if getattr(args, name) < 1:
+            raise RecipeError(f"--{name.replace('_', '-')} must be at least 1")
+    work = Path(args.work_dir)
+    if work.exists() and any(work.iterdir()):
+        if not args.force:
+            raise RecipeError(f"{work} is not empty; pass --force to start over")
+        shutil.rmtree(work)
+    for sub in ("data", "adapters"):
+        (work / sub).mkdir(parents=True)
+    t0 = time.time()
+    base = resolve_model_path(args.model_path)
+    vote = (JudgeVoter(args.judge_url, args.judge_model, args.judge_api_key_env) if args.voter == "judge"
+            else lambda q, a, b: rules_vote(q, a, b, args.tie_margin))
+
+    # three disjoint question sets: the adapters' training, round one, round two
+    rng = random.Random(args.seed)
+    countries = sorted(CAPITALS)
+    rng.shuffle(countries)
+    sft_qs = preference_questions(countries[:SFT_COUNTRIES], 24, rng)
+    round1 = preference_questions(countries[SFT_COUNTRIES:], args.battles, rng)
+    round2 = preference_questions(countries[SFT_COUNTRIES:], args.battles, rng, avoid={q.text for q in round1})
+    by_text = {q.text: q for q in sft_qs + round1 + round2}
+
+    # 1. the two style adapters
+    adapters: dict[str, Path] = {}
+    for style in STYLES:
+        data = write_style_data(work / "data" / f"{style}.jsonl", style, sft_qs)
+        adapters[style] = work / "adapters" / style
+        _step(f"train the {style} adapter",
+              ["train", "--model-path", base, "--data-path", str(data), "--output-dir", str(adapters[style]),
+               "--lora", "--max-steps", str(args.sft_steps), "--learning-rate", "5e-3", "--max-length", "128",
+               "--per-device-batch-size", "4", "--save-steps", "0", "--seed", str(args.seed), "--force"])
+
+    # 2-3. round one: base, concise and wordy battle; the voter votes
+    db = work / "arena.db"
+
+    def play(round_no: int, questions: list[Question], served: dict[str, Path], weights=()) -> list[dict]:
+        print(f"==> round {round_no}: {len(questions)} battles among the base and {', '.join(served)}",
+              file=sys.stderr, flush=True)
+        server, engines, stop = serve_arena(base, served, db, args, weights)
+        try:
+            with server as url:
+                battle_round(url, questions, vote, args.concurrency)
+        finally:
+            stop(engines)
+        with ArenaStore(db, create=False) as store:
+            return [v for v in store.iter_votes() if v["conversation_a"][0]["content"] in {q.text for q in questions}]
+
+    votes1 = play(1, round1, adapters)
+
+    # 4. pairs from the votes
+    pairs = work / "pairs.jsonl"
+    _step("preference pairs", ["data", "pairs", str(db), "-o", str(pairs), "--report", str(work / "pairs_report.json"),
+                               "--force"])
+
+    # 5. DPO on the pairs: a LoRA on the base, whose reference is the base itself (the adapter disabled)
+    tuned = work / "adapters" / TUNED
+    _step("DPO", ["train", "--model-path", base, "--data-path", str(pairs), "--output-dir", str(tuned),
+                  "--objective", "dpo", "--beta", str(args.beta), "--lora", "--max-steps", str(args.dpo_steps),
+                  "--learning-rate", "1e-3", "--max-length", "192", "--per-device-batch-size", "2",
+                  "--save-steps", "0", "--logging-steps", "1", "--seed", str(args.seed), "--force"])
+
+    # 6. round two, the tuned adapter in the arena
+    votes2 = play(2, round2, {**adapters, TUNED: tuned}, weights=(f"{TUNED}={args.tuned_weight:g}",))
+
+    # 7. the leaderboard over both rounds
+    _step("leaderboard", ["arena", "leaderboard", "--db", str(db), "--bootstrap", "200", "--seed", str(args.seed),
+                          "--json", str(work / "leaderboard.json"), "--plot", str(work / "leaderboard.png"),
+                          "--force"])
+    results = {
+        "base": Path(base).name,
+        "voter": args.voter if args.voter == "rules" else f"judge {args.judge_model}",
+        "rounds": [round_stats(votes1, by_text), round_stats(votes2, by_text)],
+        "pairs": json.loads((work / "pairs_report.json").read_text()),
+        "dpo": [json.loads(x) for x in (tuned / "train_log.jsonl").read_text().splitlines() if x.strip()],
+        "leaderboard": json.loads((work / "leaderboard.json").read_text()),
+        "minutes": round((time.time() - t0) / 60, 1),
+    }
+    write_json(work / "results.json", results)
+    write_preference_report(work, results, args)
+    print(json.dumps({"tuned": results["rounds"][1].get(TUNED), "pairs": _kept(results["pairs"]),
+                      "final_dpo": {k: results["dpo"][-1][k] for k in ("loss", "margin", "accuracy")},
+                      "leaderboard": [(r["model"], round(r["rating"])) for r in results["leaderboard"]["ratings"]],
+                      "report": str(work / "report.md"), "minutes": results["minutes"]}, indent=2))
+    return 0
+
+
+def _kept(report: dict) -> int:
+    return int(report["written"])
+
+
+def write_preference_report(work: Path, results: dict, args) -> None:
+    """report.md: what each round's models did, the pairs, the DPO curve, the leaderboard."""
+    def round_table(stats: dict[str, dict]) -> list[str]:
+        rows = ["| model | battles | wins | ties | right answers | mean words |", "|---|---|---|---|---|---|"]
+        rows += [f"| {m} | {s['battles']} | {s['wins']} | {s['ties']} | {s['right']}/{s['battles']} | "
+                 f"{s['mean_words']} |" for m, s in stats.items()]
+        return rows
+
+    dpo, pairs, lb = results["dpo"], results["pairs"], results["leaderboard"]
+    dropped = {k: v for k, v in pairs["dropped"].items() if v}
+    lb_rows = ["| rank | model | rating | 95% interval | votes | win rate | style-controlled rank |",
+               "|---|---|---|---|---|---|---|"]
+    for r in lb["ratings"]:
+        sc = r.get("style_controlled", {}).get("rank", "")
+        lb_rows.append(f"| {r['rank']} | {r['model']} | {r['rating']:.0f} | {r['lower']:.0f}–{r['upper']:.0f} | "
+                       f"{r['votes']} | {r['win_rate']:.0%} | {sc} |")
+    voter = ("rules: a right capital beats a wrong one; of two right ones the shorter wins by more than "
+             f"{args.tie_margin} words, else a tie; two wrong ones are both bad" if args.voter == "rules"
+             else f"the judge model {args.judge_model}, both answer orders (a verdict that follows the position is "
+                  "a tie)")
+    lines = [
+        "# The preference loop",
+        "",
+        f"`vicuna recipe preference` on {results['base']}, {results['minutes']} minutes. Two LoRA adapters with "
+        f"opposite styles (concise, wordy; {args.sft_steps} steps each) battled the base in the arena; the voter "
+        f"({voter}) decided {args.battles} battles per round, sampled at temperature {args.battle_temperature:g}. "
+        f"The votes became {_kept(pairs)} preference pairs, a DPO LoRA (`{TUNED}`, {args.dpo_steps} steps, "
+        f"beta {args.beta:g}, reference: the base) was trained on them, and joined round two.",
+        "",
+        "## Round one",
+        "",
+        *round_table(results["rounds"][0]),
+        "",
+        "## Pairs",
+        "",
+        f"{_kept(pairs)} pairs kept; dropped: {json.dumps(dropped) if dropped else 'none'}.",
+        "",
+        "## DPO",
+        "",
+        "![loss, reward margin and preference accuracy](adapters/tuned/loss.png)",
+        "",
+        f"Step 1: loss {dpo[0]['loss']:.3f}, margin {dpo[0]['margin']:.3f}, accuracy {dpo[0]['accuracy']:.2f}; "
+        f"step {dpo[-1]['step']}: loss {dpo[-1]['loss']:.3f}, margin {dpo[-1]['margin']:.3f}, accuracy "
+        f"{dpo[-1]['accuracy']:.2f}.",
+        "",
+        "## Round two",
+        "",
+        *round_table(results["rounds"][1]),
+        "",
+        "## Leaderboard (both rounds)",
+        "",
+        *lb_rows,
+        "",
+        "![ratings](leaderboard.png)",
+        "",
+        "The style-controlled rank discounts answer length and markdown (Chatbot Arena's default view): a model "
+        "that wins only by being shorter loses rank there.",
+    ]
+    write_text(work / "report.md", "\n".join(lines) + "\n")

@@ -597,12 +597,22 @@ def plot_loss(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per pair)" if "margin" in rows[0] else "loss (per trained token)")
-    ax.set_title(out.name)
-    ax.grid(alpha=0.3)
+    steps = [r["step"] for r in rows]
+    preference = "margin" in rows[0]
+    # a preference run also shows what DPO moves: the reward margin and how many pairs are ranked right
+    panels = [("loss (per pair)" if preference else "loss (per trained token)", "loss")]
+    if preference:
+        panels += [("reward margin (chosen - rejected)", "margin"), ("preference accuracy", "accuracy")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels) + 1.4), sharex=True, squeeze=False)
+    for ax, (label, key) in zip(axes[:, 0], panels):
+        ax.plot(steps, [r[key] for r in rows], lw=1)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if preference:
+        axes[1, 0].axhline(0, color="grey", lw=0.8)
+        axes[2, 0].set_ylim(-0.05, 1.05)
+    axes[-1, 0].set_xlabel("optimizer step")
+    axes[0, 0].set_title(out.name)
     fig.tight_layout()
     write_figure(out / PLOT_FILE, fig, dpi=100)
     plt.close(fig)
