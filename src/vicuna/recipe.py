@@ -59,9 +59,11 @@ def _step(title: str, argv: list[str]) -> None:
     from .cli import main
 
     print(f"==> {title}: vicuna {' '.join(argv)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     rc = main(argv)
     if rc:
         raise RecipeError(f"step failed ({title}, exit code {rc}): vicuna {' '.join(argv)}")
+    print(f"    {title}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def run_demo(args) -> int:
@@ -584,12 +586,16 @@ def run_preference(args) -> int:
     def play(round_no: int, questions: list[Question], served: dict[str, Path], weights=()) -> list[dict]:
         print(f"==> round {round_no}: {len(questions)} battles among the base and {', '.join(served)}",
               file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         server, engines, stop = serve_arena(base, served, db, args, weights)
         try:
             with server as url:
+                t1 = time.perf_counter()
                 battle_round(url, questions, vote, args.concurrency)
         finally:
             stop(engines)
+        print(f"    round {round_no}: served in {t1 - t0:.1f} s, battles took {time.perf_counter() - t1:.1f} s",
+              file=sys.stderr, flush=True)
         with ArenaStore(db, create=False) as store:
             return [v for v in store.iter_votes() if v["conversation_a"][0]["content"] in {q.text for q in questions}]
 
