@@ -43,7 +43,7 @@ demo-model: install
 # Peers that are not installed are skipped with the reason; `make bench-peers` installs them all.
 # `make benchmarks BENCH_ARGS=--record` keeps each table in benchmarks/results/ (run it on an idle machine).
 BENCHMARKS := data_clean eval_judge web_arena weights_delta train_throughput checkpoint_save \
-	serve_llamacpp serve_throughput prefix_cache quantization decode_profile structured
+	serve_llamacpp serve_throughput prefix_cache quantization decode_profile structured speculative
 BENCH_ARGS ?=
 
 benchmarks: install
