@@ -126,9 +126,12 @@ def main() -> int:
     ap.add_argument("--model-dir", default=None, help="Hugging Face model folder (default: the default model)")
     ap.add_argument("--dtype", default="auto", help="as `vicuna serve --dtype` (default: auto)")
     ap.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256; --quick 32)")
-    ap.add_argument("--num-speculative-tokens", type=int, default=4, help="as `vicuna serve` (default 4)")
-    ap.add_argument("--prompt-lookup-max", type=int, default=3, help="as `vicuna serve` (default 3)")
-    ap.add_argument("--prompt-lookup-min", type=int, default=1, help="as `vicuna serve` (default 1)")
+    from vicuna.serve.engine import EngineConfig  # the serve defaults are the benchmark's
+
+    for flag in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        default = getattr(EngineConfig, flag)
+        ap.add_argument("--" + flag.replace("_", "-"), type=int, default=default,
+                        help=f"as `vicuna serve` (default {default})")
     ap.add_argument("--show-outputs", action="store_true", help="print both engines' answers on stderr")
     args = parse_args(ap)  # --quick: the first task only, 32-token answers, no control
     with recording("speculative", args):

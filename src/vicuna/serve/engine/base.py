@@ -147,7 +147,9 @@ class EngineConfig:
         "help": "--speculative: most draft tokens verified per row and step"})
     prompt_lookup_max: int = field(default=3, metadata={
         "help": "--speculative ngram: longest n-gram looked up (tried first)"})
-    prompt_lookup_min: int = field(default=1, metadata={
+    # 2, not 1: a single token recurs almost anywhere, so min 1 drafts on nearly every step and is mostly
+    # rejected on open text (benchmarks/speculative.py, float32: 0.70x plain on an open question at 1, ~1x at 2)
+    prompt_lookup_min: int = field(default=2, metadata={
         "help": "--speculative ngram: shortest n-gram looked up"})
     prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV cache of prompt prefixes already computed (a shared system prompt, the earlier "
