@@ -490,9 +490,9 @@ def battle_round(url: str, questions: list[Question], vote, concurrency: int) ->
         client = Client(url + "/", verbose=False)  # a session of its own: one battle
         out = client.predict(q.text, api_name="/send_fn")
         answer_a, answer_b = _last_answer(out[1]), _last_answer(out[2])
-        winner = vote(q, answer_a, answer_b)
-        if not (answer_a or answer_b) and "Vote for" not in str(out[-1]):  # refused or failed: say what it said
+        if not (answer_a or answer_b) and "Vote for" not in str(out[-1]):  # refused or failed: its status says why
             raise RecipeError(f"the arena answered {q.text!r} with: {out[-1]}")
+        winner = vote(q, answer_a, answer_b)
         reveal, status = client.predict(api_name="/vote_" + VOTE_IDS[winner])[:2]
         if "Your vote" not in str(reveal):
             raise RecipeError(f"the arena did not take the vote on {q.text!r}: {status}")
