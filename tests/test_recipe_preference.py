@@ -14,9 +14,9 @@ import pytest
 from conftest import run_cli
 from test_eval_fakes import ScriptedServer
 
-from vicuna.recipe import CAPITALS, JudgeVoter, Question, preference_questions, rules_vote
+from vicuna.recipe import CAPITALS, JudgeVoter, CapitalQuestion, preference_questions, rules_vote
 
-PARIS = Question("What is the capital of France?", "France", "Paris")
+PARIS = CapitalQuestion("What is the capital of France?", "France", "Paris")
 
 
 def test_rules_voter_prefers_the_right_answer_then_the_shorter():

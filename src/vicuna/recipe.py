@@ -384,22 +384,22 @@ def add_preference_command(verbs) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Question:
+class CapitalQuestion:
     text: str
     country: str
     answer: str  # the capital: what --voter rules checks
 
 
-def preference_questions(countries: list[str], n: int, rng: random.Random, avoid=frozenset()) -> list[Question]:
+def preference_questions(countries: list[str], n: int, rng: random.Random, avoid=frozenset()) -> list[CapitalQuestion]:
     """``n`` distinct questions about ``countries``, none in ``avoid`` (no battle prompt was trained on)."""
-    pool = [Question(p.format(country=c), c, CAPITALS[c]) for c in countries for p in PHRASINGS]
+    pool = [CapitalQuestion(p.format(country=c), c, CAPITALS[c]) for c in countries for p in PHRASINGS]
     pool = [q for q in pool if q.text not in avoid]
     if n > len(pool):
         raise RecipeError(f"only {len(pool)} questions are left for this step; ask for fewer (--battles)")
     return rng.sample(pool, n)
 
 
-def write_style_data(path: Path, style: str, questions: list[Question]) -> Path:
+def write_style_data(path: Path, style: str, questions: list[CapitalQuestion]) -> Path:
     """One adapter's SFT file: every question answered in ``style`` (messages JSONL)."""
     lines = []
     for q in questions:
@@ -409,11 +409,11 @@ def write_style_data(path: Path, style: str, questions: list[Question]) -> Path:
     return write_text(path, "".join(lines))
 
 
-def right_answer(answer: str, q: Question) -> bool:
+def right_answer(answer: str, q: CapitalQuestion) -> bool:
     return q.answer.lower() in answer.lower()
 
 
-def rules_vote(q: Question, answer_a: str, answer_b: str, tie_margin: int) -> str:
+def rules_vote(q: CapitalQuestion, answer_a: str, answer_b: str, tie_margin: int) -> str:
     """A right answer beats a wrong one; of two right ones the shorter wins beyond ``tie_margin`` words
     (what a user asking a quick question prefers); two wrong ones are both bad."""
     ok_a, ok_b = right_answer(answer_a, q), right_answer(answer_b, q)
@@ -455,7 +455,7 @@ class JudgeVoter:
             return None
         return parsed["scores"][0] > parsed["scores"][1]
 
-    def __call__(self, q: Question, answer_a: str, answer_b: str) -> str:
+    def __call__(self, q: CapitalQuestion, answer_a: str, answer_b: str) -> str:
         if not answer_a.strip() and not answer_b.strip():
             return "tie (bothbad)"
         ab = self.winner_shown_first(q.text, answer_a, answer_b)
@@ -478,7 +478,7 @@ def _last_answer(chatbot) -> str:
     return str(last[1] or "")
 
 
-def battle_round(url: str, questions: list[Question], vote, concurrency: int) -> list[dict]:
+def battle_round(url: str, questions: list[CapitalQuestion], vote, concurrency: int) -> list[dict]:
     """Each question is one blind battle over HTTP, as a user plays it: send, read both answers, vote."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -486,7 +486,7 @@ def battle_round(url: str, questions: list[Question], vote, concurrency: int) ->
 
     from .serve.web import VOTE_IDS
 
-    def one(q: Question) -> dict:
+    def one(q: CapitalQuestion) -> dict:
         client = Client(url + "/", verbose=False)  # a session of its own: one battle
         out = client.predict(q.text, api_name="/send_fn")
         answer_a, answer_b = _last_answer(out[1]), _last_answer(out[2])
@@ -522,7 +522,7 @@ def serve_arena(base: str, adapters: dict[str, Path], db: Path, args, weights: t
     return server, engines, stop_engines
 
 
-def round_stats(votes: list[dict], questions: dict[str, Question]) -> dict[str, dict]:
+def round_stats(votes: list[dict], questions: dict[str, CapitalQuestion]) -> dict[str, dict]:
     """Per model: battles, wins, ties, right answers and mean answer length (words), from the stored votes."""
     stats: dict[str, dict] = {}
     for v in votes:
@@ -583,7 +583,7 @@ def run_preference(args) -> int:
     # 2-3. round one: base, concise and wordy battle; the voter votes
     db = work / "arena.db"
 
-    def play(round_no: int, questions: list[Question], served: dict[str, Path], weights=()) -> list[dict]:
+    def play(round_no: int, questions: list[CapitalQuestion], served: dict[str, Path], weights=()) -> list[dict]:
         print(f"==> round {round_no}: {len(questions)} battles among the base and {', '.join(served)}",
               file=sys.stderr, flush=True)
         t0 = time.perf_counter()
