@@ -17,6 +17,7 @@ them all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,6 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from .commands import area_parser, command
 from .errors import RecipeError
@@ -478,15 +480,17 @@ def _last_answer(chatbot) -> str:
     return str(last[1] or "")
 
 
-def battle_round(url: str, questions: list[CapitalQuestion], vote, concurrency: int) -> list[dict]:
-    """Each question is one blind battle over HTTP, as a user plays it: send, read both answers, vote."""
+def battle_round(url: str, questions: list[CapitalQuestion], vote, concurrency: int) -> None:
+    """Each question is one blind battle over HTTP, as a user plays it: send, read both answers, vote.
+    The votes are in the arena's database, as anyone's."""
     from concurrent.futures import ThreadPoolExecutor
 
     from gradio_client import Client
+    from tqdm import tqdm
 
     from .serve.web import VOTE_IDS
 
-    def one(q: CapitalQuestion) -> dict:
+    def one(q: CapitalQuestion) -> None:
         client = Client(url + "/", verbose=False)  # a session of its own: one battle
         out = client.predict(q.text, api_name="/send_fn")
         answer_a, answer_b = _last_answer(out[1]), _last_answer(out[2])
@@ -496,17 +500,17 @@ def battle_round(url: str, questions: list[CapitalQuestion], vote, concurrency: 
         reveal, status = client.predict(api_name="/vote_" + VOTE_IDS[winner])[:2]
         if "Your vote" not in str(reveal):
             raise RecipeError(f"the arena did not take the vote on {q.text!r}: {status}")
-        return {"question": q.text, "winner": winner}
-
-    from tqdm import tqdm
 
     with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        return list(tqdm(pool.map(one, questions), total=len(questions), desc="battles", unit="vote",
-                         file=sys.stderr, disable=None))
+        for _ in tqdm(pool.map(one, questions), total=len(questions), desc="battles", unit="vote", file=sys.stderr,
+                      disable=None):
+            pass
 
 
-def serve_arena(base: str, adapters: dict[str, Path], db: Path, args, weights: tuple[str, ...] = ()):
-    """The base and its adapters in one engine process with the web UI (what `vicuna serve --web` runs)."""
+@contextlib.contextmanager
+def serve_arena(base: str, adapters: dict[str, Path], db: Path, args, weights: tuple[str, ...] = ()) -> Iterator[str]:
+    """The base and its adapters in one engine process with the web UI (what `vicuna serve --web` runs), on a
+    free loopback port for the duration: yields its URL."""
     from .serve.engine import EngineConfig, ModelConfig
     from .serve.launch import WebConfig, load_engines, local_app, stop_engines
     from .serve.server import ServerThread
@@ -515,11 +519,14 @@ def serve_arena(base: str, adapters: dict[str, Path], db: Path, args, weights: t
     engines = load_engines([ModelConfig(model_path=base, dtype=args.dtype,
                                         lora=tuple(f"{n}={p}" for n, p in adapters.items()))],
                            EngineConfig(kv_cache_memory=args.kv_cache_memory))
-    settings = WebSettings(rate_limit=0, vote_limit=0, max_tokens=args.max_tokens, arena_only=True,
-                           battle_temperature=args.battle_temperature, arena_weights=weights,
-                           title="vicuna recipe preference")
-    server = ServerThread(local_app(engines, web=WebConfig(arena_db=str(db)), settings=settings))
-    return server, engines, stop_engines
+    try:
+        settings = WebSettings(rate_limit=0, vote_limit=0, max_tokens=args.max_tokens, arena_only=True,
+                               battle_temperature=args.battle_temperature, arena_weights=weights,
+                               title="vicuna recipe preference")
+        with ServerThread(local_app(engines, web=WebConfig(arena_db=str(db)), settings=settings)) as url:
+            yield url
+    finally:
+        stop_engines(engines)
 
 
 def round_stats(votes: list[dict], questions: dict[str, CapitalQuestion]) -> dict[str, dict]:
@@ -587,17 +594,14 @@ def run_preference(args) -> int:
         print(f"==> round {round_no}: {len(questions)} battles among the base and {', '.join(served)}",
               file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        server, engines, stop = serve_arena(base, served, db, args, weights)
-        try:
-            with server as url:
-                t1 = time.perf_counter()
-                battle_round(url, questions, vote, args.concurrency)
-        finally:
-            stop(engines)
+        with serve_arena(base, served, db, args, weights) as url:
+            t1 = time.perf_counter()
+            battle_round(url, questions, vote, args.concurrency)
         print(f"    round {round_no}: served in {t1 - t0:.1f} s, battles took {time.perf_counter() - t1:.1f} s",
               file=sys.stderr, flush=True)
         with ArenaStore(db, create=False) as store:
-            return [v for v in store.iter_votes() if v["conversation_a"][0]["content"] in {q.text for q in questions}]
+            asked = {q.text for q in questions}
+            return [v for v in store.iter_votes() if v["conversation_a"][0]["content"] in asked]
 
     votes1 = play(1, round1, adapters)
 
@@ -631,15 +635,11 @@ def run_preference(args) -> int:
     }
     write_json(work / "results.json", results)
     write_preference_report(work, results, args)
-    print(json.dumps({"tuned": results["rounds"][1].get(TUNED), "pairs": _kept(results["pairs"]),
+    print(json.dumps({"tuned": results["rounds"][1].get(TUNED), "pairs": results["pairs"]["written"],
                       "final_dpo": {k: results["dpo"][-1][k] for k in ("loss", "margin", "accuracy")},
                       "leaderboard": [(r["model"], round(r["rating"])) for r in results["leaderboard"]["ratings"]],
                       "report": str(work / "report.md"), "minutes": results["minutes"]}, indent=2))
     return 0
-
-
-def _kept(report: dict) -> int:
-    return int(report["written"])
 
 
 def write_preference_report(work: Path, results: dict, args) -> None:
@@ -668,7 +668,7 @@ def write_preference_report(work: Path, results: dict, args) -> None:
         f"`vicuna recipe preference` on {results['base']}, {results['minutes']} minutes. Two LoRA adapters with "
         f"opposite styles (concise, wordy; {args.sft_steps} steps each) battled the base in the arena; the voter "
         f"({voter}) decided {args.battles} battles per round, sampled at temperature {args.battle_temperature:g}. "
-        f"The votes became {_kept(pairs)} preference pairs, a DPO LoRA (`{TUNED}`, {args.dpo_steps} steps, "
+        f"The votes became {pairs['written']} preference pairs, a DPO LoRA (`{TUNED}`, {args.dpo_steps} steps, "
         f"beta {args.beta:g}, reference: the base) was trained on them, and joined round two.",
         "",
         "## Round one",
@@ -677,7 +677,7 @@ def write_preference_report(work: Path, results: dict, args) -> None:
         "",
         "## Pairs",
         "",
-        f"{_kept(pairs)} pairs kept; dropped: {json.dumps(dropped) if dropped else 'none'}.",
+        f"{pairs['written']} pairs kept; dropped: {json.dumps(dropped) if dropped else 'none'}.",
         "",
         "## DPO",
         "",
